@@ -1,0 +1,1059 @@
+"""Axis analysis: which model size every tensor axis and every size literal stands for.
+
+Every axis of every tensor is described as an ordered product of *atoms* (outermost first).
+An atom is a size with an identity: the hidden width of the stream, the head count, head_dim,
+the batch, ...  Atoms start anonymous (one per initializer axis, one per graph-input dim) and
+are *unified* whenever an operator requires two axes to be equal (a MatMul contraction, a
+broadcast, a residual Add).  A Reshape that splits an axis *splits* its atom: the Q projection's
+output atom becomes (heads, head_dim) when it meets ``Reshape [B, S, -1, 8]``; GQA's ``Expand``
+splits the query-head atom into (kv_heads, repeat).  Reshape keeps row-major order, so the split
+order is fixed by the graph, never guessed from values.
+
+Integer constants that end up in a size position (Reshape/Expand/ConstantOfShape shapes, Split
+sizes, Slice bounds, head-count attributes) are *explained* by the atoms they consume.  Once the
+recogniser names the atoms (``hidden``, ``heads``, ...), every such literal has a label, and an
+expansion recomputes each literal as the product of its atoms' new sizes.
+
+Nothing here looks at initializer names or searches for numbers: a literal is only ever
+explained through the shape arithmetic of the operator that consumes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Iterable, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+_ids = itertools.count()
+
+INT_BIG = 2**31 - 1  # Slice ends at or above this are "to the end", not sizes
+
+
+class Atom:
+    """A factor of an axis.  ``size`` is None for dynamic dims (batch, sequence)."""
+
+    __slots__ = ("id", "size", "sym", "parent", "split", "role", "origin")
+
+    def __init__(self, size: int | None, sym: str | None = None, origin: str = ""):
+        self.id = next(_ids)
+        self.size = size
+        self.sym = sym
+        self.parent: Atom | None = None
+        self.split: list[Atom] | None = None
+        self.role: str | None = None
+        self.origin = origin
+
+    def __repr__(self) -> str:
+        r = find(self)
+        tag = r.role or r.sym or f"a{r.id}"
+        return f"{tag}({r.size})"
+
+
+def find(a: Atom) -> Atom:
+    root = a
+    while root.parent is not None:
+        root = root.parent
+    while a.parent is not None and a.parent is not root:  # path compression
+        a.parent, a = root, a.parent
+    return root
+
+
+def leaves(atoms: Iterable[Atom]) -> list[Atom]:
+    out: list[Atom] = []
+    for a in atoms:
+        r = find(a)
+        if r.split:
+            out.extend(leaves(r.split))
+        elif r.size != 1:
+            out.append(r)
+    return out
+
+
+def size_of(atoms: Iterable[Atom]) -> int | None:
+    n = 1
+    for a in leaves(atoms):
+        if a.size is None:
+            return None
+        n *= a.size
+    return n
+
+
+def split_atom(a: Atom, sizes: Sequence[int]) -> list[Atom]:
+    """Split leaf ``a`` (row-major) into new atoms of ``sizes``; returns them."""
+    r = find(a)
+    assert r.split is None and r.size is not None
+    assert int(np.prod(sizes)) == r.size, (sizes, r)
+    parts = [Atom(int(s), origin="split") for s in sizes]
+    r.split = parts
+    return parts
+
+
+class UnifyError(Exception):
+    pass
+
+
+def union(a: Atom, b: Atom) -> None:
+    ra, rb = find(a), find(b)
+    if ra is rb:
+        return
+    if ra.size != rb.size:
+        raise UnifyError(f"size {ra.size} != {rb.size}")
+    if ra.split and rb.split:
+        sa, sb = ra.split, rb.split
+        rb.split = None
+        rb.parent = ra
+        unify(sa, sb)
+        return
+    if rb.split and not ra.split:
+        ra, rb = rb, ra
+    rb.parent = ra
+    if ra.role is None:
+        ra.role = rb.role
+    if ra.sym is None:
+        ra.sym = rb.sym
+
+
+def _adopt(dyn: Atom, other: Atom) -> None:
+    """Merge an atom of unknown size into ``other`` (which keeps its size)."""
+    rd, ro = find(dyn), find(other)
+    if rd is ro:
+        return
+    rd.parent = ro
+    if ro.role is None:
+        ro.role = rd.role
+    if ro.sym is None and ro.size is None:
+        ro.sym = rd.sym
+    if ro.origin != "input" and rd.origin == "input":
+        ro.origin = "input"
+
+
+def unify(x: Sequence[Atom], y: Sequence[Atom]) -> None:
+    """Make two axes (products of atoms) the same, splitting atoms where needed."""
+    lx, ly = leaves(x), leaves(y)
+    i = j = 0
+    while i < len(lx) and j < len(ly):
+        a, b = find(lx[i]), find(ly[j])
+        if a is b:
+            i += 1
+            j += 1
+            continue
+        if a.split:  # became split during this loop
+            lx[i:i + 1] = leaves([a])
+            continue
+        if b.split:
+            ly[j:j + 1] = leaves([b])
+            continue
+        if a.size is None or b.size is None:
+            dyn, stat = (a, b) if a.size is None else (b, a)
+            dl, sl, k = (lx, ly, j) if a is dyn else (ly, lx, i)
+            if dyn.origin != "input" and dl[-1] is dyn and len(sl) - k > 1 and stat.size is not None:
+                # an unresolved dim standing for the whole rest of the other axis
+                rest = [find(t) for t in sl[k:]]
+                if all(t.size is not None for t in rest):
+                    dyn.size = int(np.prod([t.size for t in rest]))
+                    dyn.split = rest
+                    return
+            if stat.size is None or dyn.origin != "input":
+                # both dynamic, or a dim that shape inference could not resolve: same atom
+                _adopt(dyn, stat)
+                i += 1
+                j += 1
+                continue
+            raise UnifyError(f"dynamic {a} vs static {b}")
+        if a.size == b.size:
+            union(a, b)
+            i += 1
+            j += 1
+        elif a.size > b.size and a.size % b.size == 0:
+            head, rest = split_atom(a, [b.size, a.size // b.size])
+            union(head, b)
+            lx[i:i + 1] = [rest]
+            j += 1
+        elif b.size > a.size and b.size % a.size == 0:
+            head, rest = split_atom(b, [a.size, b.size // a.size])
+            union(head, a)
+            ly[j:j + 1] = [rest]
+            i += 1
+        else:
+            raise UnifyError(f"cannot align {a} with {b}")
+    # leftover unresolved dims are size-1 axes that shape inference could not see
+    for rest in (lx[i:], ly[j:]):
+        for t in rest:
+            t = find(t)
+            if t.size is None and t.origin != "input":
+                t.size = 1
+    lx, ly = leaves(lx), leaves(ly)
+    if len(lx) != len(ly) and (i < len(lx) or j < len(ly)):
+        raise UnifyError(f"axes differ in length: {lx} vs {ly}")
+
+
+Axis = list  # list[Atom]
+
+
+@dataclasses.dataclass
+class Elem:
+    """One element of a small integer tensor that may hold sizes.
+
+    kind "lit": a literal stored in the graph (``ref`` says where); kind "dim": the runtime
+    size of an axis (``atoms``), e.g. from Shape; kind "unk": anything else.
+    """
+
+    kind: str
+    value: int | None = None
+    ref: tuple | None = None
+    atoms: list | None = None
+
+
+UNK = Elem("unk")
+
+
+@dataclasses.dataclass
+class LiteralUse:
+    """A literal in a size position, the atoms it stands for, and the node that consumes it."""
+
+    ref: tuple  # ("value", value_name, flat_index) or ("attr", node_name, attr_name)
+    value: int
+    atoms: list
+    node: str
+    op: str
+    divisor: int = 1  # literal = product(atoms) // divisor (e.g. an inclusive bound); 1 mostly
+
+    def label(self) -> str:
+        return label_atoms(self.atoms)
+
+
+def label_atoms(atoms: Iterable[Atom]) -> str:
+    names = []
+    for a in leaves(atoms):
+        names.append(a.role or (f"?{a.size}" if a.sym is None else a.sym))
+    return "*".join(names) if names else "1"
+
+
+def _int_array(value: ir.Value | None, const: ir.TensorProtocol | None = None) -> np.ndarray | None:
+    if const is None and value is not None:
+        const = value.const_value
+        if const is None and value.producer() is not None and value.producer().op_type == "Constant":
+            attr = value.producer().attributes.get("value")
+            const = attr.value if attr is not None else None
+    if const is None:
+        return None
+    if const.dtype not in (ir.DataType.INT64, ir.DataType.INT32):
+        return None
+    if const.size > 64:
+        return None
+    try:
+        return np.asarray(const.numpy()).astype(np.int64)
+    except Exception:  # pragma: no cover - unreadable constant
+        return None
+
+
+class AxisAnalysis:
+    """Runs over a (shape-inferred) onnx-ir graph once, in topological order."""
+
+    def __init__(self, graph: ir.Graph):
+        self.graph = graph
+        self.axes: dict[ir.Value, list[Axis]] = {}
+        self.elems: dict[ir.Value, list[Elem]] = {}
+        self.literals: list[LiteralUse] = []
+        self.unexplained: list[LiteralUse] = []
+        self.conflicts: list[str] = []
+        self._syms: dict[str, Atom] = {}
+        self._const_producer: dict[ir.Value, str] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def sym_atom(self, name: str, origin: str = "inferred") -> Atom:
+        if name not in self._syms:
+            self._syms[name] = Atom(None, sym=name, origin=origin)
+        return self._syms[name]
+
+    def fresh_axes_from_shape(self, value: ir.Value, origin: str) -> list[Axis] | None:
+        shape = value.shape
+        if shape is None:
+            return None
+        out = []
+        for d in shape:
+            if isinstance(d, int):
+                out.append([] if d == 1 else [Atom(d, origin=origin)])
+            else:
+                out.append([self.sym_atom(str(d.value) if d.value else f"?{id(d)}",
+                                          "input" if origin == "input" else "inferred")])
+        return out
+
+    def get(self, value: ir.Value | None) -> list[Axis] | None:
+        if value is None:
+            return None
+        if value not in self.axes:
+            ax = self.fresh_axes_from_shape(value, "unknown")
+            if ax is None:
+                return None
+            self.axes[value] = ax
+        return self.axes[value]
+
+    def try_unify(self, x: Axis, y: Axis, where: str) -> None:
+        try:
+            unify(x, y)
+        except UnifyError as e:
+            self.conflicts.append(f"{where}: {e}")
+
+    def lit(self, e: Elem, atoms: list, node: ir.Node, divisor: int = 1) -> None:
+        if e.ref is not None:
+            self.literals.append(LiteralUse(e.ref, int(e.value), list(atoms), node.name or "",
+                                            node.op_type, divisor))
+
+    def unexplained_lit(self, e: Elem, node: ir.Node) -> None:
+        if e.ref is not None:
+            self.unexplained.append(LiteralUse(e.ref, int(e.value), [], node.name or "",
+                                               node.op_type))
+
+    # ------------------------------------------------------------------ driver
+    def run(self) -> "AxisAnalysis":
+        g = self.graph
+        for v in g.inputs:
+            ax = self.fresh_axes_from_shape(v, "input") or []
+            self.axes[v] = ax
+        for v in g.initializers.values():
+            self._init_const(v, v.const_value, ("value", v.name))
+        for node in g:  # onnx-ir iterates in graph order (exporters emit topological order)
+            try:
+                self.visit(node)
+            except UnifyError as e:
+                self.conflicts.append(f"{node.op_type} {node.name}: {e}")
+            for out in node.outputs:
+                if out not in self.axes:
+                    ax = self.fresh_axes_from_shape(out, node.op_type)
+                    if ax is not None:
+                        self.axes[out] = ax
+        return self
+
+    def _init_const(self, v: ir.Value, const, ref: tuple) -> None:
+        if const is None:
+            return
+        self.axes[v] = [[] if d == 1 else [Atom(int(d), origin="const")] for d in const.shape]
+        arr = _int_array(None, const)
+        if arr is not None and arr.ndim <= 1:
+            self.elems[v] = [Elem("lit", int(x), (ref[0], ref[1], i))
+                             for i, x in enumerate(arr.reshape(-1))]
+
+    # ------------------------------------------------------------------ ops
+    def visit(self, node: ir.Node) -> None:
+        op = node.op_type
+        handler = getattr(self, f"op_{op}", None)
+        if handler is not None:
+            handler(node)
+        elif op in _UNARY:
+            self.same_as(node, 0)
+        elif op in _BINARY:
+            self.broadcast(node)
+        elif op.startswith("Reduce"):
+            self.reduce(node)
+
+    def same_as(self, node: ir.Node, i: int) -> None:
+        src = node.inputs[i] if len(node.inputs) > i else None
+        ax = self.get(src)
+        if ax is not None and node.outputs:
+            self.axes[node.outputs[0]] = [list(a) for a in ax]
+        if src in self.elems and node.outputs:
+            self.elems[node.outputs[0]] = list(self.elems[src])
+
+    def op_Constant(self, node: ir.Node) -> None:
+        out = node.outputs[0]
+        attr = node.attributes.get("value")
+        if attr is None:
+            for k in ("value_int", "value_ints"):
+                if k in node.attributes:
+                    vals = np.atleast_1d(np.asarray(node.attributes[k].value, dtype=np.int64))
+                    self.axes[out] = [] if k == "value_int" else [[Atom(len(vals))]]
+                    self.elems[out] = [Elem("lit", int(x), ("attr", node.name, k, i))
+                                       for i, x in enumerate(vals)]
+            return
+        self._init_const(out, attr.value, ("value", out.name))
+        # a Constant node's literal is addressed by the node (its output name may be renamed)
+        if out in self.elems:
+            self.elems[out] = [dataclasses.replace(e, ref=("node", node.name, e.ref[2]))
+                               for e in self.elems[out]]
+
+    def broadcast(self, node: ir.Node) -> None:
+        ins = [self.get(v) for v in node.inputs if v is not None]
+        if any(a is None for a in ins) or not node.outputs:
+            return
+        rank = max(len(a) for a in ins)
+        out: list[Axis] = []
+        for k in range(rank):
+            cands = [a[len(a) - rank + k] for a in ins if len(a) - rank + k >= 0]
+            real = [c for c in cands if size_of(c) != 1]
+            if not real:
+                out.append([])
+                continue
+            for c in real[1:]:
+                self.try_unify(real[0], c, f"{node.op_type} {node.name}")
+            out.append(list(real[0]))
+        self.axes[node.outputs[0]] = out
+        # integer arithmetic on shape vectors
+        if node.op_type == "Mul" and len(node.inputs) == 2:
+            ea, eb = self.elems.get(node.inputs[0]), self.elems.get(node.inputs[1])
+            if ea and eb and len(ea) == len(eb):
+                res = []
+                for x, y in zip(ea, eb):
+                    if x.kind == "dim" and y.kind == "dim":
+                        res.append(Elem("dim", atoms=list(x.atoms) + list(y.atoms)))
+                    else:
+                        res.append(UNK)
+                self.elems[node.outputs[0]] = res
+
+    def op_Div(self, node: ir.Node) -> None:
+        self.broadcast(node)
+        ea, eb = self.elems.get(node.inputs[0]), self.elems.get(node.inputs[1])
+        if ea and eb and len(eb) == 1 and eb[0].kind == "lit" and eb[0].value > 1:
+            n = eb[0].value
+            res = []
+            for x in ea:
+                sz = size_of(x.atoms) if x.kind == "dim" else None
+                if sz is not None and sz % n == 0:
+                    # dim // n: the axis is (n, dim/n) row-major, as in rotate_half
+                    count, part = Atom(n, origin="div-count"), Atom(sz // n, origin="div")
+                    try:
+                        unify(x.atoms, [count, part])
+                        res.append(Elem("dim", atoms=leaves([part])))
+                        continue
+                    except UnifyError:
+                        pass
+                res.append(UNK)
+            self.elems[node.outputs[0]] = res
+
+    def reduce(self, node: ir.Node) -> None:
+        x = self.get(node.inputs[0])
+        if x is None:
+            return
+        axes = None
+        if "axes" in node.attributes:
+            axes = list(node.attributes["axes"].value)
+        elif len(node.inputs) > 1 and node.inputs[1] is not None:
+            arr = _int_array(node.inputs[1])
+            axes = None if arr is None else arr.tolist()
+        keep = node.attributes["keepdims"].value if "keepdims" in node.attributes else 1
+        r = len(x)
+        axes = list(range(r)) if axes is None else [a % r for a in axes]
+        out = []
+        for k, a in enumerate(x):
+            if k in axes:
+                if keep:
+                    out.append([])
+            else:
+                out.append(list(a))
+        self.axes[node.outputs[0]] = out
+
+    def op_Shape(self, node: ir.Node) -> None:
+        x = self.get(node.inputs[0])
+        if x is None:
+            return
+        start = node.attributes["start"].value if "start" in node.attributes else 0
+        end = node.attributes["end"].value if "end" in node.attributes else len(x)
+        sel = x[slice(start, end)]
+        self.elems[node.outputs[0]] = [Elem("dim", atoms=list(a)) for a in sel]
+        self.axes[node.outputs[0]] = [[Atom(len(sel))]] if len(sel) != 1 else [[]]
+
+    def op_Gather(self, node: ir.Node) -> None:
+        data, idx = node.inputs[0], node.inputs[1]
+        axis = node.attributes["axis"].value if "axis" in node.attributes else 0
+        dax, iax = self.get(data), self.get(idx)
+        if data in self.elems:
+            arr = _int_array(idx)
+            if arr is not None:
+                el = self.elems[data]
+                try:
+                    picked = [el[int(i)] for i in arr.reshape(-1)]
+                except IndexError:
+                    picked = None
+                if picked is not None:
+                    self.elems[node.outputs[0]] = picked
+        if dax is None or iax is None:
+            return
+        axis %= len(dax)
+        self.axes[node.outputs[0]] = ([list(a) for a in dax[:axis]] + [list(a) for a in iax]
+                                      + [list(a) for a in dax[axis + 1:]])
+
+    def op_Unsqueeze(self, node: ir.Node) -> None:
+        x = self.get(node.inputs[0])
+        axes = (list(node.attributes["axes"].value) if "axes" in node.attributes
+                else (_int_array(node.inputs[1]).tolist() if len(node.inputs) > 1 else []))
+        if node.inputs[0] in self.elems:
+            self.elems[node.outputs[0]] = list(self.elems[node.inputs[0]])
+        if x is None:
+            return
+        r = len(x) + len(axes)
+        axes = sorted(a % r for a in axes)
+        out, it = [], iter(x)
+        for k in range(r):
+            out.append([] if k in axes else list(next(it)))
+        self.axes[node.outputs[0]] = out
+
+    def op_Squeeze(self, node: ir.Node) -> None:
+        x = self.get(node.inputs[0])
+        if node.inputs[0] in self.elems:
+            self.elems[node.outputs[0]] = list(self.elems[node.inputs[0]])
+        if x is None:
+            return
+        axes = None
+        if "axes" in node.attributes:
+            axes = list(node.attributes["axes"].value)
+        elif len(node.inputs) > 1 and node.inputs[1] is not None:
+            axes = _int_array(node.inputs[1]).tolist()
+        if axes is None:
+            self.axes[node.outputs[0]] = [list(a) for a in x if size_of(a) != 1]
+        else:
+            axes = [a % len(x) for a in axes]
+            self.axes[node.outputs[0]] = [list(a) for k, a in enumerate(x) if k not in axes]
+
+    def op_Transpose(self, node: ir.Node) -> None:
+        x = self.get(node.inputs[0])
+        if x is None:
+            return
+        perm = (list(node.attributes["perm"].value) if "perm" in node.attributes
+                else list(reversed(range(len(x)))))
+        self.axes[node.outputs[0]] = [list(x[p]) for p in perm]
+
+    def op_Concat(self, node: ir.Node) -> None:
+        ins = [v for v in node.inputs if v is not None]
+        if all(v in self.elems for v in ins):
+            self.elems[node.outputs[0]] = [e for v in ins for e in self.elems[v]]
+        axs = [self.get(v) for v in ins]
+        if any(a is None for a in axs) or not axs:
+            return
+        axis = node.attributes["axis"].value % len(axs[0])
+        out = []
+        for k in range(len(axs[0])):
+            if k == axis:
+                parts = [a[k] for a in axs if size_of(a[k]) != 0]
+                if len(parts) == 1:
+                    out.append(list(parts[0]))
+                else:
+                    out.append(self._fresh_from_inferred(node.outputs[0], k, "concat"))
+            else:
+                real = [a[k] for a in axs if size_of(a[k]) != 1]
+                for c in real[1:]:
+                    self.try_unify(real[0], c, f"Concat {node.name}")
+                out.append(list(real[0]) if real else [])
+        self.axes[node.outputs[0]] = out
+
+    def _fresh_from_inferred(self, value: ir.Value, k: int, origin: str) -> Axis:
+        shape = value.shape
+        if shape is not None and k < len(shape):
+            d = shape[k]
+            if isinstance(d, int):
+                return [] if d == 1 else [Atom(d, origin=origin)]
+            if d.value:
+                return [self.sym_atom(str(d.value))]
+        return [Atom(None, origin=origin)]
+
+    def op_Cast(self, node: ir.Node) -> None:
+        self.same_as(node, 0)
+
+    op_Identity = op_Cast
+    op_CastLike = op_Cast
+
+    def op_Dropout(self, node: ir.Node) -> None:
+        self.same_as(node, 0)
+
+    def op_Range(self, node: ir.Node) -> None:
+        start, limit, delta = (self.elems.get(v) for v in node.inputs[:3])
+        if start and limit and delta and limit[0].kind == "dim" and start[0].kind == "lit" \
+                and start[0].value == 0 and delta[0].kind == "lit" and delta[0].value == 1:
+            self.axes[node.outputs[0]] = [list(limit[0].atoms)]
+
+    def op_ConstantOfShape(self, node: ir.Node) -> None:
+        el = self.elems.get(node.inputs[0])
+        if el is None:
+            return
+        out = []
+        for k, e in enumerate(el):
+            if e.kind == "dim":
+                out.append(list(e.atoms))
+            else:
+                ax = self._fresh_from_inferred(node.outputs[0], k, "constantofshape")
+                if e.kind == "lit" and e.value not in (0, 1):
+                    self.lit(e, ax, node)
+                out.append(ax)
+        self.axes[node.outputs[0]] = out
+
+    def op_Flatten(self, node: ir.Node) -> None:
+        x = self.get(node.inputs[0])
+        if x is None:
+            return
+        axis = node.attributes["axis"].value if "axis" in node.attributes else 1
+        axis %= len(x) + 1 if axis < 0 else len(x) + 1
+        self.axes[node.outputs[0]] = [[a for ax in x[:axis] for a in ax],
+                                      [a for ax in x[axis:] for a in ax]]
+
+    def op_Reshape(self, node: ir.Node) -> None:
+        x = self.get(node.inputs[0])
+        el = self.elems.get(node.inputs[1])
+        if node.inputs[0] in self.elems and el is not None:
+            self.elems[node.outputs[0]] = list(self.elems[node.inputs[0]])
+        if x is None:
+            return
+        if el is None:
+            self._reshape_fallback(node, x)
+            return
+        out = self.reshape_axes(node, x, el)
+        if out is None:
+            self._reshape_fallback(node, x)
+        else:
+            self.axes[node.outputs[0]] = out
+
+    def _reshape_fallback(self, node: ir.Node, x: list[Axis]) -> None:
+        ax = self.fresh_axes_from_shape(node.outputs[0], "reshape")
+        if ax is not None:
+            self.axes[node.outputs[0]] = ax
+        el = self.elems.get(node.inputs[1]) or []
+        for e in el:
+            if e.kind == "lit" and e.value not in (0, -1, 1):
+                self.unexplained_lit(e, node)
+
+    def reshape_axes(self, node: ir.Node, x: list[Axis], el: list[Elem]) -> list[Axis] | None:
+        """Regroup the input's atoms (row-major order is preserved) by the target shape."""
+        allowzero = node.attributes["allowzero"].value if "allowzero" in node.attributes else 0
+        flat = leaves([a for ax in x for a in ax])
+        # resolve 0 (copy input dim) entries first
+        entries: list[tuple[str, object, Elem]] = []
+        for k, e in enumerate(el):
+            if e.kind == "lit" and e.value == 0 and not allowzero:
+                if k >= len(x):
+                    return None
+                entries.append(("atoms", list(x[k]), e))
+            elif e.kind == "lit" and e.value == -1:
+                entries.append(("infer", None, e))
+            elif e.kind == "lit":
+                entries.append(("lit", e.value, e))
+            elif e.kind == "dim":
+                entries.append(("atoms", list(e.atoms), e))
+            else:
+                entries.append(("unk", None, e))
+        n_free = sum(1 for t, _, _ in entries if t in ("infer", "unk"))
+        if n_free > 1:
+            return None
+        result: list[Axis | None] = [None] * len(entries)
+        pending: list[tuple[int, Elem, list]] = []
+
+        def consume(seq: list[Atom], kind: str, val, reverse: bool) -> list[Atom] | None:
+            """Take atoms from the front (or back) of seq matching the entry."""
+            if kind == "atoms":
+                want = leaves(val)
+                n = len(want)
+                if n == 0:
+                    return []
+                took = seq[-n:] if reverse else seq[:n]
+                if len(took) < n:
+                    return None
+                if reverse:
+                    del seq[-n:]
+                else:
+                    del seq[:n]
+                try:
+                    unify(took, want)
+                except UnifyError:
+                    return None
+                return took
+            # literal: product of consecutive atoms equal to val (splitting the last one)
+            target = int(val)
+            if target == 1:
+                return []
+            took: list[Atom] = []
+            prod = 1
+            while prod < target:
+                if not seq:
+                    return None
+                a = seq.pop() if reverse else seq.pop(0)
+                if a.size is None:
+                    return None
+                if prod * a.size <= target:
+                    took.append(a)
+                    prod *= a.size
+                else:
+                    need = target // prod
+                    if target % prod or a.size % need:
+                        return None
+                    if reverse:
+                        rest, part = split_atom(a, [a.size // need, need])
+                        seq.append(rest)
+                    else:
+                        part, rest = split_atom(a, [need, a.size // need])
+                        seq.insert(0, rest)
+                    took.append(part)
+                    prod *= need
+            if reverse:
+                took.reverse()
+            return took if prod == target else None
+
+        seq = list(flat)
+        free = next((k for k, (t, _, _) in enumerate(entries) if t in ("infer", "unk")),
+                    len(entries))
+        for k in range(free):
+            t, val, e = entries[k]
+            got = consume(seq, t, val, False)
+            if got is None:
+                return None
+            result[k] = got
+            if t == "lit":
+                pending.append((k, e, got))
+        for k in range(len(entries) - 1, free, -1):
+            t, val, e = entries[k]
+            got = consume(seq, t, val, True)
+            if got is None:
+                return None
+            result[k] = got
+            if t == "lit":
+                pending.append((k, e, got))
+        if free < len(entries):
+            result[free] = list(seq)
+        elif seq:
+            return None
+        for _, e, got in pending:
+            self.lit(e, got, node)
+        return [list(r) for r in result]  # type: ignore[arg-type]
+
+    def op_Expand(self, node: ir.Node) -> None:
+        x = self.get(node.inputs[0])
+        el = self.elems.get(node.inputs[1])
+        if x is None:
+            return
+        if el is None:
+            ax = self.fresh_axes_from_shape(node.outputs[0], "expand")
+            if ax is not None:
+                # keep the input's atoms where sizes agree
+                off = len(ax) - len(x)
+                for k, a in enumerate(x):
+                    if off + k >= 0 and size_of(a) == size_of(ax[off + k]) and size_of(a) != 1:
+                        ax[off + k] = list(a)
+                self.axes[node.outputs[0]] = ax
+            return
+        rank = max(len(x), len(el))
+        out = []
+        for k in range(rank):
+            xi = k - (rank - len(x))
+            ei = k - (rank - len(el))
+            xa = x[xi] if xi >= 0 else []
+            e = el[ei] if ei >= 0 else Elem("lit", 1)
+            if e.kind == "dim":
+                if size_of(xa) not in (1,):
+                    self.try_unify(xa, e.atoms, f"Expand {node.name}")
+                out.append(list(e.atoms) if size_of(xa) == 1 else list(xa))
+            elif e.kind == "lit":
+                if e.value in (1, -1):
+                    out.append(list(xa))
+                elif size_of(xa) == 1:
+                    new = [Atom(e.value, origin="expand")]
+                    self.lit(e, new, node)
+                    out.append(new)
+                else:
+                    if size_of(xa) == e.value:
+                        self.lit(e, xa, node)
+                    out.append(list(xa))
+            else:
+                out.append(list(xa) if size_of(xa) != 1 else
+                           self._fresh_from_inferred(node.outputs[0], k, "expand"))
+        self.axes[node.outputs[0]] = out
+
+    def op_Tile(self, node: ir.Node) -> None:
+        x = self.get(node.inputs[0])
+        el = self.elems.get(node.inputs[1])
+        if x is None:
+            return
+        out = []
+        for k, a in enumerate(x):
+            e = el[k] if el and k < len(el) else UNK
+            if e.kind == "lit" and e.value == 1:
+                out.append(list(a))
+            else:
+                ax = self._fresh_from_inferred(node.outputs[0], k, "tile")
+                if e.kind == "lit":
+                    rep = Atom(e.value, origin="tile")
+                    self.lit(e, [rep], node)
+                out.append(ax)
+        self.axes[node.outputs[0]] = out
+
+    def op_Split(self, node: ir.Node) -> None:
+        x = self.get(node.inputs[0])
+        if x is None:
+            return
+        axis = node.attributes["axis"].value if "axis" in node.attributes else 0
+        axis %= len(x)
+        n_out = len(node.outputs)
+        el = None
+        if len(node.inputs) > 1 and node.inputs[1] is not None:
+            el = self.elems.get(node.inputs[1])
+        elif "split" in node.attributes:
+            vals = list(node.attributes["split"].value)
+            el = [Elem("lit", int(v), ("attr", node.name, "split", i)) for i, v in enumerate(vals)]
+        total = size_of(x[axis])
+        sizes = [e.value if e.kind == "lit" else None for e in el] if el else None
+        if sizes is None and total is not None and total % n_out == 0:
+            sizes = [total // n_out] * n_out
+        if sizes and None not in sizes and len(set(sizes)) == 1 and total == sum(sizes):
+            count, part = Atom(n_out, origin="split-count"), Atom(sizes[0], origin="split")
+            self.try_unify(x[axis], [count, part], f"Split {node.name}")
+            for k, o in enumerate(node.outputs):
+                ax = [list(a) for a in x]
+                ax[axis] = [part]
+                self.axes[o] = ax
+                if el:
+                    self.lit(el[k], [part], node)
+            return
+        for k, o in enumerate(node.outputs):
+            ax = [list(a) for a in x]
+            ax[axis] = self._fresh_from_inferred(o, axis, "split")
+            self.axes[o] = ax
+            if el and k < len(el) and el[k].kind == "lit":
+                self.lit(el[k], ax[axis], node)
+
+    def op_Slice(self, node: ir.Node) -> None:
+        data = node.inputs[0]
+        x = self.get(data)
+        ins = list(node.inputs) + [None] * (5 - len(node.inputs))
+        starts, ends = self.elems.get(ins[1]), self.elems.get(ins[2])
+        axes_el = self.elems.get(ins[3]) if ins[3] is not None else None
+        steps = self.elems.get(ins[4]) if ins[4] is not None else None
+        if "starts" in node.attributes:  # opset < 10
+            starts = [Elem("lit", int(v)) for v in node.attributes["starts"].value]
+            ends = [Elem("lit", int(v)) for v in node.attributes["ends"].value]
+            if "axes" in node.attributes:
+                axes_el = [Elem("lit", int(v)) for v in node.attributes["axes"].value]
+        if starts is None or ends is None:
+            if x is not None:
+                self._slice_fallback(node, x, axes_el)
+            return
+        n = len(starts)
+        axes = ([e.value for e in axes_el] if axes_el and all(e.kind == "lit" for e in axes_el)
+                else list(range(n)))
+        # slicing a shape vector
+        if data in self.elems and len(axes) == 1:
+            el = self.elems[data]
+            s, e_ = starts[0], ends[0]
+            step = steps[0].value if steps and steps[0].kind == "lit" else 1
+            if s.kind == "lit" and e_.kind == "lit" and step == 1:
+                lo = s.value
+                hi = e_.value if e_.value < INT_BIG else len(el)
+                self.elems[node.outputs[0]] = el[slice(lo, hi)]
+        if x is None:
+            return
+        out = [list(a) for a in x]
+        for k, ax in enumerate(axes):
+            ax %= len(x)
+            size = size_of(x[ax])
+            s, e_ = starts[k], ends[k]
+            step = steps[k].value if steps and k < len(steps) and steps[k].kind == "lit" else 1
+            if step != 1:
+                out[ax] = self._fresh_from_inferred(node.outputs[0], ax, "slice")
+                continue
+            if s.kind == "lit" and e_.kind == "lit":
+                lo, hi = s.value, e_.value
+                if lo == 0 and (hi >= INT_BIG or (size is not None and hi >= size)):
+                    continue  # whole axis
+                if size is not None and lo >= 0 and hi > 0:
+                    hi = min(hi, size)
+                    if 2 * lo == size and hi == size and lo > 0:  # second half
+                        out[ax] = self._halve(node, x[ax], s, second=True)
+                        continue
+                    if lo == 0 and 2 * hi == size:  # first half
+                        out[ax] = self._halve(node, x[ax], e_, second=False)
+                        continue
+                if lo < 0 and size is not None and hi >= INT_BIG and 2 * -lo == size:
+                    out[ax] = self._halve(node, x[ax], s, second=True, neg=True)
+                    continue
+                out[ax] = self._fresh_from_inferred(node.outputs[0], ax, "slice")
+                for lit in (s, e_):
+                    if data not in self.elems and lit.value > 0 and lit.value < INT_BIG:
+                        self.lit(lit, out[ax], node) if lit is e_ and lo == 0 else \
+                            self.unexplained_lit(lit, node)
+            elif s.kind == "lit" and s.value == 0 and e_.kind == "dim":
+                out[ax] = list(e_.atoms)
+            else:
+                out[ax] = self._fresh_from_inferred(node.outputs[0], ax, "slice")
+        self.axes[node.outputs[0]] = out
+
+    def _halve(self, node: ir.Node, axis: Axis, lit: Elem, second: bool, neg: bool = False):
+        """x[..., :n/2] or x[..., n/2:]: the axis is (2, n/2) row-major; return the half atom."""
+        two, half = Atom(2, origin="half-count"), Atom(size_of(axis) // 2, origin="half")
+        try:
+            unify(axis, [two, half])
+        except UnifyError:
+            return [Atom(size_of(axis) // 2, origin="slice")]
+        half_leaves = leaves([half])
+        self.lit(lit, half_leaves, node)
+        return list(half_leaves)
+
+    def _slice_fallback(self, node: ir.Node, x: list[Axis], axes_el) -> None:
+        ax = self.fresh_axes_from_shape(node.outputs[0], "slice")
+        if ax is None:
+            return
+        for k, a in enumerate(x):
+            if k < len(ax) and size_of(a) == size_of(ax[k]):
+                ax[k] = list(a)
+        self.axes[node.outputs[0]] = ax
+
+    def op_MatMul(self, node: ir.Node) -> None:
+        a, b = self.get(node.inputs[0]), self.get(node.inputs[1])
+        if a is None or b is None:
+            return
+        if len(a) == 1:
+            a = [[]] + a
+        if len(b) == 1:
+            b = b + [[]]
+        self.try_unify(a[-1], b[-2], f"MatMul {node.name}")
+        ba, bb = a[:-2], b[:-2]
+        rank = max(len(ba), len(bb))
+        batch = []
+        for k in range(rank):
+            xa = ba[k - rank + len(ba)] if k - rank + len(ba) >= 0 else []
+            xb = bb[k - rank + len(bb)] if k - rank + len(bb) >= 0 else []
+            if size_of(xa) == 1:
+                batch.append(list(xb))
+            elif size_of(xb) == 1:
+                batch.append(list(xa))
+            else:
+                self.try_unify(xa, xb, f"MatMul batch {node.name}")
+                batch.append(list(xa))
+        self.axes[node.outputs[0]] = batch + [list(a[-2]), list(b[-1])]
+
+    def op_Gemm(self, node: ir.Node) -> None:
+        a, b = self.get(node.inputs[0]), self.get(node.inputs[1])
+        if a is None or b is None:
+            return
+        ta = node.attributes["transA"].value if "transA" in node.attributes else 0
+        tb = node.attributes["transB"].value if "transB" in node.attributes else 0
+        m, ka = (a[1], a[0]) if ta else (a[0], a[1])
+        kb, n = (b[1], b[0]) if tb else (b[0], b[1])
+        self.try_unify(ka, kb, f"Gemm {node.name}")
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            c = self.get(node.inputs[2])
+            if c and size_of(c[-1]) != 1:
+                self.try_unify(n, c[-1], f"Gemm bias {node.name}")
+        self.axes[node.outputs[0]] = [list(m), list(n)]
+
+    def op_Conv(self, node: ir.Node) -> None:
+        x, w = self.get(node.inputs[0]), self.get(node.inputs[1])
+        if x is None or w is None:
+            return
+        self.try_unify(x[1], w[1], f"Conv {node.name}")  # group=1 assumed for unification
+        out = self.fresh_axes_from_shape(node.outputs[0], "conv")
+        if out is None:
+            return
+        out[0] = list(x[0])
+        out[1] = list(w[0])
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            self.try_unify(w[0], self.get(node.inputs[2])[0], f"Conv bias {node.name}")
+        self.axes[node.outputs[0]] = out
+
+    def _norm(self, node: ir.Node, params: Sequence[int]) -> None:
+        x = self.get(node.inputs[0])
+        if x is None:
+            return
+        for i in params:
+            if len(node.inputs) > i and node.inputs[i] is not None:
+                p = self.get(node.inputs[i])
+                if p:
+                    self.try_unify(x[-1], p[-1], f"{node.op_type} {node.name}")
+        for k, o in enumerate(node.outputs):
+            if k == 0 or (node.op_type.startswith("Skip") and k == 3):
+                self.axes[o] = [list(a) for a in x]
+
+    def op_LayerNormalization(self, node: ir.Node) -> None:
+        self._norm(node, (1, 2))
+
+    def op_RMSNormalization(self, node: ir.Node) -> None:
+        self._norm(node, (1,))
+
+    op_SimplifiedLayerNormalization = op_RMSNormalization
+
+    def op_SkipLayerNormalization(self, node: ir.Node) -> None:
+        x, s = self.get(node.inputs[0]), self.get(node.inputs[1])
+        if x is not None and s is not None:
+            self.try_unify(x[-1], s[-1], f"SkipLayerNormalization {node.name}")
+        self._norm(node, (2, 3, 4))
+
+    op_SkipSimplifiedLayerNormalization = op_SkipLayerNormalization
+
+    def _heads_attr(self, node: ir.Node, axis: Axis, attr: str) -> Atom | None:
+        """Split a packed (heads*head_dim) axis by a head-count attribute."""
+        if attr not in node.attributes or not node.attributes[attr].value:
+            return None
+        n = int(node.attributes[attr].value)
+        heads, hd = Atom(n, origin=attr), Atom((size_of(axis) or 0) // max(n, 1), origin="head_dim")
+        try:
+            unify(axis, [heads, hd])
+        except UnifyError as e:
+            self.conflicts.append(f"{node.op_type} {node.name}: {e}")
+            return None
+        self.literals.append(LiteralUse(("attr", node.name, attr, 0), n, [heads], node.name,
+                                        node.op_type))
+        return heads
+
+    def op_Attention(self, node: ir.Node) -> None:
+        q, k, v = (self.get(node.inputs[i]) if len(node.inputs) > i else None for i in range(3))
+        if q is None:
+            return
+        if node.domain in ("", "ai.onnx") and len(q) == 3:
+            self._heads_attr(node, q[-1], "q_num_heads")
+            if k is not None:
+                self._heads_attr(node, k[-1], "kv_num_heads")
+                if v is not None:
+                    self._heads_attr(node, v[-1], "kv_num_heads")
+                # head_dim of q and k agree
+                hq, hk = leaves(q[-1]), leaves(k[-1])
+                if hq and hk:
+                    self.try_unify([hq[-1]], [hk[-1]], f"Attention {node.name}")
+            out = [list(a) for a in q]
+            if v is not None:
+                out[-1] = list(leaves(q[-1])[:-1]) + list(leaves(v[-1])[-1:]) \
+                    if len(leaves(q[-1])) > 1 else list(q[-1])
+            self.axes[node.outputs[0]] = out
+        elif node.domain in ("", "ai.onnx") and len(q) == 4:
+            if k is not None:
+                self.try_unify(q[-1], k[-1], f"Attention {node.name}")
+                if size_of(q[1]) == size_of(k[1]):
+                    self.try_unify(q[1], k[1], f"Attention heads {node.name}")
+                if v is not None:
+                    self.try_unify(k[1], v[1], f"Attention kv heads {node.name}")
+            out = [list(a) for a in q]
+            if v is not None:
+                out[-1] = list(v[-1])
+            self.axes[node.outputs[0]] = out
+        else:
+            out = self.fresh_axes_from_shape(node.outputs[0], "attention")
+            if out is not None:
+                self.axes[node.outputs[0]] = out
+
+    def op_RotaryEmbedding(self, node: ir.Node) -> None:
+        x = self.get(node.inputs[0])
+        if x is None:
+            return
+        if len(x) == 3:
+            self._heads_attr(node, x[-1], "num_heads")
+        self.axes[node.outputs[0]] = [list(a) for a in x]
+        cos = self.get(node.inputs[1]) if len(node.inputs) > 1 else None
+        if cos is not None and len(x) >= 3:
+            hd = leaves(x[-1])[-1:] if len(x) == 3 else x[-1]
+            rot = node.attributes["rotary_embedding_dim"].value \
+                if "rotary_embedding_dim" in node.attributes else 0
+            if not rot and size_of(hd) and size_of(cos[-1]) and 2 * size_of(cos[-1]) == size_of(hd):
+                two, half = Atom(2, origin="half-count"), Atom(size_of(hd) // 2, origin="half")
+                try:
+                    unify(hd, [two, half])
+                    unify(cos[-1], [half])
+                except UnifyError as e:
+                    self.conflicts.append(f"RotaryEmbedding {node.name}: {e}")
+
+
+_UNARY = {
+    "Abs", "Neg", "Sqrt", "Reciprocal", "Exp", "Log", "Erf", "Tanh", "Sigmoid", "Relu", "Gelu",
+    "Softmax", "LogSoftmax", "IsNaN", "IsInf", "Not", "Cos", "Sin", "Softplus", "HardSigmoid",
+    "Mish", "Elu", "Selu", "LeakyRelu", "FastGelu", "BiasGelu", "QuickGelu", "Trilu", "Round",
+    "Floor", "Ceil", "Sign", "HardSwish", "Celu", "ThresholdedRelu", "Clip", "CumSum",
+}
+_BINARY = {
+    "Add", "Sub", "Mul", "Div", "Pow", "Equal", "Less", "LessOrEqual", "Greater",
+    "GreaterOrEqual", "And", "Or", "Xor", "Max", "Min", "Mod", "Where", "BitShift", "PRelu",
+    "Sum", "Mean",
+}

@@ -1,0 +1,112 @@
+"""Loading and saving models with onnx-ir.
+
+Weights stay where they are: external data is memory-mapped by onnx-ir and only read when a
+pass asks for it.  Saving is atomic: the model (and its external data) is written under a
+temporary name beside the target and renamed into place only when complete, so a failed run
+never leaves a partial file at the destination.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from .errors import InputError
+
+#: Above this size (bytes of tensor data) a model is saved with external data.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def load(path: str | os.PathLike) -> ir.Model:
+    """Load ``path`` as an onnx-ir model; external weights are memory-mapped, not read."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file.", hint="Check the path to the .onnx model.")
+    if p.is_dir():
+        raise InputError(f"{p} is a directory, not an ONNX model file.",
+                         hint="Pass the path of the .onnx file inside it.")
+    if p.stat().st_size == 0:
+        raise InputError(f"{p} is empty (0 bytes).", hint="Re-export the model.")
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # protobuf gives DecodeError and others
+        raise InputError(
+            f"{p} is not a readable ONNX model: the protobuf could not be parsed "
+            f"({type(exc).__name__}: {str(exc).strip() or 'no detail'}). The file may be "
+            "truncated or not an ONNX file at all.",
+            hint="Re-export or re-download the model and try again.") from None
+    if not proto.graph.node:
+        raise InputError(f"{p} parsed as ONNX but its graph has no nodes; the file is probably "
+                         "truncated or not an ONNX model.", hint="Re-export the model.")
+    _check_external_data(proto, p)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:
+        raise InputError(f"{p} could not be read as an ONNX graph: {exc}.",
+                         hint="Run onnx.checker.check_model on it to see what is wrong.") from None
+    # Tell onnx-ir where external data lives so tensors are memory-mapped lazily.
+    ir.external_data.set_base_dir(model.graph, str(p.parent.resolve()))
+    return model
+
+
+def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    missing = set()
+    for t in proto.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = {e.key: e.value for e in t.external_data}.get("location")
+            if loc and not (path.parent / loc).exists():
+                missing.add(loc)
+    if missing:
+        raise InputError(
+            f"{path} refers to external weight files that are not beside it: "
+            f"{', '.join(sorted(missing))}.",
+            hint="Copy the model's .data file(s) into the same folder as the .onnx file.")
+
+
+def source_hash(path: str | os.PathLike) -> str:
+    """SHA-256 of the model file (not of its external data), for the expansion plan."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tensor_bytes(model: ir.Model) -> int:
+    total = 0
+    for v in model.graph.initializers.values():
+        if v.const_value is not None:
+            total += v.const_value.nbytes
+    return total
+
+
+def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
+    """Save atomically.  With external data, tensors go to ``<name>.data`` beside the model.
+
+    ``external_data=None`` chooses external data when the weights exceed ~1.8 GB (protobuf's
+    2 GB limit).  Everything is written into a temporary folder beside the destination and then
+    renamed, data file first, so an interrupted save leaves nothing at ``path``.
+    """
+    dest = Path(path).resolve()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if external_data is None:
+        external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        tmp_model = tmpdir / dest.name
+        data_name = dest.name + ".data"
+        if external_data:
+            ir.save(model, tmp_model, external_data=data_name)
+            os.replace(tmpdir / data_name, dest.parent / data_name)
+        else:
+            ir.save(model, tmp_model)
+        os.replace(tmp_model, dest)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return dest

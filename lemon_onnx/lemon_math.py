@@ -1,0 +1,367 @@
+"""LEMON's lossless expansion rules on plain numpy arrays (specification: docs/lemon-math.md).
+
+No ONNX here.  A *map* says where each coordinate of a width-d axis goes in the expanded
+width-D axis (``src_index[c]`` = source coordinate copied into slot ``c``, -1 = leftover slot);
+the functions below expand weights so that a layer fed the expanded form of its original input
+produces the expanded form of its original output.  Randomness (symmetry breaking) comes only
+from the ``numpy.random.Generator`` passed in, so results are deterministic given it.  Every
+function computes in float64 and casts back to the dtype of its input array.
+
+Errors are ``ValueError`` with a message that names the nearest valid sizes; callers translate
+them into the project's error classes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+FORMS = ("copies", "avg", "zero", "circ")
+
+__all__ = [
+    "FORMS", "StreamMap", "UnitMap", "gqa_maps", "norm_output_map", "expand_out", "expand_in",
+    "expand_norm", "expand_embedding", "cancel_fanout", "zero_fanout", "random_split_check",
+]
+
+
+def _rng(rng) -> np.random.Generator:
+    if isinstance(rng, np.random.Generator):
+        return rng
+    return np.random.default_rng(0 if rng is None else rng)
+
+
+def _axis(a: np.ndarray, axis: int) -> int:
+    if not -a.ndim <= axis < a.ndim:
+        raise ValueError(f"axis {axis} out of range for an array of shape {a.shape}")
+    return axis % a.ndim
+
+
+def _multiples_near(n: int, m: int) -> str:
+    lo, hi = (n // m) * m, (n // m + 1) * m
+    return f"{lo} or {hi}" if lo > 0 else f"{hi}"
+
+
+class _IndexMap:
+    """Shared behaviour of a layout ``src_index`` (length D, -1 for leftover slots)."""
+
+    d: int
+    D: int
+    form: str
+    src_index: np.ndarray
+
+    @property
+    def copy_sets(self) -> list[np.ndarray]:
+        """For each source coordinate j, the target slots that hold a copy of x_j."""
+        order = np.argsort(self.src_index, kind="stable")
+        srt = self.src_index[order]
+        starts = np.searchsorted(srt, np.arange(self.d))
+        ends = np.searchsorted(srt, np.arange(self.d), side="right")
+        return [order[a:b] for a, b in zip(starts, ends)]
+
+    @property
+    def leftover_slots(self) -> np.ndarray:
+        """Slots that copy no coordinate (``avg``: hold mean(x); ``zero``: hold 0)."""
+        return np.flatnonzero(self.src_index < 0)
+
+    def apply(self, x, axis: int = -1) -> np.ndarray:
+        """Lay the width-d ``x`` out in width D along ``axis`` (the table of lemon-math.md)."""
+        x = np.asarray(x)
+        ax = _axis(x, axis)
+        if x.shape[ax] != self.d:
+            raise ValueError(f"axis {axis} has size {x.shape[ax]}, the map expects {self.d}")
+        xf = x.astype(np.float64)
+        out = np.take(xf, np.where(self.src_index >= 0, self.src_index, 0), axis=ax)
+        left = self.leftover_slots
+        if left.size:
+            idx = [slice(None)] * x.ndim
+            idx[ax] = left
+            out[tuple(idx)] = xf.mean(axis=ax, keepdims=True) if self.form == "avg" else 0.0
+        return out.astype(x.dtype, copy=False)
+
+    def recover(self, y, axis: int = -1) -> np.ndarray:
+        """The original coordinates come first: ``y[..., :d]`` along ``axis``."""
+        y = np.asarray(y)
+        return np.take(y, np.arange(self.d), axis=_axis(y, axis))
+
+
+class StreamMap(_IndexMap):
+    """Layout of a width-d vector in width D: ``[x]*k`` then r leftover slots.
+
+    form ``copies`` (r = 0 only), ``avg`` (leftover = mean(x)), ``zero`` (leftover = 0) or
+    ``circ`` (leftover = x[:r]).  ``scale`` is s = k*d/D (lemon-math.md, Notation).
+    """
+
+    def __init__(self, d: int, D: int, form: str):
+        if form not in FORMS:
+            raise ValueError(f"unknown stream form {form!r}; expected one of {FORMS}")
+        if d <= 0 or D < d:
+            raise ValueError(f"cannot lay width {d} out in width {D}: need 0 < d <= D")
+        self.d, self.D, self.form = int(d), int(D), form
+        self.k, self.r = D // d, D % d
+        if form == "copies" and self.r:
+            raise ValueError(f"form 'copies' needs an integer factor: {D} is not a multiple of "
+                             f"{d}; nearest valid widths: {_multiples_near(D, d)}")
+        tail = np.arange(self.r) if form == "circ" else np.full(self.r, -1)
+        self.src_index = np.concatenate([np.tile(np.arange(d), self.k), tail]).astype(np.int64)
+        self.scale = self.k * self.d / self.D
+
+    def __repr__(self) -> str:
+        return f"StreamMap(d={self.d}, D={self.D}, form={self.form!r})"
+
+
+class UnitMap(_IndexMap):
+    """``circ`` over whole units (attention heads): N = k*n + r units, i.e. k copies of all
+    units, then units 0..r-1 once more; expanded to an element map of length N*unit_size
+    (head_dim unchanged).  ``group``: the leftover unit count must be a multiple of it (GQA)."""
+
+    form = "circ"
+
+    def __init__(self, n_units: int, N_units: int, unit_size: int = 1, group: int = 1):
+        if n_units <= 0 or unit_size <= 0 or N_units < n_units:
+            raise ValueError(f"cannot expand {n_units} units of size {unit_size} to {N_units}")
+        self.n_units, self.N_units, self.unit_size = int(n_units), int(N_units), int(unit_size)
+        self.k, self.r = N_units // n_units, N_units % n_units
+        if self.r % group:
+            ok = [N for N in range(n_units, 2 * N_units + group * n_units)
+                  if (N % n_units) % group == 0]
+            near = sorted(ok, key=lambda N: (abs(N - N_units), N))[:2]
+            raise ValueError(f"{N_units} units from {n_units}: the {self.r} leftover units are "
+                             f"not a multiple of the group size {group}; nearest valid counts: "
+                             f"{' or '.join(map(str, sorted(near)))}")
+        self.d, self.D = n_units * unit_size, N_units * unit_size
+        self.unit_src = np.arange(N_units, dtype=np.int64) % n_units
+        self.src_index = (self.unit_src[:, None] * unit_size + np.arange(unit_size)).ravel()
+
+    @property
+    def unit_copy_sets(self) -> list[np.ndarray]:
+        """For each source unit, the new units that are copies of it."""
+        return [np.flatnonzero(self.unit_src == u) for u in range(self.n_units)]
+
+    def __repr__(self) -> str:
+        return f"UnitMap(n_units={self.n_units}, N_units={self.N_units}, unit_size={self.unit_size})"
+
+
+def gqa_maps(n_q: int, n_kv: int, N_q: int, N_kv: int, head_dim: int) -> tuple[UnitMap, UnitMap]:
+    """Head maps for grouped-query attention (lemon-math.md, rule 2, GQA).
+
+    New query head i copies source head ``qsrc[i] = i % n_q`` and sits in new group
+    ``i // g`` (g = n_q // n_kv, unchanged) whose KV head copies source KV head
+    ``(i // g) % n_kv == qsrc[i] // g``: every new query head reads a copy of the KV head its
+    source head read.  Requires N_q = g * N_kv (so the q leftover is a multiple of g).
+    """
+    if min(n_q, n_kv, N_q, N_kv, head_dim) <= 0:
+        raise ValueError("head counts and head_dim must be positive")
+    if n_q % n_kv:
+        raise ValueError(f"source model has {n_q} query heads and {n_kv} KV heads: not an "
+                         f"integer group size")
+    g = n_q // n_kv
+    if N_q < n_q or N_kv < n_kv:
+        raise ValueError(f"cannot shrink heads ({n_q}, {n_kv}) -> ({N_q}, {N_kv})")
+    if N_q % g:
+        lo, hi = (N_q // g) * g, (N_q // g + 1) * g
+        opts = [f"{q} query / {q // g} KV heads" for q in (lo, hi) if q >= n_q]
+        raise ValueError(f"{N_q} query heads is not a multiple of the group size {g} "
+                         f"(= {n_q}/{n_kv}); nearest valid: {' or '.join(opts)}")
+    if N_kv * g != N_q:
+        raise ValueError(f"({N_q} query, {N_kv} KV) heads changes the group size from {g} to "
+                         f"{N_q / N_kv:g}; with {N_q} query heads use {N_q // g} KV heads")
+    q_map = UnitMap(n_q, N_q, head_dim, group=g)
+    kv_map = UnitMap(n_kv, N_kv, head_dim)
+    assert np.array_equal(q_map.unit_src // g, kv_map.unit_src[np.arange(N_q) // g])
+    return q_map, kv_map
+
+
+def norm_output_map(in_map: StreamMap) -> StreamMap:
+    """Form of a norm's output given its input map: ``zero`` (``copies`` at integer factors)."""
+    return StreamMap(in_map.d, in_map.D, "copies" if in_map.r == 0 else "zero")
+
+
+def expand_out(W, axis: int, out_map: _IndexMap, bias=None):
+    """Output side of a linear layer (lemon-math.md, "Linear layers", output side).
+
+    ``axis`` is the output axis of ``W`` (1 for an ONNX MatMul weight [in, out], 0 for a Gemm
+    with transB=1).  Copies/circ slots copy the source column; ``avg`` leftover columns are the
+    mean of the original columns (the mean is linear, so they compute mean(y)); ``zero``
+    leftover columns are 0.  ``bias`` (output axis last) follows the same map.
+    Returns ``(W', b')`` (b' is None without bias).
+    """
+    W2 = out_map.apply(W, axis)
+    b2 = None if bias is None else out_map.apply(bias, -1)
+    return W2, b2
+
+
+def _group_sums(vals: np.ndarray, src: np.ndarray, d: int) -> np.ndarray:
+    """Sum of ``vals[c]`` over the slots c of each copy set (src[c] = j >= 0)."""
+    keep = np.flatnonzero(src >= 0)
+    order = keep[np.argsort(src[keep], kind="stable")]
+    starts = np.searchsorted(src[order], np.arange(d))
+    return np.add.reduceat(vals[order], starts, axis=0)
+
+
+def _split_rows(n_src: int, src: np.ndarray, base: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """Rows ``base[j]/|C_j| + (R[c] - mean_{C_j} R)`` for copy slots, 0 for leftover slots."""
+    cnt = np.bincount(src[src >= 0], minlength=n_src).astype(np.float64)
+    if np.any(cnt == 0):
+        raise ValueError("every source coordinate needs at least one copy")
+    shape = (-1,) + (1,) * (R.ndim - 1)
+    mean_R = _group_sums(R, src, n_src) / cnt.reshape(shape)
+    out = np.zeros_like(R)
+    cp = src >= 0
+    out[cp] = base[src[cp]] / cnt[src[cp]].reshape(shape) + R[cp] - mean_R[src[cp]]
+    return out
+
+
+def expand_in(W, axis: int, in_map: _IndexMap, rng=None, break_symmetry: bool = True,
+              init_scale: float | None = None) -> np.ndarray:
+    """Input side of a linear layer (lemon-math.md, "Linear layers", input side).
+
+    ``axis`` is the input axis of ``W`` (0 for ONNX MatMul [in, out]).  Lossless condition:
+    for each source coordinate j with copy set C_j, sum_{c in C_j} W'[c] = W[j].  With
+    ``break_symmetry`` (LEMON's point over Net2Net) the split is random,
+    W'[c] = W[j]/|C_j| + (R[c] - mean_{C_j} R), R ~ N(0, init_scale^2) (default: std of W).
+    Rows reading a ``zero`` leftover slot are fresh random rows.  Rows reading an ``avg``
+    leftover slot (value mean(x) = (1/d) sum_j x_j) are random rows R_l; they add
+    x_j * (1/d) sum_l R_l to each coordinate's contribution, so (1/d) sum_l R_l is subtracted
+    from the copy rows of every j, split evenly over C_j.  Without symmetry breaking: equal
+    splits W[j]/|C_j| and zero leftover rows.  ``in_map`` may be a StreamMap or a UnitMap.
+    """
+    W = np.asarray(W)
+    ax = _axis(W, axis)
+    if W.shape[ax] != in_map.d:
+        raise ValueError(f"input axis has size {W.shape[ax]}, the map expects {in_map.d}")
+    Wf = np.moveaxis(W.astype(np.float64), ax, 0)
+    shape = (in_map.D,) + Wf.shape[1:]
+    if break_symmetry:
+        sigma = float(Wf.std()) if init_scale is None else float(init_scale)
+        R = _rng(rng).standard_normal(shape) * sigma
+    else:
+        R = np.zeros(shape)
+    src = in_map.src_index
+    out = _split_rows(in_map.d, src, Wf, R)
+    left = in_map.leftover_slots
+    if left.size:
+        out[left] = R[left]
+        if in_map.form == "avg":
+            cnt = np.bincount(src[src >= 0], minlength=in_map.d)
+            cp = src >= 0
+            corr = R[left].sum(axis=0) / in_map.d
+            out[cp] -= corr[None] / cnt[src[cp]].reshape((-1,) + (1,) * corr.ndim)
+    return np.moveaxis(out, 0, ax).astype(W.dtype, copy=False)
+
+
+def expand_norm(gamma, beta, eps: float, in_map: StreamMap, rng=None, kind: str | None = None):
+    """LayerNorm / RMSNorm over the expanded axis (lemon-math.md, "Norm layers").
+
+    ``kind`` defaults to "rmsnorm" when ``beta`` is None, else "layernorm" (pass
+    kind="layernorm" for a LayerNorm without bias).  Integer factor (r = 0): gamma and beta
+    tiled, eps unchanged.  Otherwise LayerNorm needs ``avg`` input (mean over D = mean(x),
+    variance over D = s*var(x)) and RMSNorm needs ``zero`` input (mean square over D =
+    s*ms(x)): gamma' = sqrt(s)*[gamma]*k + leftover, beta' = [beta]*k + [0]*r, eps' = s*eps.
+    Leftover gamma entries multiply an exact 0 so any value is lossless: sqrt(s)*gamma at
+    random source coordinates when ``rng`` is given, else sqrt(s)*gamma[:r].
+    The output is in ``norm_output_map(in_map)`` form.  Returns ``(gamma', beta', eps')``.
+    """
+    kind = kind or ("rmsnorm" if beta is None else "layernorm")
+    if kind not in ("layernorm", "rmsnorm"):
+        raise ValueError(f"unknown norm kind {kind!r}")
+    if not isinstance(in_map, StreamMap):
+        raise ValueError("a norm's input axis needs a StreamMap")
+    gamma = np.asarray(gamma)
+    if gamma.shape != (in_map.d,):
+        raise ValueError(f"gamma has shape {gamma.shape}, the map expects ({in_map.d},)")
+    d, D, k, r = in_map.d, in_map.D, in_map.k, in_map.r
+    g = gamma.astype(np.float64)
+    b = None if beta is None else np.asarray(beta).astype(np.float64)
+    if r == 0:
+        g2, b2, eps2 = np.tile(g, k), None if b is None else np.tile(b, k), float(eps)
+    else:
+        need = "avg" if kind == "layernorm" else "zero"
+        if in_map.form != need:
+            why = ("its mean over D differs from mean(x)" if kind == "layernorm"
+                   else "its mean square over D is not s*mean(x^2)")
+            raise ValueError(
+                f"{kind} over width {d} -> {D} (factor {D / d:g}) is lossless only with "
+                f"'{need}'-form input, got '{in_map.form}': {why}. Use a '{need}' stream or an "
+                f"integer factor (D = {_multiples_near(D, d)}).")
+        s = in_map.scale
+        pick = (_rng(rng).integers(0, d, size=r) if rng is not None else np.arange(r))
+        g2 = math.sqrt(s) * np.concatenate([np.tile(g, k), g[pick]])
+        b2 = None if b is None else np.concatenate([np.tile(b, k), np.zeros(r)])
+        eps2 = float(s * eps)
+    g2 = g2.astype(gamma.dtype, copy=False)
+    b2 = None if b2 is None else b2.astype(np.asarray(beta).dtype, copy=False)
+    return g2, b2, eps2
+
+
+def expand_embedding(E, axis: int, stream_map: StreamMap) -> np.ndarray:
+    """Hidden axis of an embedding table, cls token, position embedding or patch Conv output
+    channels (lemon-math.md, "Embeddings"): the stream form; ``avg`` leftover = mean over the
+    hidden axis of each row (the Conv bias follows the same map)."""
+    return stream_map.apply(E, axis)
+
+
+def cancel_fanout(W_out, axis_in: int, in_map: _IndexMap | None = None, rng=None,
+                  init_scale: float | None = None, unit_size: int = 1):
+    """Fan-out weights of a twin block whose branch output must be exactly zero
+    (lemon-math.md, "Depth", sum-to-zero).  ``axis_in`` is the input axis of the out/down
+    projection ``W_out``; the caller zeroes its bias.
+
+    With ``in_map`` (the width map of the projection's input, len D = W_out.shape[axis_in]):
+    replicas of one unit compute the same activation, so their rows are R - mean R over the
+    copy set (they cancel); units with one copy and ``avg`` leftover slots get zero rows,
+    ``zero`` leftover slots (input 0) random rows.  Returns ``(W', arange(D))``.
+
+    Without ``in_map`` (no width growth) units of ``unit_size`` elements are paired: unit 2i
+    gets +R, unit 2i+1 gets -R, an odd last unit 0.  This cancels only if paired units compute
+    the same activation, so the caller MUST rebuild the twin's fan-in outputs (the columns and
+    bias of the up/gate projection, or the V (and Q, K for whole heads) columns) with the
+    returned ``fanin_src``: ``W_in' = take(W_in, fanin_src, axis=out_axis)``, which makes unit
+    2i+1 a copy of unit 2i.  Returns ``(W', fanin_src)``.
+    """
+    W = np.asarray(W_out)
+    ax = _axis(W, axis_in)
+    Wf = np.moveaxis(W.astype(np.float64), ax, 0)
+    n = Wf.shape[0]
+    sigma = float(Wf.std()) if init_scale is None else float(init_scale)
+    sigma = sigma or 0.02
+    rng = _rng(rng)
+    if in_map is not None:
+        if n != in_map.D:
+            raise ValueError(f"input axis has size {n}, the map gives {in_map.D}")
+        R = rng.standard_normal(Wf.shape) * sigma
+        out = _split_rows(in_map.d, in_map.src_index, np.zeros((in_map.d,) + Wf.shape[1:]), R)
+        if in_map.form == "zero" and in_map.leftover_slots.size:
+            out[in_map.leftover_slots] = R[in_map.leftover_slots]
+        fanin_src = np.arange(n)
+    else:
+        if n % unit_size:
+            raise ValueError(f"input axis {n} is not a multiple of unit_size {unit_size}")
+        nu = n // unit_size
+        Ru = rng.standard_normal((nu // 2, unit_size) + Wf.shape[1:]) * sigma
+        out = np.zeros((nu, unit_size) + Wf.shape[1:])
+        out[0:2 * (nu // 2):2] = Ru
+        out[1:2 * (nu // 2):2] = -Ru
+        out = out.reshape(Wf.shape)
+        usrc = np.arange(nu)
+        usrc[1::2] = usrc[0:2 * (nu // 2):2]
+        fanin_src = (usrc[:, None] * unit_size + np.arange(unit_size)).ravel()
+    return np.moveaxis(out, 0, ax).astype(W.dtype, copy=False), fanin_src
+
+
+def zero_fanout(W) -> np.ndarray:
+    """All-zero fan-out weights for a twin block (lemon-math.md, "Depth"): the simple option."""
+    return np.zeros_like(np.asarray(W))
+
+
+def random_split_check(W_orig, W_new, axis: int, copy_sets) -> float:
+    """max |sum_{c in C_j} W_new[c] - W_orig[j]| along ``axis``: the lossless condition of the
+    input-side rule (0 up to rounding; for tests and reports)."""
+    Wo = np.moveaxis(np.asarray(W_orig, dtype=np.float64), _axis(np.asarray(W_orig), axis), 0)
+    Wn = np.moveaxis(np.asarray(W_new, dtype=np.float64), _axis(np.asarray(W_new), axis), 0)
+    if len(copy_sets) != Wo.shape[0]:
+        raise ValueError(f"{len(copy_sets)} copy sets for an axis of size {Wo.shape[0]}")
+    worst = 0.0
+    for j, C in enumerate(copy_sets):
+        worst = max(worst, float(np.max(np.abs(Wn[np.asarray(C)].sum(axis=0) - Wo[j]), initial=0)))
+    return worst
