@@ -205,6 +205,7 @@ class Elem:
     value: int | None = None
     ref: tuple | None = None
     atoms: list | None = None
+    via: tuple | None = None  # (node name, input index): where it left its constant tensor
 
 
 UNK = Elem("unk")
@@ -220,6 +221,7 @@ class LiteralUse:
     node: str
     op: str
     divisor: int = 1  # literal = product(atoms) // divisor (e.g. an inclusive bound); 1 mostly
+    via: tuple | None = None  # (node name, input index) that reads the constant tensor
 
     def label(self) -> str:
         return label_atoms(self.atoms)
@@ -261,7 +263,7 @@ class AxisAnalysis:
         self.unexplained: list[LiteralUse] = []
         self.conflicts: list[str] = []
         self._syms: dict[str, Atom] = {}
-        self._const_producer: dict[ir.Value, str] = {}
+        self._saved: dict = {}
 
     # ------------------------------------------------------------------ helpers
     def sym_atom(self, name: str, origin: str = "inferred") -> Atom:
@@ -301,7 +303,7 @@ class AxisAnalysis:
     def lit(self, e: Elem, atoms: list, node: ir.Node, divisor: int = 1) -> None:
         if e.ref is not None:
             self.literals.append(LiteralUse(e.ref, int(e.value), list(atoms), node.name or "",
-                                            node.op_type, divisor))
+                                            node.op_type, divisor, e.via))
 
     def unexplained_lit(self, e: Elem, node: ir.Node) -> None:
         if e.ref is not None:
@@ -340,15 +342,28 @@ class AxisAnalysis:
     # ------------------------------------------------------------------ ops
     def visit(self, node: ir.Node) -> None:
         op = node.op_type
-        handler = getattr(self, f"op_{op}", None)
-        if handler is not None:
-            handler(node)
-        elif op in _UNARY:
-            self.same_as(node, 0)
-        elif op in _BINARY:
-            self.broadcast(node)
-        elif op.startswith("Reduce"):
-            self.reduce(node)
+        # literals leaving a constant tensor remember which input read them, so that a
+        # constant shared by sites of different sizes can be split per consumer later
+        saved = {}
+        for i, v in enumerate(node.inputs):
+            el = self.elems.get(v) if v is not None else None
+            if el and v not in saved and any(e.kind == "lit" and e.via is None for e in el):
+                saved[v] = el
+                self.elems[v] = [dataclasses.replace(e, via=(node.name, i))
+                                 if e.kind == "lit" and e.via is None else e for e in el]
+        self._saved = saved
+        try:
+            handler = getattr(self, f"op_{op}", None)
+            if handler is not None:
+                handler(node)
+            elif op in _UNARY:
+                self.same_as(node, 0)
+            elif op in _BINARY:
+                self.broadcast(node)
+            elif op.startswith("Reduce"):
+                self.reduce(node)
+        finally:
+            self.elems.update(saved)
 
     def same_as(self, node: ir.Node, i: int) -> None:
         src = node.inputs[i] if len(node.inputs) > i else None
@@ -518,7 +533,12 @@ class AxisAnalysis:
     def op_Concat(self, node: ir.Node) -> None:
         ins = [v for v in node.inputs if v is not None]
         if all(v in self.elems for v in ins):
-            self.elems[node.outputs[0]] = [e for v in ins for e in self.elems[v]]
+            res = []
+            for i, v in enumerate(node.inputs):  # the same constant may feed two inputs
+                el = self._saved.get(v, self.elems[v]) if v is not None else []
+                res += [dataclasses.replace(e, via=(node.name, i))
+                        if e.kind == "lit" and e.via is None else e for e in el]
+            self.elems[node.outputs[0]] = res
         axs = [self.get(v) for v in ins]
         if any(a is None for a in axs) or not axs:
             return
@@ -1031,6 +1051,11 @@ class AxisAnalysis:
             return
         if len(x) == 3:
             self._heads_attr(node, x[-1], "num_heads")
+        elif len(x) == 4 and "num_heads" in node.attributes and node.attributes["num_heads"].value \
+                and size_of(x[1]) == node.attributes["num_heads"].value:
+            self.literals.append(LiteralUse(("attr", node.name, "num_heads", 0),
+                                            int(node.attributes["num_heads"].value), list(x[1]),
+                                            node.name, node.op_type))
         self.axes[node.outputs[0]] = [list(a) for a in x]
         cos = self.get(node.inputs[1]) if len(node.inputs) > 1 else None
         if cos is not None and len(x) >= 3:

@@ -232,6 +232,14 @@ def back_pass(v: ir.Value) -> ir.Value:
     return v
 
 
+def back_view(v: ir.Value) -> ir.Value:
+    """Follow data through ops that only re-view it (Reshape, Cast, Unsqueeze, ...)."""
+    while v.producer() is not None and v.producer().op_type in (
+            "Identity", "Cast", "Reshape", "Flatten", "Unsqueeze", "Squeeze") and v.producer().inputs:
+        v = v.producer().inputs[0]
+    return v
+
+
 def _nm(v: ir.Value | None) -> str:
     return "" if v is None else (v.name or "")
 
@@ -479,7 +487,7 @@ class Recognizer:
         for n in g:
             if n.op_type == "Gather" and len(n.inputs) == 2:
                 table = const_source(n.inputs[0])[0]
-                idx = back_pass(n.inputs[1])
+                idx = back_view(n.inputs[1])
                 if table is not None and table.const_value is not None and \
                         len(table.const_value.shape) == 2 and idx in graph_inputs and emb.token is None:
                     emb.token, emb.token_node = table.name, n.name
@@ -704,6 +712,10 @@ class Recognizer:
             any(n.op_type == "RotaryEmbedding" for n in nodes) or
             any(n.op_type == "Slice" for n in nodes if self.depends_on(q_t, n.outputs[0])))
         self._roles_attention(heads_l, kv_l, hd_leaves)
+        if qkv is not None:
+            for a in self.leaves(self._values[qkv.output]):
+                if a.role is None and a.size == 3:
+                    a.role = "3"
         v_l = self.leaves(v_t, -1)
         if len(v_l) == 1 and v_l[0].role is None:
             v_l[0].role = "head_dim"
@@ -881,7 +893,7 @@ class Recognizer:
                 t = const_source(n.inputs[0])[0]
                 if t is not None and t.const_value is not None and len(t.const_value.shape) == 2 \
                         and set(dims.leaves(self.ax.axes[t][1])) <= hid:
-                    idx = back_pass(n.inputs[1])
+                    idx = back_view(n.inputs[1])
                     name_kind = "token_type" if (idx in set(self.graph.inputs) and
                                                  emb.token_type is None and
                                                  t.const_value.shape[0] <= 16) else "position"

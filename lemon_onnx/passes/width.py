@@ -1,0 +1,423 @@
+"""Width expansion pass: every weight, epsilon and size literal of a recognised Transformer.
+
+The arithmetic lives in ``lemon_math`` (pure numpy); this module only decides which rule
+applies to which tensor (from the recognised description) and writes the results into the
+onnx-ir graph.  Weights shared between several consumers are rewritten in place when every
+consumer needs the same result, and copied before they diverge otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import defaultdict
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from .. import dims, lemon_math as lm
+from ..errors import PlanError
+from ..recognize import Linear, Norm, Recognizer, back_view, const_source
+
+NEW_SIZE_ROLES = ("hidden", "ffn", "heads", "kv_heads")
+
+
+class WeightEditor:
+    """Collects (initializer, consumer) -> transform; applies them once, sharing when equal."""
+
+    def __init__(self, rec: Recognizer, seed: int):
+        self.rec = rec
+        self.seed = seed
+        # init value -> list of (direct consumer node, input index, key, fn)
+        self.requests: dict[ir.Value, list] = defaultdict(list)
+
+    def rng(self, *parts) -> np.random.Generator:
+        h = hashlib.sha256(repr((self.seed,) + parts).encode()).digest()
+        return np.random.default_rng(int.from_bytes(h[:8], "little"))
+
+    def edit(self, node: ir.Node, index: int, key: str, fn: Callable[[np.ndarray], np.ndarray]):
+        """Transform the constant feeding ``node.inputs[index]`` (through Identity/Transpose)."""
+        v = node.inputs[index]
+        src, hops = const_source(v)
+        if src is None:
+            raise PlanError(f"expected a constant at input {index} of {node.op_type} {node.name}")
+        direct, idx = (hops[-1], 0) if hops and hops[-1].op_type != "Constant" else (node, index)
+        if hops and hops[-1].op_type == "Constant":
+            # Constant node: edit its attribute through its output value
+            direct, idx = (hops[-2], 0) if len(hops) > 1 else (node, index)
+        self.requests[src].append((direct, idx, key, fn))
+
+    def apply(self) -> int:
+        g = self.rec.graph
+        n_new = 0
+        for src, reqs in self.requests.items():
+            arr = _read(src)
+            by_key: dict[str, list] = defaultdict(list)
+            fns = {}
+            for direct, idx, key, fn in reqs:
+                by_key[key].append((direct, idx))
+                fns[key] = fn
+            edited_uses = {(d, i) for lst in by_key.values() for d, i in lst}
+            all_uses = {(u.node, u.idx) for u in src.uses()}
+            in_place = len(by_key) == 1 and all_uses <= edited_uses
+            for n, (key, uses) in enumerate(sorted(by_key.items())):
+                new = np.ascontiguousarray(fns[key](arr))
+                if in_place:
+                    _write(src, new)
+                    continue
+                name = f"{src.name}__lemon{n}"
+                nv = ir.Value(name=name, shape=ir.Shape(new.shape),
+                              type=ir.TensorType(ir.DataType.from_numpy(new.dtype)),
+                              const_value=ir.tensor(new, name=name))
+                g.register_initializer(nv)
+                n_new += 1
+                for direct, idx in set(uses):
+                    direct.replace_input_with(idx, nv)
+            if not in_place and not src.uses() and src.is_initializer():
+                g.initializers.pop(src.name, None)
+        return n_new
+
+
+def _read(v: ir.Value) -> np.ndarray:
+    if v.const_value is not None:
+        return np.asarray(v.const_value.numpy())
+    p = v.producer()
+    return np.asarray(p.attributes["value"].value.numpy())
+
+
+def _write(v: ir.Value, arr: np.ndarray) -> None:
+    t = ir.tensor(arr, name=v.name)
+    p = v.producer()
+    if v.const_value is None and p is not None and p.op_type == "Constant":
+        p.attributes["value"] = ir.AttrTensor("value", t)
+        v.shape = ir.Shape(arr.shape)
+        return
+    v.const_value = t
+    v.shape = ir.Shape(arr.shape)
+
+
+class WidthPass:
+    def __init__(self, rec: Recognizer, desc, plan):
+        self.rec, self.desc, self.plan = rec, desc, plan
+        s, t = plan.source, plan.target
+        self.d, self.D = s["hidden"], t["hidden"]
+        self.s_map = lm.StreamMap(self.d, self.D, plan.stream_form)
+        self.n_map = lm.norm_output_map(self.s_map)
+        self.ffn_map = lm.UnitMap(s["ffn"], t["ffn"], 1)
+        try:
+            self.q_map, self.kv_map = lm.gqa_maps(s["heads"], s["kv_heads"], t["heads"],
+                                                  t["kv_heads"], s["head_dim"])
+        except ValueError as e:
+            raise PlanError(str(e)) from None
+        self.k = self.D // self.d
+        self.ed = WeightEditor(rec, plan.seed)
+        self.node = rec._node
+        self.values = rec._values
+
+    # ------------------------------------------------------------------ building blocks
+    def linear(self, lin: Linear, in_map, out_map, *, tag: str, break_symmetry: bool = True,
+               out_rule: str = "map"):
+        node = self.node(lin.node)
+        in_axis, out_axis = (0, 1) if lin.weight_layout == "in,out" else (1, 0)
+        rng = self.ed.rng(tag, "w")
+
+        def fw(w, in_map=in_map, out_map=out_map):
+            if out_map is not None:
+                w = out_map.apply(w, out_axis)
+            if in_map is not None:
+                w = lm.expand_in(w, in_axis, in_map, rng=rng, break_symmetry=break_symmetry)
+            return w
+
+        self.ed.edit(node, 1, f"{tag}:w", fw)
+        if lin.bias and out_map is not None:
+            bnode = self.node(lin.bias_node)
+            idx = next(i for i, x in enumerate(bnode.inputs)
+                       if x is not None and const_source(x)[0] is self.values[lin.bias])
+            self.ed.edit(bnode, idx, f"{tag}:b", lambda b, m=out_map: m.apply(b, -1))
+
+    def qkv_fused(self, lin: Linear, in_map, tag: str):
+        """GPT-2's c_attn: three head axes side by side; expand each third on its own."""
+        node = self.node(lin.node)
+        in_axis, out_axis = (0, 1) if lin.weight_layout == "in,out" else (1, 0)
+        rng = self.ed.rng(tag, "w")
+        maps = (self.q_map, self.kv_map, self.kv_map)
+
+        def fw(w):
+            parts = np.split(w, 3, axis=out_axis)
+            w = np.concatenate([m.apply(p, out_axis) for m, p in zip(maps, parts)], axis=out_axis)
+            return lm.expand_in(w, in_axis, in_map, rng=rng) if in_map is not None else w
+
+        def fb(b):
+            parts = np.split(b, 3, axis=-1)
+            return np.concatenate([m.apply(p, -1) for m, p in zip(maps, parts)], axis=-1)
+
+        self.ed.edit(node, 1, f"{tag}:w", fw)
+        if lin.bias:
+            bnode = self.node(lin.bias_node)
+            idx = next(i for i, x in enumerate(bnode.inputs)
+                       if x is not None and const_source(x)[0] is self.values[lin.bias])
+            self.ed.edit(bnode, idx, f"{tag}:b", fb)
+
+    def norm(self, nrm: Norm, in_map: lm.StreamMap, *, tag: str, scale: float = 1.0):
+        """gamma/beta/epsilon of a norm whose input is laid out by ``in_map``."""
+        nodes = [self.node(n) for n in nrm.nodes]
+        rng = self.ed.rng(tag, "gamma")
+        kind = nrm.kind
+        gamma0 = _read(self.values[nrm.gamma]) if nrm.gamma else np.ones(self.d, np.float32)
+        beta0 = _read(self.values[nrm.beta]) if nrm.beta else None
+        try:
+            g2, b2, eps2 = lm.expand_norm(gamma0, beta0, nrm.epsilon, in_map, rng=rng, kind=kind)
+        except ValueError as e:
+            raise PlanError(str(e)) from None
+        if nrm.gamma:
+            self._edit_param(nodes, nrm.gamma, f"{tag}:gamma", (g2 * scale).astype(gamma0.dtype))
+        elif scale != 1.0 or in_map.r:
+            raise PlanError(f"norm {nrm.output} has no scale parameter to rescale")
+        if nrm.beta:
+            self._edit_param(nodes, nrm.beta, f"{tag}:beta", (b2 * scale).astype(beta0.dtype))
+        if eps2 != nrm.epsilon:
+            self.set_epsilon(nrm, eps2)
+
+    def _edit_param(self, nodes, name, key, new):
+        v = self.values[name]
+        for n in nodes:
+            for i, x in enumerate(n.inputs):
+                if x is not None and const_source(x)[0] is v:
+                    self.ed.edit(n, i, key, lambda _a, new=new: new)
+                    return
+        raise PlanError(f"could not find the consumer of norm parameter {name}")
+
+    def set_epsilon(self, nrm: Norm, eps: float):
+        where = nrm.epsilon_at
+        if where[0] == "attr":
+            node = self.node(where[1])
+            node.attributes["epsilon"] = ir.AttrFloat32("epsilon", float(eps))
+            return
+        # decomposed: the Add(var, eps) node among the norm's nodes
+        for n in (self.node(x) for x in nrm.nodes):
+            if n.op_type != "Add":
+                continue
+            for i, x in enumerate(n.inputs):
+                src, _ = const_source(x)
+                if src is not None and _read(src).size == 1 and \
+                        math.isclose(float(_read(src).reshape(-1)[0]), nrm.epsilon, rel_tol=1e-6):
+                    dtype = _read(src).dtype
+                    shape = _read(src).shape
+                    self.ed.edit(n, i, f"eps:{eps!r}",
+                                 lambda _a, e=eps, dt=dtype, sh=shape: np.full(sh, e, dtype=dt))
+                    return
+        raise PlanError(f"could not find the epsilon constant of norm {nrm.output}")
+
+    def embedding_param(self, name: str, axis: int, tag: str):
+        v = self.values[name]
+        for u in v.uses():
+            self.ed.edit(u.node, u.idx, f"{tag}:emb",
+                         lambda e, ax=axis: lm.expand_embedding(e, ax, self.s_map))
+
+    # ------------------------------------------------------------------ the pass
+    def run(self) -> dict:
+        desc, plan = self.desc, self.plan
+        emb = desc.embeddings
+        s_map, n_map = self.s_map, self.n_map
+        pre = desc.layout == "pre-norm"
+        stats = {"tied_head": None}
+        head = desc.head
+        untie = False
+        head_norm = head.transform_norm if head.kind == "mlm" else desc.final_norm
+        if head.tie and head_norm is not None:
+            nv = self.values[head_norm.output]
+            if any(back_view(o) is nv for o in self.rec.graph.outputs):
+                untie = True
+                plan.notes.append("The tied head was untied: the norm that feeds it is also a "
+                                  "graph output, so its 1/k scaling would change that output.")
+        # embeddings (token table handled with the head when tied)
+        if emb.token:
+            tok = self.values[emb.token]
+            node = self.node(emb.token_node)
+            self.ed.edit(node, 0, "tok:emb", lambda e: lm.expand_embedding(e, 1, s_map))
+        for name in (emb.position, emb.token_type, emb.cls_token):
+            if name:
+                self.embedding_param(name, -1, f"emb:{name}")
+        if emb.patch_conv:
+            conv = self.node(emb.patch_conv)
+            self.ed.edit(conv, 1, "patch:w", lambda w: lm.expand_embedding(w, 0, s_map))
+            if emb.patch_bias:
+                self.ed.edit(conv, 2, "patch:b", lambda b: lm.expand_embedding(b, 0, s_map))
+        if emb.norm is not None:
+            self.norm(emb.norm, lm.StreamMap(self.d, self.D, "copies"), tag="emb-norm")
+        # blocks
+        branch_in = n_map if pre else s_map
+        for b in desc.blocks:
+            t = f"b{b.index}"
+            if b.attention_norm is not None:
+                self.norm(b.attention_norm, s_map, tag=f"{t}.ln1")
+            a = b.attention
+            if a.qkv is not None:
+                self.qkv_fused(a.qkv, branch_in, f"{t}.qkv")
+            else:
+                self.linear(a.q, branch_in, self.q_map, tag=f"{t}.q")
+                self.linear(a.k, branch_in, self.kv_map, tag=f"{t}.k")
+                self.linear(a.v, branch_in, self.kv_map, tag=f"{t}.v")
+            self.linear(a.out, self.q_map, s_map, tag=f"{t}.o")
+            if b.attention_post_norm is not None:
+                self.norm(b.attention_post_norm, s_map, tag=f"{t}.ln1post")
+            if b.mlp_norm is not None:
+                self.norm(b.mlp_norm, s_map, tag=f"{t}.ln2")
+            m = b.mlp
+            if m.gate is not None:
+                self.linear(m.gate, branch_in, self.ffn_map, tag=f"{t}.gate")
+            self.linear(m.up, branch_in, self.ffn_map, tag=f"{t}.up")
+            self.linear(m.down, self.ffn_map, s_map, tag=f"{t}.down")
+            if b.mlp_post_norm is not None:
+                self.norm(b.mlp_post_norm, s_map, tag=f"{t}.ln2post")
+        # final norm and head
+        tied = bool(head.tie) and not untie
+        k = s_map.k
+        if desc.final_norm is not None:
+            scale = 1.0 / k if (tied and head.kind == "lm") else 1.0
+            self.norm(desc.final_norm, s_map, tag="final", scale=scale)
+        head_in = n_map if pre else s_map
+        if head.kind == "mlm":
+            tr = head.transform
+            circ = lm.UnitMap(self.d, self.D, 1)
+            self.linear(tr, head_in, circ if self.D % self.d == 0 else None, tag="head.transform")
+            if head.transform_norm is not None:
+                self.norm(head.transform_norm, lm.StreamMap(self.d, self.D, "copies"),
+                          tag="head.norm", scale=(1.0 / k) if tied else 1.0)
+            head_in = lm.StreamMap(self.d, self.D, "copies")
+        if head.linear is not None:
+            if tied:
+                lin = head.linear
+                node = self.node(lin.node)
+                hid_axis = 0 if lin.weight_layout == "in,out" else 1
+                if head.tie == "shared":
+                    # the same tensor as the embedding: one transform serves both roles
+                    self.ed.edit(node, 1, "tok:emb",
+                                 lambda e: lm.expand_embedding(e, 1, s_map))
+                else:
+                    self.ed.edit(node, 1, "head:tiedcopy",
+                                 lambda e, ax=hid_axis: lm.expand_embedding(e, ax, s_map))
+                stats["tied_head"] = head.tie
+            else:
+                self.linear(head.linear, head_in, None, tag="head")
+        n_new = self.ed.apply()
+        n_lit = self.rewrite_literals()
+        self.fix_shapes()
+        stats.update(new_initializers=n_new, literals=n_lit)
+        return stats
+
+    # ------------------------------------------------------------------ literals
+    def new_size(self, atom: dims.Atom) -> int:
+        role = atom.role
+        if role == "hidden":
+            return self.D
+        if role == "ffn":
+            return self.plan.target["ffn"]
+        if role == "heads":
+            return self.plan.target["heads"]
+        if role == "kv_heads":
+            return self.plan.target["kv_heads"]
+        return atom.size
+
+    def literal_value(self, lu: dims.LiteralUse) -> int:
+        n = 1
+        for a in dims.leaves(lu.atoms):
+            n *= self.new_size(a)
+        return n
+
+    def rewrite_literals(self) -> int:
+        """Recompute every size literal from its atoms; copy constants whose uses diverge."""
+        rec = self.rec
+        per_tensor: dict[tuple, list] = defaultdict(list)
+        for lu in rec.ax.literals:
+            new = self.literal_value(lu)
+            per_tensor[lu.ref[:2]].append((lu, new))
+        changed = 0
+        for ref, items in per_tensor.items():
+            if all(new == lu.value for lu, new in items):
+                continue
+            if ref[0] == "attr":
+                node = self.node(ref[1])
+                attr = items[0][0].ref[2]
+                node.attributes[attr] = ir.AttrInt64(attr, int(items[0][1]))
+                changed += 1
+                continue
+            v = self._literal_value_of(ref)
+            arr = _read(v).copy()
+            flat = arr.reshape(-1)
+            wanted: dict[int, set] = defaultdict(set)
+            for lu, new in items:
+                wanted[lu.ref[2]].add(new)
+            if all(len(s) == 1 for s in wanted.values()):
+                for i, s in wanted.items():
+                    flat[i] = next(iter(s))
+                self._replace_const(v, arr)
+                changed += 1
+                continue
+            # uses disagree (a constant shared by sites of different sizes): one copy per reader
+            by_via: dict[tuple, list] = defaultdict(list)
+            for lu, new in items:
+                if lu.via is None:
+                    raise PlanError(f"size literal {lu.ref} is shared by sites that need "
+                                    "different values and cannot be split")
+                by_via[lu.via].append((lu, new))
+            for (node_name, idx), mine in sorted(by_via.items()):
+                a2 = _read(v).copy()
+                f2 = a2.reshape(-1)
+                for lu, new in mine:
+                    f2[lu.ref[2]] = new
+                name = f"{v.name}__lemon_{node_name}_{idx}"
+                nv = ir.Value(name=name, shape=ir.Shape(a2.shape),
+                              type=ir.TensorType(ir.DataType.from_numpy(a2.dtype)),
+                              const_value=ir.tensor(a2, name=name))
+                rec.graph.register_initializer(nv)
+                self.node(node_name).replace_input_with(idx, nv)
+                changed += 1
+        return changed
+
+    def _reaches(self, start: ir.Node, target_name: str) -> bool:
+        if start.name == target_name:
+            return True
+        target = self.node(target_name)
+        return any(start in self.rec.ancestors(o) for o in target.outputs)
+
+    def _literal_value_of(self, ref: tuple) -> ir.Value:
+        if ref[0] == "node":
+            return self.node(ref[1]).outputs[0]
+        return self.values[ref[1]]
+
+    def _replace_const(self, v: ir.Value, arr: np.ndarray) -> None:
+        if v.is_initializer() and len(v.uses()) > 0:
+            _write(v, arr)
+        else:
+            _write(v, arr)
+
+    # ------------------------------------------------------------------ shapes
+    def fix_shapes(self) -> None:
+        """Drop stale inferred shapes; recompute graph output shapes from their atoms."""
+        g = self.rec.graph
+        outs = set(g.outputs)
+        for n in g:
+            for o in n.outputs:
+                if o not in outs:
+                    o.shape = None
+        for o in g.outputs:
+            ax = self.rec.ax.get(o)
+            if ax is None or o.shape is None:
+                continue
+            dims_ = []
+            for k, a in enumerate(ax):
+                old = o.shape[k]
+                if isinstance(old, int):
+                    n = 1
+                    for atom in dims.leaves(a):
+                        n *= self.new_size(atom)
+                    dims_.append(n)
+                else:
+                    dims_.append(old)
+            o.shape = ir.Shape(dims_)
+
+
+def expand_width(rec: Recognizer, desc, plan) -> dict:
+    return WidthPass(rec, desc, plan).run()

@@ -1,0 +1,93 @@
+"""Bad input: exit 2, one clear paragraph, no traceback, nothing written."""
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import FIXTURES
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "lemon_onnx.cli", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def _save(model, path):
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def small_cnn(path):
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((10, 8)).astype(np.float32), "w2")
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "w2"], ["y"], transB=1)]
+    g = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 10])], [w1, w2])
+    return _save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def mlp_only(path):
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w1", (16, 32)), ("b1", (32,)), ("w2", (32, 16)), ("b2", (16,)))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["hb"]),
+             helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["o"]),
+             helper.make_node("Add", ["o", "b2"], ["y"])]
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 16])], inits)
+    return _save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def assert_clean_exit2(res, *needles):
+    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr
+    assert res.stderr.startswith("lemon-onnx: error: ")
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    for n in needles:
+        assert n.lower() in res.stderr.lower(), res.stderr
+
+
+def test_cnn_is_refused(tmp_path):
+    res = run_cli("inspect", small_cnn(tmp_path / "cnn.onnx"))
+    assert_clean_exit2(res, "not a transformer", "Conv")
+
+
+def test_mlp_only_is_refused(tmp_path):
+    res = run_cli("inspect", mlp_only(tmp_path / "mlp.onnx"))
+    assert_clean_exit2(res, "embedding", "MatMul")
+
+
+@pytest.mark.parametrize("cut", [0.02, 0.5, 0.97])
+def test_truncated_file_is_refused(tmp_path, cut):
+    data = (FIXTURES / "gpt2-ts17.onnx").read_bytes()
+    bad = tmp_path / "trunc.onnx"
+    bad.write_bytes(data[: int(len(data) * cut)])
+    res = run_cli("inspect", bad)
+    assert_clean_exit2(res, "trunc")
+
+
+def test_missing_and_non_onnx_files(tmp_path):
+    assert_clean_exit2(run_cli("inspect", tmp_path / "nope.onnx"), "no such file")
+    txt = tmp_path / "notes.onnx"
+    txt.write_text("hello, I am not a model\n" * 20)
+    assert_clean_exit2(run_cli("inspect", txt))
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    assert_clean_exit2(run_cli("inspect", empty), "empty")
+
+
+def test_missing_external_data_is_named(tmp_path):
+    import onnx_ir as ir
+    m = ir.load(str(FIXTURES / "gpt2-ts17.onnx"))
+    ir.save(m, str(tmp_path / "m.onnx"), external_data="m.onnx.data")
+    (tmp_path / "m.onnx.data").unlink()
+    assert_clean_exit2(run_cli("inspect", tmp_path / "m.onnx"), "m.onnx.data")
