@@ -37,9 +37,11 @@ def expand_model(src: str | os.PathLike, *, width=None, hidden=None, ffn=None, h
         else:
             plan.outputs[o["name"]] = {"compare": "whole"}
     plan.blocks = {str(i): i for i in range(desc.num_layers)}
+    maps = None
     if plan.widens:
         t1 = time.perf_counter()
         stats = expand_width(rec, desc, plan)
+        maps = stats.pop("maps")
         log(f"width: hidden {plan.source['hidden']}->{plan.target['hidden']}, ffn "
             f"{plan.source['ffn']}->{plan.target['ffn']}, heads {plan.source['heads']}->"
             f"{plan.target['heads']} (stream form {plan.stream_form}); {stats['literals']} size "
@@ -48,7 +50,12 @@ def expand_model(src: str | os.PathLike, *, width=None, hidden=None, ffn=None, h
         from .passes.depth import expand_depth
 
         t1 = time.perf_counter()
-        expand_depth(model, Recognizer(model).run() if plan.widens else desc, plan)
+        if plan.widens:  # describe the widened graph afresh
+            rec = Recognizer(model)
+            desc_now = rec.run()
+        else:
+            desc_now = desc
+        expand_depth(model, rec, desc_now, plan, maps)
         log(f"depth: {plan.source['layers']}->{plan.target['layers']} layers "
             f"({plan.depth_placement}, {plan.depth_init}) ({time.perf_counter() - t1:.1f}s)")
     model.metadata_props[PLAN_KEY] = plan.to_json()

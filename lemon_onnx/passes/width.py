@@ -304,7 +304,8 @@ class WidthPass:
         n_new = self.ed.apply()
         n_lit = self.rewrite_literals()
         self.fix_shapes()
-        stats.update(new_initializers=n_new, literals=n_lit)
+        stats.update(new_initializers=n_new, literals=n_lit,
+                     maps={"q": self.q_map, "ffn": self.ffn_map})
         return stats
 
     # ------------------------------------------------------------------ literals

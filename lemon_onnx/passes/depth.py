@@ -1,0 +1,320 @@
+"""Depth expansion pass: splice identity-equivalent twin blocks into the residual chain.
+
+A twin is a full copy of its source block's subgraph (own initializers, unique names) that
+reads the source block's output and whose branch outputs are exactly zero:
+- ``cancel`` (default, LEMON): fan-out rows of replicated units sum to zero (R - mean R), so the
+  out/down projections are non-zero but cancel; without width growth units are paired (+R/-R)
+  and the twin's fan-in makes each pair compute the same activation.
+- ``zero``: all-zero attention out-projection and MLP down-projection (and biases).
+Pre-norm blocks are then exact.  Post-norm blocks follow LEMON's recipe (the source block's last
+LayerNorm becomes the identity affine, the twin's first LayerNorm too, the twin's last
+LayerNorm takes the source's gamma and beta): exact only up to O(epsilon / variance).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx_ir as ir
+
+from .. import lemon_math as lm
+from ..errors import PlanError
+from ..recognize import Linear, Recognizer, const_source
+from .width import _read, _write
+
+
+def plan_depth(L: int, L_target: int, placement: str) -> list[tuple[int, int]]:
+    """The final layer order: a list of (source block, copy number) with copy 0 the original.
+
+    interleave (LEMON): the last L'-L blocks each get a twin right after them; factors above 2
+    repeat the step on the grown chain.  top: copies of the last L'-L blocks stacked after the
+    final block.  uniform: twins after evenly spaced blocks.
+    """
+    order = [(i, 0) for i in range(L)]
+    copies = {i: 0 for i in range(L)}
+
+    def twin_of(entry):
+        src = entry[0]
+        copies[src] += 1
+        return (src, copies[src])
+
+    if placement == "interleave":
+        while len(order) < L_target:
+            n_new = min(L_target - len(order), len(order))
+            start = len(order) - n_new
+            new_order = []
+            for pos, e in enumerate(order):
+                new_order.append(e)
+                if pos >= start:
+                    new_order.append(twin_of(e))
+            order = new_order
+    elif placement == "top":
+        n = L_target - L
+        base = list(order)
+        tail = [twin_of(base[(L - n % L + j) % L] if n < L else base[j % L]) for j in range(n)]
+        order = order + tail
+    elif placement == "uniform":
+        while len(order) < L_target:
+            n_new = min(L_target - len(order), len(order))
+            picks = {int(round((j + 0.5) * len(order) / n_new - 0.5)) for j in range(n_new)}
+            new_order = []
+            for pos, e in enumerate(order):
+                new_order.append(e)
+                if pos in picks:
+                    new_order.append(twin_of(e))
+            order = new_order
+    else:
+        raise PlanError(f"unknown placement {placement!r}", hint="Use interleave, top or uniform.")
+    return order
+
+
+class DepthPass:
+    def __init__(self, model: ir.Model, desc, plan, width_maps: dict | None = None):
+        self.model, self.desc, self.plan = model, desc, plan
+        self.graph = model.graph
+        self.maps = width_maps or {}
+        self.rec_values = {}
+        self.exact = desc.layout == "pre-norm"
+
+    def rng(self, *parts) -> np.random.Generator:
+        h = hashlib.sha256(repr((self.plan.seed, "depth") + parts).encode()).digest()
+        return np.random.default_rng(int.from_bytes(h[:8], "little"))
+
+    # -------------------------------------------------------------- graph plumbing
+    def values(self) -> dict:
+        g = self.graph
+        vals = {v.name: v for v in list(g.inputs) + list(g.initializers.values())}
+        for n in g:
+            for o in n.outputs:
+                vals[o.name] = o
+        return vals
+
+    def block_nodes(self, rec: Recognizer, b) -> list[ir.Node]:
+        vals = rec._values
+        x, y = vals[b.input], vals[b.output]
+        anc = rec.ancestors(y)
+        inside = []
+        xp = x.producer()
+        for n in self.graph:
+            if n is xp:
+                continue
+            if n in anc and (rec.depends_on(n.outputs[0], x) or any(i is x for i in n.inputs)):
+                inside.append(n)
+        return inside
+
+    def snapshot(self, rec: Recognizer, blocks) -> None:
+        """Each block's nodes and their inputs, taken before the graph is changed."""
+        self._snap = {}
+        for b in blocks:
+            nodes = self.block_nodes(rec, b)
+            self._snap[b.index] = [(n, list(n.inputs)) for n in nodes]
+
+    def clone_block(self, rec: Recognizer, b, tag: str, new_input: ir.Value):
+        """Copy the block's nodes (and float initializers) reading ``new_input``."""
+        vals = rec._values
+        x = vals[b.input]
+        snap = self._snap[b.index]
+        nodes = [n for n, _ in snap]
+        mapping: dict[ir.Value, ir.Value] = {x: new_input}
+        new_nodes = []
+        for n, inputs in snap:
+            ins = []
+            for v in inputs:
+                if v is None:
+                    ins.append(None)
+                elif v in mapping:
+                    ins.append(mapping[v])
+                elif v.is_initializer() and v.const_value is not None and \
+                        v.const_value.dtype.is_floating_point() and v.const_value.size > 1:
+                    arr = _read(v).copy()
+                    name = f"{v.name}__{tag}"
+                    nv = ir.Value(name=name, shape=ir.Shape(arr.shape), type=v.type,
+                                  const_value=ir.tensor(arr, name=name))
+                    self.graph.register_initializer(nv)
+                    mapping[v] = nv
+                    ins.append(nv)
+                else:
+                    ins.append(v)
+            attrs = [_copy_attr(a) for a in n.attributes.values()]
+            nn = ir.Node(n.domain, n.op_type, ins, attrs, num_outputs=len(n.outputs),
+                         name=f"{n.name}__{tag}", overload=n.overload, version=n.version)
+            for o_old, o_new in zip(n.outputs, nn.outputs):
+                o_new.name = f"{o_old.name}__{tag}"
+                o_new.type = o_old.type
+                mapping[o_old] = o_new
+            new_nodes.append(nn)
+        return nodes, new_nodes, mapping
+
+    # -------------------------------------------------------------- the pass
+    def run(self) -> dict:
+        desc, plan = self.desc, self.plan
+        L, Lt = desc.num_layers, plan.target["layers"]
+        order = plan_depth(L, Lt, plan.depth_placement or "interleave")
+        rec = self._rec
+        blocks = {b.index: b for b in desc.blocks}
+        self.snapshot(rec, desc.blocks)
+        # current output of each chain position; build by walking the final order
+        vals = rec._values
+        prev_out: ir.Value | None = None
+        last_node_of: dict[int, ir.Node] = {}
+        post = desc.layout == "post-norm"
+        plan.blocks = {}
+        prev_norm = None  # post-norm: (gamma value, beta value, nodes) of the previous block's last norm
+        for pos, (src, copy_no) in enumerate(order):
+            b = blocks[src]
+            if copy_no == 0:
+                plan.blocks[str(src)] = pos
+                prev_out = vals[b.output]
+                if post and b.mlp_post_norm is not None:
+                    n = b.mlp_post_norm
+                    prev_norm = (vals.get(n.gamma), vals.get(n.beta), n.nodes, {})
+                continue
+            tag = f"twin{copy_no}_b{src}"
+            inp = prev_out
+            old_nodes, new_nodes, mapping = self.clone_block(rec, b, tag, inp)
+            out_new = mapping[vals[b.output]]
+            # consumers of the previous output now read the twin's output
+            consumers = [(u.node, u.idx) for u in list(inp.uses())
+                         if u.node not in new_nodes]
+            anchor = inp.producer()
+            self.graph.insert_after(anchor, new_nodes)
+            for node, idx in consumers:
+                node.replace_input_with(idx, out_new)
+            outs = list(self.graph.outputs)
+            for k, o in enumerate(outs):
+                if o is inp:
+                    self.graph.outputs[k] = out_new
+                    out_new.name, inp.name = inp.name, inp.name + f"__before_{tag}"
+                    out_new.shape = inp.shape
+            self.make_identity(b, mapping, tag)
+            if post:
+                prev_norm = self.post_norm_recipe(b, mapping, prev_norm)
+            prev_out = out_new
+        self.graph.sort()
+        if post:
+            plan.exact = False
+            plan.notes.append(
+                "Post-LN depth expansion follows LEMON's recipe; it is exact only up to "
+                "O(epsilon / variance) of the stream (see the verification report for the "
+                "measured error).")
+        return {"order": order}
+
+    def _weight(self, mapping, lin: Linear) -> ir.Value:
+        return mapping[self._rec._values[lin.weight]]
+
+    def _bias(self, mapping, lin: Linear) -> ir.Value | None:
+        return mapping.get(self._rec._values[lin.bias]) if lin.bias else None
+
+    def make_identity(self, b, mapping, tag: str) -> None:
+        init = self.plan.depth_init or "cancel"
+        a, m = b.attention, b.mlp
+        self._zero_branch(a.out, mapping, init, unit="head",
+                          fanin=[x for x in (a.q, a.k, a.v, a.qkv) if x], tag=tag + ".attn")
+        self._zero_branch(m.down, mapping, init, unit="ffn",
+                          fanin=[x for x in (m.up, m.gate) if x], tag=tag + ".mlp")
+
+    def post_norm_recipe(self, b, mapping, prev_norm):
+        """LEMON's Post-LN recipe: the previous block's last LayerNorm becomes the identity
+        affine and its gamma/beta move to the twin's last LayerNorm; the twin's first
+        LayerNorm is the identity affine too.  Returns the twin's last-norm record."""
+        vals = self._rec._values
+        last, first = b.mlp_post_norm, b.attention_post_norm
+        if last is None or first is None or prev_norm is None:
+            raise PlanError("a Post-LN block without its two LayerNorms cannot take a twin")
+        pg, pb, pnodes, pmap = prev_norm
+        orig_g = _read(pg).copy() if pg is not None else None
+        orig_b = _read(pb).copy() if pb is not None else None
+        # the previous block's last norm -> identity (own tensors if shared)
+        for v, fill in ((pg, 1.0), (pb, 0.0)):
+            if v is not None:
+                self._set_param(v, pnodes, pmap, fill)
+        tg = mapping.get(vals.get(last.gamma)) if last.gamma else None
+        tb = mapping.get(vals.get(last.beta)) if last.beta else None
+        if tg is not None and orig_g is not None:
+            _write(tg, orig_g)
+        if tb is not None and orig_b is not None:
+            _write(tb, orig_b)
+        for name, fill in ((first.gamma, 1.0), (first.beta, 0.0)):
+            if name:
+                self._set_param(mapping[vals[name]], first.nodes, mapping, fill)
+        return (tg, tb, last.nodes, mapping)
+
+    def _set_param(self, v: ir.Value, node_names, mapping, fill: float) -> None:
+        arr = _read(v)
+        users = {u.node for u in v.uses()}
+        nodes = [self._rec._node(n) for n in node_names]
+        nodes = [mapping.get(n.outputs[0]).producer() if mapping and n.outputs[0] in mapping
+                 else n for n in nodes]
+        mine = {n for n in nodes if n in users} | {
+            u.node for u in v.uses() if u.node.op_type in ("Identity", "Cast")}
+        if users <= mine:
+            _write(v, np.full_like(arr, fill))
+            return
+        new = np.full_like(arr, fill)
+        name = f"{v.name}__identity{len(self.graph.initializers)}"
+        nv = ir.Value(name=name, shape=ir.Shape(new.shape), type=v.type,
+                      const_value=ir.tensor(new, name=name))
+        self.graph.register_initializer(nv)
+        for n in nodes:
+            for i, x in enumerate(n.inputs):
+                if x is v:
+                    n.replace_input_with(i, nv)
+
+    def _zero_branch(self, lin: Linear, mapping, init: str, unit: str, fanin: list, tag: str):
+        wv = self._weight(mapping, lin)
+        W = _read(wv)
+        in_axis = 0 if lin.weight_layout == "in,out" else 1
+        bv = self._bias(mapping, lin)
+        if bv is not None:
+            _write(bv, np.zeros_like(_read(bv)))
+        if init == "zero":
+            _write(wv, lm.zero_fanout(W))
+            return
+        desc = self.desc
+        unit_size = desc.head_dim if unit == "head" else 1
+        wmap = self.maps.get("q" if unit == "head" else "ffn")
+        if unit == "head" and wmap is None and desc.heads != desc.kv_heads:
+            g = desc.heads // desc.kv_heads
+            if g % 2:
+                # pairs would straddle KV groups: fall back to zero fan-out for this branch
+                _write(wv, lm.zero_fanout(W))
+                return
+        W2, fanin_src = lm.cancel_fanout(W, in_axis, wmap, rng=self.rng(tag), unit_size=unit_size)
+        _write(wv, W2)
+        if wmap is not None or np.array_equal(fanin_src, np.arange(len(fanin_src))):
+            return
+        # no width growth: make paired units compute the same activation
+        gqa = unit == "head" and desc.heads != desc.kv_heads
+        for f in fanin:
+            if gqa and f is not fanin[0]:
+                continue  # paired q heads share their KV head already; K and V stay
+            fw = self._weight(mapping, f)
+            out_axis = 1 if f.weight_layout == "in,out" else 0
+            arr = _read(fw)
+            if f.out_features == len(fanin_src):
+                _write(fw, np.take(arr, fanin_src, axis=out_axis))
+            elif f.out_features == 3 * len(fanin_src):  # fused qkv
+                parts = np.split(arr, 3, axis=out_axis)
+                _write(fw, np.concatenate([np.take(p, fanin_src, axis=out_axis) for p in parts],
+                                          axis=out_axis))
+            else:
+                continue
+            fb = self._bias(mapping, f)
+            if fb is not None:
+                b = _read(fb)
+                if b.shape[-1] == len(fanin_src):
+                    _write(fb, np.take(b, fanin_src, axis=-1))
+                else:
+                    parts = np.split(b, 3, axis=-1)
+                    _write(fb, np.concatenate([np.take(p, fanin_src, axis=-1) for p in parts], -1))
+
+
+def _copy_attr(a: ir.Attr) -> ir.Attr:
+    return ir.Attr(a.name, a.type, a.value)
+
+
+def expand_depth(model: ir.Model, rec: Recognizer, desc, plan, width_maps=None) -> dict:
+    p = DepthPass(model, desc, plan, width_maps)
+    p._rec = rec
+    return p.run()
