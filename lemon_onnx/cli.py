@@ -35,6 +35,8 @@ def guarded(fn):
             if os.environ.get("LEMON_ONNX_DEBUG"):
                 traceback.print_exc()
             _fail(str(e), e.exit_code)
+        except click.UsageError as e:
+            _fail(e.format_message(), 2)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except KeyboardInterrupt:
@@ -71,6 +73,54 @@ def inspect(model: str, as_json: bool) -> None:
         click.echo(desc.to_json(indent=2))
     else:
         click.echo(format_description(desc, model))
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the expanded model (written only if it verifies).")
+@click.option("--width", type=float, help="Factor for hidden size, FFN size and head count.")
+@click.option("--depth", type=float, help="Factor for the number of blocks.")
+@click.option("--hidden", type=int, help="Target hidden size.")
+@click.option("--ffn", type=int, help="Target FFN (intermediate) size.")
+@click.option("--heads", type=int, help="Target attention head count (head_dim is kept).")
+@click.option("--layers", type=int, help="Target number of blocks.")
+@click.option("--placement", type=click.Choice(["interleave", "top", "uniform"]),
+              default="interleave", show_default=True, help="Where new blocks go.")
+@click.option("--depth-init", type=click.Choice(["cancel", "zero"]), default="cancel",
+              show_default=True, help="How new blocks start as the identity.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the symmetry-breaking noise; same seed, same bytes.")
+@click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime equivalence check.")
+@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
+              show_default=True, help="Execution provider for verification.")
+@click.option("--report", type=click.Path(dir_okay=False), help="Write the verification report (JSON).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+@guarded
+def expand(model, out, width, depth, hidden, ffn, heads, layers, placement, depth_init, seed,
+           no_verify, provider, report, quiet):
+    """Expand MODEL wider and/or deeper so that it computes the same numbers."""
+    from .expand import expand_file
+
+    if not any(x is not None for x in (width, depth, hidden, ffn, heads, layers)):
+        raise click.UsageError("nothing to do: give --width/--depth or explicit sizes "
+                               "(--hidden, --ffn, --heads, --layers).")
+    log = (lambda m: None) if quiet else (lambda m: click.echo(f"lemon-onnx: {m}", err=True))
+    plan, vrep = expand_file(model, out, verify=not no_verify, provider=provider, report=report,
+                             log=log, width=width, depth=depth, hidden=hidden, ffn=ffn,
+                             heads=heads, layers=layers, seed=seed, placement=placement,
+                             depth_init=depth_init)
+    s, t = plan.source, plan.target
+    msg = (f"wrote {out}: layers {s['layers']}->{t['layers']}, hidden {s['hidden']}->"
+           f"{t['hidden']}, ffn {s['ffn']}->{t['ffn']}, heads {s['heads']}->{t['heads']}")
+    if vrep is not None:
+        worst = max((o.max_abs for c in vrep.cases for o in c["outputs"]), default=0.0)
+        msg += f"; verified on {vrep.provider_used}, max abs error {worst:.2e}"
+    else:
+        msg += "; NOT verified (--no-verify)"
+    if not plan.exact:
+        msg += " (approximate: " + " ".join(plan.notes) + ")"
+    click.echo(msg)
 
 
 def format_description(d, path: str = "") -> str:

@@ -25,6 +25,7 @@ def expand_model(src: str | os.PathLike, *, width=None, hidden=None, ffn=None, h
     model = io.load(src)
     rec = Recognizer(model)
     desc = rec.run()
+    used_before = {n for n, v in model.graph.initializers.items() if v.uses()}
     log(f"recognised {desc.family}: {desc.num_layers} layers, hidden {desc.hidden}, heads "
         f"{desc.heads}, ffn {desc.ffn} ({time.perf_counter() - t0:.1f}s)")
     plan = make_plan(desc, width=width, hidden=hidden, ffn=ffn, heads=heads, layers=layers,
@@ -58,8 +59,31 @@ def expand_model(src: str | os.PathLike, *, width=None, hidden=None, ffn=None, h
         expand_depth(model, rec, desc_now, plan, maps)
         log(f"depth: {plan.source['layers']}->{plan.target['layers']} layers "
             f"({plan.depth_placement}, {plan.depth_init}) ({time.perf_counter() - t1:.1f}s)")
+    _drop_orphans(model, used_before)
+    _check_unique_names(model)
     model.metadata_props[PLAN_KEY] = plan.to_json()
     return model, plan, desc
+
+
+def _drop_orphans(model, used_before: set) -> None:
+    """Initializers our passes replaced (copied before they diverged) and left unused."""
+    inits = model.graph.initializers
+    outs = set(model.graph.outputs)
+    for name in list(inits):
+        v = inits[name]
+        if name in used_before and not v.uses() and v not in outs:
+            del inits[name]
+
+
+def _check_unique_names(model) -> None:
+    seen_nodes, seen_values = set(), set()
+    for n in model.graph:
+        if n.name:
+            assert n.name not in seen_nodes, f"duplicate node name {n.name}"
+            seen_nodes.add(n.name)
+        for o in n.outputs:
+            assert o.name not in seen_values, f"duplicate value name {o.name}"
+            seen_values.add(o.name)
 
 
 def expand_file(src, out, *, verify: bool = True, provider: str = "auto", report=None,
