@@ -35,3 +35,49 @@ def real_or_skip(name: str) -> dict:
 
 def fixture_ids(entries):
     return [e["file"].removesuffix(".onnx") for e in entries]
+
+
+def load_cases(npz_path) -> list[dict]:
+    """Reference cases saved by models/export_fixtures.py: case<k>/in/<name>, case<k>/out/<name>."""
+    import numpy as np
+
+    data = np.load(npz_path)
+    cases: dict[int, dict] = {}
+    for key in data.files:
+        case, kind, name = key.split("/", 2)
+        k = int(case.removeprefix("case"))
+        cases.setdefault(k, {"in": {}, "out": {}})[kind][name] = data[key]
+    return [cases[k] for k in sorted(cases)]
+
+
+def run_ort(path, feeds: dict) -> dict:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    wanted = {i.name for i in sess.get_inputs()}
+    return dict(zip(names, sess.run(None, {k: v for k, v in feeds.items() if k in wanted})))
+
+
+def assert_equivalent(small, big, cases, bound=1e-4):
+    """ONNX Runtime outputs of ``big`` match ``small``: max abs error <= bound*max(1, max|ref|);
+    outputs whose last axis grew (hidden-size outputs) compare on [..., :d]."""
+    import numpy as np
+
+    worst = 0.0
+    for case in cases:
+        ref = run_ort(small, case["in"])
+        got = run_ort(big, case["in"])
+        assert ref.keys() == got.keys()
+        for name, r in ref.items():
+            g = got[name]
+            if g.shape != r.shape:
+                assert g.shape[:-1] == r.shape[:-1] and g.shape[-1] > r.shape[-1], (name, g.shape, r.shape)
+                g = g[..., : r.shape[-1]]
+            err = float(np.max(np.abs(g.astype(np.float64) - r)))
+            tol = bound * max(1.0, float(np.max(np.abs(r))))
+            assert err <= tol, f"{name}: max abs error {err:.3g} > {tol:.3g}"
+            worst = max(worst, err)
+    return worst

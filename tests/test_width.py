@@ -1,0 +1,108 @@
+"""Lossless width expansion on every fixture and exporter, checked with ONNX Runtime."""
+import hashlib
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from lemon_onnx import io
+from lemon_onnx.expand import expand_model
+from lemon_onnx.plan import PLAN_KEY, Plan
+from lemon_onnx.recognize import recognize
+from conftest import FIXTURES, assert_equivalent, load_cases, manifest
+
+WIDTHS = {"bert": [2, 3], "gpt2": [1.25, 1.5, 2], "vit": [1.25, 1.5, 2], "llama": [1.25, 1.5, 2]}
+RUNNABLE = [e for e in manifest("main") + manifest("shared") if e["ort"]["runs"]]
+CASES = [(e, w) for e in RUNNABLE for w in WIDTHS[e["arch"]]]
+
+
+def _expand(entry, tmp_path, **kw):
+    model, plan, _ = expand_model(FIXTURES / entry["file"], **kw)
+    out = io.save(model, tmp_path / "wide.onnx")
+    return out, plan
+
+
+@pytest.mark.parametrize("entry,width", CASES,
+                         ids=[f"{e['file'].removesuffix('.onnx')}-w{w}" for e, w in CASES])
+def test_width_is_lossless(tmp_path, entry, width):
+    out, plan = _expand(entry, tmp_path, width=width, seed=3)
+    onnx.checker.check_model(str(out), full_check=True)
+    cases = load_cases(FIXTURES / entry["file"].replace(".onnx", ".npz"))
+    assert_equivalent(FIXTURES / entry["file"], out, cases)
+    desc = recognize(io.load(out))
+    cfg = entry["config"]
+    assert desc.hidden == round(cfg["hidden"] * width)
+    assert desc.ffn == round(cfg["ffn"] * width)
+    assert desc.heads == round(cfg["heads"] * width)
+    assert desc.kv_heads == desc.heads * cfg["kv_heads"] // cfg["heads"]
+    assert desc.head_dim == cfg["head_dim"] and desc.num_layers == cfg["num_layers"]
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    stored = Plan.from_json(props[PLAN_KEY])
+    assert stored.target["hidden"] == desc.hidden and stored.seed == 3
+    assert stored.source_sha256 == hashlib.sha256((FIXTURES / entry["file"]).read_bytes()).hexdigest()
+
+
+def test_seed_gives_identical_bytes(tmp_path):
+    e = next(x for x in RUNNABLE if x["file"] == "llama-dy18.onnx")
+    a, _ = _expand(e, tmp_path / "a", width=1.5, seed=7)
+    b, _ = _expand(e, tmp_path / "b", width=1.5, seed=7)
+    c, _ = _expand(e, tmp_path / "c", width=1.5, seed=8)
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes() != c.read_bytes()
+
+
+def _weights(path):
+    m = onnx.load(str(path))
+    return {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+
+
+@pytest.mark.parametrize("name,width", [("gpt2-ts17.onnx", 2), ("llama-ts17.onnx", 1.5)])
+def test_symmetry_is_broken_and_sums_kept(tmp_path, name, width):
+    e = next(x for x in RUNNABLE if x["file"] == name)
+    out, plan = _expand(e, tmp_path, width=width)
+    src, dst = recognize(io.load(FIXTURES / name)), recognize(io.load(out))
+    w0, w1 = _weights(FIXTURES / name), _weights(out)
+    f, F = src.ffn, dst.ffn
+    down0 = w0[src.blocks[0].mlp.down.weight]  # [ffn, hidden] (MatMul layout)
+    down1 = w1[dst.blocks[0].mlp.down.weight]
+    assert down0.shape == (f, src.hidden) and down1.shape == (F, dst.hidden)
+    d = src.hidden
+    # neuron j has copies j, j+f, ... (circ); their fan-out rows differ but sum to the original
+    for j in range(3):
+        copies = list(range(j, F, f))
+        assert len(copies) >= 2
+        rows = down1[copies][:, :d]
+        assert not np.allclose(rows[0], rows[1])
+        np.testing.assert_allclose(rows.sum(axis=0), down0[j], atol=1e-5)
+    # heads: the out projection's rows of replicated heads differ and sum to the original
+    hd = src.head_dim
+    o0, o1 = w0[src.blocks[0].attention.out.weight], w1[dst.blocks[0].attention.out.weight]
+    H = src.heads
+    r0 = o1[0:hd, :d]
+    r1 = o1[H * hd:(H + 1) * hd, :d]
+    assert not np.allclose(r0, r1)
+    np.testing.assert_allclose(r0 + r1, o0[0:hd], atol=1e-5)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "lemon_onnx.cli", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("model,args,needles", [
+    ("bert-ts17.onnx", ["--width", "1.5"], ["Post-LN", "integer", "128"]),
+    ("gpt2-ts17.onnx", ["--width", "1.1"], ["heads", "1.125"]),
+    ("llama-ts17.onnx", ["--heads", "9", "--hidden", "72", "--ffn", "96"], ["multiple of 2", "8 or 10"]),
+    ("gpt2-ts17.onnx", ["--width", "0.5"], ["shrink"]),
+    ("vit-ts17.onnx", ["--hidden", "48"], ["smaller"]),
+])
+def test_refusals(tmp_path, model, args, needles):
+    out = tmp_path / "x.onnx"
+    res = run_cli("expand", FIXTURES / model, "-o", out, *args)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    for n in needles:
+        assert n.lower() in res.stderr.lower(), res.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
