@@ -414,9 +414,33 @@ class AxisAnalysis:
                 for x, y in zip(ea, eb):
                     if x.kind == "dim" and y.kind == "dim":
                         res.append(Elem("dim", atoms=list(x.atoms) + list(y.atoms)))
+                    elif {x.kind, y.kind} == {"dim", "lit"}:
+                        # a size times a literal factor (GQA: kv_heads * n_rep)
+                        dim, lit = (x, y) if x.kind == "dim" else (y, x)
+                        if lit.value == 1:
+                            res.append(dim)
+                        elif lit.value > 1:
+                            factor = Atom(lit.value, origin="mul")
+                            self.lit(lit, [factor], node)
+                            res.append(Elem("dim", atoms=list(dim.atoms) + [factor]))
+                        else:
+                            res.append(UNK)
                     else:
                         res.append(UNK)
                 self.elems[node.outputs[0]] = res
+        if node.op_type == "Where" and len(node.inputs) == 3:
+            self._where_elems(node)
+
+    def _where_elems(self, node: ir.Node) -> None:
+        """Exporters write ``Where(Equal(shape, -1), ones, shape)`` before an Expand: the
+        result keeps every known size of ``shape`` (those are never -1)."""
+        cond, a, b = node.inputs
+        eb = self.elems.get(b)
+        p = cond.producer() if cond is not None else None
+        if eb is None or p is None or p.op_type != "Equal" or b not in p.inputs:
+            return
+        self.elems[node.outputs[0]] = [e if (e.kind == "dim" or (e.kind == "lit" and e.value >= 0))
+                                       else UNK for e in eb]
 
     def op_Div(self, node: ir.Node) -> None:
         self.broadcast(node)
@@ -856,6 +880,10 @@ class AxisAnalysis:
                 lo = s.value
                 hi = e_.value if e_.value < INT_BIG else len(el)
                 self.elems[node.outputs[0]] = el[slice(lo, hi)]
+            ax = self.fresh_axes_from_shape(node.outputs[0], "slice")
+            if ax is not None:
+                self.axes[node.outputs[0]] = ax
+            return
         if x is None:
             return
         out = [list(a) for a in x]
@@ -1014,6 +1042,12 @@ class AxisAnalysis:
         q, k, v = (self.get(node.inputs[i]) if len(node.inputs) > i else None for i in range(3))
         if q is None:
             return
+        mask = self.get(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+        if mask is not None and len(mask) >= 2 and k is not None:
+            seq_q, seq_k = (q[-2], k[-2]) if len(q) == 4 else (q[-2], k[-2])
+            for m_ax, s_ax in ((mask[-2], seq_q), (mask[-1], seq_k)):
+                if size_of(m_ax) != 1 and size_of(s_ax) != 1:
+                    self.try_unify(m_ax, s_ax, f"Attention mask {node.name}")
         if node.domain in ("", "ai.onnx") and len(q) == 3:
             self._heads_attr(node, q[-1], "q_num_heads")
             if k is not None:

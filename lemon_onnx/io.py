@@ -105,6 +105,11 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
             ir.save(model, tmp_model, external_data=data_name)
             os.replace(tmpdir / data_name, dest.parent / data_name)
         else:
+            # tensors still referring to the source's external files are read in, so the
+            # single-file output does not point at files beside the input
+            if any(isinstance(v.const_value, ir.ExternalTensor)
+                   for v in model.graph.initializers.values()):
+                ir.external_data.load_to_model(model)
             ir.save(model, tmp_model)
         os.replace(tmp_model, dest)
     finally:

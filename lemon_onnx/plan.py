@@ -58,10 +58,12 @@ def _scaled(n: int, factor: float, what: str) -> int:
     return int(v)
 
 
-def _nearest_multiples(n: int, m: int, k: int = 2) -> str:
-    lo = max(m, (n // m) * m)
-    cands = sorted({lo, lo + m, max(m, lo - m)} - {n})
-    return ", ".join(str(c) for c in cands[:3])
+def _nearest_multiples(n: int, m: int) -> str:
+    """Integer expansions of m near n (at least 2x): the valid sizes to suggest."""
+    lo = max(2 * m, (n // m) * m)
+    hi = max(2 * m, -(-n // m) * m)
+    cands = sorted({lo, hi, hi + m} - {n})
+    return " or ".join(str(c) for c in cands[:2])
 
 
 def make_plan(desc, *, width: float | None = None, hidden: int | None = None,

@@ -127,6 +127,7 @@ class SizeLiteral:
     label: str
     consumer: str
     op: str
+    via: list | None = None  # [node, input index]: the node that reads the constant
 
 
 @dataclasses.dataclass
@@ -466,11 +467,13 @@ class Recognizer:
         emb = self.find_embeddings()
         residuals = self.find_residuals()
         if not residuals:
+            found = (f"a token embedding ({emb.token})" if emb.token else
+                     f"a Conv on the input ({emb.patch_conv})")
             raise UnsupportedModelError(
-                f"No residual connections were found: the graph has {len(self.linears)} linear "
-                f"layers and {len(self.norms)} normalisation layers but no Add that joins a "
-                "branch output back onto its input. lemon-onnx expands Transformer encoders and "
-                "decoders (BERT, GPT-2, ViT, Llama families); this does not look like one.")
+                f"Found {found}, {len(self.linears)} linear layer(s) and {len(self.norms)} "
+                "normalisation layer(s), but no residual connection (an Add that joins a branch "
+                "with a linear layer back onto its input), so this is not a Transformer "
+                "lemon-onnx can expand (BERT, GPT-2, ViT and Llama families are supported).")
         blocks, stream_end, layout = self.build_blocks(emb, residuals)
         final_norm = None
         if layout == "pre-norm":
@@ -839,6 +842,16 @@ class Recognizer:
         if emb.token:
             for a in dims.leaves(self.ax.axes[self._values[emb.token]][0]):
                 a.role = a.role or "vocab"
+        stream_ax = self.ax.get(self._values[emb.output]) if emb.output else None
+        if stream_ax and len(stream_ax) == 3:
+            for a in dims.leaves(stream_ax[1]):
+                if a.size is not None:
+                    a.role = a.role or "tokens"  # a static sequence (ViT: patches + cls)
+        if emb.patch_conv:
+            conv_out = self.ax.get(self._node(emb.patch_conv).outputs[0]) or []
+            for k, ax in enumerate(conv_out[2:]):
+                for a in dims.leaves(ax):
+                    a.role = a.role or ("patch_rows" if k == 0 else "patch_cols")
         self._embedding_extras(emb)
         b0 = blocks[0]
         att = b0.attention
@@ -930,7 +943,8 @@ class Recognizer:
         groups = [(name, [dims.find(a) for a in grp]) for name, grp in getattr(self, "_groups", [])
                   if len(grp) > 1]
         return [SizeLiteral(list(lu.ref), lu.value, label_with_groups(dims.leaves(lu.atoms), groups),
-                            lu.node, lu.op) for lu in self.ax.literals]
+                            lu.node, lu.op, list(lu.via) if lu.via else None)
+                for lu in self.ax.literals]
 
 
 def label_with_groups(lv: list, groups: list) -> str:

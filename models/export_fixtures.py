@@ -72,7 +72,7 @@ TAG_INFO = {
 BASE_CONFIGS = {
     "bert": dict(
         hidden_size=64, num_attention_heads=4, intermediate_size=128,
-        num_hidden_layers=2, vocab_size=120, max_position_embeddings=64,
+        num_hidden_layers=2, vocab_size=120, max_position_embeddings=72,
         type_vocab_size=2,
     ),
     "gpt2": dict(
