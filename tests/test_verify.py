@@ -27,13 +27,17 @@ def _copy(name, tmp_path, new=None):
 
 
 def _perturb(src, dst, name, delta):
-    """Copy ``src`` to ``dst`` with ``delta`` added to every element of initializer ``name``."""
+    """Copy ``src`` to ``dst`` with +-``delta`` (random signs) added to initializer ``name``.
+
+    Random signs, not a constant: a constant shift of an MLP down-projection moves every
+    hidden coordinate equally, which the next LayerNorm removes exactly."""
     m = onnx.load(str(src))
     for t in m.graph.initializer:
         if t.name == name:
             a = onnx.numpy_helper.to_array(t)
-            t.CopyFrom(onnx.numpy_helper.from_array((a.astype(np.float32) + delta).astype(a.dtype),
-                                                    t.name))
+            signs = np.random.default_rng(0).choice([-1.0, 1.0], size=a.shape)
+            t.CopyFrom(onnx.numpy_helper.from_array(
+                (a.astype(np.float32) + delta * signs).astype(a.dtype), t.name))
             break
     else:
         raise AssertionError(f"{name} not found")
@@ -163,19 +167,20 @@ def test_missing_output_fails(tmp_path):
 # --------------------------------------------------------------------------- element rule
 def test_polygraphy_rule_and_minimum_tolerances():
     ref = np.array([1.0, 100.0, 0.0, -2.0])
-    got = np.array([1.0 + 5e-4, 100.05, 2e-5, -2.0])
+    got = np.array([1.0 + 2e-3, 100.05, 2e-5, -2.0])
     r = compare_arrays(ref, got, atol=1e-4, rtol=1e-3)
-    # 5e-4 > atol and > rtol*1: fails; 0.05 > atol but < rtol*100: passes; 2e-5 < atol: passes
+    # 2e-3 exceeds atol and rtol*1: fails; 0.05 exceeds atol but not rtol*100: passes;
+    # 2e-5 is within atol although its relative error is infinite: passes
     assert not r.passed and r.failed_elements == 1 and r.elements == 4
     assert r.max_abs == pytest.approx(0.05)
+    assert r.mean_abs == pytest.approx((2e-3 + 0.05 + 2e-5) / 4)
     assert math.isinf(r.max_rel)  # 2e-5 / 0
-    assert r.min_atol == pytest.approx(5e-4)  # passes with atol >= 5e-4 at rtol 1e-3
-    assert math.isinf(r.min_rtol)  # ref == 0 ... but that element is within atol:
-    r2 = compare_arrays(ref, got, atol=r.min_atol, rtol=1e-3)
-    assert r2.passed
-    r3 = compare_arrays(ref[:2], got[:2], atol=1e-4, rtol=1e-3)
-    assert r3.min_rtol == pytest.approx(5e-4)
-    assert compare_arrays(ref[:2], got[:2], atol=1e-4, rtol=r3.min_rtol).passed
+    assert r.min_atol == pytest.approx(2e-3)  # the largest error not covered by rtol
+    assert r.min_rtol == pytest.approx(2e-3)  # the largest relative error not covered by atol
+    assert compare_arrays(ref, got, atol=r.min_atol, rtol=1e-3).passed
+    assert compare_arrays(ref, got, atol=1e-4, rtol=r.min_rtol).passed
+    assert not compare_arrays(ref, got, atol=r.min_atol * 0.99, rtol=1e-3).passed
+    assert not compare_arrays(ref, got, atol=1e-4, rtol=r.min_rtol * 0.99).passed
 
 
 def test_min_rtol_infinite_only_when_needed():
