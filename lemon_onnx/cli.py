@@ -123,6 +123,35 @@ def expand(model, out, width, depth, hidden, ffn, heads, layers, placement, dept
     click.echo(msg)
 
 
+@cli.command()
+@click.argument("small", type=click.Path(dir_okay=False))
+@click.argument("big", type=click.Path(dir_okay=False))
+@click.option("--inputs", type=click.Path(dir_okay=False),
+              help="Inputs as .npz (keys <input> or case<k>/<input>); default: synthesised.")
+@click.option("--save-inputs", type=click.Path(dir_okay=False), help="Keep the inputs used (.npz).")
+@click.option("--atol", type=float, help="Absolute tolerance (default by dtype: fp32 1e-4).")
+@click.option("--rtol", type=float, help="Relative tolerance (default by dtype: fp32 1e-3).")
+@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
+              show_default=True, help="ONNX Runtime execution provider.")
+@click.option("--layerwise", is_flag=True, help="Also find the first block whose hidden state diverges.")
+@click.option("--report", type=click.Path(dir_okay=False), help="Write the report as JSON.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of synthesised inputs.")
+@guarded
+def verify(small, big, inputs, save_inputs, atol, rtol, provider, layerwise, report, seed):
+    """Check that BIG computes the same outputs as SMALL (exit 0 same, 1 mismatch)."""
+    from .verify import verify as run_verify
+
+    rep = run_verify(small, big, inputs=inputs, atol=atol, rtol=rtol, provider=provider,
+                     layerwise=layerwise, save_inputs=save_inputs, seed=seed)
+    if report:
+        from pathlib import Path
+
+        Path(report).write_text(rep.to_json())
+    click.echo(rep.format())
+    if not rep.passed:
+        sys.exit(1)
+
+
 def format_description(d, path: str = "") -> str:
     lines = [f"{path}: {d.family} ({d.layout}, {d.norm_type} as {d.norm_form}), "
              f"opset {d.opset}, ir_version {d.ir_version}, producer {d.producer or '?'}"]

@@ -495,8 +495,8 @@ def make_session(path_or_bytes, provider: str = "auto", *, label: str | None = N
             sess = create(cuda_providers)
         except RuntimeFailure:
             sess = None  # maybe CUDA itself; the CPU attempt below tells
-        if sess is not None and sess.get_providers()[0] == CUDA:
-            return sess, CUDA
+        if sess is not None:  # on the GPU, or ONNX Runtime already fell back to the CPU
+            return sess, sess.get_providers()[0]
     sess = create([CPU])
     return sess, sess.get_providers()[0]
 
@@ -564,12 +564,30 @@ def _first_float_dtype(ir_model) -> str:
 
 
 # --------------------------------------------------------------------------- inputs
-def _recognised_facts(ir_model) -> tuple[int | None, int | None, str | None]:
-    """(vocab, token-type rows, reason recognition failed)."""
-    try:
+def _describe(ir_model, cache: dict | None = None):
+    """recognize(ir_model), remembered in ``cache`` (also a failure, as the exception)."""
+    key = id(ir_model)
+    if cache is not None and key in cache:
+        result = cache[key]
+    else:
         from .recognize import recognize
 
-        desc = recognize(ir_model)
+        try:
+            result = recognize(ir_model)
+        except Exception as exc:  # reported by the callers
+            result = exc
+        if cache is not None:
+            cache[key] = result
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def _recognised_facts(ir_model, cache: dict | None = None
+                      ) -> tuple[int | None, int | None, str | None]:
+    """(vocab, token-type rows, reason recognition failed)."""
+    try:
+        desc = _describe(ir_model, cache)
     except Exception as exc:  # any failure: fall back, and say so
         return None, None, _one_line(str(exc) or type(exc).__name__, 200)
     rows = None
@@ -623,7 +641,8 @@ def _dim_values(ir_model, b: int, s: int) -> dict:
     return sizes
 
 
-def _synthesize(ir_model, *, seed: int, vocab: int | None, cases) -> tuple[list, list]:
+def _synthesize(ir_model, *, seed: int, vocab: int | None, cases,
+                cache: dict | None = None) -> tuple[list, list]:
     notes: list = []
     inits = set(ir_model.graph.initializers)
     inputs = [v for v in ir_model.graph.inputs if v.name not in inits]
@@ -642,7 +661,7 @@ def _synthesize(ir_model, *, seed: int, vocab: int | None, cases) -> tuple[list,
         specs.append((v, npdt, _role(v.name, npdt)))
     tt_rows = None
     if any(r in ("ids", "token_type") for _, _, r in specs):
-        rec_vocab, tt_rows, why = _recognised_facts(ir_model)
+        rec_vocab, tt_rows, why = _recognised_facts(ir_model, cache)
         if vocab is None:
             vocab = rec_vocab
             if vocab is None:
@@ -844,15 +863,13 @@ def _prepare(path, ir_model, extra: Sequence[str] = (), fallback_elem: int | Non
 
 
 def _layerwise(small_path, big_path, small_ir, big_ir, plan: dict, feeds_list: list,
-               provider: str, atol: float, rtol: float, notes: list):
+               provider: str, atol: float, rtol: float, notes: list, cache: dict | None = None):
     import onnx
-
-    from .recognize import recognize
 
     descs = []
     for which, m in (("small", small_ir), ("big", big_ir)):
         try:
-            descs.append(recognize(m))
+            descs.append(_describe(m, cache))
         except Exception as exc:  # recognition is best effort here: the outputs still count
             why = str(exc) if isinstance(exc, LemonError) else f"{type(exc).__name__}: {exc}"
             notes.append(f"layerwise skipped: the {which} model was not recognised "
@@ -933,6 +950,7 @@ def verify(small_path, big_path, *, inputs=None, atol: float | None = None,
     if provider not in ("auto", "cuda", "cpu"):
         raise InputError(f"unknown provider {provider!r}.", hint="Use auto, cuda or cpu.")
 
+    cache: dict = {}
     t = time.perf_counter()
     small_ir, _ = _as_ir(small_path)
     big_ir, _ = _as_ir(big_path)
@@ -950,7 +968,8 @@ def verify(small_path, big_path, *, inputs=None, atol: float | None = None,
 
     # inputs
     if inputs is None:
-        cases, syn_notes = _synthesize(small_ir, seed=seed, vocab=None, cases=DEFAULT_CASES)
+        cases, syn_notes = _synthesize(small_ir, seed=seed, vocab=None, cases=DEFAULT_CASES,
+                                       cache=cache)
         notes.extend(syn_notes)
         source = "synthesised"
     else:
@@ -966,6 +985,10 @@ def verify(small_path, big_path, *, inputs=None, atol: float | None = None,
         if not cases:
             raise InputError("no input cases were given.", hint="Give at least one case.")
         cases = _conform(cases, small_ir, str(small_path), notes)
+        declared = {v.name for v in small_ir.graph.inputs} | {v.name for v in big_ir.graph.inputs}
+        unused = sorted({n for c in cases for n in c} - declared)
+        if unused:
+            notes.append(f"inputs not used by either model: {', '.join(unused)}")
     inits_b = set(big_ir.graph.initializers)
     big_only = [v.name for v in big_ir.graph.inputs
                 if v.name not in inits_b and v.name not in cases[0]]
@@ -1023,7 +1046,7 @@ def verify(small_path, big_path, *, inputs=None, atol: float | None = None,
     if layerwise:
         t = time.perf_counter()
         rows, first = _layerwise(small_path, big_path, small_ir, big_ir, plan, cases, forced,
-                                 atol, rtol, notes)
+                                 atol, rtol, notes, cache)
         timings["layerwise"] = time.perf_counter() - t
         if first is not None and passed:
             notes.append(f"the outputs match but block {first}'s hidden state diverges")

@@ -374,3 +374,33 @@ def test_expanded_model_verifies_with_plan_maps(tmp_path, name, kw):
     assert [b["big_block"] for b in rep.layerwise] == [plan.blocks[str(i)]
                                                        for i in range(len(rep.layerwise))]
     assert all(b["max_abs"] < 1e-5 for b in rep.layerwise)
+
+
+# --------------------------------------------------------------------------- CUDA fallback
+class _FakeCudaOrt:
+    """onnxruntime that lists CUDA but, like a machine without a working GPU, silently runs
+    every session on the CPU."""
+
+    def __init__(self, monkeypatch):
+        self.requested = []
+        real = ort.InferenceSession
+
+        def session(model, so=None, providers=None, **kw):
+            self.requested.append(providers)
+            return real(model, so, providers=["CPUExecutionProvider"])
+
+        monkeypatch.setattr(ort, "get_available_providers",
+                            lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+        monkeypatch.setattr(ort, "InferenceSession", session)
+
+
+def test_silent_cpu_fallback_is_detected(monkeypatch):
+    fake = _FakeCudaOrt(monkeypatch)
+    src = FIXTURES / "gpt2-ts17.onnx"
+    with pytest.raises(RuntimeFailure) as e:
+        verify(src, src, provider="cuda")
+    assert e.value.exit_code == 3 and "fell back" in str(e.value)
+    assert fake.requested[0][0] == ("CUDAExecutionProvider", {"use_tf32": "0"})  # no TF32
+    rep = verify(src, src, provider="auto")
+    assert rep.passed and rep.provider_used == "CPUExecutionProvider"
+    assert any("CUDA could not run" in n for n in rep.notes)

@@ -192,6 +192,12 @@ class DepthPass:
                 prev_norm = self.post_norm_recipe(b, mapping, prev_norm)
             prev_out = out_new
         self.graph.sort()
+        # a source block's hidden state is reproduced at the end of the run of twins that
+        # follows it (Post-LN: only there, since the affine of its last norm moved to the twin)
+        for key, p in list(plan.blocks.items()):
+            while p + 1 < len(order) and order[p + 1][1] > 0:
+                p += 1
+            plan.blocks[key] = p
         if post:
             plan.exact = False
             plan.notes.append(

