@@ -106,3 +106,21 @@ def test_refusals(tmp_path, model, args, needles):
     for n in needles:
         assert n.lower() in res.stderr.lower(), res.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name,width", [("gpt2-ts17.onnx", 1.5), ("llama-dy18.onnx", 1.5), ("bert-ts14.onnx", 2)])
+def test_fp16_models_expand_and_verify(tmp_path, name, width):
+    """A model stored in fp16 keeps fp16 weights and verifies under the fp16 tolerance."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from lemon_onnx.verify import default_tolerances, verify
+
+    src = tmp_path / "fp16.onnx"
+    onnx.save(convert_float_to_float16(onnx.load(str(FIXTURES / name)), keep_io_types=False), str(src))
+    model, plan, _ = expand_model(src, width=width, depth=2)
+    out = io.save(model, tmp_path / "wide16.onnx")
+    dtypes = {t.data_type for t in onnx.load(str(out)).graph.initializer if t.dims and len(t.dims) == 2}
+    assert dtypes == {onnx.TensorProto.FLOAT16}
+    rep = verify(src, out)
+    assert rep.dtype == "float16" and (rep.atol, rep.rtol) == default_tolerances("float16")
+    assert rep.passed, rep.format()
