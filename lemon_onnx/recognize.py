@@ -93,6 +93,8 @@ class Block:
     mlp_post_norm: Norm | None
     input: str  # stream value entering the block
     output: str  # stream value leaving the block
+    attention_scale: str | None = None  # layer-scale Mul node on the branch output
+    mlp_scale: str | None = None
 
 
 @dataclasses.dataclass
@@ -233,6 +235,20 @@ def back_pass(v: ir.Value) -> ir.Value:
     return v
 
 
+def _name_nodes(graph: ir.Graph) -> None:
+    """The description refers to nodes by name: give unnamed or clashing nodes unique names
+    (ONNX allows both; exporters' graphs have neither)."""
+    seen: set = set()
+    k = 0
+    for n in graph:
+        if not n.name or n.name in seen:
+            while f"lemon_node_{k}" in seen:
+                k += 1
+            n.name = f"{n.name or n.op_type}__lemon{k}" if n.name else f"lemon_node_{k}"
+            k += 1
+        seen.add(n.name)
+
+
 def back_view(v: ir.Value) -> ir.Value:
     """Follow data through ops that only re-view it (Reshape, Cast, Unsqueeze, ...)."""
     while v.producer() is not None and v.producer().op_type in (
@@ -249,6 +265,7 @@ class Recognizer:
     def __init__(self, model: ir.Model):
         self.model = model
         self.graph = model.graph
+        _name_nodes(self.graph)
         ShapeInferencePass(strict_mode=False)(model)
         self.ax = dims.AxisAnalysis(self.graph).run()
         self.notes: list[str] = []
@@ -526,12 +543,9 @@ class Recognizer:
                 continue
             a, b = n.inputs[0], n.inputs[1]
             for skip, branch in ((a, b), (b, a)):
-                bb = back_pass(branch)
-                # the branch must end in a linear (possibly reshaped back from 2-D) ...
-                end = bb
-                while end.producer() is not None and end.producer().op_type in ("Reshape",) \
-                        and end not in lin_outs:
-                    end = back_pass(end.producer().inputs[0])
+                # the branch must end in a linear (possibly reshaped back from 2-D, possibly
+                # scaled per channel by a layer-scale constant)
+                end, _ = self._branch_tail(branch)
                 if end in lin_outs and self.depends_on(end, skip):
                     out.append((n, skip, branch))
                     break
@@ -593,7 +607,8 @@ class Recognizer:
             att = self.find_attention(a[1] if a_norm is None else self._values[a_norm.output], a[2], i // 2)
             mlp = self.find_mlp(m[1] if m_norm is None else self._values[m_norm.output], m[2], i // 2)
             blocks.append(Block(i // 2, a_norm, att, a[0].name, a[3], m_norm, mlp, m[0].name,
-                                m[3], _nm(a[1]), _nm(m[4])))
+                                m[3], _nm(a[1]), _nm(m[4]), self._layer_scale(a[2]),
+                                self._layer_scale(m[2])))
         return blocks, cur, layout
 
     def _branch_norm(self, stream: ir.Value, layout: str) -> Norm | None:
@@ -624,11 +639,33 @@ class Recognizer:
         return {n for n in anc if xp is None or (n is not xp and xp in self.ancestors(n.outputs[0]) or
                                                    any(i is x for i in n.inputs))}
 
-    def _out_linear(self, branch_out: ir.Value) -> Linear:
+    def _branch_tail(self, branch_out: ir.Value) -> tuple[ir.Value, ir.Node | None]:
+        """Walk back from a branch output to the linear that produced it, through Reshape and
+        a per-channel Mul by a constant vector (layer scale).  Returns (value, scale node)."""
         v = back_pass(branch_out)
-        while v not in self.lin_by_out and v.producer() is not None and v.producer().op_type == "Reshape":
-            v = back_pass(v.producer().inputs[0])
-        return self.lin_by_out[v]
+        scale = None
+        while v not in self.lin_by_out and v.producer() is not None:
+            p = v.producer()
+            if p.op_type == "Reshape":
+                v = back_pass(p.inputs[0])
+            elif p.op_type == "Mul" and scale is None and len(p.inputs) == 2 and \
+                    sum(is_const(i) for i in p.inputs) == 1:
+                c = next(i for i in p.inputs if is_const(i))
+                arr = const_array(c)
+                if arr is None or arr.ndim != 1 or arr.size <= 1:
+                    break
+                scale = p
+                v = back_pass(next(i for i in p.inputs if not is_const(i)))
+            else:
+                break
+        return v, scale
+
+    def _out_linear(self, branch_out: ir.Value) -> Linear:
+        return self.lin_by_out[self._branch_tail(branch_out)[0]]
+
+    def _layer_scale(self, branch_out: ir.Value) -> str | None:
+        node = self._branch_tail(branch_out)[1]
+        return node.name if node is not None else None
 
     def find_attention(self, x: ir.Value, branch_out: ir.Value, idx: int) -> Attention:
         nodes = self._branch_nodes(x, branch_out)

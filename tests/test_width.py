@@ -124,3 +124,54 @@ def test_fp16_models_expand_and_verify(tmp_path, name, width):
     rep = verify(src, out)
     assert rep.dtype == "float16" and (rep.atol, rep.rtol) == default_tolerances("float16")
     assert rep.passed, rep.format()
+
+
+def _with_layer_scale(src, dst):
+    """The fixture with LayerScale: a per-channel constant multiplies every branch output."""
+    desc = recognize(io.load(src))
+    m = onnx.load(str(src))
+    rng = np.random.default_rng(5)
+    for b in desc.blocks:
+        for lin in (b.attention.out, b.mlp.down):
+            scaled = lin.output + "_layerscale"
+            for n in m.graph.node:
+                n.input[:] = [scaled if i == lin.output else i for i in n.input]
+            name = lin.output + "_ls"
+            vec = (1 + 0.3 * rng.standard_normal(desc.hidden)).astype(np.float32)
+            m.graph.initializer.append(onnx.numpy_helper.from_array(vec, name))
+            m.graph.node.append(onnx.helper.make_node("Mul", [lin.output, name], [scaled]))
+    m = onnx.utils.Extractor(m).model if False else m
+    sorted_nodes = _toposort(m)
+    del m.graph.node[:]
+    m.graph.node.extend(sorted_nodes)
+    onnx.save(m, str(dst))
+    return desc
+
+
+def _toposort(m):
+    avail = {i.name for i in m.graph.input} | {t.name for t in m.graph.initializer} | {""}
+    todo, done = list(m.graph.node), []
+    while todo:
+        rest = []
+        for n in todo:
+            if all(i in avail for i in n.input):
+                done.append(n)
+                avail.update(n.output)
+            else:
+                rest.append(n)
+        assert len(rest) < len(todo)
+        todo = rest
+    return done
+
+
+@pytest.mark.parametrize("name,width", [("gpt2-ts17.onnx", 1.5), ("gpt2-dy18.onnx", 2),
+                                        ("llama-ts17.onnx", 1.5), ("bert-ts14.onnx", 2)])
+def test_layer_scale_on_the_stream(tmp_path, name, width):
+    src = tmp_path / "ls.onnx"
+    _with_layer_scale(FIXTURES / name, src)
+    desc = recognize(io.load(src))
+    assert all(b.attention_scale and b.mlp_scale for b in desc.blocks)
+    model, plan, _ = expand_model(src, width=width, depth=2)
+    out = io.save(model, tmp_path / "wide.onnx")
+    onnx.checker.check_model(str(out), full_check=True)
+    assert_equivalent(src, out, load_cases(FIXTURES / name.replace(".onnx", ".npz")))

@@ -119,12 +119,16 @@ class WidthPass:
 
     # ------------------------------------------------------------------ building blocks
     def linear(self, lin: Linear, in_map, out_map, *, tag: str, break_symmetry: bool = True,
-               out_rule: str = "map"):
+               prescale: np.ndarray | None = None):
         node = self.node(lin.node)
         in_axis, out_axis = (0, 1) if lin.weight_layout == "in,out" else (1, 0)
         rng = self.ed.rng(tag, "w")
 
         def fw(w, in_map=in_map, out_map=out_map):
+            if prescale is not None:  # a layer scale folded into the output columns
+                shape = [1, 1]
+                shape[out_axis] = -1
+                w = (w * prescale.reshape(shape)).astype(w.dtype)
             if out_map is not None:
                 w = out_map.apply(w, out_axis)
             if in_map is not None:
@@ -136,7 +140,8 @@ class WidthPass:
             bnode = self.node(lin.bias_node)
             idx = next(i for i, x in enumerate(bnode.inputs)
                        if x is not None and const_source(x)[0] is self.values[lin.bias])
-            self.ed.edit(bnode, idx, f"{tag}:b", lambda b, m=out_map: m.apply(b, -1))
+            self.ed.edit(bnode, idx, f"{tag}:b", lambda b, m=out_map: m.apply(
+                b if prescale is None else (b * prescale).astype(b.dtype), -1))
 
     def qkv_fused(self, lin: Linear, in_map, tag: str):
         """GPT-2's c_attn: three head axes side by side; expand each third on its own."""
@@ -211,6 +216,23 @@ class WidthPass:
                     return
         raise PlanError(f"could not find the epsilon constant of norm {nrm.output}")
 
+    def layer_scale(self, node_name: str | None, tag: str) -> np.ndarray | None:
+        """A per-channel constant on a branch output (layer scale).  ``copies``/``zero``
+        streams tile it (leftover slots of ``zero`` carry 0, any value is exact); an ``avg``
+        stream needs the leftover to be the mean of the *scaled* rows, which no per-channel
+        constant gives, so the scale is folded into the projection and becomes ones."""
+        if node_name is None:
+            return None
+        node = self.node(node_name)
+        idx = next(i for i, x in enumerate(node.inputs) if const_source(x)[0] is not None)
+        ls = _read(const_source(node.inputs[idx])[0])
+        if self.s_map.form == "avg":
+            self.ed.edit(node, idx, f"{tag}:ones", lambda a: np.ones(self.D, dtype=a.dtype))
+            return ls
+        self.ed.edit(node, idx, f"{tag}:tile",
+                     lambda a: lm.StreamMap(self.d, self.D, "circ").apply(a, -1))
+        return None
+
     def embedding_param(self, name: str, axis: int, tag: str):
         v = self.values[name]
         for u in v.uses():
@@ -261,7 +283,8 @@ class WidthPass:
                 self.linear(a.q, branch_in, self.q_map, tag=f"{t}.q")
                 self.linear(a.k, branch_in, self.kv_map, tag=f"{t}.k")
                 self.linear(a.v, branch_in, self.kv_map, tag=f"{t}.v")
-            self.linear(a.out, self.q_map, s_map, tag=f"{t}.o")
+            self.linear(a.out, self.q_map, s_map, tag=f"{t}.o",
+                        prescale=self.layer_scale(b.attention_scale, f"{t}.ls1"))
             if b.attention_post_norm is not None:
                 self.norm(b.attention_post_norm, s_map, tag=f"{t}.ln1post")
             if b.mlp_norm is not None:
@@ -270,7 +293,8 @@ class WidthPass:
             if m.gate is not None:
                 self.linear(m.gate, branch_in, self.ffn_map, tag=f"{t}.gate")
             self.linear(m.up, branch_in, self.ffn_map, tag=f"{t}.up")
-            self.linear(m.down, self.ffn_map, s_map, tag=f"{t}.down")
+            self.linear(m.down, self.ffn_map, s_map, tag=f"{t}.down",
+                        prescale=self.layer_scale(b.mlp_scale, f"{t}.ls2"))
             if b.mlp_post_norm is not None:
                 self.norm(b.mlp_post_norm, s_map, tag=f"{t}.ln2post")
         # final norm and head
