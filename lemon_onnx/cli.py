@@ -8,7 +8,6 @@ on stderr, never a traceback (``LEMON_ONNX_DEBUG=1`` shows one for bug reports).
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 import traceback

@@ -828,7 +828,6 @@ class Recognizer:
 
     def find_head(self, x: ir.Value, emb: Embeddings) -> Head:
         # all linears downstream of x that are not part of a block
-        g = self.graph
         cands = [lin for node, lin in self.linears.items() if self.depends_on(node.inputs[0], x)
                  or back_pass(node.inputs[0]) is x]
         if not cands:

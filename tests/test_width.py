@@ -175,3 +175,24 @@ def test_layer_scale_on_the_stream(tmp_path, name, width):
     out = io.save(model, tmp_path / "wide.onnx")
     onnx.checker.check_model(str(out), full_check=True)
     assert_equivalent(src, out, load_cases(FIXTURES / name.replace(".onnx", ".npz")))
+
+
+@pytest.mark.parametrize("name", ["gpt2-ts17.onnx", "gpt2-dy18.onnx", "gpt2-ts17-shared.onnx"])
+@pytest.mark.parametrize("width", [1.25, 2, 3])
+def test_tied_head_stays_tied(tmp_path, name, width):
+    """With only logits as output, the tie is kept: the table and the head stay one tensor (or
+    a transposed copy of it) and the final norm is scaled by 1/k."""
+    m = onnx.load(str(FIXTURES / name))
+    keep = [o for o in m.graph.output if o.name == "logits"]
+    del m.graph.output[:]
+    m.graph.output.extend(keep)
+    src = tmp_path / "logits-only.onnx"
+    onnx.save(m, str(src))
+    before = recognize(io.load(src))
+    assert before.tie is not None
+    model, plan, _ = expand_model(src, width=width)
+    assert not plan.notes  # not untied
+    out = io.save(model, tmp_path / "wide.onnx")
+    after = recognize(io.load(out))
+    assert after.tie == before.tie
+    assert_equivalent(src, out, load_cases(FIXTURES / name.replace(".onnx", ".npz")))

@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from .. import lemon_math as lm
 from ..errors import PlanError
-from ..recognize import Linear, Recognizer, const_source
+from ..recognize import Linear, Recognizer
 from .width import _read, _write
 
 
@@ -74,8 +74,6 @@ class DepthPass:
         self.model, self.desc, self.plan = model, desc, plan
         self.graph = model.graph
         self.maps = width_maps or {}
-        self.rec_values = {}
-        self.exact = desc.layout == "pre-norm"
 
     def rng(self, *parts) -> np.random.Generator:
         h = hashlib.sha256(repr((self.plan.seed, "depth") + parts).encode()).digest()
@@ -157,7 +155,6 @@ class DepthPass:
         # current output of each chain position; build by walking the final order
         vals = rec._values
         prev_out: ir.Value | None = None
-        last_node_of: dict[int, ir.Node] = {}
         post = desc.layout == "post-norm"
         plan.blocks = {}
         prev_norm = None  # post-norm: (gamma value, beta value, nodes) of the previous block's last norm

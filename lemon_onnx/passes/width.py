@@ -257,7 +257,6 @@ class WidthPass:
                                   "graph output, so its 1/k scaling would change that output.")
         # embeddings (token table handled with the head when tied)
         if emb.token:
-            tok = self.values[emb.token]
             node = self.node(emb.token_node)
             self.ed.edit(node, 0, "tok:emb", lambda e: lm.expand_embedding(e, 1, s_map))
         for name in (emb.position, emb.token_type, emb.cls_token):
@@ -379,7 +378,7 @@ class WidthPass:
             if all(len(s) == 1 for s in wanted.values()):
                 for i, s in wanted.items():
                     flat[i] = next(iter(s))
-                self._replace_const(v, arr)
+                _write(v, arr)
                 changed += 1
                 continue
             # uses disagree (a constant shared by sites of different sizes): one copy per reader
@@ -403,22 +402,10 @@ class WidthPass:
                 changed += 1
         return changed
 
-    def _reaches(self, start: ir.Node, target_name: str) -> bool:
-        if start.name == target_name:
-            return True
-        target = self.node(target_name)
-        return any(start in self.rec.ancestors(o) for o in target.outputs)
-
     def _literal_value_of(self, ref: tuple) -> ir.Value:
         if ref[0] == "node":
             return self.node(ref[1]).outputs[0]
         return self.values[ref[1]]
-
-    def _replace_const(self, v: ir.Value, arr: np.ndarray) -> None:
-        if v.is_initializer() and len(v.uses()) > 0:
-            _write(v, arr)
-        else:
-            _write(v, arr)
 
     # ------------------------------------------------------------------ shapes
     def fix_shapes(self) -> None:
