@@ -5,11 +5,12 @@ import sys
 
 import numpy as np
 import onnx
+import pytest
 from click.testing import CliRunner
 
 from lemon_onnx import cli as cli_mod
-from lemon_onnx.recognize import recognize
 from lemon_onnx import io
+from lemon_onnx.recognize import recognize
 from conftest import FIXTURES
 
 
@@ -81,3 +82,38 @@ def test_usage_errors_exit_2(tmp_path):
     res = run_cli("expand", FIXTURES / "gpt2-ts17.onnx", "-o", tmp_path / "x.onnx", "--width", "2",
                   "--hidden", "128")
     assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
+def test_runtime_that_cannot_run_exits_3_and_writes_nothing(tmp_path):
+    """llama-dy23-implicitpos: ONNX Runtime cannot run the exporter's RotaryEmbedding with a
+    batch-1 cos/sin cache on batch-2 inputs (recorded in the manifest)."""
+    out = tmp_path / "x.onnx"
+    res = run_cli("expand", FIXTURES / "llama-dy23-implicitpos.onnx", "-o", out, "--width", "2", "-q")
+    assert res.returncode == 3, res.stderr
+    assert "RotaryEmbedding" in res.stderr and "Traceback" not in res.stderr
+    assert list(tmp_path.iterdir()) == []
+    # --no-verify still produces the model (the user takes responsibility)
+    res = run_cli("expand", FIXTURES / "llama-dy23-implicitpos.onnx", "-o", out, "--width", "2",
+                  "--no-verify", "-q")
+    assert res.returncode == 0 and out.exists() and "NOT verified" in res.stdout
+
+
+@pytest.mark.parametrize("name,block", [("llama-ts17.onnx", 1), ("bert-dy18.onnx", 0), ("vit-ts14.onnx", 1)])
+def test_one_element_off_by_1e2_is_caught(tmp_path, name, block):
+    """The issue's corruption: a single weight of one block perturbed by 1e-2."""
+    src = FIXTURES / name
+    wide = tmp_path / "wide.onnx"
+    assert run_cli("expand", src, "-o", wide, "--width", "2", "--depth", "2", "-q").returncode == 0
+    desc = recognize(io.load(wide))
+    target = desc.blocks[2 * block].attention.v.weight  # the source block (twins sit in between)
+    m = onnx.load(str(wide))
+    for t in m.graph.initializer:
+        if t.name == target:
+            a = onnx.numpy_helper.to_array(t).copy()
+            a.flat[5] += 1e-2
+            t.CopyFrom(onnx.numpy_helper.from_array(a, t.name))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(m, str(bad))
+    res = run_cli("verify", src, bad, "--layerwise", "--report", tmp_path / "r.json")
+    assert res.returncode == 1, res.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["first_divergent_block"] == block

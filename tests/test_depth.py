@@ -107,3 +107,13 @@ def test_placements(L, Lt, placement, expect):
     assert sorted(src for src, c in order if c == 0) == list(range(L))
     if expect is not None:
         assert order == expect
+
+
+@pytest.mark.parametrize("placement", ["top", "uniform"])
+@pytest.mark.parametrize("name,depth", [("llama-dy18.onnx", 2), ("gpt2-ts14.onnx", 1.5), ("bert-ts17.onnx", 3)])
+def test_other_placements_are_equivalent(tmp_path, placement, name, depth):
+    e = next(x for x in RUNNABLE if x["file"] == name)
+    out, plan = _expand(e, tmp_path, depth=depth, placement=placement, width=2)
+    _unique_names(out)
+    assert_equivalent(FIXTURES / name, out, load_cases(FIXTURES / name.replace(".onnx", ".npz")))
+    assert recognize(io.load(out)).num_layers == round(2 * depth)
