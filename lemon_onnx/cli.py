@@ -42,6 +42,9 @@ def guarded(fn):
             _fail("interrupted; nothing was written.", 2)
         except MemoryError:
             _fail("ran out of memory. Try a machine with more RAM.", 3)
+        except OSError as e:  # permissions, full disk, missing folders: the user's to fix
+            _fail(f"{e.strerror or e} ({e.filename or 'file'}); nothing was written. Check the "
+                  "path, its permissions and the free disk space.", 2)
         except Exception as e:  # a bug or an input we did not foresee: still no traceback
             if os.environ.get("LEMON_ONNX_DEBUG"):
                 traceback.print_exc()
@@ -104,6 +107,16 @@ def expand(model, out, width, depth, hidden, ffn, heads, layers, placement, dept
     if not any(x is not None for x in (width, depth, hidden, ffn, heads, layers)):
         raise click.UsageError("nothing to do: give --width/--depth or explicit sizes "
                                "(--hidden, --ffn, --heads, --layers).")
+    from pathlib import Path
+
+    from .errors import InputError
+
+    if Path(out).resolve() == Path(model).resolve():
+        raise InputError(f"the output {out} is the input model; expanding in place would "
+                         "destroy the source.", hint="Choose another -o path.")
+    if Path(out).is_dir():
+        raise InputError(f"the output {out} is a directory.", hint="Give a file name, e.g. "
+                         f"{Path(out) / 'expanded.onnx'}.")
     log = (lambda m: None) if quiet else (lambda m: click.echo(f"lemon-onnx: {m}", err=True))
     plan, vrep = expand_file(model, out, verify=not no_verify, provider=provider, report=report,
                              log=log, width=width, depth=depth, hidden=hidden, ffn=ffn,

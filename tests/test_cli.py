@@ -117,3 +117,17 @@ def test_one_element_off_by_1e2_is_caught(tmp_path, name, block):
     res = run_cli("verify", src, bad, "--layerwise", "--report", tmp_path / "r.json")
     assert res.returncode == 1, res.stdout
     assert json.loads((tmp_path / "r.json").read_text())["first_divergent_block"] == block
+
+
+def test_output_paths_that_would_hurt(tmp_path):
+    src = tmp_path / "m.onnx"
+    src.write_bytes((FIXTURES / "gpt2-ts17.onnx").read_bytes())
+    res = run_cli("expand", src, "-o", src, "--width", "2")
+    assert res.returncode == 2 and "destroy the source" in res.stderr
+    assert src.read_bytes() == (FIXTURES / "gpt2-ts17.onnx").read_bytes()
+    res = run_cli("expand", src, "-o", tmp_path, "--width", "2")
+    assert res.returncode == 2 and "directory" in res.stderr
+    # a folder that cannot exist (a file stands in the way): OSError, exit 2, no traceback
+    res = run_cli("expand", src, "-o", src / "sub" / "x.onnx", "--width", "2", "-q")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "nothing was written" in res.stderr
