@@ -474,6 +474,13 @@ class Recognizer:
         for n in g:
             for o in n.outputs:
                 self._values[o.name] = o
+        fused = sorted({n.op_type for n in g if n.domain == "com.microsoft"})
+        if fused:
+            raise UnsupportedModelError(
+                "This graph was fused by ONNX Runtime's transformer optimizer (com.microsoft ops: "
+                + ", ".join(fused) + "); lemon-onnx does not rewrite fused graphs yet.",
+                hint="Expand the exporter's unoptimised .onnx, then run the optimizer on the "
+                     "expanded model.")
         self.linears = self.find_linears()
         self.lin_by_out = {self._values[l.output]: l for l in self.linears.values()}
         self.norms = self.find_norms()

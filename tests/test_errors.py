@@ -91,3 +91,14 @@ def test_missing_external_data_is_named(tmp_path):
     ir.save(m, str(tmp_path / "m.onnx"), external_data="m.onnx.data")
     (tmp_path / "m.onnx.data").unlink()
     assert_clean_exit2(run_cli("inspect", tmp_path / "m.onnx"), "m.onnx.data")
+
+
+@pytest.mark.parametrize("name,kind,heads", [("bert-ts17.onnx", "bert", 4), ("gpt2-ts17.onnx", "gpt2", 8)])
+def test_onnxruntime_fused_graphs_are_refused_clearly(tmp_path, name, kind, heads):
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    opt = optimize_model(str(FIXTURES / name), model_type=kind, num_heads=heads, hidden_size=64)
+    path = tmp_path / "opt.onnx"
+    opt.save_model_to_file(str(path))
+    res = run_cli("inspect", path)
+    assert_clean_exit2(res, "com.microsoft", "SkipLayerNormalization", "unoptimised")
