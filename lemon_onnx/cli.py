@@ -207,6 +207,13 @@ def format_description(d, path: str = "") -> str:
                     + ")" if counts else ""))
     if d.shared_initializers:
         lines.append(f"  shared initializers: {len(d.shared_initializers)} (exporter dedup)")
+    if d.lemon_plan:
+        p = d.lemon_plan
+        src, tgt = p.get("source", {}), p.get("target", {})
+        lines.append(f"  expanded by lemon-onnx: layers {src.get('layers')}->{tgt.get('layers')}, "
+                     f"hidden {src.get('hidden')}->{tgt.get('hidden')}, stream form "
+                     f"{p.get('stream_form')}, seed {p.get('seed')}, "
+                     f"{'exact' if p.get('exact') else 'approximate'}")
     if d.unrecognised:
         lines.append("  unrecognised:")
         lines.extend(f"    - {u}" for u in d.unrecognised)

@@ -161,6 +161,7 @@ class ModelDescription:
     opset: int
     ir_version: int
     producer: str
+    lemon_plan: dict | None = None  # present when the model was expanded by lemon-onnx
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -935,7 +936,8 @@ class Recognizer:
             rotary=att.rotary, embeddings=emb, blocks=blocks, final_norm=final_norm, head=head,
             inputs=inputs, outputs=outputs, size_literals=literals, shared_initializers=shared,
             unrecognised=unrec, opset=int(opset), ir_version=int(self.model.ir_version),
-            producer=f"{self.model.producer_name or ''} {self.model.producer_version or ''}".strip())
+            producer=f"{self.model.producer_name or ''} {self.model.producer_version or ''}".strip(),
+            lemon_plan=_plan_of(self.model))
 
     def _embedding_extras(self, emb: Embeddings) -> None:
         """Position / token-type tables and ViT cls token: constants added onto the stream."""
@@ -1005,6 +1007,16 @@ def label_with_groups(lv: list, groups: list) -> str:
             names.append(a.role or (f"?{a.size}" if a.sym is None else a.sym))
             i += 1
     return "*".join(names) if names else "1"
+
+
+def _plan_of(model: ir.Model) -> dict | None:
+    text = model.metadata_props.get("lemon.plan")
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def _shape(v: ir.Value) -> list:

@@ -32,6 +32,8 @@ def test_readme_main_job(tmp_path):
     desc = recognize(io.load(out))
     assert (desc.num_layers, desc.hidden, desc.heads, desc.ffn) == (4, 96, 12, 384)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2-wide.onnx", "report.json"]
+    res = run_cli("inspect", out)
+    assert "expanded by lemon-onnx: layers 2->4, hidden 64->96, stream form avg" in res.stdout
 
 
 def test_mismatch_writes_nothing_and_exits_1(tmp_path, monkeypatch):

@@ -136,7 +136,8 @@ class DepthPass:
                     ins.append(v)
             attrs = [_copy_attr(a) for a in n.attributes.values()]
             nn = ir.Node(n.domain, n.op_type, ins, attrs, num_outputs=len(n.outputs),
-                         name=f"{n.name}__{tag}", overload=n.overload, version=n.version)
+                         name=f"{n.name}__{tag}", overload=n.overload, version=n.version,
+                         metadata_props=dict(n.metadata_props))  # exporter's provenance
             for o_old, o_new in zip(n.outputs, nn.outputs):
                 o_new.name = f"{o_old.name}__{tag}"
                 o_new.type = o_old.type
