@@ -91,8 +91,15 @@ def make_plan(desc, *, width: float | None = None, hidden: int | None = None,
         hidden = _scaled(d, width, "hidden size")
         ffn = _scaled(f, width, "FFN size")
         heads = int(round(heads_t))
+    if hidden is None and heads is not None and d == h * hd:
+        hidden = heads * hd  # --heads alone: the attention width is the hidden size here
     hidden = d if hidden is None else int(hidden)
     if heads is None:
+        if d == h * hd and hidden % hd:
+            lo = max(d, hidden // hd * hd)
+            raise PlanError(f"--hidden {hidden} is not a multiple of head_dim {hd}, so it does "
+                            "not give a whole number of heads.",
+                            hint=f"Nearest valid hidden sizes: {lo} or {lo + hd}.")
         heads = h * hidden // d if (hidden * h) % d == 0 else None
         if heads is None:
             raise PlanError(f"--hidden {hidden} does not give a whole number of heads at "
