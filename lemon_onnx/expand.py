@@ -26,6 +26,13 @@ def expand_model(src: str | os.PathLike, *, width=None, hidden=None, ffn=None, h
     rec = Recognizer(model)
     desc = rec.run()
     used_before = {n for n, v in model.graph.initializers.items() if v.uses()}
+    if desc.blockers:
+        from .errors import UnsupportedModelError
+
+        raise UnsupportedModelError(
+            "This graph has parts lemon-onnx cannot expand losslessly: " + "; ".join(desc.blockers)
+            + ".", hint="Export the model without them (e.g. only the base model and its main "
+                        "head), or report the architecture.")
     log(f"recognised {desc.family}: {desc.num_layers} layers, hidden {desc.hidden}, heads "
         f"{desc.heads}, ffn {desc.ffn} ({time.perf_counter() - t0:.1f}s)")
     plan = make_plan(desc, width=width, hidden=hidden, ffn=ffn, heads=heads, layers=layers,

@@ -162,6 +162,8 @@ class ModelDescription:
     ir_version: int
     producer: str
     lemon_plan: dict | None = None  # present when the model was expanded by lemon-onnx
+    extra_heads: list = dataclasses.field(default_factory=list)  # poolers, second classifiers
+    blockers: list = dataclasses.field(default_factory=list)  # why expand must refuse
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -505,8 +507,25 @@ class Recognizer:
             cands = self.norm_by_in.get(stream_end, [])
             final_norm = cands[0] if cands else None
         head_in = self._values[final_norm.output] if final_norm else stream_end
-        head = self.find_head(head_in, emb)
-        return self.describe(emb, blocks, final_norm, head, layout)
+        head, extra = self.find_heads(head_in, emb)
+        desc = self.describe(emb, blocks, final_norm, head, layout)
+        desc.extra_heads = extra
+        desc.blockers = self._blockers(blocks, [head] + extra)
+        desc.unrecognised += desc.blockers
+        return desc
+
+    def _blockers(self, blocks, heads) -> list[str]:
+        """Linear layers that are neither in a block nor a head: expanding around them would
+        break them, so ``expand`` refuses (``inspect`` lists them)."""
+        known = set()
+        for b in blocks:
+            a, m = b.attention, b.mlp
+            known |= {l.node for l in (a.q, a.k, a.v, a.qkv, a.out, m.up, m.gate, m.down) if l}
+        for h in heads:
+            known |= {l.node for l in (h.linear, h.transform) if l}
+        return [f"linear {lin.node} [{lin.in_features}->{lin.out_features}] (weight "
+                f"{lin.weight}) is neither part of a block nor a head reading the final stream"
+                for lin in self.linears.values() if lin.node not in known]
 
     def find_embeddings(self) -> Embeddings:
         g = self.graph
@@ -834,34 +853,54 @@ class Recognizer:
             a.role = a.role or "ffn"
         return MLP(up, down, gate, act)
 
-    def find_head(self, x: ir.Value, emb: Embeddings) -> Head:
-        # all linears downstream of x that are not part of a block
-        cands = [lin for node, lin in self.linears.items() if self.depends_on(node.inputs[0], x)
-                 or back_pass(node.inputs[0]) is x]
-        if not cands:
-            return Head("none", None, reads=_nm(x))
-        cands.sort(key=lambda l: self.order[self._node(l.node)])
-        last = cands[-1]
-        head = Head("classifier", last, reads=_nm(x))
+    _VIEW_OPS = ("Identity", "Cast", "Dropout", "Gather", "Slice", "Squeeze", "Unsqueeze",
+                 "Reshape", "Flatten")
+
+    def _reads_directly(self, v: ir.Value, x: ir.Value) -> bool:
+        """``v`` is ``x`` seen through selections and views (a cls-token Gather, a Reshape)."""
+        while v is not x:
+            p = v.producer()
+            if p is None or p.op_type not in self._VIEW_OPS or not p.inputs:
+                return False
+            v = p.inputs[0]
+        return True
+
+    def find_heads(self, x: ir.Value, emb: Embeddings) -> tuple[Head, list]:
+        """Linears reading the final stream value ``x``: the main head (LM, MLM or classifier)
+        and any extra heads (a pooler, a second classifier)."""
+        readers = sorted((lin for node, lin in self.linears.items()
+                          if self._reads_directly(node.inputs[0], x)),
+                         key=lambda l: self.order[self._node(l.node)])
+        if not readers:
+            return Head("none", None, reads=_nm(x)), []
         tok = self._values[emb.token] if emb.token else None
-        if tok is not None and last.out_features == tok.const_value.shape[0]:
-            head.kind = "lm"
-            head.tie = self._tie(last, tok)
-        if len(cands) >= 2 and head.kind == "lm":
-            t = cands[-2]
-            head.kind = "mlm"
-            head.transform = t
-            tn = [nrm for nrm in self.norms.values()
-                  if self.depends_on(self._values[nrm.input], self._values[t.output])
-                  and self.depends_on(self._node(last.node).inputs[0], self._values[nrm.output])
-                  or self._values[nrm.output] is back_pass(self._node(last.node).inputs[0])]
-            head.transform_norm = tn[0] if tn else None
-            ops = {n.op_type for n in self.ancestors(self._node(last.node).inputs[0])
-                   if self.depends_on(n.outputs[0], self._values[t.output])}
-            head.transform_activation = ("gelu" if {"Erf", "Gelu"} & ops else
-                                         "gelu_tanh" if "Tanh" in ops else
-                                         "relu" if "Relu" in ops else None)
-        return head
+        vocab = tok.const_value.shape[0] if tok is not None else None
+        heads = []
+        for r in readers:
+            after = [lin for node, lin in self.linears.items()
+                     if lin is not r and self.depends_on(node.inputs[0], self._values[r.output])]
+            if vocab is not None and len(after) == 1 and after[0].out_features == vocab:
+                heads.append(self._mlm_head(r, after[0], x, tok))
+            elif vocab is not None and r.out_features == vocab:
+                heads.append(Head("lm", r, reads=_nm(x), tie=self._tie(r, tok)))
+            else:
+                heads.append(Head("classifier", r, reads=_nm(x)))
+        main = next((h for h in heads if h.kind in ("lm", "mlm")), heads[-1])
+        return main, [h for h in heads if h is not main]
+
+    def _mlm_head(self, t: Linear, dec: Linear, x: ir.Value, tok) -> Head:
+        """BERT's MLM head: transform (dense, activation, LayerNorm), then the decoder."""
+        dec_in = self._node(dec.node).inputs[0]
+        tn = [nrm for nrm in self.norms.values()
+              if self.depends_on(self._values[nrm.input], self._values[t.output])
+              and (self.depends_on(dec_in, self._values[nrm.output])
+                   or self._values[nrm.output] is back_pass(dec_in))]
+        ops = {n.op_type for n in self.ancestors(dec_in)
+               if self.depends_on(n.outputs[0], self._values[t.output])}
+        act = ("gelu" if {"Erf", "Gelu"} & ops else "gelu_tanh" if "Tanh" in ops else
+               "relu" if "Relu" in ops else None)
+        return Head("mlm", dec, transform=t, transform_activation=act,
+                    transform_norm=tn[0] if tn else None, tie=self._tie(dec, tok), reads=_nm(x))
 
     def _tie(self, lin: Linear, tok: ir.Value) -> str | None:
         if lin.weight == tok.name:

@@ -205,3 +205,45 @@ def test_tied_head_stays_tied(tmp_path, name, width):
     after = recognize(io.load(out))
     assert after.tie == before.tie
     assert_equivalent(src, out, load_cases(FIXTURES / name.replace(".onnx", ".npz")))
+
+
+def _add_linear(src, dst, reads, name, out_dim=16, select_cls=True):
+    """Add a pooler-like head (cls token -> MatMul -> Tanh) reading value ``reads``."""
+    m = onnx.load(str(src))
+    rng = np.random.default_rng(9)
+    d = recognize(io.load(src)).hidden
+    w = (rng.standard_normal((d, out_dim)) * 0.1).astype(np.float32)
+    m.graph.initializer.append(onnx.numpy_helper.from_array(w, name + "_w"))
+    m.graph.initializer.append(onnx.numpy_helper.from_array(np.array(0, np.int64), name + "_idx"))
+    x = reads
+    if select_cls:
+        m.graph.node.append(onnx.helper.make_node("Gather", [reads, name + "_idx"], [name + "_cls"], axis=1))
+        x = name + "_cls"
+    m.graph.node.append(onnx.helper.make_node("MatMul", [x, name + "_w"], [name + "_mm"]))
+    m.graph.node.append(onnx.helper.make_node("Tanh", [name + "_mm"], [name]))
+    m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    onnx.save(m, str(dst))
+
+
+@pytest.mark.parametrize("name,width", [("bert-ts17.onnx", 2), ("vit-dy18.onnx", 1.5), ("llama-ts14.onnx", 1.25)])
+def test_extra_head_on_the_final_stream(tmp_path, name, width):
+    """A pooler beside the main head (BERT's pooler, a second classifier) is expanded too."""
+    d = recognize(io.load(FIXTURES / name))
+    reads = d.head.reads
+    src = tmp_path / "pooled.onnx"
+    _add_linear(FIXTURES / name, src, reads, "pooled")
+    d2 = recognize(io.load(src))
+    assert len(d2.extra_heads) == 1 and not d2.blockers and d2.head.kind == d.head.kind
+    model, plan, _ = expand_model(src, width=width, depth=2)
+    out = io.save(model, tmp_path / "wide.onnx")
+    assert_equivalent(src, out, load_cases(FIXTURES / name.replace(".onnx", ".npz")))
+
+
+def test_linear_on_an_inner_block_is_refused(tmp_path):
+    d = recognize(io.load(FIXTURES / "gpt2-ts17.onnx"))
+    src = tmp_path / "probe.onnx"
+    _add_linear(FIXTURES / "gpt2-ts17.onnx", src, d.blocks[0].output, "probe", select_cls=False)
+    res = subprocess.run([sys.executable, "-m", "lemon_onnx.cli", "expand", str(src), "-o",
+                          str(tmp_path / "x.onnx"), "--width", "2"], capture_output=True, text=True)
+    assert res.returncode == 2 and "neither part of a block nor a head" in res.stderr
+    assert not (tmp_path / "x.onnx").exists()

@@ -326,6 +326,8 @@ class WidthPass:
                 stats["tied_head"] = head.tie
             else:
                 self.linear(head.linear, head_in, None, tag="head")
+        for i, extra in enumerate(desc.extra_heads):  # poolers etc.: read the stream, untied
+            self.linear(extra.linear, n_map if pre else s_map, None, tag=f"head{i + 1}")
         n_new = self.ed.apply()
         n_lit = self.rewrite_literals()
         self.fix_shapes()
