@@ -766,8 +766,13 @@ class Recognizer:
         if k is not None and kv_from_proj:
             kv_l = kv_from_proj
         heads = int(np.prod([a.size for a in heads_l])) if heads_l else 0
-        kv_heads = int(np.prod([a.size for a in kv_l])) if kv_l else heads
         head_dim = int(np.prod([a.size for a in hd_leaves])) if hd_leaves else 0
+        # the K projection's width says how many KV heads there are (a single KV head has no
+        # atom of its own: size-1 axes vanish in the atom algebra)
+        if k is not None and head_dim and k.out_features % head_dim == 0:
+            kv_heads = k.out_features // head_dim
+        else:
+            kv_heads = int(np.prod([a.size for a in kv_l])) if kv_l else heads
         qproj = q or qkv
         att_width = qproj.out_features // (3 if qkv else 1)
         if not heads or not head_dim or heads * head_dim != att_width:
@@ -778,7 +783,13 @@ class Recognizer:
         rotary = any(n.op_type in ("RotaryEmbedding", "Sin", "Cos") for n in self.graph) and (
             any(n.op_type == "RotaryEmbedding" for n in nodes) or
             any(n.op_type == "Slice" for n in nodes if self.depends_on(q_t, n.outputs[0])))
-        self._roles_attention(heads_l, kv_l, hd_leaves)
+        if kv_heads == 1 and heads > 1:
+            # multi-query attention: one KV head (a size-1 axis, no atom); the query heads'
+            # atom is the group (repeat) size, which stays when the model is widened
+            for a in heads_l:
+                a.role = "kv_groups"
+            kv_l = []
+        self._roles_attention(heads_l, kv_l, hd_leaves, mqa=kv_heads == 1 and heads > 1)
         if qkv is not None:
             for a in self.leaves(self._values[qkv.output]):
                 if a.role is None and a.size == 3:
@@ -802,12 +813,15 @@ class Recognizer:
             prod *= a.size or 1
         return acc
 
-    def _roles_attention(self, heads_l, kv_l, hd_leaves) -> None:
+    def _roles_attention(self, heads_l, kv_l, hd_leaves, mqa: bool = False) -> None:
         self._groups = getattr(self, "_groups", [])
         self._groups.append(("head_dim", [dims.find(a) for a in hd_leaves]))
-        self._groups.append(("heads", [dims.find(a) for a in heads_l]))
+        if not mqa:
+            self._groups.append(("heads", [dims.find(a) for a in heads_l]))
         kvset, hset = set(kv_l), set(heads_l)
-        if not kv_l or kvset == hset:
+        if mqa:
+            pass  # roles set by the caller
+        elif not kv_l or kvset == hset:
             for a in heads_l:
                 a.role = "heads"
         else:

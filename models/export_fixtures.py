@@ -100,6 +100,18 @@ ALT_OVERRIDES = {
                   intermediate_size=80, vocab_size=140, max_position_embeddings=80),
 }
 
+# Shapes that broke earlier versions (regression fixtures, variant "edge"):
+# multi-query attention (one KV head: a size-1 axis), GQA groups of 3 with a tied head and
+# a size constant shared with an axis index, 3 heads of 16.
+EDGE_CASES = {
+    "llama": [
+        ("ts17", "-mqa", dict(num_key_value_heads=1)),
+        ("dy18", "-g3tied", dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
+                                 intermediate_size=64, tie_word_embeddings=True)),
+    ],
+    "gpt2": [("dy18", "-h3", dict(n_embd=48, n_head=3, n_inner=None))],
+}
+
 INPUT_NAMES = {
     "bert": ["input_ids", "attention_mask", "token_type_ids"],
     "gpt2": ["input_ids", "attention_mask"],
@@ -559,6 +571,8 @@ def main(argv=None):
         if arch == "gpt2":
             _fixture(out, arch, "ts17", "shared", entries, perturb=False,
                      suffix="-shared")
+        for tag, suffix, overrides in EDGE_CASES.get(arch, ()):
+            _fixture(out, arch, tag, "edge", entries, overrides=overrides, suffix=suffix)
         if not args.no_alt:
             for tag in TAGS:
                 _fixture(out, arch, tag, "alt", entries,
@@ -571,7 +585,7 @@ def main(argv=None):
         keep = [e for e in old if e.get("arch") not in archs]
         entries = keep + entries
     order = {a: i for i, a in enumerate(ARCHS)}
-    vorder = {"main": 0, "implicitpos": 1, "shared": 2, "alt": 3}
+    vorder = {"main": 0, "implicitpos": 1, "shared": 2, "edge": 3, "alt": 4}
     entries.sort(key=lambda e: (order[e["arch"]], vorder.get(e["variant"], 9),
                                 TAGS.index(e["tag"])))
     # export_seconds varies run to run; keep the manifest deterministic.

@@ -10,7 +10,7 @@ from lemon_onnx.recognize import recognize
 from conftest import FIXTURES, assert_equivalent, load_cases, manifest, run_ort
 
 RUNNABLE = [e for e in manifest("main") if e["ort"]["runs"]]
-DEPTHS = [(e, d) for e in RUNNABLE for d in (1.5, 2, 3)]
+DEPTHS = [(e, d) for e in RUNNABLE + manifest("edge") for d in (1.5, 2, 3)]
 COMBINED = {"gpt2": 1.5, "vit": 1.5, "llama": 1.5, "bert": 2}
 
 

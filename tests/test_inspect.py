@@ -12,7 +12,7 @@ from lemon_onnx import io
 from lemon_onnx.recognize import recognize
 from conftest import FIXTURES, fixture_ids, manifest
 
-MAIN = manifest("main") + manifest("shared")
+MAIN = manifest("main") + manifest("shared") + manifest("edge")
 
 
 def expected(cfg: dict) -> dict:

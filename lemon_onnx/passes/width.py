@@ -372,18 +372,22 @@ class WidthPass:
                 changed += 1
                 continue
             v = self._literal_value_of(ref)
-            arr = _read(v).copy()
-            flat = arr.reshape(-1)
             wanted: dict[int, set] = defaultdict(set)
             for lu, new in items:
                 wanted[lu.ref[2]].add(new)
-            if all(len(s) == 1 for s in wanted.values()):
+            readers = {(u.node.name, u.idx) for u in v.uses()}
+            vias = {lu.via for lu, _ in items}
+            if all(len(s) == 1 for s in wanted.values()) and readers <= vias:
+                # every reader of the constant reads it as these sizes: rewrite in place
+                arr = _read(v).copy()
+                flat = arr.reshape(-1)
                 for i, s in wanted.items():
                     flat[i] = next(iter(s))
                 _write(v, arr)
                 changed += 1
                 continue
-            # uses disagree (a constant shared by sites of different sizes): one copy per reader
+            # the constant is shared with readers of other sizes, or with readers that use it
+            # for something else (an axis index, a step): each size reader gets its own copy
             by_via: dict[tuple, list] = defaultdict(list)
             for lu, new in items:
                 if lu.via is None:
@@ -391,6 +395,8 @@ class WidthPass:
                                     "different values and cannot be split")
                 by_via[lu.via].append((lu, new))
             for (node_name, idx), mine in sorted(by_via.items()):
+                if all(new == lu.value for lu, new in mine):
+                    continue
                 a2 = _read(v).copy()
                 f2 = a2.reshape(-1)
                 for lu, new in mine:
