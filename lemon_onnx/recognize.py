@@ -661,10 +661,21 @@ class Recognizer:
         return self._nodes[name]
 
     def _branch_nodes(self, x: ir.Value, branch_out: ir.Value) -> set:
+        """Nodes on paths from ``x`` to ``branch_out``: a forward walk from x kept inside the
+        ancestors of branch_out (linear in the branch size)."""
         anc = self.ancestors(branch_out)
-        xp = x.producer()
-        return {n for n in anc if xp is None or (n is not xp and xp in self.ancestors(n.outputs[0]) or
-                                                   any(i is x for i in n.inputs))}
+        if x.producer() is None and not x.is_graph_input():
+            return set(anc)
+        seen: set = set()
+        stack = [n for n in x.consumers() if n in anc]
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            for o in n.outputs:
+                stack.extend(c for c in o.consumers() if c in anc and c not in seen)
+        return seen
 
     def _branch_tail(self, branch_out: ir.Value) -> tuple[ir.Value, ir.Node | None]:
         """Walk back from a branch output to the linear that produced it, through Reshape and

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+import lemon_onnx.lemon_math as lm
 from lemon_onnx.lemon_math import (
     StreamMap, UnitMap, cancel_fanout, expand_embedding, expand_in, expand_norm, expand_out,
     gqa_maps, norm_output_map, random_split_check, zero_fanout,
@@ -447,3 +448,27 @@ def test_depth_cancel_attention_heads():
     we[7] = np.zeros(10)
     assert np.count_nonzero(we[6]) > 0
     assert err(attention(im.apply(r.standard_normal((5, d))), *we, 3, 3, hd), 0) < TOL
+
+
+@pytest.mark.parametrize("mk", [
+    lambda: lm.StreamMap(4, 10, "avg"), lambda: lm.StreamMap(4, 10, "zero"),
+    lambda: lm.StreamMap(4, 10, "circ"), lambda: lm.StreamMap(4, 12, "copies"),
+    lambda: lm.UnitMap(3, 7, 4),
+])
+def test_fast_group_paths_match_the_definition(mk):
+    """The reshape fast paths of _group_sums/_split_rows against a plain loop."""
+    m = mk()
+    rng = np.random.default_rng(0)
+    src = m.src_index
+    vals = rng.standard_normal((len(src), 3))
+    naive = np.zeros((m.d, 3))
+    for c, j in enumerate(src):
+        if j >= 0:
+            naive[j] += vals[c]
+    np.testing.assert_allclose(lm._group_sums(vals, src, m.d), naive, atol=1e-12)
+    base = rng.standard_normal((m.d, 3))
+    out = lm._split_rows(m.d, src, base, vals)
+    cnt = np.bincount(src[src >= 0], minlength=m.d)
+    for c, j in enumerate(src):
+        want = 0 if j < 0 else base[j] / cnt[j] + vals[c] - naive[j] / cnt[j]
+        np.testing.assert_allclose(out[c], want, atol=1e-12)
