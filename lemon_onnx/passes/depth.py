@@ -21,7 +21,7 @@ import onnx_ir as ir
 from .. import lemon_math as lm
 from ..errors import PlanError
 from ..recognize import Linear, Recognizer
-from .width import _read, _write
+from .width import LAZY_BYTES, _lazy, _read, _write
 
 
 def plan_depth(L: int, L_target: int, placement: str) -> list[tuple[int, int]]:
@@ -125,10 +125,14 @@ class DepthPass:
                     ins.append(mapping[v])
                 elif v.is_initializer() and v.const_value is not None and \
                         v.const_value.dtype.is_floating_point() and v.const_value.size > 1:
-                    arr = _read(v).copy()
                     name = f"{v.name}__{tag}"
-                    nv = ir.Value(name=name, shape=ir.Shape(arr.shape), type=v.type,
-                                  const_value=ir.tensor(arr, name=name))
+                    orig = v.const_value
+                    if orig.nbytes >= LAZY_BYTES:  # copied when saved, not now
+                        t = _lazy(orig, np.array, tuple(orig.shape), name)
+                    else:
+                        t = ir.tensor(_read(v).copy(), name=name)
+                    nv = ir.Value(name=name, shape=ir.Shape(tuple(orig.shape)), type=v.type,
+                                  const_value=t)
                     self.graph.register_initializer(nv)
                     mapping[v] = nv
                     ins.append(nv)

@@ -36,8 +36,14 @@ class WeightEditor:
         h = hashlib.sha256(repr((self.seed,) + parts).encode()).digest()
         return np.random.default_rng(int.from_bytes(h[:8], "little"))
 
-    def edit(self, node: ir.Node, index: int, key: str, fn: Callable[[np.ndarray], np.ndarray]):
-        """Transform the constant feeding ``node.inputs[index]`` (through Identity/Transpose)."""
+    def edit(self, node: ir.Node, index: int, key: str, fn: Callable[[np.ndarray], np.ndarray],
+             shape: Callable[[tuple], tuple] | None = None):
+        """Transform the constant feeding ``node.inputs[index]`` (through Identity/Transpose).
+
+        With ``shape`` (input shape -> output shape) a large result is not computed now: the
+        initializer gets a lazy tensor that runs ``fn`` on the (memory-mapped) source when it is
+        saved, so memory stays bounded by the largest tensor.  ``fn`` must then be a pure
+        function of its input (seed its own generator)."""
         v = node.inputs[index]
         src, hops = const_source(v)
         if src is None:
@@ -46,32 +52,36 @@ class WeightEditor:
         if hops and hops[-1].op_type == "Constant":
             # Constant node: edit its attribute through its output value
             direct, idx = (hops[-2], 0) if len(hops) > 1 else (node, index)
-        self.requests[src].append((direct, idx, key, fn))
+        self.requests[src].append((direct, idx, key, fn, shape))
 
     def apply(self) -> int:
         g = self.rec.graph
         n_new = 0
         for src, reqs in self.requests.items():
-            arr = _read(src)
             by_key: dict[str, list] = defaultdict(list)
-            fns = {}
-            for direct, idx, key, fn in reqs:
+            fns, shapes = {}, {}
+            for direct, idx, key, fn, shape in reqs:
                 by_key[key].append((direct, idx))
-                fns[key] = fn
+                fns[key], shapes[key] = fn, shape
             edited_uses = {(d, i) for lst in by_key.values() for d, i in lst}
             all_uses = {(u.node, u.idx) for u in src.uses()}
             in_place = len(by_key) == 1 and all_uses <= edited_uses
+            orig = src.const_value
+            lazy_ok = orig is not None and orig.nbytes >= LAZY_BYTES
             for n, (key, uses) in enumerate(sorted(by_key.items())):
-                new = np.ascontiguousarray(fns[key](arr))
-                if new.dtype != arr.dtype:  # weights keep the model's dtype (fp16/bf16 too)
-                    new = new.astype(arr.dtype)
+                name = src.name if in_place else f"{src.name}__lemon{n}"
+                if lazy_ok and shapes[key] is not None:
+                    new_t = _lazy(orig, fns[key], shapes[key](tuple(orig.shape)), name)
+                else:
+                    new_t = ir.tensor(_apply(fns[key], _read(src)), name=name)
                 if in_place:
-                    _write(src, new)
+                    if orig is None:  # a Constant node: its attribute holds the value
+                        _write(src, new_t.numpy())
+                    else:
+                        _write_tensor(src, new_t)
                     continue
-                name = f"{src.name}__lemon{n}"
-                nv = ir.Value(name=name, shape=ir.Shape(new.shape),
-                              type=ir.TensorType(ir.DataType.from_numpy(new.dtype)),
-                              const_value=ir.tensor(new, name=name))
+                nv = ir.Value(name=name, shape=ir.Shape(new_t.shape),
+                              type=ir.TensorType(new_t.dtype), const_value=new_t)
                 g.register_initializer(nv)
                 n_new += 1
                 for direct, idx in set(uses):
@@ -79,6 +89,36 @@ class WeightEditor:
             if not in_place and not src.uses() and src.is_initializer():
                 g.initializers.pop(src.name, None)
         return n_new
+
+
+#: tensors at least this large are transformed lazily (at save time)
+LAZY_BYTES = 1 << 20
+
+
+def _apply(fn, arr: np.ndarray) -> np.ndarray:
+    new = np.ascontiguousarray(fn(arr))
+    if new.dtype != arr.dtype:  # weights keep the model's dtype (fp16/bf16 too)
+        new = new.astype(arr.dtype)
+    return new
+
+
+def _lazy(orig, fn, shape: tuple, name: str) -> ir.LazyTensor:
+    """``fn(orig)`` computed when the tensor is read (saved), not now."""
+    def compute():
+        return ir.tensor(_apply(fn, np.asarray(orig.numpy())), name=name)
+
+    return ir.LazyTensor(compute, dtype=orig.dtype, shape=ir.Shape(shape), name=name)
+
+
+def _with_axis(shape: tuple, axis: int, n: int) -> tuple:
+    out = list(shape)
+    out[axis] = n
+    return tuple(out)
+
+
+def _write_tensor(v: ir.Value, t) -> None:
+    v.const_value = t
+    v.shape = ir.Shape(tuple(t.shape))
 
 
 def _read(v: ir.Value) -> np.ndarray:
@@ -122,9 +162,9 @@ class WidthPass:
                prescale: np.ndarray | None = None):
         node = self.node(lin.node)
         in_axis, out_axis = (0, 1) if lin.weight_layout == "in,out" else (1, 0)
-        rng = self.ed.rng(tag, "w")
 
         def fw(w, in_map=in_map, out_map=out_map):
+            rng = self.ed.rng(tag, "w")  # here, so that a lazy re-evaluation gives the same
             if prescale is not None:  # a layer scale folded into the output columns
                 shape = [1, 1]
                 shape[out_axis] = -1
@@ -135,7 +175,15 @@ class WidthPass:
                 w = lm.expand_in(w, in_axis, in_map, rng=rng, break_symmetry=break_symmetry)
             return w
 
-        self.ed.edit(node, 1, f"{tag}:w", fw)
+        def shape(sh, in_map=in_map, out_map=out_map):
+            sh = list(sh)
+            if out_map is not None:
+                sh[out_axis] = out_map.D
+            if in_map is not None:
+                sh[in_axis] = in_map.D
+            return tuple(sh)
+
+        self.ed.edit(node, 1, f"{tag}:w", fw, shape)
         if lin.bias and out_map is not None:
             bnode = self.node(lin.bias_node)
             idx = next(i for i, x in enumerate(bnode.inputs)
@@ -147,10 +195,10 @@ class WidthPass:
         """GPT-2's c_attn: three head axes side by side; expand each third on its own."""
         node = self.node(lin.node)
         in_axis, out_axis = (0, 1) if lin.weight_layout == "in,out" else (1, 0)
-        rng = self.ed.rng(tag, "w")
         maps = (self.q_map, self.kv_map, self.kv_map)
 
         def fw(w):
+            rng = self.ed.rng(tag, "w")
             parts = np.split(w, 3, axis=out_axis)
             w = np.concatenate([m.apply(p, out_axis) for m, p in zip(maps, parts)], axis=out_axis)
             return lm.expand_in(w, in_axis, in_map, rng=rng) if in_map is not None else w
@@ -159,7 +207,14 @@ class WidthPass:
             parts = np.split(b, 3, axis=-1)
             return np.concatenate([m.apply(p, -1) for m, p in zip(maps, parts)], axis=-1)
 
-        self.ed.edit(node, 1, f"{tag}:w", fw)
+        def shape(sh):
+            sh = list(sh)
+            sh[out_axis] = sum(m.D for m in maps)
+            if in_map is not None:
+                sh[in_axis] = in_map.D
+            return tuple(sh)
+
+        self.ed.edit(node, 1, f"{tag}:w", fw, shape)
         if lin.bias:
             bnode = self.node(lin.bias_node)
             idx = next(i for i, x in enumerate(bnode.inputs)
@@ -237,7 +292,8 @@ class WidthPass:
         v = self.values[name]
         for u in v.uses():
             self.ed.edit(u.node, u.idx, f"{tag}:emb",
-                         lambda e, ax=axis: lm.expand_embedding(e, ax, self.s_map))
+                         lambda e, ax=axis: lm.expand_embedding(e, ax, self.s_map),
+                         lambda sh, ax=axis: _with_axis(sh, ax, self.D))
 
     # ------------------------------------------------------------------ the pass
     def run(self) -> dict:
@@ -258,13 +314,15 @@ class WidthPass:
         # embeddings (token table handled with the head when tied)
         if emb.token:
             node = self.node(emb.token_node)
-            self.ed.edit(node, 0, "tok:emb", lambda e: lm.expand_embedding(e, 1, s_map))
+            self.ed.edit(node, 0, "tok:emb", lambda e: lm.expand_embedding(e, 1, s_map),
+                         lambda sh: _with_axis(sh, 1, self.D))
         for name in (emb.position, emb.token_type, emb.cls_token):
             if name:
                 self.embedding_param(name, -1, f"emb:{name}")
         if emb.patch_conv:
             conv = self.node(emb.patch_conv)
-            self.ed.edit(conv, 1, "patch:w", lambda w: lm.expand_embedding(w, 0, s_map))
+            self.ed.edit(conv, 1, "patch:w", lambda w: lm.expand_embedding(w, 0, s_map),
+                         lambda sh: _with_axis(sh, 0, self.D))
             if emb.patch_bias:
                 self.ed.edit(conv, 2, "patch:b", lambda b: lm.expand_embedding(b, 0, s_map))
         if emb.norm is not None:
@@ -319,10 +377,12 @@ class WidthPass:
                 if head.tie == "shared":
                     # the same tensor as the embedding: one transform serves both roles
                     self.ed.edit(node, 1, "tok:emb",
-                                 lambda e: lm.expand_embedding(e, 1, s_map))
+                                 lambda e: lm.expand_embedding(e, 1, s_map),
+                                 lambda sh: _with_axis(sh, 1, self.D))
                 else:
                     self.ed.edit(node, 1, "head:tiedcopy",
-                                 lambda e, ax=hid_axis: lm.expand_embedding(e, ax, s_map))
+                                 lambda e, ax=hid_axis: lm.expand_embedding(e, ax, s_map),
+                                 lambda sh, ax=hid_axis: _with_axis(sh, ax, self.D))
                 stats["tied_head"] = head.tie
             else:
                 self.linear(head.linear, head_in, None, tag="head")
