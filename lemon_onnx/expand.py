@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import io
-from .errors import MismatchError
+from .errors import MismatchError, UnsupportedModelError
 from .plan import PLAN_KEY, Plan, make_plan
 from .recognize import Recognizer
 
@@ -27,8 +27,6 @@ def expand_model(src: str | os.PathLike, *, width=None, hidden=None, ffn=None, h
     desc = rec.run()
     used_before = {n for n, v in model.graph.initializers.items() if v.uses()}
     if desc.blockers:
-        from .errors import UnsupportedModelError
-
         raise UnsupportedModelError(
             "This graph has parts lemon-onnx cannot expand losslessly: " + "; ".join(desc.blockers)
             + ".", hint="Export the model without them (e.g. only the base model and its main "
