@@ -70,9 +70,11 @@ def plan_depth(L: int, L_target: int, placement: str) -> list[tuple[int, int]]:
 
 
 class DepthPass:
-    def __init__(self, model: ir.Model, desc, plan, width_maps: dict | None = None):
+    def __init__(self, model: ir.Model, rec: Recognizer, desc, plan,
+                 width_maps: dict | None = None):
         self.model, self.desc, self.plan = model, desc, plan
         self.graph = model.graph
+        self._rec = rec
         self.maps = width_maps or {}
 
     def rng(self, *parts) -> np.random.Generator:
@@ -80,40 +82,19 @@ class DepthPass:
         return np.random.default_rng(int.from_bytes(h[:8], "little"))
 
     # -------------------------------------------------------------- graph plumbing
-    def values(self) -> dict:
-        g = self.graph
-        vals = {v.name: v for v in list(g.inputs) + list(g.initializers.values())}
-        for n in g:
-            for o in n.outputs:
-                vals[o.name] = o
-        return vals
-
-    def block_nodes(self, rec: Recognizer, b) -> list[ir.Node]:
-        vals = rec._values
-        x, y = vals[b.input], vals[b.output]
-        anc = rec.ancestors(y)
-        inside = []
-        xp = x.producer()
-        for n in self.graph:
-            if n is xp:
-                continue
-            if n in anc and (rec.depends_on(n.outputs[0], x) or any(i is x for i in n.inputs)):
-                inside.append(n)
-        return inside
-
     def snapshot(self, rec: Recognizer, blocks) -> None:
-        """Each block's nodes and their inputs, taken before the graph is changed."""
+        """Each block's nodes (those on paths from its input to its output, in graph order)
+        and their inputs, taken before the graph is changed."""
         self._snap = {}
         for b in blocks:
-            nodes = self.block_nodes(rec, b)
-            self._snap[b.index] = [(n, list(n.inputs)) for n in nodes]
+            inside = rec._branch_nodes(rec._values[b.input], rec._values[b.output])
+            self._snap[b.index] = [(n, list(n.inputs)) for n in self.graph if n in inside]
 
     def clone_block(self, rec: Recognizer, b, tag: str, new_input: ir.Value):
         """Copy the block's nodes (and float initializers) reading ``new_input``."""
         vals = rec._values
         x = vals[b.input]
         snap = self._snap[b.index]
-        nodes = [n for n, _ in snap]
         mapping: dict[ir.Value, ir.Value] = {x: new_input}
         new_nodes = []
         for n, inputs in snap:
@@ -147,7 +128,7 @@ class DepthPass:
                 o_new.type = o_old.type
                 mapping[o_old] = o_new
             new_nodes.append(nn)
-        return nodes, new_nodes, mapping
+        return new_nodes, mapping
 
     # -------------------------------------------------------------- the pass
     def run(self) -> dict:
@@ -174,7 +155,7 @@ class DepthPass:
                 continue
             tag = f"twin{copy_no}_b{src}"
             inp = prev_out
-            old_nodes, new_nodes, mapping = self.clone_block(rec, b, tag, inp)
+            new_nodes, mapping = self.clone_block(rec, b, tag, inp)
             out_new = mapping[vals[b.output]]
             # consumers of the previous output now read the twin's output
             consumers = [(u.node, u.idx) for u in list(inp.uses())
@@ -297,25 +278,22 @@ class DepthPass:
         for f in fanin:
             if gqa and f is not fanin[0]:
                 continue  # paired q heads share their KV head already; K and V stay
-            fw = self._weight(mapping, f)
-            out_axis = 1 if f.weight_layout == "in,out" else 0
-            arr = _read(fw)
-            if f.out_features == len(fanin_src):
-                _write(fw, np.take(arr, fanin_src, axis=out_axis))
-            elif f.out_features == 3 * len(fanin_src):  # fused qkv
-                parts = np.split(arr, 3, axis=out_axis)
-                _write(fw, np.concatenate([np.take(p, fanin_src, axis=out_axis) for p in parts],
-                                          axis=out_axis))
-            else:
+            if f.out_features not in (len(fanin_src), 3 * len(fanin_src)):
                 continue
+            parts = f.out_features // len(fanin_src)  # 3: a fused qkv, pair each third
+            fw = self._weight(mapping, f)
+            _write(fw, _take_units(_read(fw), fanin_src, 1 if f.weight_layout == "in,out" else 0,
+                                   parts))
             fb = self._bias(mapping, f)
             if fb is not None:
-                b = _read(fb)
-                if b.shape[-1] == len(fanin_src):
-                    _write(fb, np.take(b, fanin_src, axis=-1))
-                else:
-                    parts = np.split(b, 3, axis=-1)
-                    _write(fb, np.concatenate([np.take(p, fanin_src, axis=-1) for p in parts], -1))
+                _write(fb, _take_units(_read(fb), fanin_src, -1, parts))
+
+
+def _take_units(arr: np.ndarray, src: np.ndarray, axis: int, parts: int) -> np.ndarray:
+    """Re-select output units along ``axis`` by ``src``, separately in each of ``parts``
+    equal slices (a fused q|k|v projection holds three unit axes side by side)."""
+    return np.concatenate([np.take(p, src, axis=axis) for p in np.split(arr, parts, axis=axis)],
+                          axis=axis)
 
 
 def _copy_attr(a: ir.Attr) -> ir.Attr:
@@ -323,6 +301,4 @@ def _copy_attr(a: ir.Attr) -> ir.Attr:
 
 
 def expand_depth(model: ir.Model, rec: Recognizer, desc, plan, width_maps=None) -> dict:
-    p = DepthPass(model, desc, plan, width_maps)
-    p._rec = rec
-    return p.run()
+    return DepthPass(model, rec, desc, plan, width_maps).run()
