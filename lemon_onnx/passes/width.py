@@ -288,12 +288,15 @@ class WidthPass:
                      lambda a: lm.StreamMap(self.d, self.D, "circ").apply(a, -1))
         return None
 
+    def stream_axis(self, node: ir.Node, index: int, key: str, axis: int) -> None:
+        """A constant whose ``axis`` is the residual stream (embedding tables, cls token,
+        position embeddings, patch Conv channels, a tied head): laid out in the stream form."""
+        self.ed.edit(node, index, key, lambda e: lm.expand_embedding(e, axis, self.s_map),
+                     lambda sh: _with_axis(sh, axis, self.D))
+
     def embedding_param(self, name: str, axis: int, tag: str):
-        v = self.values[name]
-        for u in v.uses():
-            self.ed.edit(u.node, u.idx, f"{tag}:emb",
-                         lambda e, ax=axis: lm.expand_embedding(e, ax, self.s_map),
-                         lambda sh, ax=axis: _with_axis(sh, ax, self.D))
+        for u in self.values[name].uses():
+            self.stream_axis(u.node, u.idx, f"{tag}:emb", axis)
 
     # ------------------------------------------------------------------ the pass
     def run(self) -> dict:
@@ -313,21 +316,18 @@ class WidthPass:
                                   "graph output, so its 1/k scaling would change that output.")
         # embeddings (token table handled with the head when tied)
         if emb.token:
-            node = self.node(emb.token_node)
-            self.ed.edit(node, 0, "tok:emb", lambda e: lm.expand_embedding(e, 1, s_map),
-                         lambda sh: _with_axis(sh, 1, self.D))
+            self.stream_axis(self.node(emb.token_node), 0, "tok:emb", 1)
         for name in (emb.position, emb.token_type, emb.cls_token):
             if name:
                 self.embedding_param(name, -1, f"emb:{name}")
         if emb.patch_conv:
             conv = self.node(emb.patch_conv)
-            self.ed.edit(conv, 1, "patch:w", lambda w: lm.expand_embedding(w, 0, s_map),
-                         lambda sh: _with_axis(sh, 0, self.D))
+            self.stream_axis(conv, 1, "patch:w", 0)
             if emb.patch_bias:
-                self.ed.edit(conv, 2, "patch:b", lambda b: lm.expand_embedding(b, 0, s_map))
+                self.stream_axis(conv, 2, "patch:b", 0)
         if emb.norm is not None:
             self.norm(emb.norm, lm.StreamMap(self.d, self.D, "copies"), tag="emb-norm")
-        # blocks
+        # blocks: branches (and later the heads) read a norm output (pre-norm) or the stream
         branch_in = n_map if pre else s_map
         for b in desc.blocks:
             t = f"b{b.index}"
@@ -360,7 +360,7 @@ class WidthPass:
         if desc.final_norm is not None:
             scale = 1.0 / k if (tied and head.kind == "lm") else 1.0
             self.norm(desc.final_norm, s_map, tag="final", scale=scale)
-        head_in = n_map if pre else s_map
+        head_in = branch_in  # the final norm's output (pre-norm) or the stream (post-norm)
         if head.kind == "mlm":
             tr = head.transform
             circ = lm.UnitMap(self.d, self.D, 1)
@@ -376,18 +376,14 @@ class WidthPass:
                 hid_axis = 0 if lin.weight_layout == "in,out" else 1
                 if head.tie == "shared":
                     # the same tensor as the embedding: one transform serves both roles
-                    self.ed.edit(node, 1, "tok:emb",
-                                 lambda e: lm.expand_embedding(e, 1, s_map),
-                                 lambda sh: _with_axis(sh, 1, self.D))
+                    self.stream_axis(node, 1, "tok:emb", 1)
                 else:
-                    self.ed.edit(node, 1, "head:tiedcopy",
-                                 lambda e, ax=hid_axis: lm.expand_embedding(e, ax, s_map),
-                                 lambda sh, ax=hid_axis: _with_axis(sh, ax, self.D))
+                    self.stream_axis(node, 1, "head:tiedcopy", hid_axis)
                 stats["tied_head"] = head.tie
             else:
                 self.linear(head.linear, head_in, None, tag="head")
         for i, extra in enumerate(desc.extra_heads):  # poolers etc.: read the stream, untied
-            self.linear(extra.linear, n_map if pre else s_map, None, tag=f"head{i + 1}")
+            self.linear(extra.linear, branch_in, None, tag=f"head{i + 1}")
         n_new = self.ed.apply()
         n_lit = self.rewrite_literals()
         self.fix_shapes()
