@@ -220,18 +220,7 @@ class LiteralUse:
     atoms: list
     node: str
     op: str
-    divisor: int = 1  # literal = product(atoms) // divisor (e.g. an inclusive bound); 1 mostly
     via: tuple | None = None  # (node name, input index) that reads the constant tensor
-
-    def label(self) -> str:
-        return label_atoms(self.atoms)
-
-
-def label_atoms(atoms: Iterable[Atom]) -> str:
-    names = []
-    for a in leaves(atoms):
-        names.append(a.role or (f"?{a.size}" if a.sym is None else a.sym))
-    return "*".join(names) if names else "1"
 
 
 def _int_array(value: ir.Value | None, const: ir.TensorProtocol | None = None) -> np.ndarray | None:
@@ -300,10 +289,10 @@ class AxisAnalysis:
         except UnifyError as e:
             self.conflicts.append(f"{where}: {e}")
 
-    def lit(self, e: Elem, atoms: list, node: ir.Node, divisor: int = 1) -> None:
+    def lit(self, e: Elem, atoms: list, node: ir.Node) -> None:
         if e.ref is not None:
             self.literals.append(LiteralUse(e.ref, int(e.value), list(atoms), node.name or "",
-                                            node.op_type, divisor, e.via))
+                                            node.op_type, e.via))
 
     def unexplained_lit(self, e: Elem, node: ir.Node) -> None:
         if e.ref is not None:
