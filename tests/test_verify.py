@@ -209,19 +209,23 @@ def test_default_tolerances():
 
 
 # --------------------------------------------------------------------------- half precision
-def test_fp16_perturbed_copy_passes_under_fp16_defaults(tmp_path):
+def test_fp16_perturbation_is_caught_by_float64_and_tolerated_by_fixed_tolerances(tmp_path):
     f16 = pytest.importorskip("onnxruntime.transformers.float16")
     src = FIXTURES / "gpt2-ts17.onnx"
     m16 = f16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=False)
     a = tmp_path / "a16.onnx"
     onnx.save(m16, str(a))
+    same = verify(a, a, provider="cpu")
+    assert same.passed and same.dtype == "float16" and same.levels["float64"]["ran"]
     w = recognize(load(a)).blocks[1].mlp.down.weight
     b = _perturb(a, tmp_path / "b16.onnx", w, 1e-4)
     rep = verify(a, b, provider="cpu", layerwise=True)
-    assert rep.dtype == "float16" and (rep.atol, rep.rtol) == (1e-2, 1e-2)
-    assert rep.passed, rep.format()
-    assert 0 < rep.max_abs < 1e-2  # the perturbation is seen, and tolerated
-    # the same pair is not equivalent at float32 tolerances
+    # below half precision's own rounding, yet not the same model: the float64 level sees it
+    assert not rep.passed and rep.caught_by() == ["float64"], rep.format()
+    assert rep.first_divergent_block == 1
+    fixed = verify(a, b, provider="cpu", atol=1e-2, rtol=1e-2)
+    assert fixed.passed and (fixed.atol, fixed.rtol) == (1e-2, 1e-2)
+    assert 0 < fixed.max_abs < 1e-2  # the perturbation is seen, and tolerated when asked
     assert not verify(a, b, provider="cpu", atol=1e-4, rtol=1e-3).passed
 
 
@@ -238,9 +242,14 @@ def test_bfloat16_outputs_are_compared(tmp_path):
         return path
 
     a = model(tmp_path / "a.onnx", 1.0)
-    rep = verify(a, model(tmp_path / "b.onnx", 1.01), provider="cpu")
-    assert rep.dtype == "bfloat16" and rep.passed and 0 < rep.max_abs < 5e-2
-    assert not verify(a, model(tmp_path / "c.onnx", 1.2), provider="cpu").passed
+    assert verify(a, model(tmp_path / "a2.onnx", 1.0), provider="cpu").passed
+    b = model(tmp_path / "b.onnx", 1.01)
+    rep = verify(a, b, provider="cpu")
+    assert rep.dtype == "bfloat16" and not rep.passed and "float64" in rep.caught_by()
+    rep = verify(a, b, provider="cpu", atol=5e-2, rtol=5e-2)
+    assert rep.passed and 0 < rep.max_abs < 5e-2
+    assert not verify(a, model(tmp_path / "c.onnx", 1.2), provider="cpu", atol=5e-2,
+                      rtol=5e-2).passed
 
 
 # --------------------------------------------------------------------------- providers

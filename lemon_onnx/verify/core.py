@@ -1,0 +1,261 @@
+"""verify(): run both models on the same inputs, in their dtype and in float64, and compare."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Mapping
+
+from ..errors import InputError, LemonError, RuntimeFailure
+from . import compare as cmp
+from .inputs import DEFAULT_CASES, _conform, _synthesize, load_inputs, save_inputs_npz
+from .layerwise import block_pairs, layerwise_rows
+from .models import as_ir, describe, first_float_dtype, read_plan
+from .precision import float64_bytes, run_float64
+from .report import VerifyReport
+from .runtime import CUDA, _one_line, available_providers, make_session, prepare, run_session
+
+FLOAT64_MODES = ("auto", "on", "off")
+#: the float64 copies run when their weights take at most this share of the available memory
+FLOAT64_MEMORY_SHARE = 0.4
+
+
+def verify(small_path, big_path, *, inputs=None, atol: float | None = None,
+           rtol: float | None = None, provider: str = "auto", layerwise: bool = False,
+           save_inputs=None, seed: int = 0, float64: str = "auto") -> VerifyReport:
+    """Run ``small_path`` and ``big_path`` with ONNX Runtime on the same inputs and compare.
+
+    Two levels (``compare.py``): the float64 copies of both graphs must agree to float64
+    rounding, and the expanded model's error in its own dtype must stay close to the source's
+    own.  ``atol``/``rtol``: Polygraphy's fixed rule instead of the second level (the float64
+    level is then only reported).  ``float64``: "auto" (run the float64 level when it fits
+    in memory), "on", "off".  ``inputs``: None (synthesised, seeded by ``seed``), a list of
+    {input name: array} dicts (one per case), one dict, or the path of an .npz.
+    Returns a ``VerifyReport``; raises ``InputError`` (exit 2) for unreadable models or
+    inputs and ``RuntimeFailure`` (exit 3) when ONNX Runtime cannot load or run a model.  A
+    mismatch is *reported* (``report.passed``), not raised: the caller decides (the CLI
+    exits 1).
+    """
+    t_start = time.perf_counter()
+    timings: dict = {}
+    notes: list = []
+    if provider not in ("auto", "cuda", "cpu"):
+        raise InputError(f"unknown provider {provider!r}.", hint="Use auto, cuda or cpu.")
+    if float64 not in FLOAT64_MODES:
+        raise InputError(f"unknown float64 mode {float64!r}.", hint="Use auto, on or off.")
+
+    cache: dict = {}
+    t = time.perf_counter()
+    small_ir, _ = as_ir(small_path)
+    big_ir, _ = as_ir(big_path)
+    _check_order(small_path, big_path, small_ir, big_ir)
+    plan = read_plan(big_ir, notes)
+    dtype = first_float_dtype(small_ir)
+    big_dtype = first_float_dtype(big_ir)
+    if big_dtype != dtype:
+        notes.append(f"the models' outputs differ in precision ({dtype} small, {big_dtype} big); "
+                     f"tolerances follow the small model")
+    rule = _rule(dtype, atol, rtol, approximate=plan.get("exact") is False, notes=notes)
+
+    cases, source = _inputs(inputs, small_ir, big_ir, small_path, seed, notes, cache)
+    inits_b = set(big_ir.graph.initializers)
+    big_only = [v.name for v in big_ir.graph.inputs
+                if v.name not in inits_b and v.name not in cases[0]]
+    if big_only:
+        raise InputError(f"{big_path} has input(s) {', '.join(big_only)} that {small_path} "
+                         "does not have, so the two cannot be fed the same inputs.",
+                         hint="Compare models with the same graph inputs.")
+    if save_inputs is not None:
+        save_inputs_npz(cases, save_inputs)
+    timings["load"] = time.perf_counter() - t
+
+    pairs = block_pairs(small_ir, big_ir, plan, notes, cache) if layerwise else None
+    # the model's own dtype: one session at a time keeps peak memory at the larger model
+    ref, small_outputs, used = _run_model(small_path, small_ir, cases, provider, "small",
+                                          timings)
+    forced = "cuda" if used == CUDA else "cpu"  # "auto" may end on the CPU: same for both
+    try:
+        got, big_outputs, used_big = _run_model(big_path, big_ir, cases, forced, "big", timings)
+    except RuntimeFailure as exc:
+        raise _explain_big_failure(exc, small_ir, big_ir, small_path, big_path, cache) from None
+    if provider == "auto" and used != CUDA and CUDA in available_providers():
+        notes.append("onnxruntime-gpu is installed but CUDA could not run the model; ran on "
+                     "the CPU")
+
+    # float64: the same graphs with every float tensor widened
+    t = time.perf_counter()
+    want_small = list(small_outputs) + sorted({p[2] for p in pairs or []})
+    want_big = list(big_outputs) + sorted({p[3] for p in pairs or []})
+    levels_f64, ref64, got64 = _float64_level(float64, small_path, big_path, small_ir, big_ir,
+                                              cases, want_small, want_big, forced, rule, notes)
+    timings["float64"] = time.perf_counter() - t
+    if ref64 is None and rule.mode == "relative":
+        rule = cmp.Rule("fallback", dtype, rule.atol, rule.rtol)
+
+    t = time.perf_counter()
+    out_maps = plan.get("outputs") or {}
+    report_cases = []
+    for k, (case, r, g) in enumerate(zip(cases, ref, got)):
+        outs = [cmp.compare_output(n, r[n], g.get(n), out_maps.get(n), rule,
+                                   small64=ref64[k].get(n) if ref64 else None,
+                                   big64=got64[k].get(n) if got64 else None)
+                for n in small_outputs]
+        report_cases.append({"shapes": {n: list(a.shape) for n, a in case.items()},
+                             "outputs": outs})
+    extra = [n for n in big_outputs if n not in small_outputs]
+    if extra:
+        notes.append(f"outputs only in the big model, not compared: {', '.join(extra)}")
+    timings["compare"] = time.perf_counter() - t
+    passed = all(o.passed for c in report_cases for o in c["outputs"])
+
+    rows, first = None, None
+    if pairs is not None:
+        t = time.perf_counter()
+        rows, first = layerwise_rows(small_path, big_path, small_ir, big_ir, pairs, cases,
+                                     forced, rule, ref64, got64, plan)
+        timings["layerwise"] = time.perf_counter() - t
+        if first is not None and passed:
+            notes.append(f"the outputs match but block {first}'s hidden state diverges")
+    notes.insert(0, f"inputs: {source}, {len(cases)} case(s)")
+    atol_used, rtol_used = rule.atol, rule.rtol
+    levels = {"float64": levels_f64,
+              "dtype": {"dtype": dtype, "rule": "fixed" if rule.mode == "fixed" else rule.mode,
+                        "factor": rule.factor, "floor_ulps": rule.floor_ulps,
+                        "fallback_ulps": rule.fallback_ulps, "eps": rule.eps}}
+    return VerifyReport(passed=passed, provider_requested=provider, provider_used=used_big,
+                        atol=atol_used, rtol=rtol_used, dtype=dtype, cases=report_cases,
+                        first_divergent_block=first, layerwise=rows,
+                        seconds=time.perf_counter() - t_start, notes=notes,
+                        small=str(small_path), big=str(big_path), timings=timings,
+                        levels=levels)
+
+
+def _rule(dtype: str, atol, rtol, *, approximate: bool, notes: list) -> cmp.Rule:
+    d_atol, d_rtol = cmp.default_tolerances(dtype)
+    fixed = atol is not None or rtol is not None
+    atol = d_atol if atol is None else float(atol)
+    rtol = d_rtol if rtol is None else float(rtol)
+    if atol < 0 or rtol < 0:
+        raise InputError(f"tolerances must be non-negative (atol {atol:g}, rtol {rtol:g}).")
+    if approximate and not fixed:
+        notes.append("the expansion is approximate by design (its plan says exact=false): "
+                     f"judged with the {dtype} default tolerances; the float64 difference is "
+                     "the measured approximation error")
+    if fixed or approximate:
+        return cmp.Rule("fixed", dtype, atol, rtol, algebraic_decides=False)
+    return cmp.Rule("relative", dtype, atol, rtol)
+
+
+def _inputs(inputs, small_ir, big_ir, small_path, seed, notes, cache):
+    if inputs is None:
+        cases, syn_notes = _synthesize(small_ir, seed=seed, vocab=None, cases=DEFAULT_CASES,
+                                       cache=cache)
+        notes.extend(syn_notes)
+        return cases, "synthesised"
+    if isinstance(inputs, (str, os.PathLike)):
+        cases, source = load_inputs(inputs), f"from {inputs}"
+    elif isinstance(inputs, Mapping):
+        cases, source = [dict(inputs)], "given"
+    else:
+        cases, source = [dict(c) for c in inputs], "given"
+    if not cases:
+        raise InputError("no input cases were given.", hint="Give at least one case.")
+    cases = _conform(cases, small_ir, str(small_path), notes)
+    declared = {v.name for v in small_ir.graph.inputs} | {v.name for v in big_ir.graph.inputs}
+    unused = sorted({n for c in cases for n in c} - declared)
+    if unused:
+        notes.append(f"inputs not used by either model: {', '.join(unused)}")
+    return cases, source
+
+
+def _run_model(path, ir_model, cases, provider, which, timings):
+    """Run the model file as it is (plus bfloat16 casts); returns (outputs, names, provider)."""
+    label = str(path)
+    t = time.perf_counter()
+    src, fetch = prepare(path, ir_model)
+    sess, used = make_session(src, provider, label=label,
+                              external_data_dir=Path(path).resolve().parent)
+    timings[f"session_{which}"] = time.perf_counter() - t
+    t = time.perf_counter()
+    out = [run_session(sess, c, label, fetch) for c in cases]
+    timings[f"run_{which}"] = time.perf_counter() - t
+    return out, list(fetch), used
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _float64_level(mode, small_path, big_path, small_ir, big_ir, cases, want_small, want_big,
+                   provider, rule, notes):
+    """Run both float64 copies; returns (level description, small runs, big runs)."""
+    level = {"ran": False, "engine": None, "rtol": cmp.ALGEBRAIC_RTOL,
+             "decides": rule.algebraic_decides, "why": None}
+    if mode == "off":
+        level["why"] = "turned off (float64=off)"
+        return level, None, None
+    need = max(float64_bytes(small_ir), float64_bytes(big_ir))
+    avail = _available_memory()
+    if mode == "auto" and avail is not None and need > FLOAT64_MEMORY_SHARE * avail:
+        level["why"] = (f"the float64 copy needs {need / 1e9:.1f} GB of weights and "
+                        f"{avail / 1e9:.1f} GB of memory is available")
+        notes.append(f"float64 level skipped: {level['why']}; the {rule.dtype} level uses the "
+                     "fallback bound (verify --float64 on forces it)")
+        return level, None, None
+    try:
+        s64 = run_float64(small_path, cases, want_small, provider, label=str(small_path))
+        b64 = run_float64(big_path, cases, want_big, provider, label=str(big_path))
+    except RuntimeFailure as exc:
+        level["why"] = _one_line(exc.message, 300)
+        notes.append(f"float64 level skipped: {level['why']}")
+        return level, None, None
+    level.update(ran=True, engine=s64.engine if s64.engine == b64.engine
+                 else f"{s64.engine} (small), {b64.engine} (big)",
+                 provider=b64.provider)
+    for run in (s64, b64):
+        if run.note:
+            notes.append(run.note)
+    return level, s64.outputs, b64.outputs
+
+
+def _check_order(small_path, big_path, small_ir, big_ir) -> None:
+    """Refuse SMALL and BIG given the wrong way round, in words."""
+    small_plan = read_plan(small_ir, [])
+    big_plan = read_plan(big_ir, [])
+    if small_plan and not big_plan:
+        src, tgt = small_plan.get("source", {}), small_plan.get("target", {})
+        raise InputError(
+            f"the arguments look swapped: {small_path} is an expanded model (hidden "
+            f"{src.get('hidden')} -> {tgt.get('hidden')}, layers {src.get('layers')} -> "
+            f"{tgt.get('layers')}) and {big_path} is not.",
+            hint=f"Give the source first: lemon-onnx verify {big_path} {small_path}.")
+
+
+def _explain_big_failure(exc: RuntimeFailure, small_ir, big_ir, small_path, big_path,
+                         cache) -> LemonError:
+    """The big model failed on inputs the small one ran: say why in words when we can."""
+    try:
+        ds, db = describe(small_ir, cache), describe(big_ir, cache)
+    except Exception:  # recognition is only a diagnosis here
+        return exc
+    if ds.vocab and db.vocab and ds.vocab != db.vocab:
+        return InputError(
+            f"the models have different vocabularies: {small_path} embeds {ds.vocab} tokens, "
+            f"{big_path} {db.vocab}, so token ids valid for one are not valid for the other "
+            "and the two do not compute the same function.",
+            hint="Compare a model with its own expansion (lemon-onnx expand keeps the "
+                 "vocabulary).")
+    if ds.hidden > db.hidden or ds.num_layers > db.num_layers:
+        return InputError(
+            f"{big_path} is smaller than {small_path} (hidden {db.hidden} vs {ds.hidden}, "
+            f"layers {db.num_layers} vs {ds.num_layers}): the arguments look swapped.",
+            hint=f"Give the source first: lemon-onnx verify {big_path} {small_path}.")
+    return exc

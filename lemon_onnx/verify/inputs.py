@@ -1,0 +1,228 @@
+"""Inputs: synthesised (deterministic, realistic) or the user's .npz, checked against the graph."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+from .models import as_ir, describe
+from .runtime import _one_line
+
+DEFAULT_CASES = ((2, 7), (3, 11))
+FALLBACK_VOCAB = 100
+
+def _recognised_facts(ir_model, cache: dict | None = None
+                      ) -> tuple[int | None, int | None, str | None]:
+    """(vocab, token-type rows, reason recognition failed)."""
+    try:
+        desc = describe(ir_model, cache)
+    except Exception as exc:  # any failure: fall back, and say so
+        return None, None, _one_line(str(exc) or type(exc).__name__, 200)
+    rows = None
+    tt = desc.embeddings.token_type
+    if tt and tt in ir_model.graph.initializers:
+        shape = ir_model.graph.initializers[tt].shape
+        if shape is not None and len(shape) >= 1 and isinstance(shape[0], int):
+            rows = int(shape[0])
+    return desc.vocab, rows, None
+
+
+def _role(name: str, dtype: np.dtype) -> str:
+    n = name.lower()
+    if "token_type" in n or "segment" in n:
+        return "token_type"
+    if "position" in n:
+        return "position"
+    if "mask" in n:
+        return "mask"
+    if dtype.kind in "iu" and ("input_ids" in n or n == "ids" or n.endswith("_ids")
+                               or n.endswith("tokens")):
+        return "ids"
+    if dtype.kind == "f":
+        return "float"
+    return "other"
+
+
+def _dim_values(ir_model, b: int, s: int) -> dict:
+    """Symbolic dim name -> size, shared by all inputs."""
+    sizes: dict = {}
+    order = 0
+    for v in ir_model.graph.inputs:
+        if v.shape is None:
+            continue
+        for ax, d in enumerate(v.shape.dims):
+            if isinstance(d, int):
+                continue
+            key = getattr(d, "value", None)
+            if key is None or key in sizes:
+                continue
+            k = key.lower()
+            if "past" in k:
+                sizes[key] = 0
+            elif "batch" in k:
+                sizes[key] = b
+            elif any(t in k for t in ("seq", "len", "token", "time", "position", "total")):
+                sizes[key] = s
+            else:
+                sizes[key] = b if (ax == 0 and order == 0) else s
+                order += 1
+    return sizes
+
+
+def _synthesize(ir_model, *, seed: int, vocab: int | None, cases,
+                cache: dict | None = None) -> tuple[list, list]:
+    notes: list = []
+    inits = set(ir_model.graph.initializers)
+    inputs = [v for v in ir_model.graph.inputs if v.name not in inits]
+    specs = []
+    for v in inputs:
+        if v.dtype is None or v.shape is None:
+            raise InputError(f"input {v.name!r} has no declared {'dtype' if v.dtype is None else 'shape'}"
+                             ", so inputs cannot be synthesised for it.",
+                             hint="Pass your own inputs with --inputs FILE.npz.")
+        try:
+            npdt = np.dtype(v.dtype.numpy())
+        except Exception:
+            raise InputError(f"input {v.name!r} has dtype {v.dtype}, which numpy cannot "
+                             "represent.", hint="Pass your own inputs with --inputs FILE.npz."
+                             ) from None
+        specs.append((v, npdt, _role(v.name, npdt)))
+    tt_rows = None
+    if any(r in ("ids", "token_type") for _, _, r in specs):
+        rec_vocab, tt_rows, why = _recognised_facts(ir_model, cache)
+        if vocab is None:
+            vocab = rec_vocab
+            if vocab is None:
+                vocab = FALLBACK_VOCAB
+                notes.append(f"vocabulary size not recognised ({why or 'no token embedding'}); "
+                             f"token ids drawn from [0, {FALLBACK_VOCAB})")
+    out = []
+    for k, (b, s) in enumerate(cases):
+        rng = np.random.default_rng([int(seed), k])
+        sizes = _dim_values(ir_model, int(b), int(s))
+        feeds = {}
+        for v, npdt, role in specs:
+            shape = []
+            for ax, d in enumerate(v.shape.dims):
+                if isinstance(d, int):
+                    shape.append(d)
+                else:
+                    key = getattr(d, "value", None)
+                    shape.append(sizes[key] if key in sizes else (b if ax == 0 else s))
+            shape = tuple(shape)
+            if role == "ids":
+                a = rng.integers(0, vocab, size=shape)
+            elif role == "mask":
+                a = np.ones(shape)
+                if a.ndim == 2 and shape[0] >= 1 and shape[1] >= 2:
+                    pad = min(shape[1] - 1, max(1, shape[1] // 4))
+                    a[-1, shape[1] - pad:] = 0
+            elif role == "token_type":
+                a = np.zeros(shape)
+                n_types = 2 if tt_rows is None else min(2, tt_rows)
+                if n_types >= 2 and a.ndim >= 1 and shape[-1] >= 2:
+                    a[..., shape[-1] // 2:] = 1
+            elif role == "position":
+                a = np.broadcast_to(np.arange(shape[-1] if shape else 1), shape).copy() \
+                    if shape else np.zeros(())
+            elif role == "float":
+                a = rng.standard_normal(shape)
+            else:
+                a = np.zeros(shape)
+            feeds[v.name] = np.ascontiguousarray(a.astype(npdt))
+        out.append(feeds)
+    return out, notes
+
+
+def synthesize_inputs(model_path_or_proto, *, seed: int = 0, vocab: int | None = None,
+                      cases: Iterable = DEFAULT_CASES) -> list[dict[str, np.ndarray]]:
+    """Deterministic realistic inputs for the model's graph inputs, one dict per
+    (batch, sequence) case; see the module docstring for the rules."""
+    ir_model, _ = as_ir(model_path_or_proto)
+    feeds, _ = _synthesize(ir_model, seed=seed, vocab=vocab, cases=tuple(cases))
+    return feeds
+
+
+_CASE_KEY = re.compile(r"^case(\d+)/(.+)$")
+
+
+def load_inputs(path) -> list[dict[str, np.ndarray]]:
+    """Cases from an .npz: keys ``<input>`` (one case) or ``case<k>/<input>`` (the fixtures'
+    ``case<k>/in/<input>`` layout too; ``case<k>/out/...`` is ignored)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: no such inputs file.", hint="Pass an .npz made by numpy.savez.")
+    try:
+        data = np.load(p, allow_pickle=False)
+        keys = list(data.files)
+        arrays = {k: data[k] for k in keys}
+    except Exception as exc:
+        raise InputError(f"{p} is not a readable .npz file ({_one_line(exc, 200)}).",
+                         hint="Write it with numpy.savez(path, **{'case0/input_ids': ...}).") \
+            from None
+    if not arrays:
+        raise InputError(f"{p} contains no arrays.", hint="Write at least one input.")
+    matched = {k: _CASE_KEY.match(k) for k in keys}
+    if all(matched.values()):
+        rests = [m.group(2) for m in matched.values()]
+        io_layout = all(r.startswith(("in/", "out/")) for r in rests)
+        cases: dict[int, dict] = {}
+        for k, m in matched.items():
+            rest = m.group(2)
+            if io_layout:
+                if rest.startswith("out/"):
+                    continue
+                rest = rest[3:]
+            cases.setdefault(int(m.group(1)), {})[rest] = arrays[k]
+        return [cases[i] for i in sorted(cases)]
+    if any(matched.values()):
+        raise InputError(f"{p} mixes case<k>/<input> keys with plain <input> keys.",
+                         hint="Use one layout for all keys.")
+    return [arrays]
+
+
+def save_inputs_npz(cases: Sequence[Mapping[str, np.ndarray]], path) -> Path:
+    """Write cases as ``case<k>/<input>`` (no '.npz' suffix is added to ``path``)."""
+    p = Path(path)
+    flat = {f"case{k}/{n}": np.asarray(a) for k, c in enumerate(cases) for n, a in c.items()}
+    with open(p, "wb") as f:
+        np.savez(f, **flat)
+    return p
+
+
+def _conform(cases: list, ir_model, label: str, notes: list) -> list:
+    """Check user inputs against the graph inputs; cast within a kind (int32->int64)."""
+    inits = set(ir_model.graph.initializers)
+    decl = {v.name: v for v in ir_model.graph.inputs if v.name not in inits}
+    out = []
+    for k, case in enumerate(cases):
+        feeds = dict(case)
+        missing = [n for n in decl if n not in feeds]
+        if missing:
+            raise InputError(f"inputs case {k} lacks {', '.join(missing)}, which {label} needs "
+                             f"(given: {', '.join(sorted(feeds)) or 'nothing'}).",
+                             hint="Add them to the .npz under case<k>/<input name>.")
+        for n, v in decl.items():
+            a = np.asarray(feeds[n])
+            if v.shape is not None and a.ndim != len(v.shape):
+                raise InputError(f"inputs case {k}: {n!r} has shape {list(a.shape)} but the "
+                                 f"model declares rank {len(v.shape)} ({v.shape}).",
+                                 hint="Fix the array in the .npz.")
+            try:
+                want = np.dtype(v.dtype.numpy()) if v.dtype is not None else a.dtype
+            except Exception:
+                want = a.dtype
+            if a.dtype != want:
+                if a.dtype.kind == want.kind or (a.dtype.kind in "iub" and want.kind in "iub"):
+                    notes.append(f"case {k}: {n} cast from {a.dtype} to {want}")
+                    a = a.astype(want)
+                else:
+                    raise InputError(f"inputs case {k}: {n!r} is {a.dtype} but the model wants "
+                                     f"{want}.", hint="Fix the array's dtype in the .npz.")
+            feeds[n] = np.ascontiguousarray(a)
+        out.append(feeds)
+    return out

@@ -1,0 +1,71 @@
+"""Facts about the two models: loading, the lemon plan, output dtype, recognition (cached)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PLAN_KEY = "lemon.plan"
+
+
+def as_ir(model_path_or_proto):
+    """(onnx-ir model, path or None) from a path, an onnx.ModelProto, bytes or an ir.Model."""
+    import onnx
+    import onnx_ir as ir
+
+    from .. import io
+
+    if isinstance(model_path_or_proto, ir.Model):
+        return model_path_or_proto, None
+    if isinstance(model_path_or_proto, (bytes, bytearray)):
+        model_path_or_proto = onnx.load_from_string(bytes(model_path_or_proto))
+    if isinstance(model_path_or_proto, onnx.ModelProto):
+        return ir.serde.deserialize_model(model_path_or_proto), None
+    return io.load(model_path_or_proto), Path(model_path_or_proto)
+
+
+def read_plan(ir_model, notes: list) -> dict:
+    text = ir_model.metadata_props.get(PLAN_KEY)
+    if not text:
+        return {}
+    try:
+        plan = json.loads(text)
+        if not isinstance(plan, dict):
+            raise ValueError("not an object")
+        return plan
+    except ValueError as exc:
+        notes.append(f"the big model's metadata {PLAN_KEY} is not valid JSON ({exc}); "
+                     "outputs are compared whole")
+        return {}
+
+
+def first_float_dtype(ir_model) -> str:
+    import onnx_ir as ir
+
+    names = {ir.DataType.FLOAT: "float32", ir.DataType.DOUBLE: "float64",
+             ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
+    for v in ir_model.graph.outputs:
+        if v.dtype in names:
+            return names[v.dtype]
+    return "float32"
+
+
+def describe(ir_model, cache: dict | None = None):
+    """recognize(ir_model), remembered in ``cache`` (also a failure, as the exception)."""
+    key = id(ir_model)
+    if cache is not None and key in cache:
+        result = cache[key]
+    else:
+        from ..recognize import recognize
+
+        try:
+            result = recognize(ir_model)
+        except Exception as exc:  # reported by the callers
+            result = exc
+        if cache is not None:
+            cache[key] = result
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+

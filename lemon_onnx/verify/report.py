@@ -1,0 +1,241 @@
+"""Verification reports: per-output statistics, the human table, the JSON form."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+@dataclasses.dataclass
+class OutputReport:
+    """Comparison of one output (or one block's hidden state) in one input case."""
+
+    name: str
+    shape_small: list | None
+    shape_big: list | None
+    compared: str  # "whole" | "prefix:<d>" | "prefix:<d>@axis<k>" | "not compared"
+    max_abs: float = 0.0
+    mean_abs: float = 0.0
+    max_rel: float = 0.0
+    nan_small: int = 0
+    nan_big: int = 0
+    inf_small: int = 0
+    inf_big: int = 0
+    min_atol: float = 0.0
+    min_rtol: float = 0.0
+    failed_elements: int = 0
+    elements: int = 0
+    passed: bool = True
+    message: str | None = None
+    # the two levels (compare.py); None where that level did not run
+    ref_max: float | None = None  # max |source output| (float64 run, else model dtype)
+    own_error: float | None = None  # max |source, model dtype - source, float64|
+    error: float | None = None  # max |expanded, model dtype - source, float64| (fallback: - source)
+    ratio: float | None = None  # error / own_error
+    bound: float | None = None  # what error had to stay within
+    rule: str | None = None  # "ratio" | "floor" | "fallback" | "fixed": what set the verdict
+    alg_max_abs: float | None = None  # max |expanded, float64 - source, float64|
+    alg_rel: float | None = None  # alg_max_abs / ref_max
+    alg_passed: bool | None = None  # alg_rel <= ALGEBRAIC_RTOL
+    nonfinite_mismatch: int = 0  # elements NaN/Inf in one model only (or at another value)
+    caught_by: str | None = None  # failing level: "float64", "<dtype>", "float64+<dtype>", "shape"
+
+
+#: version of the JSON report's layout; bumped when a field changes meaning or goes away
+SCHEMA_VERSION = 2
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    passed: bool
+    provider_requested: str
+    provider_used: str
+    atol: float
+    rtol: float
+    dtype: str
+    cases: list  # [{"shapes": {name: [..]}, "outputs": [OutputReport]}]
+    first_divergent_block: int | None = None
+    layerwise: list | None = None
+    seconds: float = 0.0
+    notes: list = dataclasses.field(default_factory=list)
+    small: str = ""
+    big: str = ""
+    timings: dict = dataclasses.field(default_factory=dict)
+    levels: dict = dataclasses.field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    # -- worst numbers over all cases, handy for one-line summaries
+    @property
+    def max_abs(self) -> float:
+        """Largest |expanded - source| over outputs and cases, both in the model's dtype."""
+        return max((o.max_abs for c in self.cases for o in c["outputs"]), default=0.0)
+
+    def _worst(self, field: str):
+        vals = [getattr(o, field) for c in self.cases for o in c["outputs"]]
+        vals = [v for v in vals if v is not None]
+        return max(vals) if vals else None
+
+    @property
+    def max_ratio(self) -> float | None:
+        """Largest (expanded error) / (source's own error) against the float64 source."""
+        return self._worst("ratio")
+
+    @property
+    def max_alg_rel(self) -> float | None:
+        """Largest float64 difference relative to max |source output|."""
+        return self._worst("alg_rel")
+
+    def failed_outputs(self) -> list:
+        return sorted({o.name for c in self.cases for o in c["outputs"] if not o.passed})
+
+    def caught_by(self) -> list:
+        """The levels that failed (``float64``, the dtype, ``shape``), in order of appearance."""
+        seen: list = []
+        rows = [o for c in self.cases for o in c["outputs"]]
+        for o in rows:
+            for part in (o.caught_by or "").split("+"):
+                if part and part not in seen:
+                    seen.append(part)
+        return seen
+
+    def summary(self) -> str:
+        """One line: the verdict and the figures that decided it."""
+        parts = [f"max abs error {self.max_abs:.2e}"]
+        if self.max_ratio is not None:
+            own = self._worst("own_error")
+            parts.append(f"{_g(self.max_ratio)}x the source's own {self.dtype} error "
+                         f"({_g(own)})")
+        if self.max_alg_rel is not None:
+            parts.append(f"float64 difference {_g(self.max_alg_rel)} relative")
+        if not self.passed and self.caught_by():
+            parts.append("caught by " + " and ".join(self.caught_by()))
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return _jsonable(d)
+
+    def to_json(self, **kw: Any) -> str:
+        kw.setdefault("indent", 2)
+        return json.dumps(self.to_dict(), allow_nan=False, **kw)
+
+    def format(self) -> str:
+        """A human-readable table."""
+        verdict = "PASS" if self.passed else "FAIL"
+        alg = self.levels.get("float64") or {}
+        dt = self.levels.get("dtype") or {}
+        lines = [f"verify {self.small or '?'} -> {self.big or '?'}: {verdict}",
+                 f"  provider {self.provider_used} (requested {self.provider_requested}), "
+                 f"{self.dtype}, {self.seconds:.2f}s"]
+        if alg.get("ran"):
+            lines.append(f"  float64 level: {alg.get('engine')}; the float64 outputs must agree "
+                         f"to {alg.get('rtol'):g} x max|output|"
+                         + ("" if alg.get("decides") else " (reported, does not decide)"))
+        else:
+            lines.append(f"  float64 level: not run ({alg.get('why') or 'not requested'})")
+        fixed = dt.get("rule") == "fixed"
+        if fixed:
+            lines.append(f"  {self.dtype} level: fixed tolerances, an element fails if |big - "
+                         f"small| > atol {self.atol:g} and > rtol {self.rtol:g} x |small|")
+        elif dt.get("rule") == "fallback":
+            lines.append(f"  {self.dtype} level: |big - small| <= {dt.get('fallback_ulps'):g} "
+                         f"eps x max|small| (no float64 run to measure the source's own error)")
+        else:
+            lines.append(f"  {self.dtype} level: |big - small64| <= {dt.get('factor'):g} x "
+                         f"|small - small64| (the source's own error) + "
+                         f"{dt.get('floor_ulps'):g} eps x max|small64|")
+        head = _header(fixed)
+        for k, case in enumerate(self.cases):
+            shapes = ", ".join(f"{n}{list(s)}" for n, s in case["shapes"].items())
+            lines.append(f"  case {k}: {shapes}")
+            lines.append(head)
+            for o in case["outputs"]:
+                lines.append(_row(o.name, o, fixed))
+                if o.message:
+                    lines.append(f"      {o.message}")
+        if self.layerwise is not None:
+            lines.append("  layerwise (hidden state leaving each block, worst over cases):")
+            lines.append(head.replace("output  ", "block   ", 1))
+            for b in self.layerwise:
+                label = f"{b['block']} -> {b['big_block']}"
+                lines.append(_row(label, _Obj(b), fixed))
+                if b.get("message"):
+                    lines.append(f"      {b['message']}")
+            fdb = self.first_divergent_block
+            lines.append("  first divergent block: " + ("none" if fdb is None else str(fdb)))
+        lines.append("  columns: " + (_LEGEND_FIXED if fixed else _LEGEND))
+        for n in self.notes:
+            lines.append(f"  note: {n}")
+        return "\n".join(lines)
+
+
+_LEGEND = ("own err = |small - small64| (the source's own rounding), error = |big - small64|, "
+           "ratio = error / own err, bound = what error had to stay within (set by the ratio, "
+           "the floor, or the fallback rule), f64 rel = |big64 - small64| / max|small64|, "
+           "nonfinite = NaN/Inf in one model only; all maxima over the output")
+_LEGEND_FIXED = ("max_abs/mean_abs/max_rel of |big - small|, min_atol (min_rtol) = the smallest "
+                 "atol (rtol) with which every element passes at the given rtol (atol), "
+                 "nan s/b and inf s/b = NaN and Inf counts in small/big, f64 rel = "
+                 "|big64 - small64| / max|small64| (reported only)")
+
+
+class _Obj:
+    def __init__(self, d: dict):
+        self.__dict__.update(d)
+
+
+def _g(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and math.isinf(x):
+        return "inf"
+    return f"{x:.2e}"
+
+
+def _header(fixed: bool) -> str:
+    if fixed:
+        return (f"  {'output':<24} {'compared':<12} {'max_abs':>9} {'mean_abs':>9} "
+                f"{'max_rel':>9} {'min_atol':>9} {'min_rtol':>9} {'nan s/b':>8} "
+                f"{'inf s/b':>8} {'f64 rel':>9} {'failed':>9}  result")
+    return (f"  {'output':<24} {'compared':<12} {'own err':>9} {'error':>9} {'ratio':>7} "
+            f"{'bound':>9} {'rule':>8} {'f64 rel':>9} {'nonfinite':>9} {'failed':>11}  result")
+
+
+def _row(label: str, o, fixed: bool = False) -> str:
+    if o.passed:
+        result = "ok"
+    else:
+        result = "FAIL" + (f" ({o.caught_by})" if getattr(o, "caught_by", None) else "")
+    failed = f"{o.failed_elements}/{o.elements}" if o.elements else str(o.failed_elements)
+    f64 = _g(getattr(o, "alg_rel", None))
+    if fixed:
+        return (f"  {label:<24} {o.compared:<12} {_g(o.max_abs):>9} {_g(o.mean_abs):>9} "
+                f"{_g(o.max_rel):>9} {_g(o.min_atol):>9} {_g(o.min_rtol):>9} "
+                f"{f'{o.nan_small}/{o.nan_big}':>8} {f'{o.inf_small}/{o.inf_big}':>8} "
+                f"{f64:>9} {failed:>9}  {result}")
+    ratio = "-" if o.ratio is None else ("inf" if math.isinf(o.ratio) else f"{o.ratio:.2f}")
+    return (f"  {label:<24} {o.compared:<12} {_g(o.own_error):>9} {_g(o.error):>9} "
+            f"{ratio:>7} {_g(o.bound):>9} {o.rule or '-':>8} {f64:>9} "
+            f"{o.nonfinite_mismatch:>9} {failed:>11}  {result}")
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        x = float(x)
+        if math.isnan(x):
+            return "nan"
+        if math.isinf(x):
+            return "inf" if x > 0 else "-inf"
+        return x
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
