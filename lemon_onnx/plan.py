@@ -28,6 +28,9 @@ class Plan:
     depth_placement: str | None = None
     depth_init: str | None = None
     exact: bool = True
+    #: constants the expansion had to round in the storage dtype (fractional widths: norm
+    #: scales sqrt(k*d/D), avg means); empty when the expansion is exact as stored
+    rounded: list = dataclasses.field(default_factory=list)
     notes: list = dataclasses.field(default_factory=list)
     version: int = 1
 

@@ -139,6 +139,22 @@ def _write(v: ir.Value, arr: np.ndarray) -> None:
     v.shape = ir.Shape(arr.shape)
 
 
+def rounded_constants(s_map: lm.StreamMap) -> list[str]:
+    """What a fractional width must round in the storage dtype (lemon-math.md, "Norm layers").
+
+    A standard norm over D sees mean squares s = k*d/D times those over d, so its gamma must
+    be sqrt(s)*gamma: irrational for most s (sqrt(3/4) for 576 -> 768), hence not storable
+    exactly in any float dtype; an ``avg`` stream's leftover slots hold means (1/d times a
+    sum), rounded too.  No exact construction keeps a standard norm over D: the leftover
+    slots would have to carry a non-linear function of the stream.  Integer factors need
+    none of this.  The float64 level of verification allows for these roundings."""
+    out = [f"norm scales sqrt({s_map.k * s_map.d}/{s_map.D}) and epsilons x {s_map.k * s_map.d}"
+           f"/{s_map.D}"]
+    if s_map.form == "avg":
+        out.append("avg leftover slots: means of the stream-writing weights' rows")
+    return out
+
+
 class WidthPass:
     def __init__(self, rec: Recognizer, desc, plan):
         self.rec, self.desc, self.plan = rec, desc, plan
@@ -221,8 +237,14 @@ class WidthPass:
                        if x is not None and const_source(x)[0] is self.values[lin.bias])
             self.ed.edit(bnode, idx, f"{tag}:b", fb)
 
-    def norm(self, nrm: Norm, in_map: lm.StreamMap, *, tag: str, scale: float = 1.0):
-        """gamma/beta/epsilon of a norm whose input is laid out by ``in_map``."""
+    def norm(self, nrm: Norm, in_map: lm.StreamMap, *, tag: str, tied: bool = False):
+        """gamma/beta/epsilon of a norm whose input is laid out by ``in_map``.
+
+        ``tied``: the norm feeds a tied head, whose k copies of every embedding row would make
+        the logits k times too large.  LEMON scales gamma and beta by 1/k; here the k copies
+        of gamma (and beta) are instead an exact random split of them (lemon_math's input-side
+        rule on a vector), so the head's sum over the copies gives the source's logits exactly
+        in the storage dtype for every k (1/k is not representable for k = 3, 5, ...)."""
         nodes = [self.node(n) for n in nrm.nodes]
         rng = self.ed.rng(tag, "gamma")
         kind = nrm.kind
@@ -232,14 +254,28 @@ class WidthPass:
             g2, b2, eps2 = lm.expand_norm(gamma0, beta0, nrm.epsilon, in_map, rng=rng, kind=kind)
         except ValueError as e:
             raise PlanError(str(e)) from None
+        if tied and in_map.k > 1:
+            g2 = self._split_copies(g2, in_map, self.ed.rng(tag, "tie-gamma"))
+            b2 = None if b2 is None else self._split_copies(b2, in_map,
+                                                            self.ed.rng(tag, "tie-beta"))
         if nrm.gamma:
-            self._edit_param(nodes, nrm.gamma, f"{tag}:gamma", (g2 * scale).astype(gamma0.dtype))
-        elif scale != 1.0 or in_map.r:
+            self._edit_param(nodes, nrm.gamma, f"{tag}:gamma", g2.astype(gamma0.dtype))
+        elif tied or in_map.r:
             raise PlanError(f"norm {nrm.output} has no scale parameter to rescale")
         if nrm.beta:
-            self._edit_param(nodes, nrm.beta, f"{tag}:beta", (b2 * scale).astype(beta0.dtype))
+            self._edit_param(nodes, nrm.beta, f"{tag}:beta", b2.astype(beta0.dtype))
         if eps2 != nrm.epsilon:
             self.set_epsilon(nrm, eps2)
+
+    def _split_copies(self, v: np.ndarray, in_map: lm.StreamMap, rng) -> np.ndarray:
+        """The k tiled copies ``v[:k*d]`` of a norm parameter replaced by an exact split of one
+        copy (the parts of each coordinate sum to it), leftover slots kept."""
+        d, k = in_map.d, in_map.k
+        parts = lm.expand_in(v[:d].reshape(d, 1), 0, lm.StreamMap(d, k * d, "copies"),
+                             rng=rng, init_scale=0.0)
+        out = v.copy()
+        out[:k * d] = parts[:, 0]
+        return out
 
     def _edit_param(self, nodes, name, key, new):
         v = self.values[name]
@@ -356,10 +392,8 @@ class WidthPass:
                 self.norm(b.mlp_post_norm, s_map, tag=f"{t}.ln2post")
         # final norm and head
         tied = bool(head.tie) and not untie
-        k = s_map.k
         if desc.final_norm is not None:
-            scale = 1.0 / k if (tied and head.kind == "lm") else 1.0
-            self.norm(desc.final_norm, s_map, tag="final", scale=scale)
+            self.norm(desc.final_norm, s_map, tag="final", tied=tied and head.kind == "lm")
         head_in = branch_in  # the final norm's output (pre-norm) or the stream (post-norm)
         if head.kind == "mlm":
             tr = head.transform
@@ -367,7 +401,7 @@ class WidthPass:
             self.linear(tr, head_in, circ if self.D % self.d == 0 else None, tag="head.transform")
             if head.transform_norm is not None:
                 self.norm(head.transform_norm, lm.StreamMap(self.d, self.D, "copies"),
-                          tag="head.norm", scale=(1.0 / k) if tied else 1.0)
+                          tag="head.norm", tied=tied)
             head_in = lm.StreamMap(self.d, self.D, "copies")
         if head.linear is not None:
             if tied:
@@ -384,6 +418,8 @@ class WidthPass:
                 self.linear(head.linear, head_in, None, tag="head")
         for i, extra in enumerate(desc.extra_heads):  # poolers etc.: read the stream, untied
             self.linear(extra.linear, branch_in, None, tag=f"head{i + 1}")
+        if s_map.r:
+            plan.rounded = rounded_constants(s_map)
         n_new = self.ed.apply()
         n_lit = self.rewrite_literals()
         self.fix_shapes()

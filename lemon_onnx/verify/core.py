@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -57,6 +58,10 @@ def verify(small_path, big_path, *, inputs=None, atol: float | None = None,
         notes.append(f"the models' outputs differ in precision ({dtype} small, {big_dtype} big); "
                      f"tolerances follow the small model")
     rule = _rule(dtype, atol, rtol, approximate=plan.get("exact") is False, notes=notes)
+    if plan.get("rounded"):
+        rule = dataclasses.replace(rule, alg_rtol=cmp.ROUNDED_ULPS * rule.eps)
+        notes.append("rounded in " + dtype + " by the expansion (so the float64 level allows "
+                     f"{cmp.ROUNDED_ULPS} epsilons): " + "; ".join(plan["rounded"]))
 
     cases, source = _inputs(inputs, small_ir, big_ir, small_path, seed, notes, cache)
     inits_b = set(big_ir.graph.initializers)
@@ -197,7 +202,7 @@ def _available_memory() -> int | None:
 def _float64_level(mode, small_path, big_path, small_ir, big_ir, cases, want_small, want_big,
                    provider, rule, notes):
     """Run both float64 copies; returns (level description, small runs, big runs)."""
-    level = {"ran": False, "engine": None, "rtol": cmp.ALGEBRAIC_RTOL,
+    level = {"ran": False, "engine": None, "rtol": rule.alg_rtol,
              "decides": rule.algebraic_decides, "why": None}
     if mode == "off":
         level["why"] = "turned off (float64=off)"
