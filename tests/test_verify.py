@@ -413,3 +413,26 @@ def test_silent_cpu_fallback_is_detected(monkeypatch):
     rep = verify(src, src, provider="auto")
     assert rep.passed and rep.provider_used == "CPUExecutionProvider"
     assert any("CUDA could not run" in n for n in rep.notes)
+
+
+def test_input_roles_come_from_the_graph_not_the_names(tmp_path):
+    """BERT's three integer inputs renamed to x0, x1, x2: ids, mask and token types are still
+    told apart by where their values go (the token table, arithmetic, the type table)."""
+    from lemon_onnx.verify.inputs import roles_from_graph
+
+    m = onnx.load(str(FIXTURES / "bert-ts17.onnx"))
+    ren = {i.name: f"x{k}" for k, i in enumerate(m.graph.input)}
+    for i in m.graph.input:
+        i.name = ren[i.name]
+    for n in m.graph.node:
+        for k, x in enumerate(n.input):
+            if x in ren:
+                n.input[k] = ren[x]
+    path = tmp_path / "renamed.onnx"
+    onnx.save(m, str(path))
+    ir_model = load(path)
+    roles = roles_from_graph(ir_model, recognize(ir_model))
+    assert roles == {ren["input_ids"]: "ids", ren["attention_mask"]: "mask",
+                     ren["token_type_ids"]: "token_type"}
+    rep = verify(path, path, provider="cpu")
+    assert rep.passed and not any("guessed" in n for n in rep.notes)

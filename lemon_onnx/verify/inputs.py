@@ -31,7 +31,59 @@ def _recognised_facts(ir_model, cache: dict | None = None
     return desc.vocab, rows, None
 
 
-def _role(name: str, dtype: np.dtype) -> str:
+#: ops that carry index values unchanged (only their layout or dtype) to a Gather
+_INDEX_CARRIERS = {"Cast", "Unsqueeze", "Squeeze", "Reshape", "Identity", "Expand", "Flatten",
+                   "Transpose"}
+
+
+def roles_from_graph(ir_model, desc) -> dict:
+    """Input name -> role, read from the graph: an integer input whose values reach a Gather
+    as indices (through layout-only ops) into the recognised token table is ``ids``, into the
+    token-type table ``token_type``, into any other constant table (position embeddings,
+    rotary cos/sin caches) ``position``; any other integer input (it feeds arithmetic: the
+    attention mask) ``mask``; float inputs ``float``."""
+    from ..recognize import const_source
+
+    g = ir_model.graph
+    emb = desc.embeddings
+    tables = {}
+    for name, role in ((emb.token, "ids"), (emb.token_type, "token_type"),
+                       (emb.position, "position")):
+        if name and name in g.initializers:
+            tables[g.initializers[name]] = role
+    inits = set(g.initializers)
+    roles = {}
+    for v in g.inputs:
+        if v.name in inits or v.dtype is None:
+            continue
+        if v.dtype.is_floating_point():
+            roles[v.name] = "float"
+            continue
+        found, frontier, seen = set(), [v], set()
+        while frontier:
+            x = frontier.pop()
+            for use in x.uses():
+                n = use.node
+                if id(n) in seen:
+                    continue
+                seen.add(id(n))
+                if n.op_type == "Gather" and use.idx == 1:
+                    table, _ = const_source(n.inputs[0])
+                    if table is not None:
+                        found.add(tables.get(table, "position"))
+                elif n.op_type in _INDEX_CARRIERS and use.idx == 0:
+                    frontier.extend(n.outputs)
+        for role in ("ids", "token_type", "position"):
+            if role in found:
+                roles[v.name] = role
+                break
+        else:
+            roles[v.name] = "mask"
+    return roles
+
+
+def _role_by_name(name: str, dtype: np.dtype) -> str:
+    """Only when the model is not recognised: guess from the input's name."""
     n = name.lower()
     if "token_type" in n or "segment" in n:
         return "token_type"
@@ -90,7 +142,14 @@ def _synthesize(ir_model, *, seed: int, vocab: int | None, cases,
             raise InputError(f"input {v.name!r} has dtype {v.dtype}, which numpy cannot "
                              "represent.", hint="Pass your own inputs with --inputs FILE.npz."
                              ) from None
-        specs.append((v, npdt, _role(v.name, npdt)))
+        specs.append((v, npdt))
+    try:
+        roles = roles_from_graph(ir_model, describe(ir_model, cache))
+    except Exception as exc:  # not recognised: names are all there is, and we say so
+        roles = {v.name: _role_by_name(v.name, npdt) for v, npdt in specs}
+        notes.append("input roles guessed from their names (the model was not recognised: "
+                     f"{_one_line(str(exc) or type(exc).__name__, 200)})")
+    specs = [(v, npdt, roles.get(v.name, "other")) for v, npdt in specs]
     tt_rows = None
     if any(r in ("ids", "token_type") for _, _, r in specs):
         rec_vocab, tt_rows, why = _recognised_facts(ir_model, cache)
