@@ -103,6 +103,11 @@ class Embeddings:
     token_node: str | None = None
     position: str | None = None  # initializer [positions, hidden] or [1, positions, hidden]
     token_type: str | None = None
+    #: every table gathered and added onto the stream besides the token table, in graph order:
+    #: [name, how its rows are chosen] with "input" (a graph input's values), "sequence"
+    #: (indices that run along the sequence: Range, an arange buffer), "constant" (one row for
+    #: every token: a type embedding whose ids are not an input)
+    tables: list = dataclasses.field(default_factory=list)
     patch_conv: str | None = None  # Conv node
     patch_weight: str | None = None
     patch_bias: str | None = None
@@ -1014,19 +1019,9 @@ class Recognizer:
             if n.op_type == "Gather" and emb.token_node != n.name:
                 t = const_source(n.inputs[0])[0]
                 if t is not None and t.const_value is not None and len(t.const_value.shape) == 2 \
-                        and set(dims.leaves(self.ax.axes[t][1])) <= hid:
-                    idx = back_view(n.inputs[1])
-                    name_kind = "token_type" if (idx in set(self.graph.inputs) and
-                                                 emb.token_type is None and
-                                                 t.const_value.shape[0] <= 16) else "position"
-                    if name_kind == "position" and emb.position is None:
-                        emb.position = t.name
-                        for a in dims.leaves(self.ax.axes[t][0]):
-                            a.role = a.role or "max_positions"
-                    elif name_kind == "token_type":
-                        emb.token_type = t.name
-                        for a in dims.leaves(self.ax.axes[t][0]):
-                            a.role = a.role or "token_types"
+                        and set(dims.leaves(self.ax.axes[t][1])) <= hid \
+                        and t.name not in [x[0] for x in emb.tables]:
+                    emb.tables.append([t.name, _index_kind(n.inputs[1], set(self.graph.inputs))])
             if n.op_type in ("Add", "Concat", "Expand"):
                 for i in n.inputs:
                     t = const_source(i)[0] if i is not None else None
@@ -1036,6 +1031,32 @@ class Recognizer:
                         emb.position = t.name
                     elif n.op_type in ("Concat", "Expand") and emb.cls_token is None:
                         emb.cls_token = t.name
+        self._label_tables(emb)
+
+    def _label_tables(self, emb: Embeddings) -> None:
+        """Name the gathered tables by how their rows are chosen, never by their row count.
+
+        Positions: indices that run along the sequence; failing that, the one table indexed
+        by a graph input (position ids given as an input).  Token types: a table whose row is
+        a constant for every token, or an input-indexed table beside a position table."""
+        by_kind: dict = defaultdict(list)
+        for name, kind in emb.tables:
+            by_kind[kind].append(name)
+        seq, inp, const = by_kind["sequence"], by_kind["input"], by_kind["constant"]
+        if emb.position is None:
+            if seq:
+                emb.position = seq[0]
+            elif len(inp) == 1 and not const:
+                emb.position = inp[0]
+        if emb.token_type is None:
+            rest = [x for x in const + inp if x != emb.position]
+            if len(rest) == 1:
+                emb.token_type = rest[0]
+        init = self.graph.initializers
+        for name, role in ((emb.position, "max_positions"), (emb.token_type, "token_types")):
+            if name and name in init:
+                for a in dims.leaves(self.ax.axes[init[name]][0]):
+                    a.role = a.role or role
 
     def _family(self, layout, nrm, b0, emb, head) -> str:
         if emb.patch_conv:
@@ -1054,6 +1075,48 @@ class Recognizer:
         return [SizeLiteral(list(lu.ref), lu.value, label_with_groups(dims.leaves(lu.atoms), groups),
                             lu.node, lu.op, list(lu.via) if lu.via else None)
                 for lu in self.ax.literals]
+
+
+#: ops whose output values are taken from their first input (layout, type, extent or a
+#: selection of its elements): indices keep their kind through them
+_INDEX_HOPS = ("Cast", "Unsqueeze", "Squeeze", "Reshape", "Identity", "Expand", "Flatten",
+               "Slice", "Transpose", "Gather", "GatherElements", "Tile")
+
+
+def _index_kind(v: ir.Value, graph_inputs: set) -> str:
+    """How a Gather's indices are chosen: "input", "sequence" or "constant" (see
+    ``Embeddings.tables``).  Followed back through layout-only ops; a constant buffer (the
+    exporters' ``position_ids``/``token_type_ids`` buffers) is judged by its values: all equal
+    means one row for every token, anything else runs along the sequence."""
+    seen = 0
+    while v is not None and seen < 64:
+        seen += 1
+        if v in graph_inputs:
+            return "input"
+        src, _ = const_source(v)
+        if src is not None:
+            arr = np.asarray(src.const_value.numpy() if src.const_value is not None
+                             else _constant_node_value(src))
+            return "constant" if arr.size and np.all(arr == arr.reshape(-1)[0]) else "sequence"
+        p = v.producer()
+        if p is None:
+            return "input"
+        if p.op_type == "Range":
+            return "sequence"
+        if p.op_type in _INDEX_HOPS and p.inputs:
+            v = p.inputs[0]
+            continue
+        if p.op_type == "ConstantOfShape":
+            return "constant"
+        # arithmetic on indices (Add of an offset, CumSum of a mask): they run along the sequence
+        return "sequence"
+    return "sequence"
+
+
+def _constant_node_value(v: ir.Value):
+    p = v.producer()
+    attr = p.attributes.get("value") if p is not None else None
+    return attr.value.numpy() if attr is not None else np.zeros(0)
 
 
 def label_with_groups(lv: list, groups: list) -> str:

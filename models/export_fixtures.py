@@ -110,6 +110,11 @@ EDGE_CASES = {
                                  intermediate_size=64, tie_word_embeddings=True)),
     ],
     "gpt2": [("dy18", "-h3", dict(n_embd=48, n_head=3, n_inner=None))],
+    # the usual sentence-embedding export: no token_type_ids input, so the type row is
+    # gathered with a constant index; and a type table too large to be told by its size
+    "bert": [("ts17", "-2in", dict(_inputs=["input_ids", "attention_mask"])),
+             ("dy18", "-2in", dict(_inputs=["input_ids", "attention_mask"])),
+             ("ts17", "-types20", dict(type_vocab_size=20))],
 }
 
 INPUT_NAMES = {
@@ -181,11 +186,16 @@ class _VitWrapper(torch.nn.Module):
 _TextWrapper.__module__ = _VitWrapper.__module__ = "export_fixtures"
 
 
+def input_names(arch, config_overrides=None):
+    """The graph inputs of a fixture: the family's, or the ``_inputs`` override."""
+    return list((config_overrides or {}).get("_inputs") or INPUT_NAMES[arch])
+
+
 def make_config(arch, config_overrides=None, attn_implementation="eager"):
     import transformers as tf
 
     kw = dict(BASE_CONFIGS[arch])
-    kw.update(config_overrides or {})
+    kw.update({k: v for k, v in (config_overrides or {}).items() if not k.startswith("_")})
     common = dict(attn_implementation=attn_implementation)
     if arch == "bert":
         cfg = tf.BertConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
@@ -256,12 +266,13 @@ def make_inputs(arch, cfg, batch, seq, seed):
     return inputs
 
 
-def reference_cases(arch, wrapper, cfg):
+def reference_cases(arch, wrapper, cfg, names=None):
     cases = []
     for k, (b, s) in enumerate(CASES):
         inputs = make_inputs(arch, cfg, b, s, seed=100 + k)
+        inputs = {n: v for n, v in inputs.items() if n in (names or INPUT_NAMES[arch])}
         with torch.no_grad():
-            outs = wrapper(*[inputs[n] for n in INPUT_NAMES[arch]])
+            outs = wrapper(*[inputs[n] for n in (names or INPUT_NAMES[arch])])
         cases.append((
             {n: v.numpy() for n, v in inputs.items()},
             {n: o.detach().float().numpy() for n, o in zip(OUTPUT_NAMES, outs)},
@@ -342,24 +353,24 @@ def _quiet():
                 logging.disable(prev)
 
 
-def _dynamic_axes(arch):
+def _dynamic_axes(arch, names):
     if arch == "vit":
         return {"pixel_values": {0: "batch"}, "logits": {0: "batch"},
                 "last_hidden_state": {0: "batch"}}
-    axes = {n: {0: "batch", 1: "sequence"} for n in INPUT_NAMES[arch]}
+    axes = {n: {0: "batch", 1: "sequence"} for n in names}
     axes["logits"] = {0: "batch", 1: "sequence"}
     axes["last_hidden_state"] = {0: "batch", 1: "sequence"}
     return axes
 
 
-def _dynamic_shapes(arch):
+def _dynamic_shapes(arch, names):
     from torch.export import Dim
 
     batch = Dim("batch", min=1, max=1024)
     if arch == "vit":
         return {"pixel_values": {0: batch}}
     seq = Dim("sequence", min=2, max=4096)
-    return {n: {0: batch, 1: seq} for n in INPUT_NAMES[arch]}
+    return {n: {0: batch, 1: seq} for n in names}
 
 
 def default_attn(tag):
@@ -382,7 +393,8 @@ def export_model(arch, tag, out_path, config_overrides=None, perturb=True,
     wrapper, cfg = build_model(arch, config_overrides, perturb, attn,
                                explicit_position_ids)
     inputs = make_inputs(arch, cfg, *CASES[0], seed=100)
-    args = tuple(inputs[n] for n in INPUT_NAMES[arch])
+    names = input_names(arch, config_overrides)
+    args = tuple(inputs[n] for n in names)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -390,14 +402,14 @@ def export_model(arch, tag, out_path, config_overrides=None, perturb=True,
         if exporter == "torchscript":
             torch.onnx.export(
                 wrapper, args, str(out_path), dynamo=False, opset_version=opset,
-                input_names=INPUT_NAMES[arch], output_names=OUTPUT_NAMES,
-                dynamic_axes=_dynamic_axes(arch), do_constant_folding=True,
+                input_names=names, output_names=OUTPUT_NAMES,
+                dynamic_axes=_dynamic_axes(arch, names), do_constant_folding=True,
             )
         else:
             prog = torch.onnx.export(
                 wrapper, args, dynamo=True, opset_version=opset,
-                input_names=INPUT_NAMES[arch], output_names=OUTPUT_NAMES,
-                dynamic_shapes=_dynamic_shapes(arch),
+                input_names=names, output_names=OUTPUT_NAMES,
+                dynamic_shapes=_dynamic_shapes(arch, names),
             )
             prog.save(str(out_path), external_data=False)
     # Normalise: one self-contained file.  Drop the dynamo exporter's per-node
@@ -419,7 +431,7 @@ def export_model(arch, tag, out_path, config_overrides=None, perturb=True,
         "variant": "main",
         "perturbed": bool(perturb),
         "config": summary,
-        "inputs": list(INPUT_NAMES[arch]),
+        "inputs": names,
         "outputs": list(OUTPUT_NAMES),
         "size_bytes": out_path.stat().st_size,
         "export_seconds": round(elapsed, 2),
@@ -531,7 +543,7 @@ def _fixture(out, arch, tag, variant, entries, *, overrides=None, perturb=True,
     attn = entry["config"]["attn_implementation"]
     epi = entry["config"].get("explicit_position_ids", False)
     wrapper, cfg = build_model(arch, overrides, perturb, attn, epi)
-    cases = reference_cases(arch, wrapper, cfg)
+    cases = reference_cases(arch, wrapper, cfg, input_names(arch, overrides))
     if save_ref:
         save_npz(out / f"{name}.npz", cases)
         entry["reference"] = f"{name}.npz"
@@ -553,6 +565,8 @@ def main(argv=None):
     ap.add_argument("--only", choices=ARCHS, action="append",
                     help="restrict to this architecture (repeatable)")
     ap.add_argument("--no-alt", action="store_true", help="skip -alt variants")
+    ap.add_argument("--edge-only", action="store_true",
+                    help="(re)build only the edge-case fixtures, keeping the other entries")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -563,6 +577,10 @@ def main(argv=None):
     entries = []
     for arch in archs:
         print(f"[{arch}]", flush=True)
+        if args.edge_only:
+            for tag, suffix, overrides in EDGE_CASES.get(arch, ()):
+                _fixture(out, arch, tag, "edge", entries, overrides=overrides, suffix=suffix)
+            continue
         for tag in TAGS:
             _fixture(out, arch, tag, "main", entries)
         if arch == "llama":
@@ -580,9 +598,11 @@ def main(argv=None):
 
     # Merge with an existing manifest when only some archs were rebuilt.
     manifest_path = out / "manifest.json"
-    if args.only and manifest_path.exists():
+    if (args.only or args.edge_only) and manifest_path.exists():
         old = json.loads(manifest_path.read_text())
-        keep = [e for e in old if e.get("arch") not in archs]
+        rebuilt = {e.get("file") for e in entries}
+        keep = [e for e in old if (e.get("file") not in rebuilt if args.edge_only
+                                   else e.get("arch") not in archs)]
         entries = keep + entries
     order = {a: i for i, a in enumerate(ARCHS)}
     vorder = {"main": 0, "implicitpos": 1, "shared": 2, "edge": 3, "alt": 4}

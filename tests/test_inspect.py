@@ -177,3 +177,18 @@ def test_size_literals_match_the_export_oracle(main, alt):
         for label in labels:
             assert evaluate(label, main["config"]) == ca[key], (key, label, ca[key])
             assert evaluate(label, alt["config"]) == cb[key], (key, label, cb[key])
+
+
+@pytest.mark.parametrize("name", ["bert-ts17-2in.onnx", "bert-dy18-2in.onnx",
+                                  "bert-ts17-types20.onnx", "bert-ts17.onnx"])
+def test_embedding_tables_are_told_apart_by_how_rows_are_chosen(name):
+    """Without a token_type_ids input the type row is gathered with a constant index (it
+    used to be taken for the position table, and the real position table was not widened);
+    a type table of 20 rows is still a type table (no row-count rule)."""
+    desc = recognize(io.load(FIXTURES / name))
+    e = desc.embeddings
+    assert e.position.endswith("position_embeddings.weight")
+    assert e.token_type.endswith("token_type_embeddings.weight")
+    kinds = dict(e.tables)
+    assert kinds[e.position] == "sequence"
+    assert kinds[e.token_type] == ("constant" if "2in" in name else "input")

@@ -18,7 +18,8 @@ RUNNABLE = [e for e in manifest("main") + manifest("shared") if e["ort"]["runs"]
 CASES = [(e, w) for e in RUNNABLE for w in WIDTHS[e["arch"]]]
 # regression shapes: one KV head, GQA groups of 3 with a tied head, 3 heads
 EDGE_WIDTHS = {"llama-ts17-mqa.onnx": [2, 3], "llama-dy18-g3tied.onnx": [1.5, 2, 3],
-               "gpt2-dy18-h3.onnx": [2, 3]}
+               "gpt2-dy18-h3.onnx": [2, 3], "bert-ts17-2in.onnx": [2, 3],
+               "bert-dy18-2in.onnx": [2], "bert-ts17-types20.onnx": [2]}
 CASES += [(e, w) for e in manifest("edge") for w in EDGE_WIDTHS[e["file"]]]
 
 

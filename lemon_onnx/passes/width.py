@@ -353,7 +353,8 @@ class WidthPass:
         # embeddings (token table handled with the head when tied)
         if emb.token:
             self.stream_axis(self.node(emb.token_node), 0, "tok:emb", 1)
-        for name in (emb.position, emb.token_type, emb.cls_token):
+        tables = [name for name, _ in emb.tables]
+        for name in dict.fromkeys(tables + [emb.position, emb.token_type, emb.cls_token]):
             if name:
                 self.embedding_param(name, -1, f"emb:{name}")
         if emb.patch_conv:
