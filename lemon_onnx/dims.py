@@ -251,6 +251,12 @@ class AxisAnalysis:
         self.literals: list[LiteralUse] = []
         self.unexplained: list[LiteralUse] = []
         self.conflicts: list[str] = []
+        #: nodes whose axes the analysis does not model (unknown ops, other domains, model-local
+        #: functions, control flow): their outputs get fresh atoms from the inferred shapes
+        self.unhandled: list[ir.Node] = []
+        #: (node, value, axis): ops that mix the elements along one axis (CumSum, Softmax, ...):
+        #: exact under expansion only if that axis keeps its size
+        self.axis_ops: list[tuple] = []
         self._syms: dict[str, Atom] = {}
         self._saved: dict = {}
 
@@ -342,6 +348,11 @@ class AxisAnalysis:
                                  if e.kind == "lit" and e.via is None else e for e in el]
         self._saved = saved
         try:
+            if node.domain not in _DOMAINS:
+                self.unhandled.append(node)
+                return
+            if op in _AXIS_OPS:
+                self._axis_op(node)
             handler = getattr(self, f"op_{op}", None)
             if handler is not None:
                 handler(node)
@@ -351,8 +362,25 @@ class AxisAnalysis:
                 self.broadcast(node)
             elif op.startswith("Reduce"):
                 self.reduce(node)
+            else:
+                self.unhandled.append(node)
         finally:
             self.elems.update(saved)
+
+    def _axis_op(self, node: ir.Node) -> None:
+        """Remember the axis an element-mixing op works along (its attribute, or CumSum's
+        constant input); an axis that cannot be read is recorded as None (unknown)."""
+        x = node.inputs[0] if node.inputs else None
+        if x is None:
+            return
+        if node.op_type == "CumSum":
+            el = self.elems.get(node.inputs[1]) if len(node.inputs) > 1 else None
+            axis = el[0].value if el and len(el) == 1 and el[0].kind == "lit" else None
+        else:
+            default = -1 if node.op_type in ("Softmax", "LogSoftmax", "Hardmax") else 0
+            attr = node.attributes.get("axis")
+            axis = int(attr.value) if attr is not None else default
+        self.axis_ops.append((node, x, axis))
 
     def same_as(self, node: ir.Node, i: int) -> None:
         src = node.inputs[i] if len(node.inputs) > i else None
@@ -1093,6 +1121,13 @@ class AxisAnalysis:
                 except UnifyError as e:
                     self.conflicts.append(f"RotaryEmbedding {node.name}: {e}")
 
+
+#: operator domains whose ops the handlers below model (com.microsoft: the fused ops that
+#: are recognised, so that fused graphs are described before they are refused)
+_DOMAINS = ("", "ai.onnx", "com.microsoft")
+#: ops that combine the elements along one axis
+_AXIS_OPS = {"CumSum", "Softmax", "LogSoftmax", "Hardmax", "ArgMax", "ArgMin", "TopK",
+             "LpNormalization"}
 
 _UNARY = {
     "Abs", "Neg", "Sqrt", "Reciprocal", "Exp", "Log", "Erf", "Tanh", "Sigmoid", "Relu", "Gelu",

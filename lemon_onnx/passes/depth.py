@@ -250,6 +250,11 @@ class DepthPass:
                 if x is v:
                     n.replace_input_with(i, nv)
 
+    def _mixed_roles(self) -> set:
+        if not hasattr(self, "_mixed"):
+            self._mixed = mixed_roles(self._rec.ax)
+        return self._mixed
+
     def _zero_branch(self, lin: Linear, mapping, init: str, unit: str, fanin: list, tag: str):
         wv = self._weight(mapping, lin)
         W = _read(wv)
@@ -259,6 +264,16 @@ class DepthPass:
             _write(bv, np.zeros_like(_read(bv)))
         if init == "zero":
             _write(wv, lm.zero_fanout(W))
+            return
+        role = "heads" if unit == "head" else "ffn"
+        if role in self._mixed_roles():
+            # an operator mixes these units: replicas or pairs would not compute the same
+            # activation, so sum-to-zero rows would not cancel
+            _write(wv, lm.zero_fanout(W))
+            note = (f"twin blocks start with zero {unit} fan-out: an operator lemon-onnx does "
+                    f"not model mixes the {role} axis, so cancelling pairs would not cancel")
+            if note not in self.plan.notes:
+                self.plan.notes.append(note)
             return
         desc = self.desc
         unit_size = desc.head_dim if unit == "head" else 1
@@ -287,6 +302,28 @@ class DepthPass:
             fb = self._bias(mapping, f)
             if fb is not None:
                 _write(fb, _take_units(_read(fb), fanin_src, -1, parts))
+
+
+def mixed_roles(ax) -> set:
+    """Size roles (ffn, heads, ...) that some operator mixes: an operator the axis analysis
+    does not model touching an axis of that role, or CumSum/Softmax/... along it."""
+    from .. import dims
+
+    roles: set = set()
+
+    def add(value, axis=None):
+        axes = ax.axes.get(value) or []
+        picked = axes if axis is None else ([axes[axis % len(axes)]] if axes else [])
+        for a in picked:
+            roles.update(atom.role for atom in dims.leaves(a) if atom.role)
+
+    for node in ax.unhandled:
+        for v in list(node.inputs) + list(node.outputs):
+            if v is not None:
+                add(v)
+    for node, x, axis in ax.axis_ops:
+        add(x, axis)
+    return roles
 
 
 def _take_units(arr: np.ndarray, src: np.ndarray, axis: int, parts: int) -> np.ndarray:

@@ -421,12 +421,83 @@ class WidthPass:
             self.linear(extra.linear, branch_in, None, tag=f"head{i + 1}")
         if s_map.r:
             plan.rounded = rounded_constants(s_map)
+        self.check_closed_world()
         n_new = self.ed.apply()
         n_lit = self.rewrite_literals()
         self.fix_shapes()
         stats.update(new_initializers=n_new, literals=n_lit,
                      maps={"q": self.q_map, "ffn": self.ffn_map})
         return stats
+
+    # ------------------------------------------------------------------ closed world
+    def check_closed_world(self) -> None:
+        """Every constant whose shape carries a size the plan changes must have been claimed
+        by a rule above (an edit request); otherwise refuse, naming it, before anything is
+        rewritten: a constant left at the old size gives a graph that does not load, or worse,
+        one that loads and computes something else."""
+        claimed = set(self.ed.requests)
+        consts = list(self.rec.graph.initializers.values())
+        consts += [n.outputs[0] for n in self.rec.graph
+                   if n.op_type == "Constant" and n.outputs and "value" in n.attributes]
+        missed = []
+        for v in consts:
+            if v in claimed or not v.uses():
+                continue
+            ch = self._changed(v)
+            if ch:
+                k, atoms = ch[0]
+                roles = "*".join(a.role or str(a.size) for a in atoms)
+                shape = list(v.shape) if v.shape is not None else "?"
+                users = ", ".join(sorted({f"{u.node.op_type} {u.node.name}"
+                                          for u in v.uses()}))[:200]
+                missed.append(f"constant {v.name} (shape {shape}, axis {k} carries {roles}; "
+                              f"read by {users})")
+        missed += self._unmodelled_ops()
+        if missed:
+            raise PlanError(
+                f"{len(missed)} tensor(s) or operator(s) carry a size this expansion changes "
+                "but no rule of lemon-onnx knows how to expand them: " + "; ".join(missed[:5])
+                + ("; ..." if len(missed) > 5 else "") + ". Nothing was written.",
+                hint="This architecture has a component lemon-onnx does not support yet; "
+                     "report it with the model's `lemon-onnx inspect --json` output.")
+
+    def _changed(self, value) -> list:
+        """Axes of ``value`` whose size the plan changes: [(axis, atoms)]."""
+        out = []
+        for k, axis in enumerate(self.rec.ax.axes.get(value) or []):
+            atoms = dims.leaves(axis)
+            if any(self.new_size(a) != a.size for a in atoms if a.size is not None):
+                out.append((k, atoms))
+        return out
+
+    def _unmodelled_ops(self) -> list:
+        """Operators on the path of a changed size that the axis analysis does not model, and
+        element-mixing ops (CumSum, Softmax, ...) along a changed axis."""
+        found = []
+        for node in self.rec.ax.unhandled:
+            for v in list(node.inputs) + list(node.outputs):
+                ch = self._changed(v) if v is not None else []
+                if ch:
+                    k, atoms = ch[0]
+                    dom = f" (domain {node.domain})" if node.domain else ""
+                    found.append(f"operator {node.op_type}{dom} {node.name} (its value {v.name}, "
+                                 f"axis {k} carries {'*'.join(a.role or str(a.size) for a in atoms)}"
+                                 "; lemon-onnx does not know how this operator acts on that axis)")
+                    break
+        for node, x, axis in self.rec.ax.axis_ops:
+            ch = dict(self._changed(x))
+            rank = len(self.rec.ax.axes.get(x) or [])
+            if axis is None and ch:
+                bad = next(iter(ch))
+            elif axis is not None and rank and (axis % rank) in ch:
+                bad = axis % rank
+            else:
+                continue
+            found.append(f"operator {node.op_type} {node.name} combines the elements along axis "
+                         f"{bad} of {x.name}, which carries "
+                         f"{'*'.join(a.role or str(a.size) for a in ch[bad])}: not exact once that "
+                         "axis grows")
+        return found
 
     # ------------------------------------------------------------------ literals
     def new_size(self, atom: dims.Atom) -> int:

@@ -1,0 +1,70 @@
+"""The closed world (issue 8): a tensor or operator that carries a size the plan changes and
+that no rule handles makes expand refuse (exit 2, naming it), with or without verification,
+and nothing is written."""
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper as h
+
+from conftest import FIXTURES, ROOT
+from lemon_onnx import io
+from lemon_onnx.recognize import recognize
+
+
+def _insert_before_down(dst, make_nodes):
+    """llama-ts17 with extra nodes between block 0's activation and its down projection."""
+    src = FIXTURES / "llama-ts17.onnx"
+    down = recognize(io.load(src)).blocks[0].mlp.down.node
+    m = onnx.load(str(src))
+    node = next(n for n in m.graph.node if n.name == down)
+    x = node.input[0]
+    nodes, inits, out = make_nodes(x)
+    node.input[0] = out
+    pos = list(m.graph.node).index(node)
+    for k, n in enumerate(nodes):
+        m.graph.node.insert(pos + k, n)
+    m.graph.initializer.extend(inits)
+    onnx.save(m, str(dst))
+    return dst
+
+
+def _cumsum(x):
+    axis = onnx.numpy_helper.from_array(np.array(-1, np.int64), "lemon_test_axis")
+    return ([h.make_node("CumSum", [x, "lemon_test_axis"], ["lemon_test_cs"], name="odd_cumsum"),
+             h.make_node("Add", [x, "lemon_test_cs"], ["lemon_test_out"])], [axis],
+            "lemon_test_out")
+
+
+def _unclaimed_constant(x):
+    c = onnx.numpy_helper.from_array(np.linspace(0.5, 1.5, 96, dtype=np.float32),
+                                     "odd_channel_scale")
+    return ([h.make_node("Mul", [x, "odd_channel_scale"], ["lemon_test_out"])], [c],
+            "lemon_test_out")
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "lemon_onnx.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("make,needle", [(_cumsum, "CumSum odd_cumsum"),
+                                         (_unclaimed_constant, "odd_channel_scale")])
+@pytest.mark.parametrize("verify_flag", [[], ["--no-verify"]])
+def test_unhandled_size_carriers_are_refused(tmp_path, make, needle, verify_flag):
+    src = _insert_before_down(tmp_path / "odd.onnx", make)
+    out = tmp_path / "out.onnx"
+    res = _run("expand", src, "-o", out, "--width", "2", *verify_flag)
+    assert res.returncode == 2, res.stderr
+    assert needle in res.stderr and "ffn" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["odd.onnx"]
+
+
+def test_the_same_graphs_still_grow_in_depth(tmp_path):
+    """Depth alone changes no size: the unknown operator is no obstacle there."""
+    src = _insert_before_down(tmp_path / "odd.onnx", _cumsum)
+    res = _run("expand", src, "-o", tmp_path / "deep.onnx", "--depth", "2")
+    assert res.returncode == 0, res.stderr
