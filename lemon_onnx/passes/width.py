@@ -9,7 +9,6 @@ consumer needs the same result, and copied before they diverge otherwise.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections import defaultdict
 from typing import Callable
 
@@ -292,14 +291,17 @@ class WidthPass:
             node = self.node(where[1])
             node.attributes["epsilon"] = ir.AttrFloat32("epsilon", float(eps))
             return
-        # decomposed: the Add(var, eps) node among the norm's nodes
+        # decomposed: the Add(ReduceMean(...), eps) among the norm's nodes, found by where it
+        # sits (its other input is the mean square), not by the epsilon's value
         for n in (self.node(x) for x in nrm.nodes):
-            if n.op_type != "Add":
+            if n.op_type != "Add" or len(n.inputs) != 2:
                 continue
+            prods = [x.producer() if x is not None else None for x in n.inputs]
             for i, x in enumerate(n.inputs):
                 src, _ = const_source(x)
-                if src is not None and _read(src).size == 1 and \
-                        math.isclose(float(_read(src).reshape(-1)[0]), nrm.epsilon, rel_tol=1e-6):
+                other = prods[1 - i]
+                if src is not None and _read(src).size == 1 and other is not None \
+                        and other.op_type == "ReduceMean":
                     dtype = _read(src).dtype
                     shape = _read(src).shape
                     self.ed.edit(n, i, f"eps:{eps!r}",
