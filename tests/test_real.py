@@ -57,3 +57,23 @@ def test_smollm2_hidden_768_45_layers(tmp_path):
     out, err = _check(entry("smollm2", "ts17"), tmp_path, hidden=768, heads=12, layers=45)
     d = recognize(io.load(out))
     assert (d.hidden, d.heads, d.kv_heads, d.num_layers) == (768, 12, 4, 45)
+
+
+@pytest.mark.parametrize("tag", ["ts17", "dy18"])
+def test_minilm_exported_without_token_types_expands_and_verifies(tmp_path, tag):
+    """all-MiniLM-L6-v2 exported the usual sentence-embedding way (input_ids + attention_mask
+    only): the constant-index type table and the position table are both widened."""
+    from lemon_onnx.verify import verify
+
+    e = entry("minilm2in", tag)
+    desc = recognize(io.load(REAL / e["file"]))
+    assert desc.embeddings.position.endswith("position_embeddings.weight")
+    assert desc.embeddings.token_type.endswith("token_type_embeddings.weight")
+    for kw in (dict(width=2), dict(width=2, depth=2)):
+        model, plan, _ = expand_model(REAL / e["file"], **kw)
+        out = io.save(model, tmp_path / "big.onnx")
+        rep = verify(REAL / e["file"], out, provider="cpu", inputs=[
+            c["in"] for c in load_cases(REAL / e["reference"])])
+        assert rep.passed, rep.format()
+        if plan.exact:  # width only: lossless as stored
+            assert rep.max_alg_rel <= 1e-9, rep.format()
