@@ -76,6 +76,7 @@ class DepthPass:
         self.graph = model.graph
         self._rec = rec
         self.maps = width_maps or {}
+        self.silent: dict[str, tuple[int, int]] = {}  # unit -> (zero-initialised, total)
 
     def rng(self, *parts) -> np.random.Generator:
         h = hashlib.sha256(repr((self.plan.seed, "depth") + parts).encode()).digest()
@@ -187,6 +188,16 @@ class DepthPass:
                 "Post-LN depth expansion follows LEMON's recipe; it is exact only up to "
                 "O(epsilon / variance) of the stream (see the verification report for the "
                 "measured error).")
+        silent = [f"{z} of {n} {'attention heads' if u == 'head' else 'MLP units'}"
+                  for u, (z, n) in self.silent.items() if z]
+        if silent:
+            plan.notes.append(
+                "Zero-initialised units: across the twin blocks, " + " and ".join(silent)
+                + " start with all-zero output weights (" + ("--depth-init zero" if
+                                                             plan.depth_init == "zero" else
+                                                             "LEMON leaves units without a "
+                                                             "cancelling partner at zero")
+                + "); their input weights get no gradient until those rows move.")
         return {"order": order}
 
     def _weight(self, mapping, lin: Linear) -> ir.Value:
@@ -257,20 +268,20 @@ class DepthPass:
         bv = self._bias(mapping, lin)
         if bv is not None:
             _write(bv, np.zeros_like(_read(bv)))
-        if init == "zero":
-            _write(wv, lm.zero_fanout(W))
-            return
         desc = self.desc
         unit_size = desc.head_dim if unit == "head" else 1
+        if init == "zero":
+            self._write_fanout(wv, lm.zero_fanout(W), in_axis, unit, unit_size)
+            return
         wmap = self.maps.get("q" if unit == "head" else "ffn")
         if unit == "head" and wmap is None and desc.heads != desc.kv_heads:
             g = desc.heads // desc.kv_heads
             if g % 2:
                 # pairs would straddle KV groups: fall back to zero fan-out for this branch
-                _write(wv, lm.zero_fanout(W))
+                self._write_fanout(wv, lm.zero_fanout(W), in_axis, unit, unit_size)
                 return
         W2, fanin_src = lm.cancel_fanout(W, in_axis, wmap, rng=self.rng(tag), unit_size=unit_size)
-        _write(wv, W2)
+        self._write_fanout(wv, W2, in_axis, unit, unit_size)
         if wmap is not None or np.array_equal(fanin_src, np.arange(len(fanin_src))):
             return
         # no width growth: make paired units compute the same activation
@@ -287,6 +298,16 @@ class DepthPass:
             fb = self._bias(mapping, f)
             if fb is not None:
                 _write(fb, _take_units(_read(fb), fanin_src, -1, parts))
+
+
+    def _write_fanout(self, wv: ir.Value, W: np.ndarray, in_axis: int, unit: str,
+                      unit_size: int) -> None:
+        """Write a twin's out/down weights, counting the units whose rows are all zero: they
+        start silent (their fan-in gets no gradient until the rows move)."""
+        _write(wv, W)
+        rows = np.moveaxis(W, in_axis, 0).reshape(W.shape[in_axis] // unit_size, -1)
+        silent, total = self.silent.get(unit, (0, 0))
+        self.silent[unit] = (silent + int(np.all(rows == 0, axis=1).sum()), total + len(rows))
 
 
 def _take_units(arr: np.ndarray, src: np.ndarray, axis: int, parts: int) -> np.ndarray:
