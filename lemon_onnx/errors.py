@@ -12,7 +12,8 @@ from __future__ import annotations
 EXIT_CODES = {
     0: "success",
     1: "not equivalent: the expanded model does not compute the same outputs",
-    2: "bad or unsupported input, usage error, or a refused expansion",
+    2: "bad or unsupported input, usage error, a refused expansion, or a file system or "
+       "memory problem to fix on your side",
     3: "the source model cannot run in ONNX Runtime, or the requested provider is missing "
        "(checked before expanding)",
     4: "lemon-onnx produced an invalid graph or failed unexpectedly: a bug, please report it "
@@ -21,9 +22,13 @@ EXIT_CODES = {
 }
 
 
-def exit_codes_help() -> str:
-    """The exit-code table as one paragraph per code (click keeps ``\\b`` blocks verbatim)."""
-    return "\b\nExit codes:\n" + "\n".join(f"  {c:>3}  {what}" for c, what in EXIT_CODES.items())
+def exit_codes_help(width: int = 78) -> str:
+    """The exit-code table for ``--help`` (click keeps a ``\\b`` paragraph as it is)."""
+    import textwrap
+
+    rows = [textwrap.fill(what, width, initial_indent=f"  {code:>3}  ",
+                          subsequent_indent=" " * 7) for code, what in EXIT_CODES.items()]
+    return "\b\nExit codes:\n" + "\n".join(rows)
 
 
 class LemonError(Exception):

@@ -191,13 +191,11 @@ class DepthPass:
         silent = [f"{z} of {n} {'attention heads' if u == 'head' else 'MLP units'}"
                   for u, (z, n) in self.silent.items() if z]
         if silent:
-            plan.notes.append(
-                "Zero-initialised units: across the twin blocks, " + " and ".join(silent)
-                + " start with all-zero output weights (" + ("--depth-init zero" if
-                                                             plan.depth_init == "zero" else
-                                                             "LEMON leaves units without a "
-                                                             "cancelling partner at zero")
-                + "); their input weights get no gradient until those rows move.")
+            why = ("--depth-init zero" if plan.depth_init == "zero" else
+                   "LEMON's cancelling init leaves units without a partner at zero")
+            plan.notes.append(" and ".join(silent) + " in the twin blocks start with all-zero "
+                              f"output weights ({why}): their input weights get no gradient "
+                              "until those rows move.")
         return {"order": order}
 
     def _weight(self, mapping, lin: Linear) -> ir.Value:
