@@ -13,6 +13,7 @@ second, so a long save does not look frozen); the stage summaries appear above i
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sys
 import threading
 import time
@@ -84,7 +85,10 @@ class Progress:
             return
         from tqdm import tqdm
 
-        self._bar = tqdm(total=self.total, file=self.stream, leave=False, dynamic_ncols=True,
+        # a pty of unknown size (0 x 0) would make tqdm draw nothing at all
+        size = shutil.get_terminal_size((80, 24))
+        self._bar = tqdm(total=self.total, file=self.stream, leave=False,
+                         ncols=min(size.columns or 80, 100), nrows=size.lines or 24,
                          bar_format="{desc} |{bar}| {n_fmt}/{total_fmt} stages [{elapsed}]"
                          if self.total else "{desc} [{elapsed}]")
         self._stop.clear()
