@@ -25,7 +25,8 @@ import sys
 import types
 
 from .errors import (EXIT_CODES, InputError, InternalError, Interrupted, LemonError,
-                     MismatchError, PlanError, RuntimeFailure, UnsupportedModelError)
+                     MismatchError, PlanError, RuntimeFailure, UnsupportedModelError,
+                     contract_errors)
 
 __version__ = "0.1.0"
 
@@ -35,7 +36,9 @@ _CALLABLE = {"expand": "expand", "verify": "verify"}
 
 class _CallableModule(types.ModuleType):
     def __call__(self, *args, **kwargs):
-        return getattr(self, _CALLABLE[self.__name__.rpartition(".")[2]])(*args, **kwargs)
+        name = _CALLABLE[self.__name__.rpartition(".")[2]]
+        with contract_errors(f"running lemon_onnx.{name}"):
+            return getattr(self, name)(*args, **kwargs)
 
 
 class _Package(types.ModuleType):
@@ -74,7 +77,8 @@ def inspect(path):
     from .io import load
     from .recognize import recognize
 
-    return recognize(load(path))
+    with contract_errors("inspecting the model"):
+        return recognize(load(path))
 
 
 __all__ = ["inspect", "expand", "verify", "ExpandResult", "VerifyReport", "ModelDescription",

@@ -8,6 +8,8 @@ the README show.
 
 from __future__ import annotations
 
+import contextlib
+
 #: The contract, as ``--help`` of every command prints it.
 EXIT_CODES = {
     0: "success",
@@ -126,3 +128,17 @@ def as_contract_error(exc: BaseException, *, signal_received: int | None = None,
         text = " ".join(str(exc).split()) or "no message"
         return InternalError(f"unexpected {type(exc).__name__} while {doing}: {text[:500]}.")
     return exc  # SystemExit, GeneratorExit: not failures
+
+
+@contextlib.contextmanager
+def contract_errors(doing: str):
+    """Every failure inside leaves as an exception with an ``exit_code``."""
+    try:
+        yield
+    except BaseException as exc:
+        from .signals import received  # (signals imports this module)
+
+        new = as_contract_error(exc, signal_received=received(), doing=doing)
+        if new is exc:
+            raise
+        raise new from (exc if isinstance(new, InternalError) else None)

@@ -26,13 +26,16 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from . import io, signals
 from .errors import (InputError, InternalError, MismatchError, PlanError, RuntimeFailure,
-                     UnsupportedModelError, as_contract_error)
+                     UnsupportedModelError, contract_errors)
 from .plan import PLAN_KEY, Plan, chained, make_plan
 from .progress import Progress
+
+if TYPE_CHECKING:  # verify imports numpy; the command line starts without it
+    from .verify import VerifyReport
 
 PLACEMENTS = ("interleave", "top", "uniform")
 DEPTH_INITS = ("cancel", "zero")
@@ -45,7 +48,7 @@ class ExpandResult:
 
     output: Path
     plan: Plan  # as recorded in the output's metadata (composed over a chain of expansions)
-    verification: Any | None  # lemon_onnx.verify.VerifyReport; None with verify=False
+    verification: VerifyReport | None  # None with verify=False
     notes: list[str]  # what changed beyond the sizes: untied head, approximate depth, ...
 
     @property
@@ -217,7 +220,7 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
     if progress.total is None:
         progress.total = 7 + 2 * bool(verify)  # the stages below
     src, dest = Path(src), Path(out)
-    with signals.handling(), _contract_errors(), contextlib.closing(progress):
+    with signals.handling(), contract_errors("expanding"), contextlib.closing(progress):
         _check_request(src, dest, (width, depth, hidden, ffn, heads, layers),
                        placement=placement, depth_init=depth_init, provider=provider)
         model, rec, desc, plan = _prepare(
@@ -228,7 +231,7 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
             with progress.stage("runtime") as st:
                 st.summary = f"ONNX Runtime loads the source on {_source_runs(src, provider)}"
         _rewrite(model, rec, desc, plan, progress)
-        recorded = chained(desc.lemon_plan, plan, desc)
+        recorded = chained(desc.lemon_plan, plan)
         for note in recorded.notes:
             progress.note(note)
         if recorded is not plan:  # verification needs this step's maps; the file the chain's
@@ -259,18 +262,6 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
                 st.summary = f"committed {dest}"
         return ExpandResult(output=dest, plan=recorded, verification=vreport,
                             notes=list(recorded.notes))
-
-
-@contextlib.contextmanager
-def _contract_errors():
-    """Every failure leaves ``expand`` as an exception with an ``exit_code``."""
-    try:
-        yield
-    except BaseException as exc:
-        new = as_contract_error(exc, signal_received=signals.received(), doing="expanding")
-        if new is exc:
-            raise
-        raise new from (exc if isinstance(new, InternalError) else None)
 
 
 def _check_request(src: Path, dest: Path, sizes: tuple, *, placement: str, depth_init: str,

@@ -286,7 +286,7 @@ def _describe_choice(desc, flag: str, value, tgt: dict, dropped: list) -> str:
 
 
 # --------------------------------------------------------------------------- chains
-def chained(previous: dict | None, step: Plan, desc) -> Plan:
+def chained(previous: dict | None, step: Plan) -> Plan:
     """The plan to record when the source was itself expanded by lemon-onnx: ``step`` with
     ``source``, ``source_sha256``, ``outputs`` and ``blocks`` composed relative to the
     original model and the earlier plans kept in ``chain``.
