@@ -104,6 +104,12 @@ class Interrupted(KeyboardInterrupt):
         return self.message
 
 
+def one_line(exc: BaseException, limit: int = 500) -> str:
+    """An exception's message on one line (runtime logs span several), at most ``limit``."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def as_contract_error(exc: BaseException, *, signal_received: int | None = None,
                       doing: str = "processing the model") -> BaseException:
     """The exception a failure leaves lemon-onnx as: ``exc`` itself when it already carries
@@ -125,8 +131,8 @@ def as_contract_error(exc: BaseException, *, signal_received: int | None = None,
                           "written.", hint="Check the path, its permissions and the free "
                                            "disk space.")
     if isinstance(exc, Exception):
-        text = " ".join(str(exc).split()) or "no message"
-        return InternalError(f"unexpected {type(exc).__name__} while {doing}: {text[:500]}.")
+        return InternalError(f"unexpected {type(exc).__name__} while {doing}: "
+                             f"{one_line(exc)}.")
     return exc  # SystemExit, GeneratorExit: not failures
 
 

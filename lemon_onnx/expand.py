@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 from . import io, signals
 from .errors import (InputError, InternalError, MismatchError, PlanError, RuntimeFailure,
-                     UnsupportedModelError, contract_errors)
+                     UnsupportedModelError, contract_errors, one_line)
 from .plan import PLAN_KEY, Plan, chained, make_plan
 from .progress import Progress
 
@@ -298,11 +298,11 @@ def _check_graph(path: Path, src: Path, progress: Progress) -> str:
         onnx.checker.check_model(str(path))
         return "onnx.checker accepts the output"
     except Exception as exc:  # ValidationError, or what the checker raises on a bad file
-        problem = _one_line(exc)
+        problem = one_line(exc)
     try:
         onnx.checker.check_model(str(src))
     except Exception as exc:
-        progress.note(f"onnx.checker rejects the source itself ({_one_line(exc)}); the output "
+        progress.note(f"onnx.checker rejects the source itself ({one_line(exc)}); the output "
                       "inherits that and is not blamed for it.")
         return "onnx.checker rejects the source too"
     raise InternalError(f"the expanded model fails onnx.checker while the source passes: "
@@ -397,9 +397,3 @@ class Staging:
     def __exit__(self, *exc) -> None:
         with signals.deferred():
             shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _one_line(exc: BaseException, limit: int = 500) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
