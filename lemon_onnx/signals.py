@@ -89,7 +89,7 @@ def handling():
     finally:
         for s in mine:
             signal.signal(s, defaults[s])
-        _state.installed = False
+        _state.__init__()  # nothing of this call may decide a later one
 
 
 @contextlib.contextmanager
