@@ -1,8 +1,11 @@
-"""Command line: ``lemon-onnx inspect | expand | verify``.
+"""Command line: ``lemon-onnx inspect | expand | verify`` (also ``python -m lemon_onnx``).
 
-Exit codes (the contract other tools rely on): 0 success, 1 numerical mismatch, 2 bad or
-unsupported input or usage, 3 the runtime could not run the model.  Errors are one paragraph
-on stderr, never a traceback (``LEMON_ONNX_DEBUG=1`` shows one for bug reports).
+Exit codes (the contract other tools rely on, ``errors.EXIT_CODES``): 0 success, 1 not
+equivalent, 2 bad input or refused, 3 the source cannot run in ONNX Runtime or the provider is
+missing, 4 a lemon-onnx bug, 130 interrupted.  Errors are one paragraph on stderr, never a
+traceback (``LEMON_ONNX_DEBUG=1`` shows one for bug reports).  Progress and notes go to
+stderr; the result (the description, the ``wrote`` line, the verification table) to stdout,
+or to stderr when ``--report -`` puts the JSON report on stdout.
 """
 
 from __future__ import annotations
@@ -14,70 +17,98 @@ import traceback
 
 import click
 
-from . import __version__
-from .errors import LemonError
+from . import __version__, signals
+from .errors import as_contract_error, exit_codes_help
+from .progress import Progress
+
+EPILOG = exit_codes_help()
 
 
-def _fail(message: str, code: int) -> None:
-    click.echo(f"lemon-onnx: error: {message}", err=True)
-    sys.exit(code)
+def _report_failure(exc: BaseException) -> int:
+    """Print the one-paragraph message for ``exc``; return the contract's exit code."""
+    if isinstance(exc, SystemExit):  # guarded() already said why
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if signals.received() is None or code == 130:
+            return code
+    if isinstance(exc, click.exceptions.Exit) and signals.received() is None:
+        return exc.exit_code
+    if isinstance(exc, click.ClickException) and signals.received() is None:
+        click.echo(f"lemon-onnx: error: {exc.format_message()} (see lemon-onnx --help)",
+                   err=True)
+        return 2
+    if isinstance(exc, click.Abort):  # click's name for a KeyboardInterrupt it caught
+        exc = exc.__context__ or KeyboardInterrupt()
+    err = as_contract_error(exc, signal_received=signals.received())
+    if os.environ.get("LEMON_ONNX_DEBUG"):
+        traceback.print_exception(exc)
+    click.echo(f"lemon-onnx: error: {err}", err=True)
+    return getattr(err, "exit_code", 4)
 
 
 def guarded(fn):
-    """Turn every failure into a one-paragraph message and the contract's exit code."""
+    """Turn every failure into a one-paragraph message and the contract's exit code (also
+    when the group is invoked without ``main``, e.g. by click's test runner)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except LemonError as e:
-            if os.environ.get("LEMON_ONNX_DEBUG"):
-                traceback.print_exc()
-            _fail(str(e), e.exit_code)
-        except click.UsageError as e:
-            _fail(e.format_message(), 2)
-        except (click.exceptions.Exit, click.ClickException, SystemExit):
+        except click.exceptions.Exit:
             raise
-        except KeyboardInterrupt:
-            _fail("interrupted; nothing was written.", 2)
-        except MemoryError:
-            _fail("ran out of memory. Try a machine with more RAM.", 3)
-        except OSError as e:  # permissions, full disk, missing folders: the user's to fix
-            _fail(f"{e.strerror or e} ({e.filename or 'file'}); nothing was written. Check the "
-                  "path, its permissions and the free disk space.", 2)
-        except Exception as e:  # a bug or an input we did not foresee: still no traceback
-            if os.environ.get("LEMON_ONNX_DEBUG"):
-                traceback.print_exc()
-            _fail(f"unexpected {type(e).__name__} while processing the model: {e}. This is "
-                  "either an input lemon-onnx does not understand or a bug; rerun with "
-                  "LEMON_ONNX_DEBUG=1 for a traceback and report it.", 2)
+        except BaseException as exc:
+            sys.exit(_report_failure(exc))
 
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def verbosity_options(fn):
+    fn = click.option("-v", "--verbose", is_flag=True,
+                      help="Also every stage's summary and timing (and, for expand, the "
+                           "verification table).")(fn)
+    return click.option("-q", "--quiet", is_flag=True,
+                        help="No progress, no notes: only the result and errors.")(fn)
+
+
+def _progress(quiet: bool, verbose: bool, total: int | None = None) -> Progress:
+    return Progress(0 if quiet else (2 if verbose else 1), total=total)
+
+
+def _human(report) -> object:
+    """Where human-readable results go: stdout, unless the JSON report took it."""
+    return sys.stderr if report is not None and str(report) == "-" else sys.stdout
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.version_option(__version__, prog_name="lemon-onnx")
 def cli() -> None:
     """Lossless width/depth expansion (LEMON) of Transformers exported to ONNX."""
 
 
-@cli.command()
+@cli.command(epilog=EPILOG)
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the full description as JSON.")
+@verbosity_options
 @guarded
-def inspect(model: str, as_json: bool) -> None:
+def inspect(model: str, as_json: bool, quiet: bool, verbose: bool) -> None:
     """Show what was recognised in MODEL: family, layout, sizes, blocks, size literals."""
     from .io import load
     from .recognize import recognize
 
-    desc = recognize(load(model))
-    if as_json:
-        click.echo(desc.to_json(indent=2))
-    else:
-        click.echo(format_description(desc, model))
+    progress = _progress(quiet, verbose, total=2)
+    with progress:
+        with progress.stage("load", level=2) as st:  # the description is the result
+            m = load(model)
+            st.summary = f"loaded {model}"
+        with progress.stage("recognise", level=2) as st:
+            desc = recognize(m)
+            st.summary = f"recognised {desc.family}"
+    click.echo(desc.to_json(indent=2) if as_json else format_description(desc, model))
 
 
-@cli.command()
+REPORT_HELP = "Write the verification report as JSON to FILE ('-': stdout, text then on stderr)."
+
+
+@cli.command(epilog=EPILOG)
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
               help="Where to write the expanded model (written only if it verifies).")
@@ -92,50 +123,45 @@ def inspect(model: str, as_json: bool) -> None:
 @click.option("--depth-init", type=click.Choice(["cancel", "zero"]), default="cancel",
               show_default=True, help="How new blocks start as the identity.")
 @click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of the symmetry-breaking noise; same seed, same bytes.")
+              help="Seed of the symmetry-breaking noise (and of synthesised check inputs).")
+@click.option("--keep-tie", is_flag=True,
+              help="Refuse (exit 2) rather than untie a tied embedding/head.")
 @click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime equivalence check.")
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
               show_default=True, help="Execution provider for verification.")
-@click.option("--report", type=click.Path(dir_okay=False), help="Write the verification report (JSON).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+@click.option("--inputs", type=click.Path(dir_okay=False),
+              help="Check inputs as .npz (keys <input> or case<k>/<input>); default: synthesised.")
+@click.option("--atol", type=float, help="Absolute tolerance (default by dtype: fp32 1e-4).")
+@click.option("--rtol", type=float, help="Relative tolerance (default by dtype: fp32 1e-3).")
+@click.option("--layerwise", is_flag=True, help="Also compare the hidden state after every block.")
+@click.option("--report", type=click.Path(dir_okay=False, allow_dash=True), help=REPORT_HELP)
+@verbosity_options
 @guarded
 def expand(model, out, width, depth, hidden, ffn, heads, layers, placement, depth_init, seed,
-           no_verify, provider, report, quiet):
-    """Expand MODEL wider and/or deeper so that it computes the same numbers."""
-    from .expand import expand_file
+           keep_tie, no_verify, provider, inputs, atol, rtol, layerwise, report, quiet,
+           verbose):
+    """Expand MODEL wider and/or deeper so that it computes the same numbers.
 
-    if not any(x is not None for x in (width, depth, hidden, ffn, heads, layers)):
-        raise click.UsageError("nothing to do: give --width/--depth or explicit sizes "
-                               "(--hidden, --ffn, --heads, --layers).")
-    from pathlib import Path
+    The plan's notes (an untied head, an approximate Post-LN depth expansion, units that
+    start at zero) are printed on stderr and summarised in the final line."""
+    from .expand import expand as run_expand
 
-    from .errors import InputError
-
-    if Path(out).resolve() == Path(model).resolve():
-        raise InputError(f"the output {out} is the input model; expanding in place would "
-                         "destroy the source.", hint="Choose another -o path.")
-    if Path(out).is_dir():
-        raise InputError(f"the output {out} is a directory.", hint="Give a file name, e.g. "
-                         f"{Path(out) / 'expanded.onnx'}.")
-    log = (lambda m: None) if quiet else (lambda m: click.echo(f"lemon-onnx: {m}", err=True))
-    plan, vrep = expand_file(model, out, verify=not no_verify, provider=provider, report=report,
-                             log=log, width=width, depth=depth, hidden=hidden, ffn=ffn,
-                             heads=heads, layers=layers, seed=seed, placement=placement,
-                             depth_init=depth_init)
-    s, t = plan.source, plan.target
-    msg = (f"wrote {out}: layers {s['layers']}->{t['layers']}, hidden {s['hidden']}->"
-           f"{t['hidden']}, ffn {s['ffn']}->{t['ffn']}, heads {s['heads']}->{t['heads']}")
-    if vrep is not None:
-        worst = max((o.max_abs for c in vrep.cases for o in c["outputs"]), default=0.0)
-        msg += f"; verified on {vrep.provider_used}, max abs error {worst:.2e}"
-    else:
-        msg += "; NOT verified (--no-verify)"
-    if not plan.exact:
-        msg += " (approximate: " + " ".join(plan.notes) + ")"
-    click.echo(msg)
+    with _progress(quiet, verbose) as progress:
+        result = run_expand(model, out, width=width, depth=depth, hidden=hidden, ffn=ffn,
+                            heads=heads, layers=layers, placement=placement,
+                            depth_init=depth_init, seed=seed, verify=not no_verify,
+                            provider=provider, atol=atol, rtol=rtol, inputs=inputs,
+                            layerwise=layerwise, keep_tie=keep_tie, report=report,
+                            progress=progress)
+    if verbose and result.verification is not None:
+        click.echo(result.verification.format(), err=True)
+    click.echo(result.summary(), file=_human(report))
+    if signals.late() is not None:
+        click.echo("lemon-onnx: note: a signal arrived while the output was being put in "
+                   "place; the run completed.", err=True)
 
 
-@cli.command()
+@cli.command(epilog=EPILOG)
 @click.argument("small", type=click.Path(dir_okay=False))
 @click.argument("big", type=click.Path(dir_okay=False))
 @click.option("--inputs", type=click.Path(dir_okay=False),
@@ -146,20 +172,25 @@ def expand(model, out, width, depth, hidden, ffn, heads, layers, placement, dept
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
               show_default=True, help="ONNX Runtime execution provider.")
 @click.option("--layerwise", is_flag=True, help="Also find the first block whose hidden state diverges.")
-@click.option("--report", type=click.Path(dir_okay=False), help="Write the report as JSON.")
+@click.option("--report", type=click.Path(dir_okay=False, allow_dash=True), help=REPORT_HELP)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of synthesised inputs.")
+@verbosity_options
 @guarded
-def verify(small, big, inputs, save_inputs, atol, rtol, provider, layerwise, report, seed):
-    """Check that BIG computes the same outputs as SMALL (exit 0 same, 1 mismatch)."""
+def verify(small, big, inputs, save_inputs, atol, rtol, provider, layerwise, report, seed,
+           quiet, verbose):
+    """Check that BIG computes the same outputs as SMALL (exit 0 same, 1 not equivalent)."""
+    from .expand import write_report
     from .verify import verify as run_verify
 
-    rep = run_verify(small, big, inputs=inputs, atol=atol, rtol=rtol, provider=provider,
-                     layerwise=layerwise, save_inputs=save_inputs, seed=seed)
+    with _progress(quiet, verbose, total=1) as progress:
+        with progress.stage("verify") as st:
+            rep = run_verify(small, big, inputs=inputs, atol=atol, rtol=rtol, provider=provider,
+                             layerwise=layerwise, save_inputs=save_inputs, seed=seed)
+            st.summary = f"compared on {rep.provider_used}"
     if report:
-        from pathlib import Path
-
-        Path(report).write_text(rep.to_json())
-    click.echo(rep.format())
+        write_report(rep, report)
+    text = rep.format()
+    click.echo(text if not quiet else text.splitlines()[0], file=_human(report))
     if not rep.passed:
         sys.exit(1)
 
@@ -210,18 +241,35 @@ def format_description(d, path: str = "") -> str:
     if d.lemon_plan:
         p = d.lemon_plan
         src, tgt = p.get("source", {}), p.get("target", {})
+        steps = len(p.get("chain") or []) + 1
         lines.append(f"  expanded by lemon-onnx: layers {src.get('layers')}->{tgt.get('layers')}, "
                      f"hidden {src.get('hidden')}->{tgt.get('hidden')}, stream form "
                      f"{p.get('stream_form')}, seed {p.get('seed')}, "
-                     f"{'exact' if p.get('exact') else 'approximate'}")
+                     f"{'exact' if p.get('exact') else 'approximate'}"
+                     + (f", {steps} expansions in a chain" if steps > 1 else ""))
+        lines.extend(f"    note: {n}" for n in p.get("notes") or [])
     if d.unrecognised:
         lines.append("  unrecognised:")
         lines.extend(f"    - {u}" for u in d.unrecognised)
     return "\n".join(lines)
 
 
-def main() -> None:
-    cli(prog_name="lemon-onnx")
+def main(argv: list[str] | None = None) -> None:
+    """The console script: signals handled from the first instruction to the exit."""
+    signals.install()  # (lemon_onnx.__main__ did it already, before importing click)
+    try:
+        try:
+            rc = cli.main(args=argv, prog_name="lemon-onnx", standalone_mode=False)
+            code = rc if isinstance(rc, int) else 0
+        except BaseException as exc:
+            code = _report_failure(exc)
+        if signals.received() is not None and code != 130:  # swallowed somewhere: still 130
+            code = _report_failure(KeyboardInterrupt())
+        signals.finish()
+    except BaseException as exc:  # the signal came while a failure was being reported
+        code = _report_failure(exc)
+        signals.finish()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

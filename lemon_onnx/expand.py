@@ -1,40 +1,132 @@
-"""The expand pipeline: load -> recognise -> plan -> passes -> verify -> atomic save."""
+"""The expand pipeline: load -> recognise -> plan -> passes -> save -> check -> verify -> commit.
+
+``expand(src, out, ...)`` is the public entry point (``lemon_onnx.expand``); ``expand_model``
+expands in memory.  Whose fault a failure is decides its exit code (errors.py):
+
+- with verification on, an ONNX Runtime session is created for the source on the requested
+  provider *before* anything is expanded: a source ONNX Runtime cannot load, or a missing
+  provider, is ``RuntimeFailure`` (3) within seconds;
+- the saved output must pass ``onnx.checker`` (when the source fails it too, the output only
+  inherits that: a note), and ONNX Runtime must load and run it where it runs the source (the
+  source is tried alone on the same inputs when the pair fails): otherwise ``InternalError``
+  (4), as is any exception lemon-onnx did not foresee;
+- a mismatch is ``MismatchError`` (1), after the report was written;
+- SIGINT/SIGTERM is ``Interrupted`` (130) at any moment (signals.py).
+
+Nothing exists at ``out`` unless everything passed: the model is saved into a temporary folder
+beside ``out`` and renamed into place, data file first, in a commit that a signal cannot split.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import shutil
+import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Mapping, Sequence
 
-from . import io
-from .errors import MismatchError, UnsupportedModelError
-from .plan import PLAN_KEY, Plan, make_plan
-from .recognize import Recognizer
+from . import io, signals
+from .errors import (InputError, InternalError, MismatchError, PlanError, RuntimeFailure,
+                     UnsupportedModelError, contract_errors, one_line)
+from .plan import PLAN_KEY, Plan, chained, make_plan
+from .progress import Progress
+
+if TYPE_CHECKING:  # verify imports numpy; the command line starts without it
+    from .verify import VerifyReport
+
+PLACEMENTS = ("interleave", "top", "uniform")
+DEPTH_INITS = ("cancel", "zero")
+PROVIDERS = ("auto", "cuda", "cpu")
 
 
-def expand_model(src: str | os.PathLike, *, width=None, hidden=None, ffn=None, heads=None,
-                 layers=None, depth=None, seed: int = 0, placement: str = "interleave",
-                 depth_init: str = "cancel", log: Callable[[str], None] = lambda s: None):
-    """Expand in memory.  Returns (onnx-ir model, plan, description of the source)."""
-    from .passes.width import expand_width
+@dataclasses.dataclass
+class ExpandResult:
+    """What ``expand`` did: the file written, the plan recorded in it, the verification."""
 
-    t0 = time.perf_counter()
-    model = io.load(src)
-    rec = Recognizer(model)
-    desc = rec.run()
-    used_before = {n for n, v in model.graph.initializers.items() if v.uses()}
+    output: Path
+    plan: Plan  # as recorded in the output's metadata (composed over a chain of expansions)
+    verification: VerifyReport | None  # None with verify=False
+    notes: list[str]  # what changed beyond the sizes: untied head, approximate depth, ...
+
+    @property
+    def verified(self) -> bool:
+        return self.verification is not None and self.verification.passed
+
+    def summary(self) -> str:
+        """One line: the sizes before and after this step, the check, the notes in short."""
+        s, t = self.plan.step_source, self.plan.target
+        line = (f"wrote {self.output}: layers {s['layers']}->{t['layers']}, hidden "
+                f"{s['hidden']}->{t['hidden']}, ffn {s['ffn']}->{t['ffn']}, heads "
+                f"{s['heads']}->{t['heads']}")
+        if self.plan.chain:
+            o = self.plan.source
+            line += (f" (expansion {len(self.plan.chain) + 1} of a chain from layers "
+                     f"{o['layers']}, hidden {o['hidden']})")
+        v = self.verification
+        line += (f"; verified on {v.provider_used}, max abs error {v.max_abs:.2e}"
+                 if v is not None else "; NOT verified (--no-verify)")
+        if self.notes:
+            line += f"; {len(self.notes)} note(s): " + "; ".join(map(_gist, self.notes))
+        return line
+
+
+def _gist(note: str) -> str:
+    """A note's first clause: 'The tied head was untied: ...' -> 'the tied head was untied'."""
+    cut = min((i for i in (note.find(c) for c in ":;.(") if i > 0), default=len(note))
+    gist = note[:cut].strip()
+    return gist[:1].lower() + gist[1:]
+
+
+# --------------------------------------------------------------------------- in memory
+def expand_model(src: str | os.PathLike, *, width: float | None = None,
+                 depth: float | None = None, hidden: int | None = None, ffn: int | None = None,
+                 heads: int | None = None, layers: int | None = None,
+                 placement: str = "interleave", depth_init: str = "cancel", seed: int = 0,
+                 keep_tie: bool = False, progress: Progress | None = None):
+    """Expand in memory.  Returns (onnx-ir model, this step's plan, description of the source).
+
+    The model's metadata holds this step's plan; ``plan.chained`` composes it with the plan
+    the source carries, when the source was itself expanded (``expand`` records that)."""
+    progress = progress or Progress(0)
+    model, rec, desc, plan = _prepare(
+        src, width=width, depth=depth, hidden=hidden, ffn=ffn, heads=heads, layers=layers,
+        placement=placement, depth_init=depth_init, seed=seed, keep_tie=keep_tie,
+        progress=progress)
+    _rewrite(model, rec, desc, plan, progress)
+    return model, plan, desc
+
+
+def _prepare(src, *, width: float | None, depth: float | None, hidden: int | None,
+             ffn: int | None, heads: int | None, layers: int | None, placement: str,
+             depth_init: str, seed: int, keep_tie: bool, progress: Progress):
+    """Load, recognise and plan: every refusal (exit 2) comes from here, before any work."""
+    from .passes.width import untie_reason
+    from .recognize import Recognizer
+
+    with progress.stage("load") as st:
+        model = io.load(src)
+        st.summary = f"loaded {src}"
+    with progress.stage("recognise") as st:
+        rec = Recognizer(model)
+        desc = rec.run()
+        st.summary = (f"recognised {desc.family}: {desc.num_layers} layers, hidden "
+                      f"{desc.hidden}, heads {desc.heads}, ffn {desc.ffn}")
     if desc.blockers:
         raise UnsupportedModelError(
             "This graph has parts lemon-onnx cannot expand losslessly: " + "; ".join(desc.blockers)
             + ".", hint="Export the model without them (e.g. only the base model and its main "
                         "head), or report the architecture.")
-    log(f"recognised {desc.family}: {desc.num_layers} layers, hidden {desc.hidden}, heads "
-        f"{desc.heads}, ffn {desc.ffn} ({time.perf_counter() - t0:.1f}s)")
     plan = make_plan(desc, width=width, hidden=hidden, ffn=ffn, heads=heads, layers=layers,
                      depth=depth, seed=seed, placement=placement, depth_init=depth_init)
+    if keep_tie and plan.widens and untie_reason(rec, desc):
+        raise PlanError(f"--keep-tie: this expansion would untie the tied head, because "
+                        f"{untie_reason(rec, desc)}",
+                        hint="Drop --keep-tie to accept an untied head (it gets its own copy "
+                             "of the embedding weights), or expand only in depth "
+                             "(--depth/--layers), which keeps the tie.")
     plan.source_sha256 = io.source_hash(src)
     for o in desc.outputs:
         if o["kind"] == "hidden" and plan.target["hidden"] != plan.source["hidden"]:
@@ -43,31 +135,39 @@ def expand_model(src: str | os.PathLike, *, width=None, hidden=None, ffn=None, h
         else:
             plan.outputs[o["name"]] = {"compare": "whole"}
     plan.blocks = {str(i): i for i in range(desc.num_layers)}
-    maps = None
-    if plan.widens:
-        t1 = time.perf_counter()
-        stats = expand_width(rec, desc, plan)
-        maps = stats.pop("maps")
-        log(f"width: hidden {plan.source['hidden']}->{plan.target['hidden']}, ffn "
-            f"{plan.source['ffn']}->{plan.target['ffn']}, heads {plan.source['heads']}->"
-            f"{plan.target['heads']} (stream form {plan.stream_form}); {stats['literals']} size "
-            f"literals rewritten ({time.perf_counter() - t1:.1f}s)")
-    if plan.target["layers"] != plan.source["layers"]:
-        from .passes.depth import expand_depth
+    return model, rec, desc, plan
 
-        t1 = time.perf_counter()
-        if plan.widens:  # describe the widened graph afresh
-            rec = Recognizer(model)
-            desc_now = rec.run()
-        else:
-            desc_now = desc
-        expand_depth(model, rec, desc_now, plan, maps)
-        log(f"depth: {plan.source['layers']}->{plan.target['layers']} layers "
-            f"({plan.depth_placement}, {plan.depth_init}) ({time.perf_counter() - t1:.1f}s)")
+
+def _rewrite(model, rec, desc, plan: Plan, progress: Progress) -> None:
+    """The passes, then the plan into the metadata."""
+    from .passes.width import expand_width
+    from .recognize import Recognizer
+
+    used_before = {n for n, v in model.graph.initializers.items() if v.uses()}
+    maps = None
+    with progress.stage("width") as st:
+        if plan.widens:
+            stats = expand_width(rec, desc, plan)
+            maps = stats.pop("maps")
+            s, t = plan.source, plan.target
+            st.summary = (f"width: hidden {s['hidden']}->{t['hidden']}, ffn {s['ffn']}->"
+                          f"{t['ffn']}, heads {s['heads']}->{t['heads']} (stream form "
+                          f"{plan.stream_form}); {stats['literals']} size literals rewritten")
+    with progress.stage("depth") as st:
+        if plan.target["layers"] != plan.source["layers"]:
+            from .passes.depth import expand_depth
+
+            if plan.widens:  # describe the widened graph afresh
+                rec = Recognizer(model)
+                desc_now = rec.run()
+            else:
+                desc_now = desc
+            expand_depth(model, rec, desc_now, plan, maps)
+            st.summary = (f"depth: {plan.source['layers']}->{plan.target['layers']} layers "
+                          f"({plan.depth_placement}, {plan.depth_init})")
     _drop_orphans(model, used_before)
     _check_unique_names(model)
     model.metadata_props[PLAN_KEY] = plan.to_json()
-    return model, plan, desc
 
 
 def _drop_orphans(model, used_before: set) -> None:
@@ -84,38 +184,216 @@ def _check_unique_names(model) -> None:
     seen_nodes, seen_values = set(), set()
     for n in model.graph:
         if n.name:
-            assert n.name not in seen_nodes, f"duplicate node name {n.name}"
+            if n.name in seen_nodes:
+                raise InternalError(f"the expanded graph has two nodes named {n.name}.")
             seen_nodes.add(n.name)
         for o in n.outputs:
-            assert o.name not in seen_values, f"duplicate value name {o.name}"
+            if o.name in seen_values:
+                raise InternalError(f"the expanded graph has two values named {o.name}.")
             seen_values.add(o.name)
 
 
-def expand_file(src, out, *, verify: bool = True, provider: str = "auto", report=None,
-                log: Callable[[str], None] = lambda s: None, **kw) -> tuple[Plan, object]:
-    """Expand ``src`` into ``out``; nothing exists at ``out`` unless verification passed."""
-    model, plan, desc = expand_model(src, log=log, **kw)
-    dest = Path(out).resolve()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    vreport = None
-    try:
-        tmp = tmpdir / dest.name
-        io.save(model, tmp)
-        if verify:
-            from .verify import verify as run_verify
+# --------------------------------------------------------------------------- files
+def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | None = None,
+           depth: float | None = None, hidden: int | None = None, ffn: int | None = None,
+           heads: int | None = None, layers: int | None = None,
+           placement: str = "interleave", depth_init: str = "cancel", seed: int = 0,
+           verify: bool = True, provider: str = "auto", atol: float | None = None,
+           rtol: float | None = None,
+           inputs: str | os.PathLike | Mapping | Sequence[Mapping] | None = None,
+           layerwise: bool = False, keep_tie: bool = False,
+           report: str | os.PathLike | None = None,
+           progress: Progress | bool = False) -> ExpandResult:
+    """Expand ``src`` into ``out``; nothing exists at ``out`` unless it passed.
 
-            t0 = time.perf_counter()
-            vreport = run_verify(src, tmp, provider=provider)
-            log(f"verified on {vreport.provider_used}: "
-                f"{'PASS' if vreport.passed else 'FAIL'} ({time.perf_counter() - t0:.1f}s)")
-            if report:
-                Path(report).write_text(vreport.to_json())
-            if not vreport.passed:
-                raise MismatchError("the expanded model does not reproduce the original's "
-                                    "outputs; nothing was written.\n" + vreport.format())
-        for p in sorted(tmpdir.iterdir(), key=lambda p: p.suffix != ".data"):
-            os.replace(p, dest.parent / p.name)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    return plan, vreport
+    Sizes: ``width`` (a factor for hidden, FFN and heads) or ``hidden``/``ffn``/``heads``;
+    ``depth`` (a factor) or ``layers``.  ``verify``: compare with the source in ONNX Runtime
+    on ``provider`` ("auto" | "cuda" | "cpu") with ``atol``/``rtol`` (default by dtype) on
+    ``inputs`` (an .npz path, one dict or a list of dicts; default synthesised from ``seed``),
+    ``layerwise`` adds every block's hidden state.  ``report``: where the verification report
+    goes as JSON ("-": stdout), written before a mismatch is raised.  ``keep_tie``: refuse
+    rather than untie a tied head.  ``progress``: True for the command line's report on
+    stderr, or a ``Progress``.  Raises ``LemonError`` subclasses with ``exit_code`` (and
+    ``Interrupted``, a ``KeyboardInterrupt``, with exit_code 130)."""
+    if not isinstance(progress, Progress):
+        progress = Progress(1 if progress else 0)
+    if progress.total is None:
+        progress.total = 7 + 2 * bool(verify)  # the stages below
+    src, dest = Path(src), Path(out)
+    with signals.handling(), contract_errors("expanding"), contextlib.closing(progress):
+        _check_request(src, dest, (width, depth, hidden, ffn, heads, layers),
+                       placement=placement, depth_init=depth_init, provider=provider)
+        model, rec, desc, plan = _prepare(
+            src, width=width, depth=depth, hidden=hidden, ffn=ffn, heads=heads, layers=layers,
+            placement=placement, depth_init=depth_init, seed=seed, keep_tie=keep_tie,
+            progress=progress)
+        if verify:  # exit 3 before the work: ONNX Runtime must load the source on the provider
+            with progress.stage("runtime") as st:
+                st.summary = f"ONNX Runtime loads the source on {_source_runs(src, provider)}"
+        _rewrite(model, rec, desc, plan, progress)
+        recorded = chained(desc.lemon_plan, plan)
+        for note in recorded.notes:
+            progress.note(note)
+        if recorded is not plan:  # verification needs this step's maps; the file the chain's
+            model.metadata_props[PLAN_KEY] = (plan if verify else recorded).to_json()
+        vreport = None
+        with Staging(dest) as staging:
+            with progress.stage("save") as st:
+                io.save(model, staging.path)
+                st.summary = "saved"
+            del model
+            with progress.stage("check") as st:
+                st.summary = _check_graph(staging.path, src, progress)
+            if verify:
+                with progress.stage("verify") as st:
+                    vreport = _verify(src, staging.path, inputs=inputs, atol=atol, rtol=rtol,
+                                      provider=provider, layerwise=layerwise, seed=seed)
+                    st.summary = (f"verified on {vreport.provider_used}: "
+                                  f"{'PASS' if vreport.passed else 'FAIL'}")
+                if report is not None:
+                    write_report(vreport, report)
+                if not vreport.passed:
+                    raise MismatchError("the expanded model does not reproduce the original's "
+                                        "outputs; nothing was written.\n" + vreport.format())
+                if recorded is not plan:
+                    _record_plan(staging.path, recorded)
+            with progress.stage("commit") as st:
+                staging.commit()
+                st.summary = f"committed {dest}"
+        return ExpandResult(output=dest, plan=recorded, verification=vreport,
+                            notes=list(recorded.notes))
+
+
+def _check_request(src: Path, dest: Path, sizes: tuple, *, placement: str, depth_init: str,
+                   provider: str) -> None:
+    for name, value, allowed in (("placement", placement, PLACEMENTS),
+                                 ("depth_init", depth_init, DEPTH_INITS),
+                                 ("provider", provider, PROVIDERS)):
+        if value not in allowed:
+            raise InputError(f"unknown {name} {value!r}.", hint=f"Use one of {', '.join(allowed)}.")
+    if all(x is None for x in sizes):
+        raise PlanError("nothing to do: give --width/--depth or explicit sizes (--hidden, "
+                        "--ffn, --heads, --layers).")
+    if dest.resolve() == src.resolve():
+        raise InputError(f"the output {dest} is the input model; expanding in place would "
+                         "destroy the source.", hint="Choose another -o path.")
+    if dest.is_dir():
+        raise InputError(f"the output {dest} is a directory.",
+                         hint=f"Give a file name, e.g. {dest / 'expanded.onnx'}.")
+
+
+def _source_runs(src: Path, provider: str) -> str:
+    from .verify import make_session
+
+    sess, used = make_session(src, provider, label=f"the source model {src}")
+    del sess
+    return used
+
+
+def _check_graph(path: Path, src: Path, progress: Progress) -> str:
+    """``onnx.checker`` on the output; its failure is lemon-onnx's unless the source fails too."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+        return "onnx.checker accepts the output"
+    except Exception as exc:  # ValidationError, or what the checker raises on a bad file
+        problem = one_line(exc)
+    try:
+        onnx.checker.check_model(str(src))
+    except Exception as exc:
+        progress.note(f"onnx.checker rejects the source itself ({one_line(exc)}); the output "
+                      "inherits that and is not blamed for it.")
+        return "onnx.checker rejects the source too"
+    raise InternalError(f"the expanded model fails onnx.checker while the source passes: "
+                        f"{problem}")
+
+
+def _verify(src: Path, tmp: Path, *, inputs, atol: float | None, rtol: float | None,
+            provider: str, layerwise: bool, seed: int):
+    """ONNX Runtime on both; when the pair fails, the source alone on the same inputs tells
+    whose failure it is."""
+    from .verify import verify as run_verify
+
+    try:
+        return run_verify(src, tmp, inputs=inputs, atol=atol, rtol=rtol, provider=provider,
+                          layerwise=layerwise, seed=seed)
+    except RuntimeFailure as failure:
+        try:
+            run_verify(src, src, inputs=inputs, provider=provider, seed=seed)
+        except RuntimeFailure:
+            raise failure from None  # the source cannot run: exit 3
+        raise InternalError("ONNX Runtime cannot load or run the expanded model, while it "
+                            f"runs the source on the same inputs: {failure.message}") from None
+
+
+def _record_plan(path: Path, plan: Plan) -> None:
+    """Replace the plan in a saved model's metadata (a chain's: after verifying the step)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    for entry in proto.metadata_props:
+        if entry.key == PLAN_KEY:
+            entry.value = plan.to_json()
+    tmp = path.with_name(path.name + ".plan")
+    onnx.save(proto, str(tmp))
+    os.replace(tmp, path)
+
+
+def write_report(report, where: str | os.PathLike) -> None:
+    """A verification report as JSON: ``"-"`` prints it on stdout, a path gets it whole or
+    not at all (a signal waits until the file is in place)."""
+    text = report.to_json()
+    if str(where) == "-":
+        print(text, file=sys.stdout, flush=True)
+        return
+    dest = Path(where)
+    with signals.deferred():
+        tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+class Staging:
+    """A temporary folder beside ``dest``; ``commit()`` renames what was saved into place.
+
+    The folder is created and removed with signals deferred, and the commit starts only if no
+    signal came: an interrupted run leaves neither the output nor a temporary behind."""
+
+    def __init__(self, dest: Path):
+        self.dest = dest.resolve()
+        self.dir: Path | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.dir / self.dest.name
+
+    def __enter__(self) -> "Staging":
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        with signals.deferred():
+            self.dir = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.",
+                                             dir=self.dest.parent))
+        return self
+
+    def commit(self) -> None:
+        files = sorted((p for p in self.dir.iterdir() if p.is_file()),
+                       key=lambda p: (p.name == self.dest.name, p.name))  # the model last
+        with signals.deferred():
+            signals.check()
+            signals.commit_started()
+            done: list[Path] = []
+            try:
+                for p in files:
+                    os.replace(p, self.dest.parent / p.name)
+                    done.append(self.dest.parent / p.name)
+            except OSError:
+                for p in done:
+                    p.unlink(missing_ok=True)
+                raise
+
+    def __exit__(self, *exc) -> None:
+        with signals.deferred():
+            shutil.rmtree(self.dir, ignore_errors=True)

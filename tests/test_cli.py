@@ -27,6 +27,10 @@ def test_readme_main_job(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "verified on CPUExecutionProvider" in res.stdout
     assert "width: hidden 64->96" in res.stderr  # progress on stderr
+    # the plan's notes: on stderr, and summarised in the final line (issue 11: the untied
+    # head used to be visible only in metadata_props)
+    assert "note: The tied head was untied" in res.stderr
+    assert "note(s): the tied head was untied" in res.stdout
     report = json.loads(rep.read_text())
     assert report["passed"] and report["provider_used"] == "CPUExecutionProvider"
     desc = recognize(io.load(out))

@@ -69,15 +69,15 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
 def test_expand_reads_and_writes_external_data(tmp_path, monkeypatch):
     """A model with one .data file in; above the size threshold the output gets one too, is
     verified from there, and both files appear only together at the destination."""
-    from lemon_onnx.expand import expand_file
+    from lemon_onnx.expand import expand
     from conftest import assert_equivalent, load_cases
 
     src = io.save(io.load(SRC), tmp_path / "in" / "m.onnx", external_data=True)
     assert (tmp_path / "in" / "m.onnx.data").exists()
     monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 10_000)
     out = tmp_path / "out" / "big.onnx"
-    plan, rep = expand_file(src, out, width=2, depth=2)
-    assert rep.passed
+    res = expand(src, out, width=2, depth=2)
+    assert res.verified and res.output == out
     assert sorted(p.name for p in out.parent.iterdir()) == ["big.onnx", "big.onnx.data"]
     assert out.stat().st_size < (out.parent / "big.onnx.data").stat().st_size
     assert_equivalent(SRC, out, load_cases(SRC.with_suffix(".npz")))

@@ -97,9 +97,9 @@ def run_cli(*args):
 
 
 @pytest.mark.parametrize("model,args,needles", [
-    ("bert-ts17.onnx", ["--width", "1.5"], ["Post-LN", "integer", "128"]),
+    ("bert-ts17.onnx", ["--width", "1.5"], ["Post-LN", "whole multiple", "--width 2 (hidden 128"]),
     ("gpt2-ts17.onnx", ["--width", "1.1"], ["heads", "1.125"]),
-    ("llama-ts17.onnx", ["--heads", "9", "--hidden", "72", "--ffn", "96"], ["multiple of 2", "8 or 10"]),
+    ("llama-ts17.onnx", ["--heads", "9", "--hidden", "72", "--ffn", "96"], ["multiple of 2", "--heads 10"]),
     ("gpt2-ts17.onnx", ["--width", "0.5"], ["shrink"]),
     ("vit-ts17.onnx", ["--hidden", "48"], ["smaller"]),
 ])

@@ -76,6 +76,7 @@ class DepthPass:
         self.graph = model.graph
         self._rec = rec
         self.maps = width_maps or {}
+        self.silent: dict[str, tuple[int, int]] = {}  # unit -> (zero-initialised, total)
 
     def rng(self, *parts) -> np.random.Generator:
         h = hashlib.sha256(repr((self.plan.seed, "depth") + parts).encode()).digest()
@@ -187,6 +188,14 @@ class DepthPass:
                 "Post-LN depth expansion follows LEMON's recipe; it is exact only up to "
                 "O(epsilon / variance) of the stream (see the verification report for the "
                 "measured error).")
+        silent = [f"{z} of {n} {'attention heads' if u == 'head' else 'MLP units'}"
+                  for u, (z, n) in self.silent.items() if z]
+        if silent:
+            why = ("--depth-init zero" if plan.depth_init == "zero" else
+                   "LEMON's cancelling init leaves units without a partner at zero")
+            plan.notes.append(" and ".join(silent) + " in the twin blocks start with all-zero "
+                              f"output weights ({why}): their input weights get no gradient "
+                              "until those rows move.")
         return {"order": order}
 
     def _weight(self, mapping, lin: Linear) -> ir.Value:
@@ -262,30 +271,30 @@ class DepthPass:
         bv = self._bias(mapping, lin)
         if bv is not None:
             _write(bv, np.zeros_like(_read(bv)))
+        desc = self.desc
+        unit_size = desc.head_dim if unit == "head" else 1
         if init == "zero":
-            _write(wv, lm.zero_fanout(W))
+            self._write_fanout(wv, lm.zero_fanout(W), in_axis, unit, unit_size)
             return
         role = "heads" if unit == "head" else "ffn"
         if role in self._mixed_roles():
             # an operator mixes these units: replicas or pairs would not compute the same
             # activation, so sum-to-zero rows would not cancel
-            _write(wv, lm.zero_fanout(W))
+            self._write_fanout(wv, lm.zero_fanout(W), in_axis, unit, unit_size)
             note = (f"twin blocks start with zero {unit} fan-out: an operator lemon-onnx does "
                     f"not model mixes the {role} axis, so cancelling pairs would not cancel")
             if note not in self.plan.notes:
                 self.plan.notes.append(note)
             return
-        desc = self.desc
-        unit_size = desc.head_dim if unit == "head" else 1
         wmap = self.maps.get("q" if unit == "head" else "ffn")
         if unit == "head" and wmap is None and desc.heads != desc.kv_heads:
             g = desc.heads // desc.kv_heads
             if g % 2:
                 # pairs would straddle KV groups: fall back to zero fan-out for this branch
-                _write(wv, lm.zero_fanout(W))
+                self._write_fanout(wv, lm.zero_fanout(W), in_axis, unit, unit_size)
                 return
         W2, fanin_src = lm.cancel_fanout(W, in_axis, wmap, rng=self.rng(tag), unit_size=unit_size)
-        _write(wv, W2)
+        self._write_fanout(wv, W2, in_axis, unit, unit_size)
         if wmap is not None or np.array_equal(fanin_src, np.arange(len(fanin_src))):
             return
         # no width growth: make paired units compute the same activation
@@ -302,6 +311,16 @@ class DepthPass:
             fb = self._bias(mapping, f)
             if fb is not None:
                 _write(fb, _take_units(_read(fb), fanin_src, -1, parts))
+
+
+    def _write_fanout(self, wv: ir.Value, W: np.ndarray, in_axis: int, unit: str,
+                      unit_size: int) -> None:
+        """Write a twin's out/down weights, counting the units whose rows are all zero: they
+        start silent (their fan-in gets no gradient until the rows move)."""
+        _write(wv, W)
+        rows = np.moveaxis(W, in_axis, 0).reshape(W.shape[in_axis] // unit_size, -1)
+        silent, total = self.silent.get(unit, (0, 0))
+        self.silent[unit] = (silent + int(np.all(rows == 0, axis=1).sum()), total + len(rows))
 
 
 def mixed_roles(ax) -> set:

@@ -344,14 +344,9 @@ class WidthPass:
         pre = desc.layout == "pre-norm"
         stats = {"tied_head": None}
         head = desc.head
-        untie = False
-        head_norm = head.transform_norm if head.kind == "mlm" else desc.final_norm
-        if head.tie and head_norm is not None:
-            nv = self.values[head_norm.output]
-            if any(back_view(o) is nv for o in self.rec.graph.outputs):
-                untie = True
-                plan.notes.append("The tied head was untied: the norm that feeds it is also a "
-                                  "graph output, so its 1/k scaling would change that output.")
+        untie = untie_reason(self.rec, desc) is not None
+        if untie:
+            plan.notes.append("The tied head was untied: " + untie_reason(self.rec, desc))
         # embeddings (token table handled with the head when tied)
         if emb.token:
             self.stream_axis(self.node(emb.token_node), 0, "tok:emb", 1)
@@ -605,6 +600,19 @@ class WidthPass:
                 else:
                     dims_.append(old)
             o.shape = ir.Shape(dims_)
+
+
+def untie_reason(rec: Recognizer, desc) -> str | None:
+    """Why widening must untie the tied head, or None: the norm that feeds it is also a
+    graph output, and the 1/k scaling the tie needs would change that output."""
+    head = desc.head
+    head_norm = head.transform_norm if head.kind == "mlm" else desc.final_norm
+    if head.tie and head_norm is not None:
+        nv = rec._values[head_norm.output]
+        if any(back_view(o) is nv for o in rec.graph.outputs):
+            return ("the norm that feeds it is also a graph output, so its 1/k scaling would "
+                    "change that output.")
+    return None
 
 
 def expand_width(rec: Recognizer, desc, plan) -> dict:
