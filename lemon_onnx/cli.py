@@ -134,12 +134,15 @@ REPORT_HELP = "Write the verification report as JSON to FILE ('-': stdout, text 
 @click.option("--atol", type=float, help="Absolute tolerance (default by dtype: fp32 1e-4).")
 @click.option("--rtol", type=float, help="Relative tolerance (default by dtype: fp32 1e-3).")
 @click.option("--layerwise", is_flag=True, help="Also compare the hidden state after every block.")
+@click.option("--float64", "float64", type=click.Choice(["auto", "on", "off"]), default="auto",
+              show_default=True, help="The float64 level of the check: both graphs in double "
+              "precision (auto: when the copies fit in memory).")
 @click.option("--report", type=click.Path(dir_okay=False, allow_dash=True), help=REPORT_HELP)
 @verbosity_options
 @guarded
 def expand(model, out, width, depth, hidden, ffn, heads, layers, placement, depth_init, seed,
-           keep_tie, no_verify, provider, inputs, atol, rtol, layerwise, report, quiet,
-           verbose):
+           keep_tie, no_verify, provider, inputs, atol, rtol, layerwise, float64, report,
+           quiet, verbose):
     """Expand MODEL wider and/or deeper so that it computes the same numbers.
 
     The plan's notes (an untied head, an approximate Post-LN depth expansion, units that
@@ -152,7 +155,7 @@ def expand(model, out, width, depth, hidden, ffn, heads, layers, placement, dept
                             depth_init=depth_init, seed=seed, verify=not no_verify,
                             provider=provider, atol=atol, rtol=rtol, inputs=inputs,
                             layerwise=layerwise, keep_tie=keep_tie, report=report,
-                            progress=progress)
+                            float64=float64, progress=progress)
     if verbose and result.verification is not None:
         click.echo(result.verification.format(), err=True)
     click.echo(result.summary(), file=_human(report))
@@ -172,12 +175,15 @@ def expand(model, out, width, depth, hidden, ffn, heads, layers, placement, dept
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
               show_default=True, help="ONNX Runtime execution provider.")
 @click.option("--layerwise", is_flag=True, help="Also find the first block whose hidden state diverges.")
+@click.option("--float64", "float64", type=click.Choice(["auto", "on", "off"]), default="auto",
+              show_default=True, help="The float64 level of the check: both graphs in double "
+              "precision (auto: when the copies fit in memory).")
 @click.option("--report", type=click.Path(dir_okay=False, allow_dash=True), help=REPORT_HELP)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of synthesised inputs.")
 @verbosity_options
 @guarded
-def verify(small, big, inputs, save_inputs, atol, rtol, provider, layerwise, report, seed,
-           quiet, verbose):
+def verify(small, big, inputs, save_inputs, atol, rtol, provider, layerwise, float64, report,
+           seed, quiet, verbose):
     """Check that BIG computes the same outputs as SMALL (exit 0 same, 1 not equivalent)."""
     from .expand import write_report
     from .verify import verify as run_verify
@@ -185,7 +191,8 @@ def verify(small, big, inputs, save_inputs, atol, rtol, provider, layerwise, rep
     with _progress(quiet, verbose, total=1) as progress:
         with progress.stage("verify") as st:
             rep = run_verify(small, big, inputs=inputs, atol=atol, rtol=rtol, provider=provider,
-                             layerwise=layerwise, save_inputs=save_inputs, seed=seed)
+                             layerwise=layerwise, save_inputs=save_inputs, seed=seed,
+                             float64=float64)
             st.summary = f"compared on {rep.provider_used}"
     if report:
         write_report(rep, report)

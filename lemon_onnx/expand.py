@@ -202,7 +202,7 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
            rtol: float | None = None,
            inputs: str | os.PathLike | Mapping | Sequence[Mapping] | None = None,
            layerwise: bool = False, keep_tie: bool = False,
-           report: str | os.PathLike | None = None,
+           report: str | os.PathLike | None = None, float64: str = "auto",
            progress: Progress | bool = False) -> ExpandResult:
     """Expand ``src`` into ``out``; nothing exists at ``out`` unless it passed.
 
@@ -210,7 +210,8 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
     ``depth`` (a factor) or ``layers``.  ``verify``: compare with the source in ONNX Runtime
     on ``provider`` ("auto" | "cuda" | "cpu") with ``atol``/``rtol`` (default by dtype) on
     ``inputs`` (an .npz path, one dict or a list of dicts; default synthesised from ``seed``),
-    ``layerwise`` adds every block's hidden state.  ``report``: where the verification report
+    ``layerwise`` adds every block's hidden state, ``float64`` ("auto" | "on" | "off") runs the
+    float64 level (verify's docstring).  ``report``: where the verification report
     goes as JSON ("-": stdout), written before a mismatch is raised.  ``keep_tie``: refuse
     rather than untie a tied head.  ``progress``: True for the command line's report on
     stderr, or a ``Progress``.  Raises ``LemonError`` subclasses with ``exit_code`` (and
@@ -247,7 +248,8 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
             if verify:
                 with progress.stage("verify") as st:
                     vreport = _verify(src, staging.path, inputs=inputs, atol=atol, rtol=rtol,
-                                      provider=provider, layerwise=layerwise, seed=seed)
+                                      provider=provider, layerwise=layerwise, seed=seed,
+                                      float64=float64)
                     st.summary = (f"verified on {vreport.provider_used}: "
                                   f"{'PASS' if vreport.passed else 'FAIL'}")
                 if report is not None:
@@ -310,17 +312,17 @@ def _check_graph(path: Path, src: Path, progress: Progress) -> str:
 
 
 def _verify(src: Path, tmp: Path, *, inputs, atol: float | None, rtol: float | None,
-            provider: str, layerwise: bool, seed: int):
+            provider: str, layerwise: bool, seed: int, float64: str = "auto"):
     """ONNX Runtime on both; when the pair fails, the source alone on the same inputs tells
     whose failure it is."""
     from .verify import verify as run_verify
 
     try:
         return run_verify(src, tmp, inputs=inputs, atol=atol, rtol=rtol, provider=provider,
-                          layerwise=layerwise, seed=seed)
+                          layerwise=layerwise, seed=seed, float64=float64)
     except RuntimeFailure as failure:
         try:
-            run_verify(src, src, inputs=inputs, provider=provider, seed=seed)
+            run_verify(src, src, inputs=inputs, provider=provider, seed=seed, float64="off")
         except RuntimeFailure:
             raise failure from None  # the source cannot run: exit 3
         raise InternalError("ONNX Runtime cannot load or run the expanded model, while it "
