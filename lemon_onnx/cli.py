@@ -124,6 +124,8 @@ REPORT_HELP = "Write the verification report as JSON to FILE ('-': stdout, text 
               show_default=True, help="How new blocks start as the identity.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the symmetry-breaking noise (and of synthesised check inputs).")
+@click.option("--noise-scale", type=float, default=None,
+              help="Symmetry-breaking noise relative to the weights (default 0.1; 0: none).")
 @click.option("--keep-tie", is_flag=True,
               help="Refuse (exit 2) rather than untie a tied embedding/head.")
 @click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime equivalence check.")
@@ -141,8 +143,8 @@ REPORT_HELP = "Write the verification report as JSON to FILE ('-': stdout, text 
 @verbosity_options
 @guarded
 def expand(model, out, width, depth, hidden, ffn, heads, layers, placement, depth_init, seed,
-           keep_tie, no_verify, provider, inputs, atol, rtol, layerwise, float64, report,
-           quiet, verbose):
+           noise_scale, keep_tie, no_verify, provider, inputs, atol, rtol, layerwise, float64,
+           report, quiet, verbose):
     """Expand MODEL wider and/or deeper so that it computes the same numbers.
 
     The plan's notes (an untied head, an approximate Post-LN depth expansion, units that
@@ -155,7 +157,7 @@ def expand(model, out, width, depth, hidden, ffn, heads, layers, placement, dept
                             depth_init=depth_init, seed=seed, verify=not no_verify,
                             provider=provider, atol=atol, rtol=rtol, inputs=inputs,
                             layerwise=layerwise, keep_tie=keep_tie, report=report,
-                            float64=float64, progress=progress)
+                            float64=float64, noise_scale=noise_scale, progress=progress)
     if verbose and result.verification is not None:
         click.echo(result.verification.format(), err=True)
     click.echo(result.summary(), file=_human(report))

@@ -85,7 +85,8 @@ def expand_model(src: str | os.PathLike, *, width: float | None = None,
                  depth: float | None = None, hidden: int | None = None, ffn: int | None = None,
                  heads: int | None = None, layers: int | None = None,
                  placement: str = "interleave", depth_init: str = "cancel", seed: int = 0,
-                 keep_tie: bool = False, progress: Progress | None = None):
+                 keep_tie: bool = False, noise_scale: float | None = None,
+                 progress: Progress | None = None):
     """Expand in memory.  Returns (onnx-ir model, this step's plan, description of the source).
 
     The model's metadata holds this step's plan; ``plan.chained`` composes it with the plan
@@ -94,14 +95,15 @@ def expand_model(src: str | os.PathLike, *, width: float | None = None,
     model, rec, desc, plan = _prepare(
         src, width=width, depth=depth, hidden=hidden, ffn=ffn, heads=heads, layers=layers,
         placement=placement, depth_init=depth_init, seed=seed, keep_tie=keep_tie,
-        progress=progress)
+        noise_scale=noise_scale, progress=progress)
     _rewrite(model, rec, desc, plan, progress)
     return model, plan, desc
 
 
 def _prepare(src, *, width: float | None, depth: float | None, hidden: int | None,
              ffn: int | None, heads: int | None, layers: int | None, placement: str,
-             depth_init: str, seed: int, keep_tie: bool, progress: Progress):
+             depth_init: str, seed: int, keep_tie: bool, progress: Progress,
+             noise_scale: float | None = None):
     """Load, recognise and plan: every refusal (exit 2) comes from here, before any work."""
     from .passes.width import untie_reason
     from .recognize import Recognizer
@@ -120,7 +122,8 @@ def _prepare(src, *, width: float | None, depth: float | None, hidden: int | Non
             + ".", hint="Export the model without them (e.g. only the base model and its main "
                         "head), or report the architecture.")
     plan = make_plan(desc, width=width, hidden=hidden, ffn=ffn, heads=heads, layers=layers,
-                     depth=depth, seed=seed, placement=placement, depth_init=depth_init)
+                     depth=depth, seed=seed, placement=placement, depth_init=depth_init,
+                     noise_scale=noise_scale)
     if keep_tie and plan.widens and untie_reason(rec, desc):
         raise PlanError(f"--keep-tie: this expansion would untie the tied head, because "
                         f"{untie_reason(rec, desc)}",
@@ -203,6 +206,7 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
            inputs: str | os.PathLike | Mapping | Sequence[Mapping] | None = None,
            layerwise: bool = False, keep_tie: bool = False,
            report: str | os.PathLike | None = None, float64: str = "auto",
+           noise_scale: float | None = None,
            progress: Progress | bool = False) -> ExpandResult:
     """Expand ``src`` into ``out``; nothing exists at ``out`` unless it passed.
 
@@ -211,7 +215,8 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
     on ``provider`` ("auto" | "cuda" | "cpu") with ``atol``/``rtol`` (default by dtype) on
     ``inputs`` (an .npz path, one dict or a list of dicts; default synthesised from ``seed``),
     ``layerwise`` adds every block's hidden state, ``float64`` ("auto" | "on" | "off") runs the
-    float64 level (verify's docstring).  ``report``: where the verification report
+    float64 level (verify's docstring).  ``noise_scale``: the symmetry-breaking noise,
+    relative (default ``lemon_math.NOISE_SCALE``).  ``report``: where the verification report
     goes as JSON ("-": stdout), written before a mismatch is raised.  ``keep_tie``: refuse
     rather than untie a tied head.  ``progress``: True for the command line's report on
     stderr, or a ``Progress``.  Raises ``LemonError`` subclasses with ``exit_code`` (and
@@ -227,7 +232,7 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
         model, rec, desc, plan = _prepare(
             src, width=width, depth=depth, hidden=hidden, ffn=ffn, heads=heads, layers=layers,
             placement=placement, depth_init=depth_init, seed=seed, keep_tie=keep_tie,
-            progress=progress)
+            noise_scale=noise_scale, progress=progress)
         if verify:  # exit 3 before the work: ONNX Runtime must load the source on the provider
             with progress.stage("runtime") as st:
                 st.summary = f"ONNX Runtime loads the source on {_source_runs(src, provider)}"

@@ -9,6 +9,26 @@ function computes in float64 and casts back to the dtype of its input array.
 
 Errors are ``ValueError`` with a message that names the nearest valid sizes; callers translate
 them into the project's error classes.
+
+Exact in the storage dtype (lemon-math.md, "Exact in the storage dtype").  Every split and
+every cancellation holds bit for bit in the array's own dtype (float64, float32, float16,
+bfloat16), so the expanded model equals its source when both run in float64:
+
+- input-side splits: the parts of W[j] over its copy set are integer multiples of ulp(W[j]),
+  each truncated toward zero from a random positive share of W[j], and the last part is
+  W[j] minus the others: every part is representable and their sum is W[j] exactly;
+- rows reading an ``avg`` leftover slot come in exact negative pairs (+R, -R; an odd last
+  row 0), so they add nothing and the copy rows need no correction;
+- cancelling fan-out rows of twin blocks are multiples of a power of two small enough that
+  the last row of each copy set, minus the sum of the others, is exact; pairs are +R/-R.
+
+Not exact by nature, and left to the graph level (``passes/width.py``, ``rounded_constants``):
+the norm scale sqrt(k*d/D) and epsilon k*d/D*eps of a fractional width (irrational or not
+dyadic), and an ``avg`` leftover slot's mean (1/d times a sum).  Integer factors need neither.
+
+``noise_scale`` (s, relative): split shares are (1 + min(s, 0.9)*u) normalised, u uniform in
+[-1, 1]; random rows (leftover slots, cancelling fan-out) have standard deviation s times the
+weights' own.
 """
 
 from __future__ import annotations
@@ -23,6 +43,41 @@ __all__ = [
     "FORMS", "StreamMap", "UnitMap", "gqa_maps", "norm_output_map", "expand_out", "expand_in",
     "expand_norm", "expand_embedding", "cancel_fanout", "zero_fanout", "random_split_check",
 ]
+
+
+#: default of ``noise_scale`` (see the module docstring; measured in benchmarks/numerics.py)
+NOISE_SCALE = 0.1
+
+
+def _digits(dt) -> tuple[int, int]:
+    """(significand bits, exponent of the smallest subnormal) of a float dtype."""
+    dt = np.dtype(dt)
+    if dt.name == "bfloat16":
+        return 8, -133
+    try:
+        fi = np.finfo(dt)
+    except (TypeError, ValueError):
+        raise ValueError(f"not a float dtype: {dt}") from None
+    return int(fi.nmant) + 1, int(fi.minexp) - int(fi.nmant)
+
+
+def _ulp(a: np.ndarray, dt) -> np.ndarray:
+    """ulp of each value of ``a`` (float64 holding values of ``dt``) in ``dt``."""
+    p, sub = _digits(dt)
+    _, e = np.frexp(a)
+    return np.ldexp(1.0, np.maximum(e - p, sub))
+
+
+def _grid(sigma: float, count: int, dt) -> float:
+    """A power of two g such that sums of ``count`` multiples of g of size up to 8 sigma stay
+    exactly representable in ``dt``."""
+    p, sub = _digits(dt)
+    need = 8.0 * max(sigma, 1e-30) * max(count, 1)
+    return float(np.ldexp(1.0, max(int(np.ceil(np.log2(need))) - p + 1, sub)))
+
+
+def _on_grid(R: np.ndarray, g: float) -> np.ndarray:
+    return np.rint(R / g) * g
 
 
 def _rng(rng) -> np.random.Generator:
@@ -214,64 +269,73 @@ def _group_sums(vals: np.ndarray, src: np.ndarray, d: int) -> np.ndarray:
     return np.add.reduceat(vals[order], starts, axis=0)
 
 
-def _split_rows(n_src: int, src: np.ndarray, base: np.ndarray, R: np.ndarray) -> np.ndarray:
-    """Rows ``base[j]/|C_j| + (R[c] - mean_{C_j} R)`` for copy slots, 0 for leftover slots."""
-    cnt = np.bincount(src[src >= 0], minlength=n_src).astype(np.float64)
-    if np.any(cnt == 0):
+def _last_slots(src: np.ndarray, d: int) -> np.ndarray:
+    """For each source coordinate j, the last slot of its copy set."""
+    last = np.full(d, -1, dtype=np.int64)
+    cp = np.flatnonzero(src >= 0)
+    last[src[cp]] = cp  # later slots overwrite earlier ones
+    if np.any(last < 0):
         raise ValueError("every source coordinate needs at least one copy")
-    shape = (-1,) + (1,) * (R.ndim - 1)
-    mean_R = _group_sums(R, src, n_src) / cnt.reshape(shape)
-    share = base / cnt.reshape(shape) - mean_R  # what every copy of j gets besides its R[c]
-    out = np.zeros_like(R)
-    k = _regular(src, n_src)
-    if k:  # fast path: k whole copies, then the tail
-        body = out[:k * n_src].reshape((k, n_src) + R.shape[1:])
-        np.add(R[:k * n_src].reshape(body.shape), share[None], out=body)
-        tail = np.arange(k * n_src, len(src))
-        tail = tail[src[tail] >= 0]
-        out[tail] = share[src[tail]] + R[tail]
-        return out
+    return last
+
+
+def _exact_split(n_src: int, src: np.ndarray, base: np.ndarray, dt, rng, jitter: float
+                 ) -> np.ndarray:
+    """Rows whose parts over each copy set sum exactly (in ``dt``) to ``base[j]``; 0 on
+    leftover slots.  ``base`` holds float64 values of ``dt``; the result too."""
     cp = src >= 0
-    out[cp] = share[src[cp]] + R[cp]
+    shape = (-1,) + (1,) * (base.ndim - 1)
+    w = np.ones(len(src))
+    if jitter > 0:
+        w = 1.0 + min(jitter, 0.9) * rng.uniform(-1.0, 1.0, size=len(src))
+    w[~cp] = 0.0
+    share = w / _group_sums(w, src, n_src)[np.where(cp, src, 0)]
+    last = _last_slots(src, n_src)
+    out = np.zeros((len(src),) + base.shape[1:])
+    rest = cp.copy()
+    rest[last] = False
+    idx = np.flatnonzero(rest)
+    if idx.size:
+        b = base[src[idx]]
+        q = _ulp(b, dt)
+        out[idx] = np.trunc(share[idx].reshape(shape) * b / q) * q
+    out[last] = base - _group_sums(out, src, n_src)
     return out
 
 
 def expand_in(W, axis: int, in_map: _IndexMap, rng=None, break_symmetry: bool = True,
-              init_scale: float | None = None) -> np.ndarray:
+              init_scale: float | None = None, noise_scale: float = NOISE_SCALE) -> np.ndarray:
     """Input side of a linear layer (lemon-math.md, "Linear layers", input side).
 
     ``axis`` is the input axis of ``W`` (0 for ONNX MatMul [in, out]).  Lossless condition:
-    for each source coordinate j with copy set C_j, sum_{c in C_j} W'[c] = W[j].  With
-    ``break_symmetry`` (LEMON's point over Net2Net) the split is random,
-    W'[c] = W[j]/|C_j| + (R[c] - mean_{C_j} R), R ~ N(0, init_scale^2) (default: std of W).
-    Rows reading a ``zero`` leftover slot are fresh random rows.  Rows reading an ``avg``
-    leftover slot (value mean(x) = (1/d) sum_j x_j) are random rows R_l; they add
-    x_j * (1/d) sum_l R_l to each coordinate's contribution, so (1/d) sum_l R_l is subtracted
-    from the copy rows of every j, split evenly over C_j.  Without symmetry breaking: equal
-    splits W[j]/|C_j| and zero leftover rows.  ``in_map`` may be a StreamMap or a UnitMap.
+    for each source coordinate j with copy set C_j, sum_{c in C_j} W'[c] = W[j], here exactly
+    in W's dtype (module docstring).  With ``break_symmetry`` (LEMON's point over Net2Net) the
+    shares are random (jitter ``noise_scale``), so replicas differ; without it they are as
+    equal as the dtype allows.  Rows reading a ``zero`` leftover slot are random (std
+    ``noise_scale`` x ``init_scale``, default the std of W): they multiply an exact 0.  Rows
+    reading an ``avg`` leftover slot (value mean(x)) are exact negative pairs +R/-R (an odd
+    last one 0): they add nothing.  ``in_map`` may be a StreamMap or a UnitMap.
     """
     W = np.asarray(W)
     ax = _axis(W, axis)
     if W.shape[ax] != in_map.d:
         raise ValueError(f"input axis has size {W.shape[ax]}, the map expects {in_map.d}")
+    dt = W.dtype
     Wf = np.moveaxis(W.astype(np.float64), ax, 0)
-    shape = (in_map.D,) + Wf.shape[1:]
-    if break_symmetry:
-        sigma = float(Wf.std()) if init_scale is None else float(init_scale)
-        R = _rng(rng).standard_normal(shape) * sigma
-    else:
-        R = np.zeros(shape)
+    rng = _rng(rng)
     src = in_map.src_index
-    out = _split_rows(in_map.d, src, Wf, R)
+    out = _exact_split(in_map.d, src, Wf, dt, rng, noise_scale if break_symmetry else 0.0)
     left = in_map.leftover_slots
-    if left.size:
-        out[left] = R[left]
+    if left.size and break_symmetry:
+        sigma = (float(Wf.std()) if init_scale is None else float(init_scale)) * noise_scale
+        R = rng.standard_normal((left.size,) + Wf.shape[1:]) * sigma
+        R = R.astype(dt).astype(np.float64)  # representable, so -R is its exact negative
         if in_map.form == "avg":
-            cnt = np.bincount(src[src >= 0], minlength=in_map.d)
-            cp = src >= 0
-            corr = R[left].sum(axis=0) / in_map.d
-            out[cp] -= corr[None] / cnt[src[cp]].reshape((-1,) + (1,) * corr.ndim)
-    return np.moveaxis(out, 0, ax).astype(W.dtype, copy=False)
+            R[1::2] = -R[0::2][: left.size // 2]
+            if left.size % 2:
+                R[-1] = 0.0
+        out[left] = R
+    return np.moveaxis(out, 0, ax).astype(dt, copy=False)
 
 
 def expand_norm(gamma, beta, eps: float, in_map: StreamMap, rng=None, kind: str | None = None):
@@ -326,15 +390,18 @@ def expand_embedding(E, axis: int, stream_map: StreamMap) -> np.ndarray:
 
 
 def cancel_fanout(W_out, axis_in: int, in_map: _IndexMap | None = None, rng=None,
-                  init_scale: float | None = None, unit_size: int = 1):
+                  init_scale: float | None = None, unit_size: int = 1,
+                  noise_scale: float = NOISE_SCALE):
     """Fan-out weights of a twin block whose branch output must be exactly zero
     (lemon-math.md, "Depth", sum-to-zero).  ``axis_in`` is the input axis of the out/down
     projection ``W_out``; the caller zeroes its bias.
 
     With ``in_map`` (the width map of the projection's input, len D = W_out.shape[axis_in]):
-    replicas of one unit compute the same activation, so their rows are R - mean R over the
-    copy set (they cancel); units with one copy and ``avg`` leftover slots get zero rows,
-    ``zero`` leftover slots (input 0) random rows.  Returns ``(W', arange(D))``.
+    replicas of one unit compute the same activation, so their rows sum to exactly 0 over the
+    copy set (random rows on a power-of-two grid, the last one minus the sum of the others);
+    units with one copy get zero rows, ``zero`` leftover slots (input 0) random rows.  The
+    rows' std is ``noise_scale`` times the weights' (``init_scale``).  Returns
+    ``(W', arange(D))``.
 
     Without ``in_map`` (no width growth) units of ``unit_size`` elements are paired: unit 2i
     gets +R, unit 2i+1 gets -R, an odd last unit 0.  This cancels only if paired units compute
@@ -344,17 +411,24 @@ def cancel_fanout(W_out, axis_in: int, in_map: _IndexMap | None = None, rng=None
     2i+1 a copy of unit 2i.  Returns ``(W', fanin_src)``.
     """
     W = np.asarray(W_out)
+    dt = W.dtype
     ax = _axis(W, axis_in)
     Wf = np.moveaxis(W.astype(np.float64), ax, 0)
     n = Wf.shape[0]
     sigma = float(Wf.std()) if init_scale is None else float(init_scale)
-    sigma = sigma or 0.02
+    sigma = (sigma or 0.02) * noise_scale
     rng = _rng(rng)
     if in_map is not None:
         if n != in_map.D:
             raise ValueError(f"input axis has size {n}, the map gives {in_map.D}")
-        R = rng.standard_normal(Wf.shape) * sigma
-        out = _split_rows(in_map.d, in_map.src_index, np.zeros((in_map.d,) + Wf.shape[1:]), R)
+        src = in_map.src_index
+        cnt = np.bincount(src[src >= 0], minlength=in_map.d)
+        R = _on_grid(rng.standard_normal(Wf.shape) * sigma, _grid(sigma, int(cnt.max()), dt))
+        last = _last_slots(src, in_map.d)
+        out = np.where((src >= 0).reshape((-1,) + (1,) * (R.ndim - 1)), R, 0.0)
+        out[last] = 0.0
+        out[last] = -_group_sums(out, src, in_map.d)  # exact: multiples of the grid
+        out[last[cnt == 1]] = 0.0  # a unit with one copy has nothing to cancel against
         if in_map.form == "zero" and in_map.leftover_slots.size:
             out[in_map.leftover_slots] = R[in_map.leftover_slots]
         fanin_src = np.arange(n)

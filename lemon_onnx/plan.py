@@ -28,6 +28,8 @@ class Plan:
     target: dict
     stream_form: str  # copies | avg | zero
     seed: int
+    #: scale of the symmetry-breaking noise, relative (lemon_math's module docstring)
+    noise_scale: float = 0.1
     source_sha256: str = ""
     outputs: dict = dataclasses.field(default_factory=dict)  # name -> {"compare": ...}
     blocks: dict = dataclasses.field(default_factory=dict)  # "src index" -> target index
@@ -88,11 +90,14 @@ def _asked(req: dict, *names: str) -> str:
 def make_plan(desc, *, width: float | None = None, hidden: int | None = None,
               ffn: int | None = None, heads: int | None = None, layers: int | None = None,
               depth: float | None = None, seed: int = 0, placement: str = "interleave",
-              depth_init: str = "cancel") -> Plan:
+              depth_init: str = "cancel", noise_scale: float | None = None) -> Plan:
     """Target sizes from factors or explicit sizes; a refusal names the nearest choices that
     the planner accepts."""
     req = {"width": width, "hidden": hidden, "ffn": ffn, "heads": heads, "depth": depth,
            "layers": layers}
+    if noise_scale is not None and not (0 <= noise_scale <= 10):
+        raise PlanError(f"--noise-scale {_fmt(noise_scale)} is outside [0, 10].",
+                        hint="Give a relative scale such as 0.1 (the default) or 0 for none.")
     try:
         tgt, form = _targets(desc, req)
     except _Refusal as r:
@@ -100,7 +105,10 @@ def make_plan(desc, *, width: float | None = None, hidden: int | None = None,
     src = dict(hidden=desc.hidden, ffn=desc.ffn, heads=desc.heads, kv_heads=desc.kv_heads,
                head_dim=desc.head_dim, layers=desc.num_layers, vocab=desc.vocab)
     deeper = tgt["layers"] > desc.num_layers
+    from .lemon_math import NOISE_SCALE
+
     return Plan(source=src, target=tgt, stream_form=form, seed=int(seed),
+                noise_scale=float(NOISE_SCALE if noise_scale is None else noise_scale),
                 depth_placement=placement if deeper else None,
                 depth_init=depth_init if deeper else None)
 

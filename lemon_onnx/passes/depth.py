@@ -293,7 +293,8 @@ class DepthPass:
                 # pairs would straddle KV groups: fall back to zero fan-out for this branch
                 self._write_fanout(wv, lm.zero_fanout(W), in_axis, unit, unit_size)
                 return
-        W2, fanin_src = lm.cancel_fanout(W, in_axis, wmap, rng=self.rng(tag), unit_size=unit_size)
+        W2, fanin_src = lm.cancel_fanout(W, in_axis, wmap, rng=self.rng(tag), unit_size=unit_size,
+                                         noise_scale=self.plan.noise_scale)
         self._write_fanout(wv, W2, in_axis, unit, unit_size)
         if wmap is not None or np.array_equal(fanin_src, np.arange(len(fanin_src))):
             return

@@ -187,7 +187,8 @@ class WidthPass:
             if out_map is not None:
                 w = out_map.apply(w, out_axis)
             if in_map is not None:
-                w = lm.expand_in(w, in_axis, in_map, rng=rng, break_symmetry=break_symmetry)
+                w = lm.expand_in(w, in_axis, in_map, rng=rng, break_symmetry=break_symmetry,
+                                 noise_scale=self.plan.noise_scale)
             return w
 
         def shape(sh, in_map=in_map, out_map=out_map):
@@ -216,7 +217,8 @@ class WidthPass:
             rng = self.ed.rng(tag, "w")
             parts = np.split(w, 3, axis=out_axis)
             w = np.concatenate([m.apply(p, out_axis) for m, p in zip(maps, parts)], axis=out_axis)
-            return lm.expand_in(w, in_axis, in_map, rng=rng) if in_map is not None else w
+            return (lm.expand_in(w, in_axis, in_map, rng=rng, noise_scale=self.plan.noise_scale)
+                    if in_map is not None else w)
 
         def fb(b):
             parts = np.split(b, 3, axis=-1)
@@ -271,7 +273,7 @@ class WidthPass:
         copy (the parts of each coordinate sum to it), leftover slots kept."""
         d, k = in_map.d, in_map.k
         parts = lm.expand_in(v[:d].reshape(d, 1), 0, lm.StreamMap(d, k * d, "copies"),
-                             rng=rng, init_scale=0.0)
+                             rng=rng, noise_scale=self.plan.noise_scale)
         out = v.copy()
         out[:k * d] = parts[:, 0]
         return out

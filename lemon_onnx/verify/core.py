@@ -143,12 +143,13 @@ def _rule(dtype: str, atol, rtol, *, approximate: bool, notes: list) -> cmp.Rule
     rtol = d_rtol if rtol is None else float(rtol)
     if atol < 0 or rtol < 0:
         raise InputError(f"tolerances must be non-negative (atol {atol:g}, rtol {rtol:g}).")
-    if approximate and not fixed:
-        notes.append("the expansion is approximate by design (its plan says exact=false): "
-                     f"judged with the {dtype} default tolerances; the float64 difference is "
-                     "the measured approximation error")
-    if fixed or approximate:
+    if fixed:
         return cmp.Rule("fixed", dtype, atol, rtol, algebraic_decides=False)
+    if approximate:
+        notes.append("the expansion is approximate by design (its plan says exact=false): the "
+                     f"float64 level allows {cmp.APPROXIMATE_RTOL:g} of max|output| for the "
+                     "approximation (give --atol/--rtol to accept more)")
+        return cmp.Rule("relative", dtype, atol, rtol, alg_rtol=cmp.APPROXIMATE_RTOL)
     return cmp.Rule("relative", dtype, atol, rtol)
 
 

@@ -156,11 +156,14 @@ def run_float64(path: str | os.PathLike, cases: Sequence[dict], fetch: Sequence[
                                "reference evaluator computed the float64 outputs")
 
 
-def _double_erf():
-    """onnx's reference ``Erf`` rounds to float32 (``np.vectorize(erf, otypes=["f"])``);
-    this one keeps the input's dtype, so BERT's GELU stays float64 in the copy."""
+def _reference_fixes() -> list:
+    """Replacements for two of onnx's reference kernels: ``Erf`` rounds to float32
+    (``np.vectorize(erf, otypes=["f"])``), so BERT's GELU would leave float64; ``GatherElements``
+    fails on indices of another shape than the data (``reshape`` of a wrongly sized list),
+    which the type-id buffers of sentence-embedding exports have."""
     import math
 
+    from onnx.reference.op_run import OpRun
     from onnx.reference.ops._op import OpRunUnaryNum
 
     class Erf(OpRunUnaryNum):
@@ -170,7 +173,18 @@ def _double_erf():
             x = np.asarray(x)
             return (np.vectorize(math.erf, otypes=[np.float64])(x).astype(x.dtype),)
 
-    return Erf
+    class GatherElements(OpRun):
+        op_domain = ""
+
+        def _run(self, data, indices, axis=None):
+            axis = int(axis or 0) % data.ndim
+            idx = np.where(indices < 0, indices + data.shape[axis], indices)
+            # the other axes of the output are those of the indices (a leading block of data)
+            block = tuple(slice(None) if k == axis else slice(0, n)
+                          for k, n in enumerate(idx.shape))
+            return (np.take_along_axis(data[block], idx, axis=axis),)
+
+    return [Erf, GatherElements]
 
 
 def _reference(model: ir.Model, feeds: list, fetch: Sequence[str], label: str) -> list:
@@ -178,7 +192,7 @@ def _reference(model: ir.Model, feeds: list, fetch: Sequence[str], label: str) -
 
     proto = ir.to_proto(model)  # lazy float64 tensors are computed here
     try:
-        ev = ReferenceEvaluator(proto, new_ops=[_double_erf()])
+        ev = ReferenceEvaluator(proto, new_ops=_reference_fixes())
         inputs = [i.name for i in proto.graph.input]
         results = []
         for f in feeds:
