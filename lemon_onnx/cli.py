@@ -125,7 +125,7 @@ REPORT_HELP = "Write the verification report as JSON to FILE ('-': stdout, text 
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the symmetry-breaking noise (and of synthesised check inputs).")
 @click.option("--noise-scale", type=float, default=None,
-              help="Symmetry-breaking noise relative to the weights (default 0.1; 0: none).")
+              help="Symmetry-breaking noise relative to the weights (default 0.5; 0: none).")
 @click.option("--keep-tie", is_flag=True,
               help="Refuse (exit 2) rather than untie a tied embedding/head.")
 @click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime equivalence check.")

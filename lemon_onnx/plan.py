@@ -29,7 +29,7 @@ class Plan:
     stream_form: str  # copies | avg | zero
     seed: int
     #: scale of the symmetry-breaking noise, relative (lemon_math's module docstring)
-    noise_scale: float = 0.1
+    noise_scale: float = 0.5  # lemon_math.NOISE_SCALE
     source_sha256: str = ""
     outputs: dict = dataclasses.field(default_factory=dict)  # name -> {"compare": ...}
     blocks: dict = dataclasses.field(default_factory=dict)  # "src index" -> target index
@@ -97,7 +97,7 @@ def make_plan(desc, *, width: float | None = None, hidden: int | None = None,
            "layers": layers}
     if noise_scale is not None and not (0 <= noise_scale <= 10):
         raise PlanError(f"--noise-scale {_fmt(noise_scale)} is outside [0, 10].",
-                        hint="Give a relative scale such as 0.1 (the default) or 0 for none.")
+                        hint="Give a relative scale such as 0.5 (the default) or 0 for none.")
     try:
         tgt, form = _targets(desc, req)
     except _Refusal as r:
