@@ -1,6 +1,6 @@
 """Numerics of expansion, for the README: per model and expansion, the four figures of issue 9.
 
-    python benchmarks/numerics.py [--real] [--seeds N] [--quick] [--json FILE]
+    python benchmarks/numerics.py [--real | --real-only] [--seeds N] [--quick] [--json FILE]
 
 For every runnable fixture (TorchScript opset 17 and dynamo opset 18 exports of each family,
 plus the edge-case fixtures) at its valid widths and depth 1 to 3, with cancel-init and
@@ -38,10 +38,10 @@ WIDTHS = {"bert": (2,), "gpt2": (1.5, 2), "vit": (1.5, 2), "llama": (1.5, 2)}
 EDGE = {"llama-ts17-mqa": (2,), "llama-dy18-g3tied": (2,), "gpt2-dy18-h3": (2,)}
 
 
-def jobs(real: bool, quick: bool):
+def jobs(real: bool, quick: bool, fixtures: bool = True):
     manifest = json.loads((ROOT / "models/fixtures/manifest.json").read_text())
     depths = (1, 2) if quick else (1, 2, 3)
-    for e in manifest:
+    for e in manifest if fixtures else ():
         stem = e["file"].removesuffix(".onnx")
         if not e["ort"]["runs"]:
             continue
@@ -90,6 +90,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--real", action="store_true", help="also the real models (models/real)")
     ap.add_argument("--seeds", type=int, default=1, help="expansion seeds per case")
+    ap.add_argument("--real-only", action="store_true", help="only the real models")
     ap.add_argument("--quick", action="store_true", help="depth 1 and 2 only")
     ap.add_argument("--json", help="write the rows as JSON")
     a = ap.parse_args()
@@ -98,7 +99,7 @@ def main() -> None:
           "f64 diff (rel) | verdict |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for path, kw in jobs(a.real, a.quick):
+        for path, kw in jobs(a.real or a.real_only, a.quick, not a.real_only):
             results = []
             for seed in range(a.seeds):
                 try:
