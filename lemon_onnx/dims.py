@@ -377,9 +377,8 @@ class AxisAnalysis:
             el = self.elems.get(node.inputs[1]) if len(node.inputs) > 1 else None
             axis = el[0].value if el and len(el) == 1 and el[0].kind == "lit" else None
         else:
-            default = -1 if node.op_type in ("Softmax", "LogSoftmax", "Hardmax") else 0
             attr = node.attributes.get("axis")
-            axis = int(attr.value) if attr is not None else default
+            axis = int(attr.value) if attr is not None else _AXIS_OPS[node.op_type]
         self.axis_ops.append((node, x, axis))
 
     def same_as(self, node: ir.Node, i: int) -> None:
@@ -1125,9 +1124,10 @@ class AxisAnalysis:
 #: operator domains whose ops the handlers below model (com.microsoft: the fused ops that
 #: are recognised, so that fused graphs are described before they are refused)
 _DOMAINS = ("", "ai.onnx", "com.microsoft")
-#: ops that combine the elements along one axis
-_AXIS_OPS = {"CumSum", "Softmax", "LogSoftmax", "Hardmax", "ArgMax", "ArgMin", "TopK",
-             "LpNormalization"}
+#: ops that combine the elements along one axis, with the default of their ``axis`` attribute
+#: (opset 13+; CumSum takes its axis as an input)
+_AXIS_OPS = {"CumSum": None, "Softmax": -1, "LogSoftmax": -1, "Hardmax": -1, "ArgMax": 0,
+             "ArgMin": 0, "TopK": -1, "LpNormalization": -1}
 
 _UNARY = {
     "Abs", "Neg", "Sqrt", "Reciprocal", "Exp", "Log", "Erf", "Tanh", "Sigmoid", "Relu", "Gelu",
