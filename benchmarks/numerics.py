@@ -45,7 +45,7 @@ def jobs(real: bool, quick: bool, fixtures: bool = True):
         stem = e["file"].removesuffix(".onnx")
         if not e["ort"]["runs"]:
             continue
-        if e["variant"] == "main" and e["exporter"] + str(e["opset"]) in ("ts17", "dynamo18"):
+        if e["variant"] == "main" and e["tag"] in ("ts17", "dy18"):
             widths = WIDTHS[e["arch"]]
         elif stem in EDGE:
             widths = EDGE[stem]
@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--json", help="write the rows as JSON")
     a = ap.parse_args()
     rows = []
-    print("| model | expansion | twins | source f32 err | expanded f32 err (ratio) | "
+    print("| model | expansion | twins | source f32 err | expanded f32 err (worst ratio) | "
           "f64 diff (rel) | verdict |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
