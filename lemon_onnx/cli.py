@@ -220,6 +220,11 @@ def format_description(d, path: str = "") -> str:
     return "\n".join(lines)
 
 
+from .handoff.command import export_torch_command  # noqa: E402  (its own module; needs guarded)
+
+cli.add_command(export_torch_command)
+
+
 def main() -> None:
     cli(prog_name="lemon-onnx")
 
