@@ -66,7 +66,7 @@ class ExpandResult:
             line += (f" (expansion {len(self.plan.chain) + 1} of a chain from layers "
                      f"{o['layers']}, hidden {o['hidden']})")
         v = self.verification
-        line += (f"; verified on {v.provider_used}, max abs error {v.max_abs:.2e}"
+        line += (f"; verified on {v.provider_used}: {v.summary()}"
                  if v is not None else "; NOT verified (--no-verify)")
         if self.notes:
             line += f"; {len(self.notes)} note(s): " + "; ".join(map(_gist, self.notes))

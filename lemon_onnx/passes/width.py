@@ -606,14 +606,15 @@ class WidthPass:
 
 def untie_reason(rec: Recognizer, desc) -> str | None:
     """Why widening must untie the tied head, or None: the norm that feeds it is also a
-    graph output, and the 1/k scaling the tie needs would change that output."""
+    graph output, and the split of its gamma over the k copies (or LEMON's 1/k scaling) that
+    the tie needs would change that output."""
     head = desc.head
     head_norm = head.transform_norm if head.kind == "mlm" else desc.final_norm
     if head.tie and head_norm is not None:
         nv = rec._values[head_norm.output]
         if any(back_view(o) is nv for o in rec.graph.outputs):
-            return ("the norm that feeds it is also a graph output, so its 1/k scaling would "
-                    "change that output.")
+            return ("the norm that feeds it is also a graph output, so rescaling its gamma "
+                    "for the tied copies would change that output.")
     return None
 
 

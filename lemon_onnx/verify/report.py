@@ -106,10 +106,12 @@ class VerifyReport:
         parts = [f"max abs error {self.max_abs:.2e}"]
         if self.max_ratio is not None:
             own = self._worst("own_error")
-            parts.append(f"{_g(self.max_ratio)}x the source's own {self.dtype} error "
-                         f"({_g(own)})")
+            ratio = "inf" if math.isinf(self.max_ratio) else f"{self.max_ratio:.2f}"
+            parts.append(f"{ratio}x the source's own {self.dtype} error ({_g(own)})")
         if self.max_alg_rel is not None:
-            parts.append(f"float64 difference {_g(self.max_alg_rel)} relative")
+            allowed = (self.levels.get("float64") or {}).get("rtol")
+            parts.append(f"float64 difference {_g(self.max_alg_rel)} relative"
+                         + (f" (allowed {allowed:.1e})" if allowed else ""))
         if not self.passed and self.caught_by():
             parts.append("caught by " + " and ".join(self.caught_by()))
         return ", ".join(parts)
