@@ -615,6 +615,10 @@ def untie_reason(rec: Recognizer, desc) -> str | None:
         if any(back_view(o) is nv for o in rec.graph.outputs):
             return ("the norm that feeds it is also a graph output, so rescaling its gamma "
                     "for the tied copies would change that output.")
+        if head.kind == "lm" and desc.extra_heads:
+            return ("another head (a pooler or classifier) also reads the norm that feeds it, "
+                    "and rescaling that norm's gamma for the tied copies would change what "
+                    "that head reads.")
     return None
 
 
