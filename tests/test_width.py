@@ -187,7 +187,8 @@ def test_layer_scale_on_the_stream(tmp_path, name, width):
 @pytest.mark.parametrize("width", [1.25, 2, 3])
 def test_tied_head_stays_tied(tmp_path, name, width):
     """With only logits as output, the tie is kept: the table and the head stay one tensor (or
-    a transposed copy of it) and the final norm is scaled by 1/k."""
+    a transposed copy of it) and the final norm's gamma is split exactly over the k copies, so
+    the logits are exact in float64 for every k (LEMON's 1/k is not representable for k=3)."""
     name, _, variant = name.partition(":")
     m = onnx.load(str(FIXTURES / name))
     if variant == "one-tensor":  # the head reads Transpose(table), as dynamo leaves big models
@@ -210,6 +211,10 @@ def test_tied_head_stays_tied(tmp_path, name, width):
     after = recognize(io.load(out))
     assert after.tie == before.tie
     assert_equivalent(src, out, load_cases(FIXTURES / name.replace(".onnx", ".npz")))
+    if width == int(width):
+        from lemon_onnx.verify import verify
+
+        assert verify(src, out, provider="cpu").max_alg_rel <= 1e-9
 
 
 def _add_linear(src, dst, reads, name, out_dim=16, select_cls=True):
@@ -274,3 +279,34 @@ def test_lazy_weights_give_the_same_model(tmp_path, monkeypatch, name, kw):
     b = io.save(lazy, tmp_path / "lazy.onnx")
     assert a.read_bytes() == b.read_bytes()
     assert_equivalent(FIXTURES / name, b, load_cases(FIXTURES / name.replace(".onnx", ".npz")))
+
+
+def test_tied_lm_with_another_head_on_its_norm_is_untied(tmp_path):
+    """The tie splits the final norm's gamma over the k copies; a second head reading that
+    norm would see the split, so the head is untied (and --keep-tie refuses)."""
+    from onnx import helper as h
+
+    from lemon_onnx.errors import PlanError
+    from lemon_onnx.verify import verify
+
+    src = FIXTURES / "llama-dy18-g3tied.onnx"
+    desc = recognize(io.load(src))
+    m = onnx.load(str(src))
+    w = np.random.default_rng(0).standard_normal((desc.hidden, 3)).astype(np.float32)
+    m.graph.initializer.append(onnx.numpy_helper.from_array(w, "extra_cls_w"))
+    m.graph.node.append(h.make_node("MatMul", [desc.final_norm.output, "extra_cls_w"],
+                                    ["extra_cls"], name="extra_cls_head"))
+    m.graph.output.append(h.make_tensor_value_info("extra_cls", onnx.TensorProto.FLOAT, None))
+    keep = [o for o in m.graph.output if o.name in ("logits", "extra_cls")]
+    del m.graph.output[:]
+    m.graph.output.extend(keep)  # the final norm is no graph output: only the second head
+    two = tmp_path / "two_heads.onnx"
+    onnx.save(m, str(two))
+    model, plan, d2 = expand_model(two, width=2)
+    assert d2.tie and d2.extra_heads
+    assert any("untied" in n and "another head" in n for n in plan.notes)
+    big = io.save(model, tmp_path / "big.onnx")
+    rep = verify(two, big, provider="cpu")
+    assert rep.passed and rep.max_alg_rel <= 1e-9, rep.format()
+    with pytest.raises(PlanError, match="keep-tie"):
+        expand_model(two, width=2, keep_tie=True)
