@@ -220,9 +220,9 @@ def format_description(d, path: str = "") -> str:
     return "\n".join(lines)
 
 
-from .handoff.command import export_torch_command  # noqa: E402  (its own module; needs guarded)
+from .handoff.command import make_command as _export_torch  # noqa: E402  (own module)
 
-cli.add_command(export_torch_command)
+cli.add_command(_export_torch(guarded))
 
 
 def main() -> None:
