@@ -532,8 +532,14 @@ class AxisAnalysis:
 
     def op_Unsqueeze(self, node: ir.Node) -> None:
         x = self.get(node.inputs[0])
-        axes = (list(node.attributes["axes"].value) if "axes" in node.attributes
-                else (_int_array(node.inputs[1]).tolist() if len(node.inputs) > 1 else []))
+        if "axes" in node.attributes:
+            axes = list(node.attributes["axes"].value)
+        else:
+            arr = _int_array(node.inputs[1]) if len(node.inputs) > 1 else None
+            if arr is None:  # axes computed at run time: not modelled (the closed world decides)
+                self.unhandled.append(node)
+                return
+            axes = arr.tolist()
         if node.inputs[0] in self.elems:
             self.elems[node.outputs[0]] = list(self.elems[node.inputs[0]])
         if x is None:
@@ -555,7 +561,11 @@ class AxisAnalysis:
         if "axes" in node.attributes:
             axes = list(node.attributes["axes"].value)
         elif len(node.inputs) > 1 and node.inputs[1] is not None:
-            axes = _int_array(node.inputs[1]).tolist()
+            arr = _int_array(node.inputs[1])
+            if arr is None:  # axes computed at run time: not modelled (the closed world decides)
+                self.unhandled.append(node)
+                return
+            axes = arr.tolist()
         if axes is None:
             self.axes[node.outputs[0]] = [list(a) for a in x if size_of(a) != 1]
         else:

@@ -68,3 +68,26 @@ def test_the_same_graphs_still_grow_in_depth(tmp_path):
     src = _insert_before_down(tmp_path / "odd.onnx", _cumsum)
     res = _run("expand", src, "-o", tmp_path / "deep.onnx", "--depth", "2")
     assert res.returncode == 0, res.stderr
+
+
+def test_unsqueeze_with_computed_axes_is_not_a_crash(tmp_path):
+    """Unsqueeze/Squeeze whose axes are computed at run time: the axis analysis records the
+    node as unmodelled instead of crashing; on a growing axis expand refuses naming it."""
+    from lemon_onnx.dims import AxisAnalysis
+
+    def make_nodes(x):
+        one = onnx.numpy_helper.from_array(np.array([1], np.int64), "lemon_test_one")
+        return ([h.make_node("Add", ["lemon_test_one", "lemon_test_one"], ["lemon_test_ax"]),
+                 h.make_node("Unsqueeze", [x, "lemon_test_ax"], ["lemon_test_u"],
+                             name="odd_unsqueeze"),
+                 h.make_node("Squeeze", ["lemon_test_u", "lemon_test_ax"], ["lemon_test_out"],
+                             name="odd_squeeze")], [one], "lemon_test_out")
+
+    src = _insert_before_down(tmp_path / "odd.onnx", make_nodes)
+    model = io.load(src)
+    ax = AxisAnalysis(model.graph).run()
+    assert "odd_unsqueeze" in {n.name for n in ax.unhandled}
+    out = tmp_path / "out.onnx"
+    res = _run("expand", src, "-o", out, "--width", "2", "--no-verify")
+    assert res.returncode == 2 and "odd_" in res.stderr and "Traceback" not in res.stderr
+    assert not out.exists()
