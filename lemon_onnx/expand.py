@@ -105,7 +105,7 @@ def _prepare(src, *, width: float | None, depth: float | None, hidden: int | Non
              depth_init: str, seed: int, keep_tie: bool, progress: Progress,
              noise_scale: float | None = None):
     """Load, recognise and plan: every refusal (exit 2) comes from here, before any work."""
-    from .passes.width import untie_reason
+    from .components.head import untie_reason
     from .recognize import Recognizer
 
     with progress.stage("load") as st:

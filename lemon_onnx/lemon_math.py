@@ -207,7 +207,8 @@ def gqa_maps(n_q: int, n_kv: int, N_q: int, N_kv: int, head_dim: int) -> tuple[U
     New query head i copies source head ``qsrc[i] = i % n_q`` and sits in new group
     ``i // g`` (g = n_q // n_kv, unchanged) whose KV head copies source KV head
     ``(i // g) % n_kv == qsrc[i] // g``: every new query head reads a copy of the KV head its
-    source head read.  Requires N_q = g * N_kv (so the q leftover is a multiple of g).
+    source head read.  Requires N_q = g * N_kv (so the q leftover is a multiple of g), except
+    for one KV head kept as one (multi-query attention).
     """
     if min(n_q, n_kv, N_q, N_kv, head_dim) <= 0:
         raise ValueError("head counts and head_dim must be positive")
@@ -217,6 +218,10 @@ def gqa_maps(n_q: int, n_kv: int, N_q: int, N_kv: int, head_dim: int) -> tuple[U
     g = n_q // n_kv
     if N_q < n_q or N_kv < n_kv:
         raise ValueError(f"cannot shrink heads ({n_q}, {n_kv}) -> ({N_q}, {N_kv})")
+    if n_kv == N_kv == 1:
+        # multi-query attention stays multi-query: every query head, old or new, reads the one
+        # KV head, so any query-head map is exact
+        return UnitMap(n_q, N_q, head_dim), UnitMap(1, 1, head_dim)
     if N_q % g:
         lo, hi = (N_q // g) * g, (N_q // g + 1) * g
         opts = [f"{q} query / {q // g} KV heads" for q in (lo, hi) if q >= n_q]

@@ -160,8 +160,9 @@ def _targets(desc, req: dict) -> tuple[dict, str]:
         raise _Refusal(f"{_asked(req, *SIZE_FLAGS)}: hidden {hidden} and {heads} heads of "
                        f"head_dim {hd} disagree; this model has hidden = heads x head_dim "
                        f"({d} = {h} x {hd}).", vary=("heads", "hidden"))
-    # GQA: the group size (query heads per KV head) stays; leftover heads come in whole groups
-    g = h // kv
+    # GQA: the group size (query heads per KV head) stays; leftover heads come in whole groups.
+    # MQA (one KV head) stays MQA: every new query head reads the one KV head.
+    g = heads if kv == 1 else h // kv
     if heads % g:
         raise _Refusal(f"{_asked(req, *SIZE_FLAGS)} gives {heads} query heads, which cannot "
                        f"keep this model's grouped-query attention: each KV head serves {g} "

@@ -133,14 +133,14 @@ def test_exit_3_missing_provider_fails_at_once(tmp_path):
 
 # --------------------------------------------------------------------------- 4
 def _corrupt_after_depth(monkeypatch, how):
-    real = depth_mod.DepthPass.run
+    real = depth_mod.DepthPass._run
 
     def run(self):
         out = real(self)
         how(self.model.graph)
         return out
 
-    monkeypatch.setattr(depth_mod.DepthPass, "run", run)
+    monkeypatch.setattr(depth_mod.DepthPass, "_run", run)
 
 
 def _dangling_input(graph):
@@ -179,7 +179,7 @@ def test_exit_4_unexpected_exception(tmp_path, monkeypatch):
     def boom(self):
         raise ValueError("an index went astray")
 
-    monkeypatch.setattr(depth_mod.DepthPass, "run", boom)
+    monkeypatch.setattr(depth_mod.DepthPass, "_run", boom)
     with pytest.raises(InternalError) as e:
         lemon_onnx.expand(GPT2, tmp_path / "x.onnx", depth=2)
     assert "unexpected ValueError" in str(e.value) and isinstance(e.value.__cause__, ValueError)

@@ -20,8 +20,10 @@ import onnx_ir as ir
 
 from .. import lemon_math as lm
 from ..errors import PlanError
-from ..recognize import Linear, Recognizer
-from .width import LAZY_BYTES, _lazy, _read, _write
+from ..components import norm, residual
+from ..components.linear import Linear
+from ..recognize import Recognizer
+from ..tensors import LAZY_BYTES, _lazy, _read, _write
 
 
 def plan_depth(L: int, L_target: int, placement: str) -> list[tuple[int, int]]:
@@ -69,9 +71,14 @@ def plan_depth(L: int, L_target: int, placement: str) -> list[tuple[int, int]]:
     return order
 
 
-class DepthPass:
+class DepthPass(ir.passes.InPlacePass):
+    """Splices twin blocks into the residual chain in place (onnx-ir's pass protocol).  Each
+    component makes its own part of a twin compute nothing (``residual.twin``, which asks
+    ``attention.twin`` and ``mlp.twin``; ``norm.twin_post_norm`` for Post-LN)."""
+
     def __init__(self, model: ir.Model, rec: Recognizer, desc, plan,
                  width_maps: dict | None = None):
+        super().__init__()
         self.model, self.desc, self.plan = model, desc, plan
         self.graph = model.graph
         self._rec = rec
@@ -132,7 +139,11 @@ class DepthPass:
         return new_nodes, mapping
 
     # -------------------------------------------------------------- the pass
-    def run(self) -> dict:
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.stats = self._run()
+        return ir.passes.PassResult(model, modified=True)
+
+    def _run(self) -> dict:
         desc, plan = self.desc, self.plan
         L, Lt = desc.num_layers, plan.target["layers"]
         order = plan_depth(L, Lt, plan.depth_placement or "interleave")
@@ -171,9 +182,9 @@ class DepthPass:
                     self.graph.outputs[k] = out_new
                     out_new.name, inp.name = inp.name, inp.name + f"__before_{tag}"
                     out_new.shape = inp.shape
-            self.make_identity(b, mapping, tag)
+            residual.twin(self, b, mapping, tag)
             if post:
-                prev_norm = self.post_norm_recipe(b, mapping, prev_norm)
+                prev_norm = norm.twin_post_norm(self, b, mapping, prev_norm)
             prev_out = out_new
         self.graph.sort()
         # a source block's hidden state is reproduced at the end of the run of twins that
@@ -204,67 +215,13 @@ class DepthPass:
     def _bias(self, mapping, lin: Linear) -> ir.Value | None:
         return mapping.get(self._rec._values[lin.bias]) if lin.bias else None
 
-    def make_identity(self, b, mapping, tag: str) -> None:
-        init = self.plan.depth_init or "cancel"
-        a, m = b.attention, b.mlp
-        self._zero_branch(a.out, mapping, init, unit="head",
-                          fanin=[x for x in (a.q, a.k, a.v, a.qkv) if x], tag=tag + ".attn")
-        self._zero_branch(m.down, mapping, init, unit="ffn",
-                          fanin=[x for x in (m.up, m.gate) if x], tag=tag + ".mlp")
-
-    def post_norm_recipe(self, b, mapping, prev_norm):
-        """LEMON's Post-LN recipe: the previous block's last LayerNorm becomes the identity
-        affine and its gamma/beta move to the twin's last LayerNorm; the twin's first
-        LayerNorm is the identity affine too.  Returns the twin's last-norm record."""
-        vals = self._rec._values
-        last, first = b.mlp_post_norm, b.attention_post_norm
-        if last is None or first is None or prev_norm is None:
-            raise PlanError("a Post-LN block without its two LayerNorms cannot take a twin")
-        pg, pb, pnodes, pmap = prev_norm
-        orig_g = _read(pg).copy() if pg is not None else None
-        orig_b = _read(pb).copy() if pb is not None else None
-        # the previous block's last norm -> identity (own tensors if shared)
-        for v, fill in ((pg, 1.0), (pb, 0.0)):
-            if v is not None:
-                self._set_param(v, pnodes, pmap, fill)
-        tg = mapping.get(vals.get(last.gamma)) if last.gamma else None
-        tb = mapping.get(vals.get(last.beta)) if last.beta else None
-        if tg is not None and orig_g is not None:
-            _write(tg, orig_g)
-        if tb is not None and orig_b is not None:
-            _write(tb, orig_b)
-        for name, fill in ((first.gamma, 1.0), (first.beta, 0.0)):
-            if name:
-                self._set_param(mapping[vals[name]], first.nodes, mapping, fill)
-        return (tg, tb, last.nodes, mapping)
-
-    def _set_param(self, v: ir.Value, node_names, mapping, fill: float) -> None:
-        arr = _read(v)
-        users = {u.node for u in v.uses()}
-        nodes = [self._rec._node(n) for n in node_names]
-        nodes = [mapping.get(n.outputs[0]).producer() if mapping and n.outputs[0] in mapping
-                 else n for n in nodes]
-        mine = {n for n in nodes if n in users} | {
-            u.node for u in v.uses() if u.node.op_type in ("Identity", "Cast")}
-        if users <= mine:
-            _write(v, np.full_like(arr, fill))
-            return
-        new = np.full_like(arr, fill)
-        name = f"{v.name}__identity{len(self.graph.initializers)}"
-        nv = ir.Value(name=name, shape=ir.Shape(new.shape), type=v.type,
-                      const_value=ir.tensor(new, name=name))
-        self.graph.register_initializer(nv)
-        for n in nodes:
-            for i, x in enumerate(n.inputs):
-                if x is v:
-                    n.replace_input_with(i, nv)
 
     def _mixed_roles(self) -> set:
         if not hasattr(self, "_mixed"):
             self._mixed = mixed_roles(self._rec.ax)
         return self._mixed
 
-    def _zero_branch(self, lin: Linear, mapping, init: str, unit: str, fanin: list, tag: str):
+    def zero_branch(self, lin: Linear, mapping, init: str, unit: str, fanin: list, tag: str):
         wv = self._weight(mapping, lin)
         W = _read(wv)
         in_axis = 0 if lin.weight_layout == "in,out" else 1
@@ -358,4 +315,6 @@ def _copy_attr(a: ir.Attr) -> ir.Attr:
 
 
 def expand_depth(model: ir.Model, rec: Recognizer, desc, plan, width_maps=None) -> dict:
-    return DepthPass(model, rec, desc, plan, width_maps).run()
+    dp = DepthPass(model, rec, desc, plan, width_maps)
+    dp(model)
+    return dp.stats

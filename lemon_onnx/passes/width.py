@@ -17,7 +17,13 @@ import onnx_ir as ir
 
 from .. import dims, lemon_math as lm
 from ..errors import PlanError
-from ..recognize import Linear, Norm, Recognizer, back_view, const_source
+from ..components import attention, embedding, head, residual
+from ..components.head import untie_reason
+from ..graph import const_source
+from ..recognize import Recognizer
+from ..tensors import LAZY_BYTES, _apply, _lazy, _read, _with_axis, _write, _write_tensor
+
+__all__ = ["WidthPass", "WeightEditor", "expand_width", "untie_reason", "LAZY_BYTES"]
 
 NEW_SIZE_ROLES = ("hidden", "ffn", "heads", "kv_heads")
 
@@ -90,54 +96,6 @@ class WeightEditor:
         return n_new
 
 
-#: tensors at least this large are transformed lazily (at save time)
-LAZY_BYTES = 1 << 20
-
-
-def _apply(fn, arr: np.ndarray) -> np.ndarray:
-    new = np.ascontiguousarray(fn(arr))
-    if new.dtype != arr.dtype:  # weights keep the model's dtype (fp16/bf16 too)
-        new = new.astype(arr.dtype)
-    return new
-
-
-def _lazy(orig, fn, shape: tuple, name: str) -> ir.LazyTensor:
-    """``fn(orig)`` computed when the tensor is read (saved), not now."""
-    def compute():
-        return ir.tensor(_apply(fn, np.asarray(orig.numpy())), name=name)
-
-    return ir.LazyTensor(compute, dtype=orig.dtype, shape=ir.Shape(shape), name=name)
-
-
-def _with_axis(shape: tuple, axis: int, n: int) -> tuple:
-    out = list(shape)
-    out[axis] = n
-    return tuple(out)
-
-
-def _write_tensor(v: ir.Value, t) -> None:
-    v.const_value = t
-    v.shape = ir.Shape(tuple(t.shape))
-
-
-def _read(v: ir.Value) -> np.ndarray:
-    if v.const_value is not None:
-        return np.asarray(v.const_value.numpy())
-    p = v.producer()
-    return np.asarray(p.attributes["value"].value.numpy())
-
-
-def _write(v: ir.Value, arr: np.ndarray) -> None:
-    t = ir.tensor(arr, name=v.name)
-    p = v.producer()
-    if v.const_value is None and p is not None and p.op_type == "Constant":
-        p.attributes["value"] = ir.AttrTensor("value", t)
-        v.shape = ir.Shape(arr.shape)
-        return
-    v.const_value = t
-    v.shape = ir.Shape(arr.shape)
-
-
 def rounded_constants(s_map: lm.StreamMap) -> list[str]:
     """What a fractional width must round in the storage dtype (lemon-math.md, "Norm layers").
 
@@ -154,8 +112,16 @@ def rounded_constants(s_map: lm.StreamMap) -> list[str]:
     return out
 
 
-class WidthPass:
+class WidthPass(ir.passes.InPlacePass):
+    """Widens a recognised model in place (onnx-ir's pass protocol: ``WidthPass(...)(model)``).
+
+    The components (``components/``) decide which rule applies to which tensor; this pass
+    holds the maps they share (stream, norm output, FFN units, query and KV heads), the weight
+    editor, and what is common to every component: the closed-world check, size literals and
+    output shapes."""
+
     def __init__(self, rec: Recognizer, desc, plan):
+        super().__init__()
         self.rec, self.desc, self.plan = rec, desc, plan
         s, t = plan.source, plan.target
         self.d, self.D = s["hidden"], t["hidden"]
@@ -173,160 +139,7 @@ class WidthPass:
         self.values = rec._values
 
     # ------------------------------------------------------------------ building blocks
-    def linear(self, lin: Linear, in_map, out_map, *, tag: str, break_symmetry: bool = True,
-               prescale: np.ndarray | None = None):
-        node = self.node(lin.node)
-        in_axis, out_axis = (0, 1) if lin.weight_layout == "in,out" else (1, 0)
 
-        def fw(w, in_map=in_map, out_map=out_map):
-            rng = self.ed.rng(tag, "w")  # here, so that a lazy re-evaluation gives the same
-            if prescale is not None:  # a layer scale folded into the output columns
-                shape = [1, 1]
-                shape[out_axis] = -1
-                w = (w * prescale.reshape(shape)).astype(w.dtype)
-            if out_map is not None:
-                w = out_map.apply(w, out_axis)
-            if in_map is not None:
-                w = lm.expand_in(w, in_axis, in_map, rng=rng, break_symmetry=break_symmetry,
-                                 noise_scale=self.plan.noise_scale)
-            return w
-
-        def shape(sh, in_map=in_map, out_map=out_map):
-            sh = list(sh)
-            if out_map is not None:
-                sh[out_axis] = out_map.D
-            if in_map is not None:
-                sh[in_axis] = in_map.D
-            return tuple(sh)
-
-        self.ed.edit(node, 1, f"{tag}:w", fw, shape)
-        if lin.bias and out_map is not None:
-            bnode = self.node(lin.bias_node)
-            idx = next(i for i, x in enumerate(bnode.inputs)
-                       if x is not None and const_source(x)[0] is self.values[lin.bias])
-            self.ed.edit(bnode, idx, f"{tag}:b", lambda b, m=out_map: m.apply(
-                b if prescale is None else (b * prescale).astype(b.dtype), -1))
-
-    def qkv_fused(self, lin: Linear, in_map, tag: str):
-        """GPT-2's c_attn: three head axes side by side; expand each third on its own."""
-        node = self.node(lin.node)
-        in_axis, out_axis = (0, 1) if lin.weight_layout == "in,out" else (1, 0)
-        maps = (self.q_map, self.kv_map, self.kv_map)
-
-        def fw(w):
-            rng = self.ed.rng(tag, "w")
-            parts = np.split(w, 3, axis=out_axis)
-            w = np.concatenate([m.apply(p, out_axis) for m, p in zip(maps, parts)], axis=out_axis)
-            return (lm.expand_in(w, in_axis, in_map, rng=rng, noise_scale=self.plan.noise_scale)
-                    if in_map is not None else w)
-
-        def fb(b):
-            parts = np.split(b, 3, axis=-1)
-            return np.concatenate([m.apply(p, -1) for m, p in zip(maps, parts)], axis=-1)
-
-        def shape(sh):
-            sh = list(sh)
-            sh[out_axis] = sum(m.D for m in maps)
-            if in_map is not None:
-                sh[in_axis] = in_map.D
-            return tuple(sh)
-
-        self.ed.edit(node, 1, f"{tag}:w", fw, shape)
-        if lin.bias:
-            bnode = self.node(lin.bias_node)
-            idx = next(i for i, x in enumerate(bnode.inputs)
-                       if x is not None and const_source(x)[0] is self.values[lin.bias])
-            self.ed.edit(bnode, idx, f"{tag}:b", fb)
-
-    def norm(self, nrm: Norm, in_map: lm.StreamMap, *, tag: str, tied: bool = False):
-        """gamma/beta/epsilon of a norm whose input is laid out by ``in_map``.
-
-        ``tied``: the norm feeds a tied head, whose k copies of every embedding row would make
-        the logits k times too large.  LEMON scales gamma and beta by 1/k; here the k copies
-        of gamma (and beta) are instead an exact random split of them (lemon_math's input-side
-        rule on a vector), so the head's sum over the copies gives the source's logits exactly
-        in the storage dtype for every k (1/k is not representable for k = 3, 5, ...)."""
-        nodes = [self.node(n) for n in nrm.nodes]
-        rng = self.ed.rng(tag, "gamma")
-        kind = nrm.kind
-        gamma0 = _read(self.values[nrm.gamma]) if nrm.gamma else np.ones(self.d, np.float32)
-        beta0 = _read(self.values[nrm.beta]) if nrm.beta else None
-        try:
-            g2, b2, eps2 = lm.expand_norm(gamma0, beta0, nrm.epsilon, in_map, rng=rng, kind=kind)
-        except ValueError as e:
-            raise PlanError(str(e)) from None
-        if tied and in_map.k > 1:
-            g2 = self._split_copies(g2, in_map, self.ed.rng(tag, "tie-gamma"))
-            b2 = None if b2 is None else self._split_copies(b2, in_map,
-                                                            self.ed.rng(tag, "tie-beta"))
-        if nrm.gamma:
-            self._edit_param(nodes, nrm.gamma, f"{tag}:gamma", g2.astype(gamma0.dtype))
-        elif tied or in_map.r:
-            raise PlanError(f"norm {nrm.output} has no scale parameter to rescale")
-        if nrm.beta:
-            self._edit_param(nodes, nrm.beta, f"{tag}:beta", b2.astype(beta0.dtype))
-        if eps2 != nrm.epsilon:
-            self.set_epsilon(nrm, eps2)
-
-    def _split_copies(self, v: np.ndarray, in_map: lm.StreamMap, rng) -> np.ndarray:
-        """The k tiled copies ``v[:k*d]`` of a norm parameter replaced by an exact split of one
-        copy (the parts of each coordinate sum to it), leftover slots kept."""
-        d, k = in_map.d, in_map.k
-        parts = lm.expand_in(v[:d].reshape(d, 1), 0, lm.StreamMap(d, k * d, "copies"),
-                             rng=rng, noise_scale=self.plan.noise_scale)
-        out = v.copy()
-        out[:k * d] = parts[:, 0]
-        return out
-
-    def _edit_param(self, nodes, name, key, new):
-        v = self.values[name]
-        for n in nodes:
-            for i, x in enumerate(n.inputs):
-                if x is not None and const_source(x)[0] is v:
-                    self.ed.edit(n, i, key, lambda _a, new=new: new)
-                    return
-        raise PlanError(f"could not find the consumer of norm parameter {name}")
-
-    def set_epsilon(self, nrm: Norm, eps: float):
-        where = nrm.epsilon_at
-        if where[0] == "attr":
-            node = self.node(where[1])
-            node.attributes["epsilon"] = ir.AttrFloat32("epsilon", float(eps))
-            return
-        # decomposed: the Add(ReduceMean(...), eps) among the norm's nodes, found by where it
-        # sits (its other input is the mean square), not by the epsilon's value
-        for n in (self.node(x) for x in nrm.nodes):
-            if n.op_type != "Add" or len(n.inputs) != 2:
-                continue
-            prods = [x.producer() if x is not None else None for x in n.inputs]
-            for i, x in enumerate(n.inputs):
-                src, _ = const_source(x)
-                other = prods[1 - i]
-                if src is not None and _read(src).size == 1 and other is not None \
-                        and other.op_type == "ReduceMean":
-                    dtype = _read(src).dtype
-                    shape = _read(src).shape
-                    self.ed.edit(n, i, f"eps:{eps!r}",
-                                 lambda _a, e=eps, dt=dtype, sh=shape: np.full(sh, e, dtype=dt))
-                    return
-        raise PlanError(f"could not find the epsilon constant of norm {nrm.output}")
-
-    def layer_scale(self, node_name: str | None, tag: str) -> np.ndarray | None:
-        """A per-channel constant on a branch output (layer scale).  ``copies``/``zero``
-        streams tile it (leftover slots of ``zero`` carry 0, any value is exact); an ``avg``
-        stream needs the leftover to be the mean of the *scaled* rows, which no per-channel
-        constant gives, so the scale is folded into the projection and becomes ones."""
-        if node_name is None:
-            return None
-        node = self.node(node_name)
-        idx = next(i for i, x in enumerate(node.inputs) if const_source(x)[0] is not None)
-        ls = _read(const_source(node.inputs[idx])[0])
-        if self.s_map.form == "avg":
-            self.ed.edit(node, idx, f"{tag}:ones", lambda a: np.ones(self.D, dtype=a.dtype))
-            return ls
-        self.ed.edit(node, idx, f"{tag}:tile",
-                     lambda a: lm.StreamMap(self.d, self.D, "circ").apply(a, -1))
-        return None
 
     def stream_axis(self, node: ir.Node, index: int, key: str, axis: int) -> None:
         """A constant whose ``axis`` is the residual stream (embedding tables, cls token,
@@ -339,94 +152,30 @@ class WidthPass:
             self.stream_axis(u.node, u.idx, f"{tag}:emb", axis)
 
     # ------------------------------------------------------------------ the pass
-    def run(self) -> dict:
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """Every component widens itself; then the closed-world check, the edits, the size
+        literals and the output shapes."""
         desc, plan = self.desc, self.plan
-        emb = desc.embeddings
         s_map, n_map = self.s_map, self.n_map
-        pre = desc.layout == "pre-norm"
-        stats = {"tied_head": None}
-        head = desc.head
-        untie = untie_reason(self.rec, desc) is not None
-        if untie:
-            plan.notes.append("The tied head was untied: " + untie_reason(self.rec, desc))
-        # embeddings (token table handled with the head when tied)
-        if emb.token:
-            self.stream_axis(self.node(emb.token_node), 0, "tok:emb", 1)
-        tables = [name for name, _ in emb.tables]
-        for name in dict.fromkeys(tables + [emb.position, emb.token_type, emb.cls_token]):
-            if name:
-                self.embedding_param(name, -1, f"emb:{name}")
-        if emb.patch_conv:
-            conv = self.node(emb.patch_conv)
-            self.stream_axis(conv, 1, "patch:w", 0)
-            if emb.patch_bias:
-                self.stream_axis(conv, 2, "patch:b", 0)
-        if emb.norm is not None:
-            self.norm(emb.norm, lm.StreamMap(self.d, self.D, "copies"), tag="emb-norm")
-        # blocks: branches (and later the heads) read a norm output (pre-norm) or the stream
-        branch_in = n_map if pre else s_map
+        reason = untie_reason(self.rec, desc)
+        if reason is not None:
+            plan.notes.append("The tied head was untied: " + reason)
+        embedding.widen(self, desc.embeddings)
+        # branches (and later the heads) read a norm output (pre-norm) or the stream
+        branch_in = n_map if desc.layout == "pre-norm" else s_map
         for b in desc.blocks:
-            t = f"b{b.index}"
-            if b.attention_norm is not None:
-                self.norm(b.attention_norm, s_map, tag=f"{t}.ln1")
-            a = b.attention
-            if a.qkv is not None:
-                self.qkv_fused(a.qkv, branch_in, f"{t}.qkv")
-            else:
-                self.linear(a.q, branch_in, self.q_map, tag=f"{t}.q")
-                self.linear(a.k, branch_in, self.kv_map, tag=f"{t}.k")
-                self.linear(a.v, branch_in, self.kv_map, tag=f"{t}.v")
-            self.linear(a.out, self.q_map, s_map, tag=f"{t}.o",
-                        prescale=self.layer_scale(b.attention_scale, f"{t}.ls1"))
-            if b.attention_post_norm is not None:
-                self.norm(b.attention_post_norm, s_map, tag=f"{t}.ln1post")
-            if b.mlp_norm is not None:
-                self.norm(b.mlp_norm, s_map, tag=f"{t}.ln2")
-            m = b.mlp
-            if m.gate is not None:
-                self.linear(m.gate, branch_in, self.ffn_map, tag=f"{t}.gate")
-            self.linear(m.up, branch_in, self.ffn_map, tag=f"{t}.up")
-            self.linear(m.down, self.ffn_map, s_map, tag=f"{t}.down",
-                        prescale=self.layer_scale(b.mlp_scale, f"{t}.ls2"))
-            if b.mlp_post_norm is not None:
-                self.norm(b.mlp_post_norm, s_map, tag=f"{t}.ln2post")
-        # final norm and head
-        tied = bool(head.tie) and not untie
-        if desc.final_norm is not None:
-            self.norm(desc.final_norm, s_map, tag="final", tied=tied and head.kind == "lm")
-        head_in = branch_in  # the final norm's output (pre-norm) or the stream (post-norm)
-        if head.kind == "mlm":
-            tr = head.transform
-            circ = lm.UnitMap(self.d, self.D, 1)
-            self.linear(tr, head_in, circ if self.D % self.d == 0 else None, tag="head.transform")
-            if head.transform_norm is not None:
-                self.norm(head.transform_norm, lm.StreamMap(self.d, self.D, "copies"),
-                          tag="head.norm", tied=tied)
-            head_in = lm.StreamMap(self.d, self.D, "copies")
-        if head.linear is not None:
-            if tied:
-                lin = head.linear
-                node = self.node(lin.node)
-                hid_axis = 0 if lin.weight_layout == "in,out" else 1
-                if head.tie == "shared":
-                    # the same tensor as the embedding: one transform serves both roles
-                    self.stream_axis(node, 1, "tok:emb", 1)
-                else:
-                    self.stream_axis(node, 1, "head:tiedcopy", hid_axis)
-                stats["tied_head"] = head.tie
-            else:
-                self.linear(head.linear, head_in, None, tag="head")
-        for i, extra in enumerate(desc.extra_heads):  # poolers etc.: read the stream, untied
-            self.linear(extra.linear, branch_in, None, tag=f"head{i + 1}")
+            residual.widen(self, b, branch_in, s_map)
+        tied = head.widen(self, desc, branch_in, untie=reason is not None)
+        attention.widen_head_tables(self)
         if s_map.r:
             plan.rounded = rounded_constants(s_map)
         self.check_closed_world()
         n_new = self.ed.apply()
         n_lit = self.rewrite_literals()
         self.fix_shapes()
-        stats.update(new_initializers=n_new, literals=n_lit,
-                     maps={"q": self.q_map, "ffn": self.ffn_map})
-        return stats
+        self.stats = {"tied_head": tied, "new_initializers": n_new, "literals": n_lit,
+                      "maps": {"q": self.q_map, "ffn": self.ffn_map}}
+        return ir.passes.PassResult(model, modified=True)
 
     # ------------------------------------------------------------------ closed world
     def check_closed_world(self) -> None:
@@ -452,6 +201,7 @@ class WidthPass:
                 missed.append(f"constant {v.name} (shape {shape}, axis {k} carries {roles}; "
                               f"read by {users})")
         missed += self._unmodelled_ops()
+        missed += self._disagreements()
         if missed:
             raise PlanError(
                 f"{len(missed)} tensor(s) or operator(s) carry a size this expansion changes "
@@ -459,6 +209,36 @@ class WidthPass:
                 + ("; ..." if len(missed) > 5 else "") + ". Nothing was written.",
                 hint="This architecture has a component lemon-onnx does not support yet; "
                      "report it with the model's `lemon-onnx inspect --json` output.")
+
+    def _disagreements(self) -> list:
+        """Claimed constants whose new shape (the rule's) differs from what the axis analysis
+        predicts from its atoms: the rest of the graph (reshapes, splits, size literals) is
+        rewritten from the atoms, so the two must agree, or the graph would not fit together
+        (a size that is a sum, such as Falcon's heads + 2, has no atoms to grow)."""
+        found = []
+        for src, reqs in self.ed.requests.items():
+            axes = self.rec.ax.axes.get(src)
+            if not axes or src.shape is None:
+                continue
+            old = tuple(src.shape)
+            for _direct, _idx, key, _fn, shape in reqs:
+                if shape is None:
+                    continue
+                new = shape(old)
+                for k, axis in enumerate(axes):
+                    atoms = dims.leaves(axis)
+                    if k >= len(new) or any(a.size is None or a.role in (None, "qkv_parts")
+                                            for a in atoms):
+                        continue  # an atom nothing named: the analysis cannot predict it
+                    predicted = int(np.prod([self.new_size(a) for a in atoms]))
+                    if predicted != new[k]:
+                        roles = "*".join(a.role or str(a.size) for a in atoms) or "1"
+                        found.append(f"constant {src.name} (shape {list(old)}): the rule "
+                                     f"{key.split(':')[0]} gives axis {k} size {new[k]}, but "
+                                     f"the graph's other sizes on that axis ({roles}) give "
+                                     f"{predicted}")
+                        break
+        return found
 
     def _changed(self, value) -> list:
         """Axes of ``value`` whose size the plan changes: [(axis, atoms)]."""
@@ -604,23 +384,7 @@ class WidthPass:
             o.shape = ir.Shape(dims_)
 
 
-def untie_reason(rec: Recognizer, desc) -> str | None:
-    """Why widening must untie the tied head, or None: the norm that feeds it is also a
-    graph output, and the split of its gamma over the k copies (or LEMON's 1/k scaling) that
-    the tie needs would change that output."""
-    head = desc.head
-    head_norm = head.transform_norm if head.kind == "mlm" else desc.final_norm
-    if head.tie and head_norm is not None:
-        nv = rec._values[head_norm.output]
-        if any(back_view(o) is nv for o in rec.graph.outputs):
-            return ("the norm that feeds it is also a graph output, so rescaling its gamma "
-                    "for the tied copies would change that output.")
-        if head.kind == "lm" and desc.extra_heads:
-            return ("another head (a pooler or classifier) also reads the norm that feeds it, "
-                    "and rescaling that norm's gamma for the tied copies would change what "
-                    "that head reads.")
-    return None
-
-
 def expand_width(rec: Recognizer, desc, plan) -> dict:
-    return WidthPass(rec, desc, plan).run()
+    wp = WidthPass(rec, desc, plan)
+    wp(rec.model)
+    return wp.stats

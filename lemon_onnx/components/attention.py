@@ -1,0 +1,324 @@
+"""Component: self-attention, in the dialects exporters write.
+
+match: a branch whose Softmax sits between a Q.K^T MatMul and a P.V MatMul (or an ONNX
+``Attention`` op); separate q/k/v projections or one fused projection; MHA, GQA and MQA; heads
+and head_dim read from the atoms of the attention's axes; rotary embeddings.
+widen: q (and a fused qkv) by the query-head map, k and v by the KV-head map, the output
+projection from the query-head map to the stream.
+twin: the output projection's fan-out cancels (or is zero), so the twin adds nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from .. import dims, lemon_math as lm
+from ..errors import UnsupportedModelError
+from ..graph import is_const
+from . import linear
+from .linear import Linear
+from .branch import linears_reading, out_linear
+
+
+@dataclasses.dataclass
+class Attention:
+    expressed: str  # decomposed | onnx-attention | fused-qkv
+    heads: int
+    kv_heads: int
+    head_dim: int
+    q: Linear | None
+    k: Linear | None
+    v: Linear | None
+    qkv: Linear | None
+    split_node: str | None
+    out: Linear
+    score_node: str | None
+    rotary: bool
+    #: a fused projection's output axis: "segments" ([q | k | v], heads*hd, kv*hd, kv*hd: GPT-2,
+    #: GPT-BigCode, Falcon) or "interleaved" (per KV head, its g query heads then k and v:
+    #: GPT-NeoX, Bloom, Falcon-40B)
+    qkv_layout: str | None = None
+
+
+def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> Attention:
+    nodes = ctx._branch_nodes(x, branch_out)
+    out = out_linear(ctx, branch_out)
+    ins = [l for l in linears_reading(ctx, x, nodes) if l is not out]
+    attn_op = next((n for n in nodes if n.op_type == "Attention"), None)
+    score = pv = None
+    if attn_op is None:
+        softmax = next((n for n in nodes if n.op_type == "Softmax"), None)
+        if softmax is None:
+            raise UnsupportedModelError(
+                f"Block {idx}: the first residual branch has no Softmax and no Attention op; "
+                "it is not a recognisable ctx-attention.")
+        for n in nodes:
+            if n.op_type == "MatMul" and not is_const(n.inputs[1]) and not is_const(n.inputs[0]):
+                if softmax in ctx.ancestors(n.outputs[0]) and ctx.depends_on(n.inputs[0], softmax.outputs[0]):
+                    pv = n
+                elif softmax.inputs[0] is n.outputs[0] or n in ctx.ancestors(softmax.inputs[0]):
+                    score = n
+        if score is None or pv is None:
+            raise UnsupportedModelError(f"Block {idx}: attention found a Softmax but not the "
+                                        "Q.K^T and P.V MatMuls around it.")
+        q_t, k_t, v_t = score.inputs[0], score.inputs[1], pv.inputs[1]
+    else:
+        q_t, k_t, v_t = attn_op.inputs[0], attn_op.inputs[1], attn_op.inputs[2]
+
+    def reaches(lin_out: ir.Value, target: ir.Value) -> bool:
+        return ctx.depends_on(target, lin_out)
+
+    q = k = v = qkv = None
+    split_node = None
+    if len(ins) == 1:
+        qkv = ins[0]
+        y = ctx._values[qkv.output]
+        sp = [n for n in nodes if n.op_type == "Split" and ctx.depends_on(n.inputs[0], y)]
+        split_node = sp[0].name if sp else None
+    else:
+        for lin in ins:
+            y = ctx._values[lin.output]
+            if reaches(y, q_t) and not reaches(y, k_t):
+                q = lin
+            elif reaches(y, k_t) and not reaches(y, q_t):
+                k = lin
+            elif reaches(y, v_t):
+                v = lin
+        if q is None or k is None or v is None:
+            raise UnsupportedModelError(
+                f"Block {idx}: could not tell the Q, K and V projections apart "
+                f"({len(ins)} projections read the attention input).")
+    # heads and head_dim from the atoms of the attention's axes
+    hd_leaves = ctx.leaves(q_t, -1)
+    if attn_op is not None and len(ctx.ax.get(q_t) or []) == 3:
+        qa = ctx.leaves(q_t, -1)
+        heads_l = _attr_heads(ctx, attn_op, "q_num_heads", qa)
+        hd_leaves = qa[len(heads_l):]
+        kv_l = _attr_heads(ctx, attn_op, "kv_num_heads", ctx.leaves(k_t, -1))
+    else:
+        so = (score.outputs[0] if score is not None else attn_op.outputs[0])
+        sax = ctx.ax.get(so) or []
+        heads_l = dims.leaves(sax[-3]) if len(sax) >= 4 else []
+        kax = ctx.ax.get(k_t) or []
+        kv_l = dims.leaves(kax[-3]) if len(kax) >= 4 else []
+        if score is None and len(ctx.ax.get(q_t) or []) == 4:
+            heads_l = dims.leaves(ctx.ax.get(q_t)[1])
+        if attn_op is not None and len(kax) == 4:
+            kv_l = dims.leaves(kax[1])
+    # GQA: the K heads axis after repeat_kv is (kv_heads, groups); K before repeat is kv_heads
+    kproj = k or qkv
+    k_out = ctx.leaves(ctx._values[kproj.output], -1)
+    kv_from_proj = [a for a in k_out if a not in hd_leaves]
+    if k is not None and kv_from_proj:
+        kv_l = kv_from_proj
+    heads = int(np.prod([a.size for a in heads_l])) if heads_l else 0
+    head_dim = int(np.prod([a.size for a in hd_leaves])) if hd_leaves else 0
+    # the K projection's width says how many KV heads there are (a single KV head has no
+    # atom of its own: size-1 axes vanish in the atom algebra)
+    if k is not None and head_dim and k.out_features % head_dim == 0:
+        kv_heads = k.out_features // head_dim
+    else:
+        kv_heads = int(np.prod([a.size for a in kv_l])) if kv_l else heads
+    layout = None
+    if qkv is not None:
+        kv_heads, layout = _fused_layout(ctx, qkv, heads, head_dim, heads_l, kv_l, idx)
+        att_width = heads * head_dim
+    else:
+        att_width = q.out_features
+    if not heads or not head_dim or heads * head_dim != att_width:
+        raise UnsupportedModelError(
+            f"Block {idx}: could not read the head count and head_dim from the attention "
+            f"reshapes (found heads={heads}, head_dim={head_dim}, projection width "
+            f"{att_width}).")
+    rotary = any(n.op_type in ("RotaryEmbedding", "Sin", "Cos") for n in ctx.graph) and (
+        any(n.op_type == "RotaryEmbedding" for n in nodes) or
+        any(n.op_type == "Slice" for n in nodes if ctx.depends_on(q_t, n.outputs[0])))
+    # multi-query attention (one KV head: a size-1 axis, no atom of its own) keeps its one KV
+    # head; the query heads' atom is the heads atom (the repeat of K and V grows with it)
+    _roles_attention(ctx, heads_l, [] if kv_heads == 1 else kv_l, hd_leaves)
+    if qkv is not None:
+        # what is left of the fused axis once heads and head_dim are named: the q/k/v parts
+        for a in ctx.leaves(ctx._values[qkv.output]):
+            a.role = a.role or "qkv_parts"
+    v_l = ctx.leaves(v_t, -1)
+    if len(v_l) == 1 and v_l[0].role is None:
+        v_l[0].role = "head_dim"
+    expressed = "onnx-attention" if attn_op is not None else ("fused-qkv" if qkv else "decomposed")
+    return Attention(expressed, heads, kv_heads, head_dim, q, k, v, qkv, split_node, out,
+                     score.name if score is not None else attn_op.name, bool(rotary), layout)
+
+
+def _fused_layout(ctx, qkv: Linear, heads: int, head_dim: int, heads_l: list, kv_l: list,
+                  idx: int) -> tuple[int, str]:
+    """KV heads and layout of a fused projection's output axis, from its atoms: when the
+    outermost atom is the (KV) heads atom, each KV head's group sits together (interleaved);
+    otherwise q, k and v are segments one after the other, and the KV head count is what the
+    width leaves for k and v."""
+    if not heads or not head_dim or qkv.out_features % head_dim:
+        raise UnsupportedModelError(
+            f"Block {idx}: the fused projection {qkv.node} has {qkv.out_features} outputs, "
+            f"not a multiple of head_dim {head_dim}.")
+    total = qkv.out_features // head_dim
+    lead = ctx.leaves(ctx._values[qkv.output])[:1]
+    lead_roots = {dims.find(a) for a in lead}
+    if lead_roots and lead_roots <= {dims.find(a) for a in list(heads_l) + list(kv_l)}:
+        n_lead = int(np.prod([a.size for a in lead]))
+        g = heads // n_lead if n_lead and heads % n_lead == 0 else 0
+        if g and total == n_lead * (g + 2):
+            return n_lead, "interleaved"
+    kv2 = total - heads
+    if kv2 > 0 and kv2 % 2 == 0 and heads % (kv2 // 2) == 0:
+        # q, k and v one after the other must be cut apart by a Split along the fused axis
+        # (its part sizes are size literals with atoms); a Reshape of the fused axis into
+        # heads + 2 rows (Falcon) holds a size that is a sum, which no atom can grow
+        readers = _fused_readers(ctx, ctx._values[qkv.output])
+        if not readers or any(c.op_type not in ("Split", "Slice") for c in readers):
+            ops = ", ".join(sorted({c.op_type for c in readers}))
+            raise UnsupportedModelError(
+                f"Block {idx}: the fused projection {qkv.node} ({total} x head_dim {head_dim}: "
+                f"{heads} query heads and {kv2 // 2} KV head(s) one after the other) is read by "
+                f"{ops}, not cut into q, k and v by a Split or Slice: its shape then holds a "
+                "sum of head counts, which lemon-onnx cannot rewrite.")
+        return kv2 // 2, "segments"
+    raise UnsupportedModelError(
+        f"Block {idx}: the fused projection {qkv.node} has {qkv.out_features} outputs, which "
+        f"do not split into {heads} query heads and equal K and V parts of head_dim {head_dim}.")
+
+
+def _attr_heads(ctx, node: ir.Node, attr: str, leaves_: list) -> list:
+    if attr not in node.attributes:
+        return []
+    n = int(node.attributes[attr].value)
+    acc, prod = [], 1
+    for a in leaves_:
+        if prod >= n:
+            break
+        acc.append(a)
+        prod *= a.size or 1
+    return acc
+
+
+def _roles_attention(ctx, heads_l, kv_l, hd_leaves) -> None:
+    """Name the atoms: heads (or KV heads and the group size for GQA) and head_dim; head_dim
+    split into parts (rotate_half's halves, a partial rotary slice) names each part by its
+    position, never by its size."""
+    ctx._groups = getattr(ctx, "_groups", [])
+    ctx._groups.append(("head_dim", [dims.find(a) for a in hd_leaves]))
+    ctx._groups.append(("heads", [dims.find(a) for a in heads_l]))
+    kvset, hset = set(kv_l), set(heads_l)
+    if not kv_l or kvset == hset:
+        for a in heads_l:
+            a.role = "heads"
+    else:
+        for a in kv_l:
+            a.role = "kv_heads"
+        for a in heads_l:
+            if a not in kvset:
+                a.role = "kv_groups"
+    if len(hd_leaves) == 1:
+        hd_leaves[0].role = "head_dim"
+    else:
+        for i, a in enumerate(hd_leaves):
+            a.role = a.role or f"head_dim[{i}]"
+
+
+def widen(wp, a: Attention, branch_in, stream_map, *, tag: str, prescale=None) -> None:
+    """Projections of one attention branch: inputs laid out by ``branch_in``, the output
+    projection writes the stream laid out by ``stream_map`` (``prescale``: a layer scale
+    folded into it)."""
+    if a.qkv is not None:
+        out_fn, size = fused_output_map(wp, a)
+        linear.widen_fused(wp, a.qkv, branch_in, f"{tag}.qkv", out_fn, size)
+    else:
+        linear.widen(wp, a.q, branch_in, wp.q_map, tag=f"{tag}.q")
+        linear.widen(wp, a.k, branch_in, wp.kv_map, tag=f"{tag}.k")
+        linear.widen(wp, a.v, branch_in, wp.kv_map, tag=f"{tag}.v")
+    linear.widen(wp, a.out, wp.q_map, stream_map, tag=f"{tag}.o", prescale=prescale)
+
+
+_VIEWS = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Cast", "Dropout")
+
+
+def _fused_readers(ctx, y: ir.Value) -> list:
+    """The nodes that read a fused projection's output axis as such: followed through views
+    that keep that axis whole (a Gemm's 2-D output reshaped back to 3-D); Shape reads only
+    the shape."""
+    axis = ctx.leaves(y)
+    out, todo, seen = [], [y], set()
+    while todo:
+        v = todo.pop()
+        for c in v.consumers():
+            if c in seen or c.op_type == "Shape":
+                continue
+            seen.add(c)
+            if c.op_type in _VIEWS and c.outputs and ctx.leaves(c.outputs[0]) == axis:
+                todo.append(c.outputs[0])
+            else:
+                out.append(c)
+    return out
+
+
+def fused_output_map(wp, a: Attention):
+    """(function laying out a fused projection's output axis, new width)."""
+    q_map, kv_map = wp.q_map, wp.kv_map
+    if a.qkv_layout == "interleaved":
+        # each KV head's block (its g query heads, then k and v) is one unit of the KV map
+        g = a.heads // a.kv_heads
+        units = lm.UnitMap(a.kv_heads, kv_map.N_units, (g + 2) * a.head_dim)
+        return units.apply, units.D
+    cuts = [q_map.d, q_map.d + kv_map.d]
+    maps = (q_map, kv_map, kv_map)
+
+    def apply(arr, axis):
+        parts = np.split(arr, cuts, axis=axis)
+        return np.concatenate([m.apply(p, axis) for m, p in zip(maps, parts)], axis=axis)
+
+    return apply, q_map.D + 2 * kv_map.D
+
+
+def twin(dp, a: Attention, mapping, init: str, tag: str) -> None:
+    """The twin's attention adds nothing: its output projection's rows cancel per head (pairs
+    of heads made equal through their fan-in), or are zero where the fan-in cannot be paired
+    (a fused projection other than equal q|k|v segments)."""
+    if a.qkv is not None and (a.qkv_layout != "segments" or a.kv_heads != a.heads):
+        init = "zero"
+    dp.zero_branch(a.out, mapping, init, unit="head",
+                   fanin=[x for x in (a.q, a.k, a.v, a.qkv) if x], tag=tag + ".attn")
+
+
+def widen_head_tables(wp) -> None:
+    """Per-head constants on the attention scores (T5's relative position buckets, ALiBi
+    slopes, a per-head bias): a constant whose only growing axis is the heads axis (heads
+    outermost on it) and which reaches a Softmax's input.  Each new head is a copy of a source
+    head, so its row of the table is that head's row: the head map with unit size the rest of
+    the axis."""
+    rec = wp.rec
+    soft = [n.inputs[0] for n in rec.graph if n.op_type == "Softmax"]
+    consts = [v for v in rec.graph.initializers.values() if v.uses()]
+    consts += [n.outputs[0] for n in rec.graph
+               if n.op_type == "Constant" and n.outputs and "value" in n.attributes]
+    maps = {"heads": (wp.q_map, wp.plan.source["heads"], wp.plan.target["heads"]),
+            "kv_heads": (wp.kv_map, wp.plan.source["kv_heads"], wp.plan.target["kv_heads"])}
+    for v in consts:
+        if v in wp.ed.requests:
+            continue
+        changed = wp._changed(v)
+        if len(changed) != 1:
+            continue
+        k, atoms = changed[0]
+        role = atoms[0].role if atoms else None
+        if role not in maps or any(wp.new_size(a) != a.size for a in atoms[1:]):
+            continue
+        if not any(rec.depends_on(s, v) for s in soft):
+            continue
+        _m, n, N = maps[role]
+        unit = int(np.prod([a.size for a in atoms[1:]])) if atoms[1:] else 1
+        heads_map = lm.UnitMap(n, N, unit)
+        for u in list(v.uses()):
+            wp.ed.edit(u.node, u.idx, f"headtable:{v.name}",
+                       lambda a, m=heads_map, ax=k: m.apply(a, ax),
+                       lambda sh, ax=k, size=heads_map.D: tuple(
+                           size if i == ax else d for i, d in enumerate(sh)))

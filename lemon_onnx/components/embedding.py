@@ -1,0 +1,191 @@
+"""Component: embeddings, everything that writes the residual stream before the first block.
+
+match: the token table (a Gather from a constant [vocab, hidden] table indexed by a graph
+input) or a patch embedding (a Conv on a graph input); then every other table gathered and
+added onto the stream (positions, token types), told apart by how their rows are chosen, never
+by their row count; constant [1, n, hidden] tensors added (positions) or concatenated (cls and
+extra tokens); and a norm whose output starts the stream.
+widen: every one of them along its hidden axis in the stream form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+
+import numpy as np
+import onnx_ir as ir
+
+from .. import dims, lemon_math as lm
+from ..errors import UnsupportedModelError
+from ..graph import back_pass, back_view, const_source, nm
+from .norm import Norm
+
+
+@dataclasses.dataclass
+class Embeddings:
+    token: str | None = None  # initializer [vocab, hidden]
+    token_node: str | None = None
+    position: str | None = None  # initializer [positions, hidden] or [1, positions, hidden]
+    token_type: str | None = None
+    #: every table gathered and added onto the stream besides the token table, in graph order:
+    #: [name, how its rows are chosen] with "input" (a graph input's values), "sequence"
+    #: (indices that run along the sequence: Range, an arange buffer), "constant" (one row for
+    #: every token: a type embedding whose ids are not an input)
+    tables: list = dataclasses.field(default_factory=list)
+    patch_conv: str | None = None  # Conv node
+    patch_weight: str | None = None
+    patch_bias: str | None = None
+    cls_token: str | None = None
+    #: every constant [1, n, hidden] token put before the sequence (cls, DeiT's distillation
+    #: token, registers), in graph order; ``cls_token`` is the first
+    extra_tokens: list = dataclasses.field(default_factory=list)
+    norm: Norm | None = None  # a norm applied to the embeddings (its output is the stream)
+    output: str = ""
+
+
+def match(ctx) -> Embeddings:
+    g = ctx.graph
+    emb = Embeddings()
+    graph_inputs = set(g.inputs)
+    for n in g:
+        if n.op_type == "Gather" and len(n.inputs) == 2:
+            table = const_source(n.inputs[0])[0]
+            idx = back_view(n.inputs[1])
+            if table is not None and table.const_value is not None and \
+                    len(table.const_value.shape) == 2 and idx in graph_inputs and emb.token is None:
+                emb.token, emb.token_node = table.name, n.name
+        if n.op_type == "Conv" and emb.patch_conv is None:
+            x = back_pass(n.inputs[0])
+            w = const_source(n.inputs[1])[0]
+            if x in graph_inputs and w is not None:
+                emb.patch_conv, emb.patch_weight = n.name, w.name
+                if len(n.inputs) > 2 and n.inputs[2] is not None:
+                    emb.patch_bias = nm(const_source(n.inputs[2])[0])
+    if emb.token is None and emb.patch_conv is None:
+        kinds = sorted({n.op_type for n in g})
+        raise UnsupportedModelError(
+            "No token embedding (a Gather from a constant [vocab, hidden] table indexed by a "
+            "graph input) and no patch embedding (a Conv on a graph input) was found, so this "
+            "is not a Transformer lemon-onnx can expand. Ops present: "
+            + ", ".join(kinds[:30]) + (" ..." if len(kinds) > 30 else "") + ".")
+    return emb
+
+
+def hidden_leaves(ctx, emb: Embeddings) -> list:
+    if emb.token:
+        return dims.leaves(ctx.ax.axes[ctx._values[emb.token]][1])
+    return dims.leaves(ctx.ax.axes[ctx._values[emb.patch_weight]][0])
+
+
+def match_extras(ctx, emb: Embeddings) -> None:
+    """Position / token-type tables and ViT cls token: constants added onto the stream."""
+    hid = set(hidden_leaves(ctx, emb))
+    stream = ctx._values[emb.output] if emb.output else None
+    if stream is None:
+        return
+    anc = ctx.ancestors(stream)
+    for n in sorted(anc, key=lambda n: ctx.order[n]):
+        if n.op_type == "Gather" and emb.token_node != n.name:
+            t = const_source(n.inputs[0])[0]
+            if t is not None and t.const_value is not None and len(t.const_value.shape) == 2 \
+                    and set(dims.leaves(ctx.ax.axes[t][1])) <= hid \
+                    and t.name not in [x[0] for x in emb.tables]:
+                emb.tables.append([t.name, _index_kind(n.inputs[1], set(ctx.graph.inputs))])
+        if n.op_type in ("Add", "Concat", "Expand"):
+            for i in n.inputs:
+                t = const_source(i)[0] if i is not None else None
+                if t is None or t.const_value is None or len(t.const_value.shape) != 3:
+                    continue
+                if n.op_type == "Add" and emb.position is None:
+                    emb.position = t.name
+                elif n.op_type in ("Concat", "Expand") and t.name not in emb.extra_tokens:
+                    emb.extra_tokens.append(t.name)
+                    emb.cls_token = emb.cls_token or t.name
+    _label_tables(ctx, emb)
+
+
+def _label_tables(ctx, emb: Embeddings) -> None:
+    """Name the gathered tables by how their rows are chosen, never by their row count.
+
+    Positions: indices that run along the sequence; failing that, the one table indexed
+    by a graph input (position ids given as an input).  Token types: a table whose row is
+    a constant for every token, or an input-indexed table beside a position table."""
+    by_kind: dict = defaultdict(list)
+    for name, kind in emb.tables:
+        by_kind[kind].append(name)
+    seq, inp, const = by_kind["sequence"], by_kind["input"], by_kind["constant"]
+    if emb.position is None:
+        if seq:
+            emb.position = seq[0]
+        elif len(inp) == 1 and not const:
+            emb.position = inp[0]
+    if emb.token_type is None:
+        rest = [x for x in const + inp if x != emb.position]
+        if len(rest) == 1:
+            emb.token_type = rest[0]
+    init = ctx.graph.initializers
+    for name, role in ((emb.position, "max_positions"), (emb.token_type, "token_types")):
+        if name and name in init:
+            for a in dims.leaves(ctx.ax.axes[init[name]][0]):
+                a.role = a.role or role
+
+
+_INDEX_HOPS = ("Cast", "Unsqueeze", "Squeeze", "Reshape", "Identity", "Expand", "Flatten",
+               "Slice", "Transpose", "Gather", "GatherElements", "Tile")
+
+
+def _index_kind(v: ir.Value, graph_inputs: set) -> str:
+    """How a Gather's indices are chosen: "input", "sequence" or "constant" (see
+    ``Embeddings.tables``).  Followed back through layout-only ops; a constant buffer (the
+    exporters' ``position_ids``/``token_type_ids`` buffers) is judged by its values: all equal
+    means one row for every token, anything else runs along the sequence."""
+    seen = 0
+    while v is not None and seen < 64:
+        seen += 1
+        if v in graph_inputs:
+            return "input"
+        src, _ = const_source(v)
+        if src is not None:
+            arr = np.asarray(src.const_value.numpy() if src.const_value is not None
+                             else _constant_node_value(src))
+            return "constant" if arr.size and np.all(arr == arr.reshape(-1)[0]) else "sequence"
+        p = v.producer()
+        if p is None:
+            return "input"
+        if p.op_type == "Range":
+            return "sequence"
+        if p.op_type in _INDEX_HOPS and p.inputs:
+            v = p.inputs[0]
+            continue
+        if p.op_type == "ConstantOfShape":
+            return "constant"
+        # arithmetic on indices (Add of an offset, CumSum of a mask): they run along the sequence
+        return "sequence"
+    return "sequence"
+
+
+def _constant_node_value(v: ir.Value):
+    p = v.producer()
+    attr = p.attributes.get("value") if p is not None else None
+    return attr.value.numpy() if attr is not None else np.zeros(0)
+
+
+def widen(wp, emb: Embeddings) -> None:
+    """Every table and constant that writes the stream, along its hidden axis in the stream
+    form (the token table is left to the head when the head shares it)."""
+    if emb.token:
+        wp.stream_axis(wp.node(emb.token_node), 0, "tok:emb", 1)
+    tables = [name for name, _ in emb.tables]
+    for name in dict.fromkeys(tables + [emb.position, emb.token_type] + emb.extra_tokens):
+        if name:
+            wp.embedding_param(name, -1, f"emb:{name}")
+    if emb.patch_conv:
+        conv = wp.node(emb.patch_conv)
+        wp.stream_axis(conv, 1, "patch:w", 0)
+        if emb.patch_bias:
+            wp.stream_axis(conv, 2, "patch:b", 0)
+    if emb.norm is not None:
+        from . import norm
+
+        norm.widen(wp, emb.norm, lm.StreamMap(wp.d, wp.D, "copies"), tag="emb-norm")

@@ -1,0 +1,70 @@
+"""Component: the MLP (feed-forward) branch.
+
+match: one input projection (up) or two (gate and up: the gate passes through the
+nonlinearity before meeting up), any elementwise activation, and the down projection.
+widen: up/gate by the FFN unit map, down from it to the stream.
+twin: the down projection's fan-out cancels (or is zero).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx_ir as ir
+
+from ..errors import UnsupportedModelError
+from . import linear
+from .linear import Linear
+from .branch import linears_reading, out_linear
+
+
+@dataclasses.dataclass
+class MLP:
+    up: Linear
+    down: Linear
+    gate: Linear | None
+    activation: str
+
+
+def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> MLP:
+    nodes = ctx._branch_nodes(x, branch_out)
+    down = out_linear(ctx, branch_out)
+    ins = [l for l in linears_reading(ctx, x, nodes) if l is not down]
+    if not ins:
+        raise UnsupportedModelError(f"Block {idx}: the MLP branch has no input projection.")
+    ops = {n.op_type for n in nodes}
+    act = ("gelu" if ("Erf" in ops or "Gelu" in ops or "BiasGelu" in ops) else
+           "gelu_tanh" if ("Tanh" in ops or "FastGelu" in ops) else
+           "silu" if "Sigmoid" in ops else "relu" if "Relu" in ops else "unknown")
+    if "Gelu" in ops:
+        gn = next(n for n in nodes if n.op_type == "Gelu")
+        if "approximate" in gn.attributes and gn.attributes["approximate"].value == "tanh":
+            act = "gelu_tanh"
+    gate = None
+    up = ins[0]
+    if len(ins) == 2:
+        # the gate passes through the nonlinearity before meeting the up projection
+        nl = [n for n in nodes if n.op_type in ("Sigmoid", "Erf", "Tanh", "Gelu", "Relu")]
+        a, b = ins
+        a_nl = any(ctx.depends_on(n.outputs[0], ctx._values[a.output]) for n in nl)
+        b_nl = any(ctx.depends_on(n.outputs[0], ctx._values[b.output]) for n in nl)
+        gate, up = (a, b) if a_nl and not b_nl else (b, a)
+        act = "swiglu" if act == "silu" else f"{act}-glu"
+    elif len(ins) > 2:
+        raise UnsupportedModelError(f"Block {idx}: the MLP branch has {len(ins)} input "
+                                    "projections; expected one (up) or two (gate, up).")
+    for a in ctx.leaves(ctx._values[up.output]):
+        a.role = a.role or "ffn"
+    return MLP(up, down, gate, act)
+
+
+def widen(wp, m: MLP, branch_in, stream_map, *, tag: str, prescale=None) -> None:
+    if m.gate is not None:
+        linear.widen(wp, m.gate, branch_in, wp.ffn_map, tag=f"{tag}.gate")
+    linear.widen(wp, m.up, branch_in, wp.ffn_map, tag=f"{tag}.up")
+    linear.widen(wp, m.down, wp.ffn_map, stream_map, tag=f"{tag}.down", prescale=prescale)
+
+
+def twin(dp, m: MLP, mapping, init: str, tag: str) -> None:
+    dp.zero_branch(m.down, mapping, init, unit="ffn",
+                   fanin=[x for x in (m.up, m.gate) if x], tag=tag + ".mlp")
