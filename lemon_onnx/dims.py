@@ -241,6 +241,20 @@ def _int_array(value: ir.Value | None, const: ir.TensorProtocol | None = None) -
         return None
 
 
+def _const_floats(value: ir.Value | None) -> list | None:
+    """A small constant float vector (Resize scales), or None."""
+    if value is None:
+        return None
+    v, p = value, value.producer()
+    t = v.const_value
+    if t is None and p is not None and p.op_type == "Constant" and "value" in p.attributes:
+        t = p.attributes["value"].value
+    if t is None:
+        return None
+    arr = np.asarray(t.numpy()).reshape(-1)
+    return [float(a) for a in arr] if arr.size and arr.size <= 16 else None
+
+
 class AxisAnalysis:
     """Runs over a (shape-inferred) onnx-ir graph once, in topological order."""
 
@@ -466,6 +480,15 @@ class AxisAnalysis:
             res = []
             for x in ea:
                 sz = size_of(x.atoms) if x.kind == "dim" else None
+                lv = leaves(x.atoms) if x.kind == "dim" else []
+                ends = [k for k in (0, -1) if lv and lv[k].size == n] if len(lv) > 1 else []
+                if len(ends) == 1:
+                    # dim // n where n is one end factor of dim (Bloom's (batch*heads) // heads):
+                    # the quotient is the other factors, and n is that factor's size
+                    k = ends[0]
+                    self.lit(eb[0], [lv[k]], node)
+                    res.append(Elem("dim", atoms=lv[1:] if k == 0 else lv[:-1]))
+                    continue
                 if sz is not None and sz % n == 0:
                     # dim // n: the axis is (n, dim/n) row-major, as in rotate_half
                     count, part = Atom(n, origin="div-count"), Atom(sz // n, origin="div")
@@ -597,8 +620,11 @@ class AxisAnalysis:
         for k in range(len(axs[0])):
             if k == axis:
                 parts = [a[k] for a in axs if size_of(a[k]) != 0]
+                whole = self._rejoined(ins, axis)
                 if len(parts) == 1:
                     out.append(list(parts[0]))
+                elif whole is not None:
+                    out.append(whole)
                 else:
                     out.append(self._fresh_from_inferred(node.outputs[0], k, "concat"))
             else:
@@ -607,6 +633,59 @@ class AxisAnalysis:
                     self.try_unify(real[0], c, f"Concat {node.name}")
                 out.append(list(real[0]) if real else [])
         self.axes[node.outputs[0]] = out
+
+    _ELEMENTWISE_BACK = ("Mul", "Add", "Sub", "Neg", "Cast", "Identity", "Div")
+
+    def _slice_source(self, v: ir.Value, axis: int):
+        """``v`` traced back through elementwise ops (the first non-constant input) to a Slice
+        along ``axis`` with constant bounds: (source value, start, end) or None."""
+        for _ in range(16):
+            p = v.producer() if v is not None else None
+            if p is None:
+                return None
+            if p.op_type == "Slice":
+                ins = list(p.inputs) + [None] * (5 - len(p.inputs))
+                st, en = self.elems.get(ins[1]), self.elems.get(ins[2])
+                ax = self.elems.get(ins[3]) if ins[3] is not None else None
+                step = self.elems.get(ins[4]) if ins[4] is not None else None
+                src = self.get(ins[0])
+                if not (st and en and len(st) == 1 and len(en) == 1 and src) or \
+                        st[0].kind != "lit" or en[0].kind != "lit":
+                    return None
+                if step and (len(step) != 1 or step[0].kind != "lit" or step[0].value != 1):
+                    return None
+                a = ax[0].value % len(src) if ax and ax[0].kind == "lit" else (0 if not ax else None)
+                if a != axis % len(src):
+                    return None
+                return ins[0], st[0].value, en[0].value
+            if p.op_type not in self._ELEMENTWISE_BACK:
+                return None
+            nxt = [i for i in p.inputs if i is not None and i.const_value is None and
+                   (i.producer() is None or i.producer().op_type != "Constant")]
+            if not nxt:
+                return None
+            v = nxt[0]
+        return None
+
+    def _rejoined(self, ins: list, axis: int):
+        """Concat of pieces of one value cut by constant slices along the same axis, in order
+        and covering it (x[..., :r] transformed, then x[..., r:]: partial rotary): the output
+        axis is the source's own, or None."""
+        srcs = [self._slice_source(v, axis) for v in ins]
+        if len(srcs) < 2 or any(s is None for s in srcs) or len({id(s[0]) for s in srcs}) != 1:
+            return None
+        src_axes = self.get(srcs[0][0])
+        size = size_of(src_axes[axis]) if src_axes else None
+        if size is None:
+            return None
+        pos = 0
+        for _src, lo, hi in srcs:
+            hi = min(hi, size) if hi >= 0 else size + hi
+            lo = lo if lo >= 0 else size + lo
+            if lo != pos or hi <= lo:
+                return None
+            pos = hi
+        return list(src_axes[axis]) if pos == size else None
 
     def _fresh_from_inferred(self, value: ir.Value, k: int, origin: str) -> Axis:
         shape = value.shape
@@ -826,6 +905,26 @@ class AxisAnalysis:
                            self._fresh_from_inferred(node.outputs[0], k, "expand"))
         self.axes[node.outputs[0]] = out
 
+    def op_Resize(self, node: ir.Node) -> None:
+        """Resize (interpolation) keeps every axis it does not resample: a scale of 1 or an
+        unchanged size (a channel axis: interpolated position tables); the others are new."""
+        x = self.get(node.inputs[0])
+        if x is None:
+            return
+        ins = list(node.inputs) + [None] * (4 - len(node.inputs))
+        scales = _const_floats(ins[2])
+        sizes = self.elems.get(ins[3]) if ins[3] is not None else None
+        out = []
+        for k, a in enumerate(x):
+            keep = scales is not None and k < len(scales) and scales[k] == 1.0
+            if sizes and k < len(sizes) and sizes[k].kind == "lit":
+                keep = sizes[k].value == size_of(a)
+            elif sizes and k < len(sizes) and sizes[k].kind == "dim":
+                keep = leaves(sizes[k].atoms) == leaves(a)  # the input's own size, read back
+            out.append(list(a) if keep else self._fresh_from_inferred(node.outputs[0], k,
+                                                                      "resize"))
+        self.axes[node.outputs[0]] = out
+
     def op_Tile(self, node: ir.Node) -> None:
         x = self.get(node.inputs[0])
         el = self.elems.get(node.inputs[1])
@@ -959,6 +1058,14 @@ class AxisAnalysis:
         return list(half_leaves)
 
     def _slice_fallback(self, node: ir.Node, x: list[Axis], axes_el) -> None:
+        """Bounds computed at run time: the sliced axes are new; when the axes are constants,
+        every other axis is the input's own."""
+        if axes_el and all(e.kind == "lit" for e in axes_el):
+            sliced = {e.value % len(x) for e in axes_el}
+            self.axes[node.outputs[0]] = [
+                self._fresh_from_inferred(node.outputs[0], k, "slice") if k in sliced
+                else list(a) for k, a in enumerate(x)]
+            return
         ax = self.fresh_axes_from_shape(node.outputs[0], "slice")
         if ax is None:
             return

@@ -135,8 +135,10 @@ def ref_key(lit, model):
 
 def sizes(cfg):
     s = {"hidden": cfg["hidden"], "ffn": cfg["ffn"], "heads": cfg["heads"], "kv_heads": cfg["kv_heads"],
-         "head_dim": cfg["head_dim"], "head_dim/2": cfg["head_dim"] // 2, "rotary_halves": 2,
-         "kv_groups": cfg["heads"] // cfg["kv_heads"], "3": 3, "vocab": cfg.get("vocab"),
+         # head_dim cut in two halves by rotate_half: parts named by position
+         "head_dim": cfg["head_dim"], "head_dim[1]": cfg["head_dim"] // 2, "head_dim[0]": 2,
+         # the fixtures' fused projections are equal q|k|v thirds
+         "kv_groups": cfg["heads"] // cfg["kv_heads"], "qkv_parts": 3, "vocab": cfg.get("vocab"),
          "max_positions": cfg.get("max_positions"), "num_labels": cfg.get("num_labels"),
          "tokens": (cfg.get("image_size", 0) // max(cfg.get("patch_size", 1), 1)) ** 2 + 1,
          "patch_rows": cfg.get("image_size", 0) // max(cfg.get("patch_size", 1), 1),

@@ -41,7 +41,9 @@ def test_width_is_lossless(tmp_path, entry, width):
     assert desc.hidden == round(cfg["hidden"] * width)
     assert desc.ffn == round(cfg["ffn"] * width)
     assert desc.heads == round(cfg["heads"] * width)
-    assert desc.kv_heads == desc.heads * cfg["kv_heads"] // cfg["heads"]
+    # GQA keeps its group size; MQA keeps its one KV head (every query head reads it)
+    assert desc.kv_heads == (1 if cfg["kv_heads"] == 1 else
+                             desc.heads * cfg["kv_heads"] // cfg["heads"])
     assert desc.head_dim == cfg["head_dim"] and desc.num_layers == cfg["num_layers"]
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     stored = Plan.from_json(props[PLAN_KEY])

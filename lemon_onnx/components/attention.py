@@ -18,8 +18,10 @@ import onnx_ir as ir
 from .. import dims, lemon_math as lm
 from ..errors import UnsupportedModelError
 from ..graph import is_const
-from . import linear
+from ..tensors import _read
+from . import linear, norm
 from .linear import Linear
+from .norm import Norm
 from .branch import linears_reading, out_linear
 
 
@@ -41,21 +43,26 @@ class Attention:
     #: GPT-BigCode, Falcon) or "interleaved" (per KV head, its g query heads then k and v:
     #: GPT-NeoX, Bloom, Falcon-40B)
     qkv_layout: str | None = None
+    #: norms on the q / k projections' outputs (OLMo-2: over all heads; Qwen3's per-head
+    #: norms over head_dim need no rule, head_dim does not change)
+    q_norm: Norm | None = None
+    k_norm: Norm | None = None
 
 
 def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> Attention:
     nodes = ctx._branch_nodes(x, branch_out)
+    ordered = sorted(nodes, key=lambda n: ctx.order.get(n, 0))  # never a set's whim
     out = out_linear(ctx, branch_out)
     ins = [l for l in linears_reading(ctx, x, nodes) if l is not out]
-    attn_op = next((n for n in nodes if n.op_type == "Attention"), None)
+    attn_op = next((n for n in ordered if n.op_type == "Attention"), None)
     score = pv = None
     if attn_op is None:
-        softmax = next((n for n in nodes if n.op_type == "Softmax"), None)
+        softmax = next((n for n in ordered if n.op_type == "Softmax"), None)
         if softmax is None:
             raise UnsupportedModelError(
                 f"Block {idx}: the first residual branch has no Softmax and no Attention op; "
-                "it is not a recognisable ctx-attention.")
-        for n in nodes:
+                "it is not a recognisable self-attention.")
+        for n in ordered:
             if n.op_type == "MatMul" and not is_const(n.inputs[1]) and not is_const(n.inputs[0]):
                 if softmax in ctx.ancestors(n.outputs[0]) and ctx.depends_on(n.inputs[0], softmax.outputs[0]):
                     pv = n
@@ -76,7 +83,7 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> Attention:
     if len(ins) == 1:
         qkv = ins[0]
         y = ctx._values[qkv.output]
-        sp = [n for n in nodes if n.op_type == "Split" and ctx.depends_on(n.inputs[0], y)]
+        sp = [n for n in ordered if n.op_type == "Split" and ctx.depends_on(n.inputs[0], y)]
         split_node = sp[0].name if sp else None
     else:
         for lin in ins:
@@ -104,6 +111,12 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> Attention:
         heads_l = dims.leaves(sax[-3]) if len(sax) >= 4 else []
         kax = ctx.ax.get(k_t) or []
         kv_l = dims.leaves(kax[-3]) if len(kax) >= 4 else []
+        if len(sax) == 3:
+            # batch and heads merged on one axis (Bloom's baddbmm, DeBERTa's bmm): the heads
+            # are that axis's static atoms (the batch is dynamic)
+            heads_l = [a for a in dims.leaves(sax[0]) if a.size is not None]
+            kv_l = [a for a in dims.leaves(kax[0]) if a.size is not None] if len(kax) == 3 \
+                else []
         if score is None and len(ctx.ax.get(q_t) or []) == 4:
             heads_l = dims.leaves(ctx.ax.get(q_t)[1])
         if attn_op is not None and len(kax) == 4:
@@ -114,6 +127,14 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> Attention:
     kv_from_proj = [a for a in k_out if a not in hd_leaves]
     if k is not None and kv_from_proj:
         kv_l = kv_from_proj
+    unknown = [a for a in list(heads_l) + list(hd_leaves) if a.size is None]
+    if unknown:
+        raise UnsupportedModelError(
+            f"Block {idx}: the attention's head axes have sizes the shape reasoning cannot "
+            f"read ({q_t.name}: {ctx.ax.get(q_t)}), e.g. because q, k and v are cut apart with "
+            "bounds computed at run time.",
+            hint="Export with the dynamo exporter (torch.onnx.export(..., dynamo=True)), which "
+                 "writes these bounds as constants.")
     heads = int(np.prod([a.size for a in heads_l])) if heads_l else 0
     head_dim = int(np.prod([a.size for a in hd_leaves])) if hd_leaves else 0
     # the K projection's width says how many KV heads there are (a single KV head has no
@@ -146,9 +167,23 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> Attention:
     v_l = ctx.leaves(v_t, -1)
     if len(v_l) == 1 and v_l[0].role is None:
         v_l[0].role = "head_dim"
+    q_norm = _projection_norm(ctx, q, nodes)
+    k_norm = _projection_norm(ctx, k, nodes)
     expressed = "onnx-attention" if attn_op is not None else ("fused-qkv" if qkv else "decomposed")
     return Attention(expressed, heads, kv_heads, head_dim, q, k, v, qkv, split_node, out,
-                     score.name if score is not None else attn_op.name, bool(rotary), layout)
+                     score.name if score is not None else attn_op.name, bool(rotary), layout,
+                     q_norm, k_norm)
+
+
+def _projection_norm(ctx, lin: Linear | None, nodes: set):
+    """A norm inside the attention branch whose input is a projection's whole output."""
+    if lin is None:
+        return None
+    y = ctx._values[lin.output]
+    for nrm in ctx.norm_by_in.get(y, []):
+        if ctx._node(nrm.nodes[0]) in nodes:
+            return nrm
+    return None
 
 
 def _fused_layout(ctx, qkv: Linear, heads: int, head_dim: int, heads_l: list, kv_l: list,
@@ -236,6 +271,10 @@ def widen(wp, a: Attention, branch_in, stream_map, *, tag: str, prescale=None) -
         linear.widen(wp, a.q, branch_in, wp.q_map, tag=f"{tag}.q")
         linear.widen(wp, a.k, branch_in, wp.kv_map, tag=f"{tag}.k")
         linear.widen(wp, a.v, branch_in, wp.kv_map, tag=f"{tag}.v")
+    for nrm, lin, units, t in ((a.q_norm, a.q, wp.q_map, "qn"), (a.k_norm, a.k, wp.kv_map, "kn")):
+        if nrm is not None and nrm.gamma and lin is not None and \
+                _read(wp.values[nrm.gamma]).size == lin.out_features:
+            norm.widen_units(wp, nrm, units, tag=f"{tag}.{t}")
     linear.widen(wp, a.out, wp.q_map, stream_map, tag=f"{tag}.o", prescale=prescale)
 
 
@@ -285,8 +324,37 @@ def twin(dp, a: Attention, mapping, init: str, tag: str) -> None:
     (a fused projection other than equal q|k|v segments)."""
     if a.qkv is not None and (a.qkv_layout != "segments" or a.kv_heads != a.heads):
         init = "zero"
+    if init != "zero" and _head_tables(dp):
+        # per-head score terms (relative position buckets, ALiBi): paired heads add different
+        # terms to their scores, so they would not compute the same, and their rows not cancel
+        init = "zero"
+        note = ("twin blocks start with zero attention fan-out: per-head score terms (relative "
+                "position or ALiBi tables) keep paired heads from computing the same")
+        if note not in dp.plan.notes:
+            dp.plan.notes.append(note)
     dp.zero_branch(a.out, mapping, init, unit="head",
                    fanin=[x for x in (a.q, a.k, a.v, a.qkv) if x], tag=tag + ".attn")
+
+
+def _head_tables(dp) -> bool:
+    """Whether a constant other than a projection's weights carries a heads axis into the
+    attention scores (cached on the depth pass)."""
+    if not hasattr(dp, "_head_tables"):
+        rec = dp._rec
+        weights = set()
+        for lin in rec.linears.values():
+            weights.update(x for x in (lin.weight, lin.bias) if x)
+        soft = [n.inputs[0] for n in rec.graph if n.op_type == "Softmax"]
+        found = False
+        for v in rec.graph.initializers.values():
+            if v.name in weights or not v.uses():
+                continue
+            roles = {a.role for ax in rec.ax.axes.get(v) or [] for a in dims.leaves(ax)}
+            if roles & {"heads", "kv_heads"} and any(rec.depends_on(x, v) for x in soft):
+                found = True
+                break
+        dp._head_tables = found
+    return dp._head_tables
 
 
 def widen_head_tables(wp) -> None:

@@ -37,7 +37,7 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> MLP:
            "gelu_tanh" if ("Tanh" in ops or "FastGelu" in ops) else
            "silu" if "Sigmoid" in ops else "relu" if "Relu" in ops else "unknown")
     if "Gelu" in ops:
-        gn = next(n for n in nodes if n.op_type == "Gelu")
+        gn = min((n for n in nodes if n.op_type == "Gelu"), key=lambda n: ctx.order.get(n, 0))
         if "approximate" in gn.attributes and gn.attributes["approximate"].value == "tanh":
             act = "gelu_tanh"
     gate = None

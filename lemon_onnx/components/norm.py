@@ -271,3 +271,20 @@ def _set_param(dp, v: ir.Value, node_names, mapping, fill: float) -> None:
         for i, x in enumerate(n.inputs):
             if x is v:
                 n.replace_input_with(i, nv)
+
+
+def widen_units(wp, nrm: Norm, units, *, tag: str) -> None:
+    """A norm over a whole unit axis (OLMo-2's q/k norms over all heads): exact when the
+    units come in whole copies (the mean over k copies is the mean over one), so gamma and
+    beta follow the unit map and epsilon stays."""
+    if units.r:
+        raise PlanError(
+            f"the norm {nrm.output} normalises over all {units.n_units} heads at once; "
+            f"{units.N_units} heads are not whole copies of them, so its statistics would change.",
+            hint=f"Use a width that multiplies the head count by an integer "
+                 f"(--width {max(2, units.N_units // units.n_units)}).")
+    nodes = [wp.node(n) for n in nrm.nodes]
+    for name, key in ((nrm.gamma, "gamma"), (nrm.beta, "beta")):
+        if name:
+            new = units.apply(_read(wp.values[name]), -1)
+            _edit_param(wp, nodes, name, f"{tag}:{key}", new)

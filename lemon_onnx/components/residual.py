@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from .. import lemon_math as lm
 from ..errors import UnsupportedModelError
-from ..graph import back_pass, const_source, is_const, nm
+from ..graph import back_pass, back_view, const_source, is_const, nm
 from ..errors import PlanError
 from ..tensors import _read, _write
 from . import attention, mlp, norm
@@ -95,11 +95,12 @@ def _parallel_parts(ctx, branch: ir.Value, skip: ir.Value) -> list | None:
 def match_blocks(ctx, emb: Embeddings, residuals):
     """Walk the residual chain and pair branches into blocks: two consecutive joins
     (attention, then MLP), or one join of both side by side."""
+    # keyed by the stream value under any re-view (OPT runs its MLP on a 2-D view)
     res_by_skip: dict[ir.Value, tuple] = {}
     for r in residuals:
-        res_by_skip.setdefault(back_pass(r[1]), r)
+        res_by_skip.setdefault(back_view(r[1]), r)
     first = residuals[0]
-    stream = back_pass(first[1])
+    stream = back_view(first[1])
     emb.output = nm(stream)
     # a norm whose output is the stream start (embedding LayerNorm)
     p = ctx.norms.get(stream)
@@ -108,8 +109,8 @@ def match_blocks(ctx, emb: Embeddings, residuals):
     chain = []
     post = None
     cur = stream
-    while cur in res_by_skip:
-        node, skip, branches = res_by_skip[cur]
+    while back_view(cur) in res_by_skip:
+        node, skip, branches = res_by_skip[back_view(cur)]
         add_out = node.outputs[0] if node.op_type == "Add" else node.outputs[
             3 if len(node.outputs) > 3 else 0]
         nxt = add_out
@@ -125,16 +126,17 @@ def match_blocks(ctx, emb: Embeddings, residuals):
                 post_norm, nxt = nrm, node.outputs[0]
         if post is None:
             post = post_norm is not None
-        chain.append((node, cur, branches, post_norm, nxt))
+        nxt = _view_back(nxt, res_by_skip)
+        chain.append((node, skip, branches, post_norm, nxt, cur))
         cur = back_pass(nxt)
     # the last post-norm block ends with a norm that feeds no further residual
     if chain and post:
-        node, s, br, pn, nx = chain[-1]
+        node, s, br, pn, nx, c = chain[-1]
         if pn is None:
             add_out = node.outputs[0]
             cands = ctx.norm_by_in.get(add_out, [])
             if cands:
-                chain[-1] = (node, s, br, cands[0], ctx._values[cands[0].output])
+                chain[-1] = (node, s, br, cands[0], ctx._values[cands[0].output], c)
                 cur = ctx._values[cands[0].output]
     layout = "post-norm" if post else "pre-norm"
     blocks: list[Block] = []
@@ -156,9 +158,22 @@ def match_blocks(ctx, emb: Embeddings, residuals):
     return blocks, cur, layout
 
 
+def _view_back(v: ir.Value, res_by_skip: dict) -> ir.Value:
+    """Past a join's output, through the views that give the stream its shape back (OPT runs
+    its MLP on a 2-D view and views the sum back to 3-D): blocks start and end on the stream
+    in its own shape, so a twin can read a block's output as that block read its input."""
+    while True:
+        cons = v.consumers()
+        if len(cons) != 1 or cons[0].op_type not in ("Reshape", "Flatten", "Squeeze",
+                                                      "Unsqueeze") or not cons[0].outputs:
+            return v
+        v = cons[0].outputs[0]
+
+
 def _branch_input(ctx, stream: ir.Value, branch_out: ir.Value, layout: str):
     """The norm a branch reads (pre-norm: one whose input is the stream and whose output the
     branch is computed from), and the value the branch's projections read."""
+    stream = back_pass(stream)  # the value before any Cast/Identity the join adds
     nrm = _branch_norm(ctx, stream, branch_out, layout)
     return nrm, (stream if nrm is None else ctx._values[nrm.output])
 
@@ -168,14 +183,14 @@ def _sequential_block(ctx, idx: int, a, m, layout: str) -> Block:
     m_norm, m_in = _branch_input(ctx, m[1], m[2][0], layout)
     att = attention.match(ctx, a_in, a[2][0], idx)
     ff = mlp.match(ctx, m_in, m[2][0], idx)
-    return Block(idx, a_norm, att, a[0].name, a[3], m_norm, ff, m[0].name, m[3], nm(a[1]),
+    return Block(idx, a_norm, att, a[0].name, a[3], m_norm, ff, m[0].name, m[3], nm(a[5]),
                  nm(m[4]), layer_scale(ctx, a[2][0]), layer_scale(ctx, m[2][0]),
                  attention_out_norm=output_norm(ctx, a[2][0]),
                  mlp_out_norm=output_norm(ctx, m[2][0]))
 
 
 def _parallel_block(ctx, idx: int, entry, layout: str) -> Block:
-    node, stream, (u, v), post_norm, nxt = entry
+    node, stream, (u, v), post_norm, nxt, _cur = entry
     if layout == "post-norm":
         raise UnsupportedModelError(
             f"Block {idx}: attention and MLP side by side with a norm after the join "

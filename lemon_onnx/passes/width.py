@@ -200,6 +200,15 @@ class WidthPass(ir.passes.InPlacePass):
                                           for u in v.uses()}))[:200]
                 missed.append(f"constant {v.name} (shape {shape}, axis {k} carries {roles}; "
                               f"read by {users})")
+            elif self._unattributed_hidden(v):
+                size = self._unattributed_hidden(v)
+                users = ", ".join(sorted({f"{u.node.op_type} {u.node.name}"
+                                          for u in v.uses()}))[:200]
+                missed.append(f"constant {v.name} (shape {list(v.shape)}: an axis has the "
+                              f"{size} size {self.plan.source[size]}, but the shape reasoning "
+                              f"could not tie it to the {size} axis or to anything else, e.g. "
+                              f"because it is reshaped by sizes computed at run time; read by "
+                              f"{users})")
         missed += self._unmodelled_ops()
         missed += self._disagreements()
         if missed:
@@ -239,6 +248,30 @@ class WidthPass(ir.passes.InPlacePass):
                                      f"{predicted}")
                         break
         return found
+
+    def _unattributed_hidden(self, v) -> str | None:
+        """A float weight with an axis of a size the plan changes (hidden on its last axis; the
+        head count on any axis, for a table that reaches the attention scores) whose atom
+        nothing named: the shape reasoning lost track of it (a table reshaped by sizes computed
+        at run time).  It may well carry that size; refusing is safe, guessing is not.
+        Returns the size's name, or None."""
+        if v.shape is None or len(v.shape) < 2:
+            return None
+        t = v.const_value
+        if t is None or not t.dtype.is_floating_point():
+            return None
+        axes = self.rec.ax.axes.get(v) or [[] for _ in v.shape]
+        unnamed = [k for k, a in enumerate(axes)
+                   if all(x.role is None for x in dims.leaves(a))]
+        s, tg = self.plan.source, self.plan.target
+        if self.d != self.D and v.shape[-1] == self.d and len(v.shape) - 1 in unnamed:
+            return "hidden"
+        if s["heads"] != tg["heads"] and any(v.shape[k] == s["heads"] for k in unnamed):
+            if not hasattr(self, "_scores"):
+                self._scores = [n.inputs[0] for n in self.rec.graph if n.op_type == "Softmax"]
+            if any(self.rec.depends_on(x, v) for x in self._scores):
+                return "heads"
+        return None
 
     def _changed(self, value) -> list:
         """Axes of ``value`` whose size the plan changes: [(axis, atoms)]."""
