@@ -12,7 +12,10 @@ matrix as ``export failed``) it runs the command line exactly as a user would, t
 * ``inspect MODEL --json``: what was recognised (family, layout, sizes, unrecognised parts);
 * ``expand MODEL -o OUT --width W --depth D --inputs <reference npz>`` for (2, 2), (2, 3) and
   (1.5, 2) where width 1.5 gives whole head and KV-head counts; when (2, 2) fails after
-  recognition, also width 2 alone and depth 2 alone, to tell which pass is at fault.
+  recognition, also width 2 alone and depth 2 alone, to tell which pass is at fault; when
+  (2, 2) fails on a model with a head, the trunk probe: the same graph with its ``logits``
+  output and the nodes only it needed removed, at (2, 2) -- a diagnostic that tells a head
+  problem from a trunk problem (it does not change the model's outcome).
 
 Each run's exit code is classified by the contract (``lemon_onnx.errors.EXIT_CODES``):
 0 supported, 1 mismatch, 2 refused, 3 runtime failure, 4 bug, anything else other (a timeout
@@ -148,6 +151,34 @@ def expand_run(src, npz, width, depth, tmp, timeout):
     return rec
 
 
+def trunk_only(src, dst):
+    """A copy of ``src`` without its ``logits`` output (and the nodes only it needed): the
+    trunk probe, telling a head problem from a trunk problem.  Diagnostic only."""
+    import onnx
+
+    m = onnx.load(str(src))
+    g = m.graph
+    keep = [o for o in g.output if o.name != "logits"]
+    del g.output[:]
+    g.output.extend(keep)
+    need = {o.name for o in keep}
+    nodes = []
+    for n in reversed(list(g.node)):
+        if any(o in need for o in n.output):
+            nodes.append(n)
+            need.update(i for i in n.input if i)
+            for a in n.attribute:  # values a subgraph reads from the outer graph
+                for sg in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                    need.update(i for sn in sg.node for i in sn.input if i)
+    del g.node[:]
+    g.node.extend(reversed(nodes))
+    inits = [i for i in g.initializer if i.name in need]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    onnx.save(m, str(dst))
+    return dst
+
+
 def run_model(entry, models, timeout):
     name = f"{entry['family']}-{entry['tag']}"
     res = {"name": name, "family": entry["family"], "kind": entry.get("kind"),
@@ -190,6 +221,12 @@ def run_model(entry, models, timeout):
                 r["isolation"] = True
                 runs.append(r)
         res["runs"] = runs
+        if first["exit"] != 0 and "logits" in (entry.get("outputs") or []):
+            # trunk probe: the same model without its head, at width 2 / depth 2
+            trunk = trunk_only(src, Path(tmp) / "trunk.onnx")
+            r = expand_run(trunk, npz, 2.0, 2.0, tmp, timeout)
+            r["probe"] = "trunk (logits output and head removed)"
+            res["trunk_probe"] = r
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     main = [r for r in res["runs"] if not r.get("isolation") and r["outcome"] != "skipped"]
@@ -223,6 +260,10 @@ def _cell(res):
     if iso:
         extra += "; " + ", ".join(
             f"{'width' if r['width'] else 'depth'} alone: {r['outcome']}" for r in iso)
+    if res.get("trunk_probe"):
+        tp = res["trunk_probe"]
+        extra += f"; without the head: {tp['outcome']}" + (
+            f" ({_short(tp.get('error'), 90)})" if tp["exit"] != 0 else "")
     return (f"**{bad['outcome']}** (exit {bad['exit']}, w{bad['width']:g}d{bad['depth']:g}: "
             f"{_short(bad.get('error'))}){extra}")
 
@@ -240,7 +281,9 @@ def markdown(results, total_s):
                                                      sorted(counts.items())) + ").",
              "Runs: expand at width 2 / depth 2, width 2 / depth 3, width 1.5 / depth 2 "
              "(where 1.5 gives whole head counts), checked on the reference inputs; when "
-             "w2d2 fails after recognition, width alone and depth alone tell the pass apart.",
+             "w2d2 fails after recognition, width alone and depth alone tell the pass apart; "
+             "\"without the head\" is the trunk probe (the graph less its logits output, at "
+             "w2d2), a diagnostic that does not change the cell's outcome.",
              "", "| family | kind | " + " | ".join(tags) + " |",
              "|---|---|" + "---|" * len(tags)]
     for f in fams:
@@ -274,6 +317,11 @@ def markdown(results, total_s):
             lines.append(f"| {r['name']}{tag} | {x['width'] or '-'} | {x['depth'] or '-'} | "
                          f"{x.get('exit', '-')} | {x['outcome']} | {x.get('seconds', '-')} | "
                          f"{_short(what, 220)} |")
+        if r.get("trunk_probe"):
+            x = r["trunk_probe"]
+            lines.append(f"| {r['name']} (trunk probe, no head) | 2 | 2 | {x['exit']} | "
+                         f"{x['outcome']} | {x['seconds']} | "
+                         f"{_short(x.get('wrote') or x.get('error'), 220)} |")
     return "\n".join(lines) + "\n"
 
 
