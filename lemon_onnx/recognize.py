@@ -177,7 +177,7 @@ class Recognizer(GraphIndex):
         b0 = blocks[0]
         att = b0.attention
         nrm = b0.attention_norm or b0.attention_post_norm or final_norm
-        ffn = b0.mlp.up.out_features
+        ffn = b0.mlp.down.in_features
         vocab = int(self._values[emb.token].const_value.shape[0]) if emb.token else None
         if head.linear is not None and head.kind == "classifier":
             for a in self.leaves(self._values[head.linear.output]):

@@ -16,13 +16,13 @@ import numpy as np
 import onnx_ir as ir
 
 from .. import dims, lemon_math as lm
-from ..errors import UnsupportedModelError
+from ..errors import PlanError, UnsupportedModelError
 from ..graph import is_const
 from ..tensors import _read
 from . import linear, norm
 from .linear import Linear
 from .norm import Norm
-from .branch import linears_reading, out_linear
+from .branch import axis_readers, linears_reading, out_linear
 
 
 @dataclasses.dataclass
@@ -147,6 +147,8 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> Attention:
     if qkv is not None:
         kv_heads, layout = _fused_layout(ctx, qkv, heads, head_dim, heads_l, kv_l, idx)
         att_width = heads * head_dim
+        if kv_heads not in (1, heads):
+            kv_l = _kv_atoms(ctx, k_t, q_t, heads_l) or kv_l
     else:
         att_width = q.out_features
     if not heads or not head_dim or heads * head_dim != att_width:
@@ -186,6 +188,24 @@ def _projection_norm(ctx, lin: Linear | None, nodes: set):
     return None
 
 
+def _kv_atoms(ctx, k_t: ir.Value, q_t: ir.Value, heads_l: list) -> list:
+    """The KV-head atoms of grouped-query attention with a fused projection: on the path that
+    only K takes (no Q), before K is repeated for the query groups, its head axis carries the
+    KV heads alone; after the repeat, KV heads and the group.  The smallest non-empty set of
+    query-head atoms seen on that path is the KV heads'."""
+    hset = {dims.find(a) for a in heads_l}
+    q_anc = ctx.ancestors(q_t)
+    best = None
+    for n in ctx.ancestors(k_t) - q_anc:
+        for o in n.outputs:
+            seen = {dims.find(a) for ax in ctx.ax.get(o) or [] for a in dims.leaves(ax)} & hset
+            if seen and (best is None or len(seen) < len(best)):
+                best = seen
+    if not best or best == hset:
+        return []
+    return [a for a in heads_l if dims.find(a) in best]
+
+
 def _fused_layout(ctx, qkv: Linear, heads: int, head_dim: int, heads_l: list, kv_l: list,
                   idx: int) -> tuple[int, str]:
     """KV heads and layout of a fused projection's output axis, from its atoms: when the
@@ -209,7 +229,7 @@ def _fused_layout(ctx, qkv: Linear, heads: int, head_dim: int, heads_l: list, kv
         # q, k and v one after the other must be cut apart by a Split along the fused axis
         # (its part sizes are size literals with atoms); a Reshape of the fused axis into
         # heads + 2 rows (Falcon) holds a size that is a sum, which no atom can grow
-        readers = _fused_readers(ctx, ctx._values[qkv.output])
+        readers = axis_readers(ctx, ctx._values[qkv.output])
         if not readers or any(c.op_type not in ("Split", "Slice") for c in readers):
             ops = ", ".join(sorted({c.op_type for c in readers}))
             raise UnsupportedModelError(
@@ -267,6 +287,8 @@ def widen(wp, a: Attention, branch_in, stream_map, *, tag: str, prescale=None) -
     if a.qkv is not None:
         out_fn, size = fused_output_map(wp, a)
         linear.widen_fused(wp, a.qkv, branch_in, f"{tag}.qkv", out_fn, size)
+        if a.qkv_layout == "segments":
+            _widen_segment_bounds(wp, a, tag)
     else:
         linear.widen(wp, a.q, branch_in, wp.q_map, tag=f"{tag}.q")
         linear.widen(wp, a.k, branch_in, wp.kv_map, tag=f"{tag}.k")
@@ -278,26 +300,35 @@ def widen(wp, a: Attention, branch_in, stream_map, *, tag: str, prescale=None) -
     linear.widen(wp, a.out, wp.q_map, stream_map, tag=f"{tag}.o", prescale=prescale)
 
 
-_VIEWS = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Cast", "Dropout")
+def _widen_segment_bounds(wp, a: Attention, tag: str) -> None:
+    """Slices that cut q, k and v out of a fused projection (Phi-3): their bounds are the
+    segments' boundaries (0, q, q+k, q+k+v), sums the size literals cannot express; each
+    boundary moves to the new one.  A bound that is not a boundary is refused."""
+    from ..graph import const_array
 
-
-def _fused_readers(ctx, y: ir.Value) -> list:
-    """The nodes that read a fused projection's output axis as such: followed through views
-    that keep that axis whole (a Gemm's 2-D output reshaped back to 3-D); Shape reads only
-    the shape."""
-    axis = ctx.leaves(y)
-    out, todo, seen = [], [y], set()
-    while todo:
-        v = todo.pop()
-        for c in v.consumers():
-            if c in seen or c.op_type == "Shape":
+    q_map, kv_map = wp.q_map, wp.kv_map
+    old = [0, q_map.d, q_map.d + kv_map.d, q_map.d + 2 * kv_map.d]
+    new = [0, q_map.D, q_map.D + kv_map.D, q_map.D + 2 * kv_map.D]
+    explained = {lu.via for lu in wp.rec.ax.literals if lu.via}
+    for node in axis_readers(wp.rec, wp.values[a.qkv.output]):
+        if node.op_type != "Slice":
+            continue
+        for idx in (1, 2):
+            v = node.inputs[idx] if len(node.inputs) > idx else None
+            arr = const_array(v)
+            if arr is None or (node.name, idx) in explained:
                 continue
-            seen.add(c)
-            if c.op_type in _VIEWS and c.outputs and ctx.leaves(c.outputs[0]) == axis:
-                todo.append(c.outputs[0])
-            else:
-                out.append(c)
-    return out
+            vals = [int(x) for x in arr.reshape(-1)]
+            if any(x not in old and x < 2**31 - 1 for x in vals):
+                raise PlanError(f"{node.op_type} {node.name} cuts the fused projection "
+                                f"{a.qkv.node} at {vals}, not at the boundaries {old} of its "
+                                "q, k and v parts.")
+
+            def fn(x, old=old, new=new):
+                return np.array([new[old.index(int(e))] if int(e) in old else e
+                                 for e in x.reshape(-1)], dtype=x.dtype).reshape(x.shape)
+
+            wp.ed.edit(node, idx, f"{tag}.qkv-bounds", fn)
 
 
 def fused_output_map(wp, a: Attention):

@@ -59,3 +59,25 @@ def output_norm(ctx, branch_out: ir.Value):
 def layer_scale(ctx, branch_out: ir.Value) -> str | None:
     node = branch_tail(ctx, branch_out)[1]
     return node.name if node is not None else None
+
+
+_VIEWS = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Cast", "Dropout")
+
+
+def axis_readers(ctx, y: ir.Value) -> list:
+    """The nodes that read the last axis of ``y`` (a fused projection's output) as such: followed through views
+    that keep that axis whole (a Gemm's 2-D output reshaped back to 3-D); Shape reads only
+    the shape."""
+    axis = ctx.leaves(y)
+    out, todo, seen = [], [y], set()
+    while todo:
+        v = todo.pop()
+        for c in v.consumers():
+            if c in seen or c.op_type == "Shape":
+                continue
+            seen.add(c)
+            if c.op_type in _VIEWS and c.outputs and ctx.leaves(c.outputs[0]) == axis:
+                todo.append(c.outputs[0])
+            else:
+                out.append(c)
+    return out

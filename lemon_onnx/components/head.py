@@ -165,7 +165,9 @@ def _elementwise_between(ctx, r: Linear, a: Linear) -> bool:
     from ..graph import const_array, is_const
 
     for n in _between(ctx, r, a):
-        if n.op_type not in _ELEMENTWISE:
+        if n.op_type == "ReduceMean" and not _reduces_last(ctx, n):
+            continue  # a mean over the tokens acts on each unit alone too (Whisper's pooling)
+        if n.op_type not in _ELEMENTWISE and n.op_type not in _VIEW_OPS:
             return False
         for i in n.inputs:
             if i is not None and is_const(i):

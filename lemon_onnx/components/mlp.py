@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import onnx_ir as ir
+
+from .. import dims
 
 from ..errors import UnsupportedModelError
 from . import linear
 from .linear import Linear
-from .branch import linears_reading, out_linear
+from .branch import axis_readers, linears_reading, out_linear
 
 
 @dataclasses.dataclass
@@ -24,6 +27,8 @@ class MLP:
     down: Linear
     gate: Linear | None
     activation: str
+    #: one projection computes [gate | up] side by side (Phi-3's gate_up_proj), cut in two
+    fused_gate_up: bool = False
 
 
 def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> MLP:
@@ -53,18 +58,40 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> MLP:
     elif len(ins) > 2:
         raise UnsupportedModelError(f"Block {idx}: the MLP branch has {len(ins)} input "
                                     "projections; expected one (up) or two (gate, up).")
+    fused = False
+    if gate is None and up.out_features == 2 * down.in_features:
+        # [gate | up] in one projection: its output must be cut in two along that axis, and
+        # the down projection reads half of it
+        readers = axis_readers(ctx, ctx._values[up.output])
+        if readers and all(n.op_type in ("Split", "Slice") for n in readers):
+            fused = True
+            act = "swiglu" if act == "silu" else f"{act}-glu"
+            ffn_atoms = {dims.find(a) for a in ctx.leaves(ctx._node(down.node).inputs[0])}
+            for a in ctx.leaves(ctx._values[up.output]):
+                a.role = a.role or ("ffn" if dims.find(a) in ffn_atoms else "gate_up_parts")
     for a in ctx.leaves(ctx._values[up.output]):
         a.role = a.role or "ffn"
-    return MLP(up, down, gate, act)
+    return MLP(up, down, gate, act, fused)
 
 
 def widen(wp, m: MLP, branch_in, stream_map, *, tag: str, prescale=None) -> None:
     if m.gate is not None:
         linear.widen(wp, m.gate, branch_in, wp.ffn_map, tag=f"{tag}.gate")
-    linear.widen(wp, m.up, branch_in, wp.ffn_map, tag=f"{tag}.up")
+    if m.fused_gate_up:
+        ffn = wp.ffn_map
+
+        def halves(arr, axis):
+            return np.concatenate([ffn.apply(p, axis) for p in np.split(arr, 2, axis=axis)],
+                                  axis=axis)
+
+        linear.widen_fused(wp, m.up, branch_in, f"{tag}.gate_up", halves, 2 * ffn.D)
+    else:
+        linear.widen(wp, m.up, branch_in, wp.ffn_map, tag=f"{tag}.up")
     linear.widen(wp, m.down, wp.ffn_map, stream_map, tag=f"{tag}.down", prescale=prescale)
 
 
 def twin(dp, m: MLP, mapping, init: str, tag: str) -> None:
+    if m.fused_gate_up:
+        init = "zero"  # pairing units would have to pair both halves; not implemented
     dp.zero_branch(m.down, mapping, init, unit="ffn",
                    fanin=[x for x in (m.up, m.gate) if x], tag=tag + ".mlp")
