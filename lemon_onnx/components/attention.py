@@ -95,9 +95,18 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> Attention:
             elif reaches(y, v_t):
                 v = lin
         if q is None or k is None or v is None:
+            reused = sorted({lin.weight for lin in ctx.linears.values()
+                             if lin.weight in {x.weight for x in ins}
+                             and ctx._node(lin.node) not in nodes})
+            why = (f" The weights {', '.join(reused)} are also applied outside this branch "
+                   "(DeBERTa's disentangled attention projects the relative position "
+                   "embeddings with the same Q and K weights): scores that mix content and "
+                   "position terms have no exact width rule in lemon-onnx."
+                   if reused else "")
             raise UnsupportedModelError(
                 f"Block {idx}: could not tell the Q, K and V projections apart "
-                f"({len(ins)} projections read the attention input).")
+                f"({len(ins)} projections read the attention input, and each reaches more "
+                f"than one of the score's and the values' inputs).{why}")
     # heads and head_dim from the atoms of the attention's axes
     hd_leaves = ctx.leaves(q_t, -1)
     if attn_op is not None and len(ctx.ax.get(q_t) or []) == 3:

@@ -17,8 +17,9 @@ import numpy as np
 import onnx_ir as ir
 
 from .. import dims, lemon_math as lm
-from ..errors import UnsupportedModelError
-from ..graph import back_pass, back_view, const_source, nm
+from ..errors import PlanError, UnsupportedModelError
+from ..graph import back_pass, back_view, const_source, is_const, nm
+from ..tensors import _read
 from .norm import Norm
 
 
@@ -36,6 +37,11 @@ class Embeddings:
     patch_conv: str | None = None  # Conv node
     patch_weight: str | None = None
     patch_bias: str | None = None
+    #: convolutions before the one that writes the stream (Whisper's conv1), each followed by
+    #: an elementwise activation: [Conv node, weight, bias or None]
+    stem: list = dataclasses.field(default_factory=list)
+    #: an elementwise activation sits between the patch Conv and the stream (Whisper's GELU)
+    patch_activation: str | None = None
     cls_token: str | None = None
     #: every constant [1, n, hidden] token put before the sequence (cls, DeiT's distillation
     #: token, registers), in graph order; ``cls_token`` is the first
@@ -62,6 +68,8 @@ def match(ctx) -> Embeddings:
                 emb.patch_conv, emb.patch_weight = n.name, w.name
                 if len(n.inputs) > 2 and n.inputs[2] is not None:
                     emb.patch_bias = nm(const_source(n.inputs[2])[0])
+    if emb.token is None and emb.patch_conv is not None:
+        _conv_stem(ctx, emb)
     if emb.token is None and emb.patch_conv is None:
         kinds = sorted({n.op_type for n in g})
         raise UnsupportedModelError(
@@ -70,6 +78,45 @@ def match(ctx) -> Embeddings:
             "is not a Transformer lemon-onnx can expand. Ops present: "
             + ", ".join(kinds[:30]) + (" ..." if len(kinds) > 30 else "") + ".")
     return emb
+
+
+#: activations a conv stem may have between its convolutions: f(0) = 0 for each
+_STEM_ACTS = {"Gelu": "gelu", "Erf": "gelu", "Relu": "relu", "Tanh": "tanh"}
+_STEM_OPS = {"Gelu", "Erf", "Relu", "Tanh", "Div", "Mul", "Add", "Identity", "Cast"}
+
+
+def _conv_stem(ctx, emb: Embeddings) -> None:
+    """Convolutions that follow the first one through elementwise activations only: the last
+    writes the stream (the patch embedding proper), the others are the stem."""
+    from ..graph import const_array
+
+    first = ctx._node(emb.patch_conv)
+    chain = [first]
+    while True:
+        cur = chain[-1].outputs[0]
+        nxt = [n for n in ctx.graph if n.op_type == "Conv" and n not in chain
+               and const_source(n.inputs[1])[0] is not None and ctx.depends_on(n.inputs[0], cur)]
+        if not nxt:
+            break
+        n2 = min(nxt, key=lambda n: ctx.order[n])
+        between = ctx._branch_nodes(cur, n2.inputs[0]) - {n2}
+        ok = all(b.op_type in _STEM_OPS and all(
+            i is None or not is_const(i) or (const_array(i) is not None and const_array(i).size == 1)
+            for i in b.inputs) for b in between)
+        if not ok:
+            break
+        chain.append(n2)
+    if len(chain) > 1:
+        for c in chain[:-1]:
+            b = c.inputs[2] if len(c.inputs) > 2 else None
+            emb.stem.append([c.name, const_source(c.inputs[1])[0].name,
+                             nm(const_source(b)[0]) if b is not None else None])
+        last = chain[-1]
+        emb.patch_conv, emb.patch_weight = last.name, const_source(last.inputs[1])[0].name
+        b = last.inputs[2] if len(last.inputs) > 2 else None
+        emb.patch_bias = nm(const_source(b)[0]) if b is not None else None
+        for a in dims.leaves(ctx.ax.axes[const_source(first.inputs[1])[0]][0]):
+            a.role = a.role or "hidden"  # stem channels grow with the stream (replicated)
 
 
 def hidden_leaves(ctx, emb: Embeddings) -> list:
@@ -95,8 +142,12 @@ def match_extras(ctx, emb: Embeddings) -> None:
         if n.op_type in ("Add", "Concat", "Expand"):
             for i in n.inputs:
                 t = const_source(i)[0] if i is not None else None
-                if t is None or t.const_value is None or len(t.const_value.shape) != 3:
+                if t is None or t.const_value is None or len(t.const_value.shape) not in (2, 3):
                     continue
+                last = ctx.ax.axes.get(t)
+                if not last or not set(dims.leaves(last[-1])) <= hid or \
+                        (len(t.const_value.shape) == 2 and n.op_type != "Add"):
+                    continue  # [positions, hidden] tables added (Whisper's sliced positions)
                 if n.op_type == "Add" and emb.position is None:
                     emb.position = t.name
                 elif n.op_type in ("Concat", "Expand") and t.name not in emb.extra_tokens:
@@ -182,10 +233,65 @@ def widen(wp, emb: Embeddings) -> None:
             wp.embedding_param(name, -1, f"emb:{name}")
     if emb.patch_conv:
         conv = wp.node(emb.patch_conv)
-        wp.stream_axis(conv, 1, "patch:w", 0)
+        if emb.stem:
+            _widen_stem(wp, emb)
+        else:
+            wp.stream_axis(conv, 1, "patch:w", 0)
         if emb.patch_bias:
             wp.stream_axis(conv, 2, "patch:b", 0)
     if emb.norm is not None:
         from . import norm
 
         norm.widen(wp, emb.norm, lm.StreamMap(wp.d, wp.D, "copies"), tag="emb-norm")
+
+
+def _widen_stem(wp, emb: Embeddings) -> None:
+    """A conv stem: every stem convolution's output channels replicated (the activation after
+    it acts on each channel alone), the next one's input channels split over the replicas, the
+    last one's output channels in the stream form.  An activation between the last one and the
+    stream needs a stream whose extra slots are copies or zeros (f(0) = 0), not means."""
+    if emb.output:
+        between = wp.rec._branch_nodes(wp.node(emb.patch_conv).outputs[0], wp.values[emb.output])
+        acts = sorted({_STEM_ACTS[n.op_type] for n in between if n.op_type in _STEM_ACTS})
+        emb.patch_activation = acts[0] if acts else None
+    prev = None
+    for k, (name, _w, bias) in enumerate(emb.stem):
+        node = wp.node(name)
+        c = _read(wp.values[_w]).shape[0]
+        units = lm.UnitMap(c, c * wp.D // wp.d) if (c * wp.D) % wp.d == 0 else None
+        if units is None:
+            raise PlanError(f"the stem convolution {name} has {c} channels, which the width "
+                            f"{wp.D}/{wp.d} does not scale to a whole number")
+        _conv_edit(wp, node, f"stem{k}", prev, units)
+        if bias:
+            wp.ed.edit(node, 2, f"stem{k}:b", lambda b, m=units: m.apply(b, -1),
+                       lambda sh, m=units: (m.D,))
+        prev = units
+    last = wp.node(emb.patch_conv)
+    _conv_edit(wp, last, "patch", prev, wp.s_map)
+    if emb.patch_activation and wp.s_map.form == "avg":
+        raise PlanError(
+            f"a {emb.patch_activation} sits between the patch convolution and the stream; the "
+            "stream's extra slots at this width are means of the others, which it does not "
+            "keep.", hint="Use an integer width factor (--width 2).")
+
+
+def _conv_edit(wp, node, tag: str, in_units, out_map) -> None:
+    """A Conv weight [out, in, ...]: output channels by ``out_map`` (unit or stream map),
+    input channels split over ``in_units``' replicas."""
+    def fw(w, in_units=in_units, out_map=out_map):
+        w = out_map.apply(w, 0) if not isinstance(out_map, lm.StreamMap) else \
+            lm.expand_embedding(w, 0, out_map)
+        if in_units is not None:
+            w = lm.expand_in(w, 1, in_units, rng=wp.ed.rng(tag, "w"),
+                             noise_scale=wp.plan.noise_scale)
+        return w
+
+    def shape(sh, in_units=in_units, out_map=out_map):
+        sh = list(sh)
+        sh[0] = out_map.D
+        if in_units is not None:
+            sh[1] = in_units.D
+        return tuple(sh)
+
+    wp.ed.edit(node, 1, f"{tag}:w", fw, shape)
