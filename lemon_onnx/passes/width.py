@@ -18,6 +18,7 @@ import onnx_ir as ir
 from .. import dims, lemon_math as lm
 from ..errors import PlanError
 from ..recognize import Linear, Norm, Recognizer, back_view, const_source
+from .streaming import release
 
 NEW_SIZE_ROLES = ("hidden", "ffn", "heads", "kv_heads")
 
@@ -104,7 +105,9 @@ def _apply(fn, arr: np.ndarray) -> np.ndarray:
 def _lazy(orig, fn, shape: tuple, name: str) -> ir.LazyTensor:
     """``fn(orig)`` computed when the tensor is read (saved), not now."""
     def compute():
-        return ir.tensor(_apply(fn, np.asarray(orig.numpy())), name=name)
+        out = _apply(fn, np.asarray(orig.numpy()))
+        release(orig)  # unmap the source's pages (streaming.py, rule 2)
+        return ir.tensor(out, name=name)
 
     return ir.LazyTensor(compute, dtype=orig.dtype, shape=ir.Shape(shape), name=name)
 
