@@ -39,7 +39,7 @@ TENSOR_COPIES = 4
 #: fixed cost of the interpreter, numpy, onnx and onnx-ir
 BASE_BYTES = int(0.25 * GB)
 #: measured seconds per GB written (bench_scale.py on 2 cores); a planning figure, not a promise
-SECONDS_PER_GB = 6.0
+SECONDS_PER_GB = 12.0
 #: ONNX Runtime holds a model's weights and, for MatMul, prepacked copies
 RUNTIME_FACTOR = 2.0
 #: share of the available memory a whole-model verification may use before it goes blockwise
