@@ -136,6 +136,9 @@ REPORT_HELP = "Write the verification report as JSON to FILE ('-': stdout, text 
 @click.option("--atol", type=float, help="Absolute tolerance (default by dtype: fp32 1e-4).")
 @click.option("--rtol", type=float, help="Relative tolerance (default by dtype: fp32 1e-3).")
 @click.option("--layerwise", is_flag=True, help="Also compare the hidden state after every block.")
+@click.option("--blockwise", is_flag=True, default=None,
+              help="Verify block by block (bounded memory; chosen automatically when the "
+                   "whole models would not fit in memory).")
 @click.option("--float64", "float64", type=click.Choice(["auto", "on", "off"]), default="auto",
               show_default=True, help="The float64 level of the check: both graphs in double "
               "precision (auto: when the copies fit in memory).")
@@ -143,8 +146,8 @@ REPORT_HELP = "Write the verification report as JSON to FILE ('-': stdout, text 
 @verbosity_options
 @guarded
 def expand(model, out, width, depth, hidden, ffn, heads, layers, placement, depth_init, seed,
-           noise_scale, keep_tie, no_verify, provider, inputs, atol, rtol, layerwise, float64,
-           report, quiet, verbose):
+           noise_scale, keep_tie, no_verify, provider, inputs, atol, rtol, layerwise, blockwise,
+           float64, report, quiet, verbose):
     """Expand MODEL wider and/or deeper so that it computes the same numbers.
 
     The plan's notes (an untied head, an approximate Post-LN depth expansion, units that
@@ -157,7 +160,8 @@ def expand(model, out, width, depth, hidden, ffn, heads, layers, placement, dept
                             depth_init=depth_init, seed=seed, verify=not no_verify,
                             provider=provider, atol=atol, rtol=rtol, inputs=inputs,
                             layerwise=layerwise, keep_tie=keep_tie, report=report,
-                            float64=float64, noise_scale=noise_scale, progress=progress)
+                            float64=float64, noise_scale=noise_scale,
+                            blockwise=blockwise or None, progress=progress)
     if verbose and result.verification is not None:
         click.echo(result.verification.format(), err=True)
     click.echo(result.summary(), file=_human(report))
@@ -177,6 +181,9 @@ def expand(model, out, width, depth, hidden, ffn, heads, layers, placement, dept
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
               show_default=True, help="ONNX Runtime execution provider.")
 @click.option("--layerwise", is_flag=True, help="Also find the first block whose hidden state diverges.")
+@click.option("--blockwise", is_flag=True, default=None,
+              help="Run the models block by block (bounded memory; chosen automatically when "
+                   "the whole models would not fit in memory).")
 @click.option("--float64", "float64", type=click.Choice(["auto", "on", "off"]), default="auto",
               show_default=True, help="The float64 level of the check: both graphs in double "
               "precision (auto: when the copies fit in memory).")
@@ -184,8 +191,8 @@ def expand(model, out, width, depth, hidden, ffn, heads, layers, placement, dept
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of synthesised inputs.")
 @verbosity_options
 @guarded
-def verify(small, big, inputs, save_inputs, atol, rtol, provider, layerwise, float64, report,
-           seed, quiet, verbose):
+def verify(small, big, inputs, save_inputs, atol, rtol, provider, layerwise, blockwise, float64,
+           report, seed, quiet, verbose):
     """Check that BIG computes the same outputs as SMALL (exit 0 same, 1 not equivalent)."""
     from .expand import write_report
     from .verify import verify as run_verify
@@ -194,7 +201,7 @@ def verify(small, big, inputs, save_inputs, atol, rtol, provider, layerwise, flo
         with progress.stage("verify") as st:
             rep = run_verify(small, big, inputs=inputs, atol=atol, rtol=rtol, provider=provider,
                              layerwise=layerwise, save_inputs=save_inputs, seed=seed,
-                             float64=float64)
+                             float64=float64, blockwise=blockwise or None)
             st.summary = f"compared on {rep.provider_used}"
     if report:
         write_report(rep, report)

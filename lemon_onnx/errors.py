@@ -59,6 +59,11 @@ class PlanError(LemonError):
     """The requested expansion is impossible or not lossless (exit 2)."""
 
 
+class ResourceError(LemonError):
+    """The expansion does not fit in the free disk or memory of this machine (exit 2): refused
+    before anything is computed, with the estimate's figures."""
+
+
 class MismatchError(LemonError):
     """The expanded model does not compute the same numbers (exit 1)."""
 

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from . import io, signals
+from . import estimate, io, signals
 from .errors import (InputError, InternalError, MismatchError, PlanError, RuntimeFailure,
                      UnsupportedModelError, contract_errors, one_line)
 from .plan import PLAN_KEY, Plan, chained, make_plan
@@ -147,7 +147,7 @@ def _rewrite(model, rec, desc, plan: Plan, progress: Progress) -> None:
     from .recognize import Recognizer
 
     used_before = {n for n, v in model.graph.initializers.items() if v.uses()}
-    maps = None
+    maps, stats = None, {}
     with progress.stage("width") as st:
         if plan.widens:
             stats = expand_width(rec, desc, plan)
@@ -160,11 +160,14 @@ def _rewrite(model, rec, desc, plan: Plan, progress: Progress) -> None:
         if plan.target["layers"] != plan.source["layers"]:
             from .passes.depth import expand_depth
 
-            if plan.widens:  # describe the widened graph afresh
+            desc_now = desc
+            if plan.widens and stats["new_initializers"]:
+                # the width pass gave some consumers their own copy of a shared tensor, so
+                # names in the description no longer lead to the tensors: describe afresh.
+                # Otherwise every tensor kept its name and value object, and the sizes the
+                # depth pass reads (head_dim, the heads/kv ratio) did not change.
                 rec = Recognizer(model)
                 desc_now = rec.run()
-            else:
-                desc_now = desc
             expand_depth(model, rec, desc_now, plan, maps)
             st.summary = (f"depth: {plan.source['layers']}->{plan.target['layers']} layers "
                           f"({plan.depth_placement}, {plan.depth_init})")
@@ -206,7 +209,7 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
            inputs: str | os.PathLike | Mapping | Sequence[Mapping] | None = None,
            layerwise: bool = False, keep_tie: bool = False,
            report: str | os.PathLike | None = None, float64: str = "auto",
-           noise_scale: float | None = None,
+           noise_scale: float | None = None, blockwise: bool | None = None,
            progress: Progress | bool = False) -> ExpandResult:
     """Expand ``src`` into ``out``; nothing exists at ``out`` unless it passed.
 
@@ -215,7 +218,11 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
     on ``provider`` ("auto" | "cuda" | "cpu") with ``atol``/``rtol`` (default by dtype) on
     ``inputs`` (an .npz path, one dict or a list of dicts; default synthesised from ``seed``),
     ``layerwise`` adds every block's hidden state, ``float64`` ("auto" | "on" | "off") runs the
-    float64 level (verify's docstring).  ``noise_scale``: the symmetry-breaking noise,
+    float64 level (verify's docstring), ``blockwise`` runs the check block by block (None:
+    when the estimate says the whole models would not fit in memory).  Before any work the
+    output's size, peak memory and time are estimated (``estimate.py``) and an expansion
+    that cannot fit in the free disk or memory is refused (``ResourceError``, exit 2).
+    ``noise_scale``: the symmetry-breaking noise,
     relative (default ``lemon_math.NOISE_SCALE``).  ``report``: where the verification report
     goes as JSON ("-": stdout), written before a mismatch is raised.  ``keep_tie``: refuse
     rather than untie a tied head.  ``progress``: True for the command line's report on
@@ -224,7 +231,7 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
     if not isinstance(progress, Progress):
         progress = Progress(1 if progress else 0)
     if progress.total is None:
-        progress.total = 7 + 2 * bool(verify)  # the stages below
+        progress.total = 8 + 2 * bool(verify)  # the stages below
     src, dest = Path(src), Path(out)
     with signals.handling(), contract_errors("expanding"), contextlib.closing(progress):
         _check_request(src, dest, (width, depth, hidden, ffn, heads, layers),
@@ -233,6 +240,15 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
             src, width=width, depth=depth, hidden=hidden, ffn=ffn, heads=heads, layers=layers,
             placement=placement, depth_init=depth_init, seed=seed, keep_tie=keep_tie,
             noise_scale=noise_scale, progress=progress)
+        with progress.stage("estimate") as st:  # exit 2 now when it cannot fit
+            est = estimate.estimate(desc, plan, model, src=src, dest=dest)
+            estimate.check(est, verify=verify, flags=_flags(width, depth, hidden, ffn, heads,
+                                                            layers))
+            if verify and blockwise is None and est.blockwise:
+                blockwise = True
+                progress.note("verification goes block by block: the whole models would need "
+                              f"about {est.verify_whole_bytes / 1e9:.1f} GB of memory")
+            st.summary = est.summary()
         if verify:  # exit 3 before the work: ONNX Runtime must load the source on the provider
             with progress.stage("runtime") as st:
                 st.summary = f"ONNX Runtime loads the source on {_source_runs(src, provider)}"
@@ -254,7 +270,7 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
                 with progress.stage("verify") as st:
                     vreport = _verify(src, staging.path, inputs=inputs, atol=atol, rtol=rtol,
                                       provider=provider, layerwise=layerwise, seed=seed,
-                                      float64=float64)
+                                      float64=float64, blockwise=blockwise)
                     st.summary = (f"verified on {vreport.provider_used}: "
                                   f"{'PASS' if vreport.passed else 'FAIL'}")
                 if report is not None:
@@ -289,6 +305,13 @@ def _check_request(src: Path, dest: Path, sizes: tuple, *, placement: str, depth
                          hint=f"Give a file name, e.g. {dest / 'expanded.onnx'}.")
 
 
+def _flags(width, depth, hidden, ffn, heads, layers) -> str:
+    """The sizes as the command line gave them: '--width 1000 --depth 100'."""
+    given = (("width", width), ("depth", depth), ("hidden", hidden), ("ffn", ffn),
+             ("heads", heads), ("layers", layers))
+    return " ".join(f"--{k} {v:g}" for k, v in given if v is not None) or "this expansion"
+
+
 def _source_runs(src: Path, provider: str) -> str:
     from .verify import make_session
 
@@ -317,17 +340,19 @@ def _check_graph(path: Path, src: Path, progress: Progress) -> str:
 
 
 def _verify(src: Path, tmp: Path, *, inputs, atol: float | None, rtol: float | None,
-            provider: str, layerwise: bool, seed: int, float64: str = "auto"):
+            provider: str, layerwise: bool, seed: int, float64: str = "auto",
+            blockwise: bool | None = None):
     """ONNX Runtime on both; when the pair fails, the source alone on the same inputs tells
     whose failure it is."""
     from .verify import verify as run_verify
 
     try:
         return run_verify(src, tmp, inputs=inputs, atol=atol, rtol=rtol, provider=provider,
-                          layerwise=layerwise, seed=seed, float64=float64)
+                          layerwise=layerwise, seed=seed, float64=float64, blockwise=blockwise)
     except RuntimeFailure as failure:
         try:
-            run_verify(src, src, inputs=inputs, provider=provider, seed=seed, float64="off")
+            run_verify(src, src, inputs=inputs, provider=provider, seed=seed, float64="off",
+                       blockwise=blockwise)
         except RuntimeFailure:
             raise failure from None  # the source cannot run: exit 3
         raise InternalError("ONNX Runtime cannot load or run the expanded model, while it "

@@ -81,7 +81,10 @@ def _grid(sigma: float, count: int, dt) -> float:
 
 
 def _on_grid(R: np.ndarray, g: float) -> np.ndarray:
-    return np.rint(R / g) * g
+    """``rint(R / g) * g``, computed in place in ``R`` (float64; the same operations)."""
+    np.divide(R, g, out=R)
+    np.rint(R, out=R)
+    return np.multiply(R, g, out=R)
 
 
 def _rng(rng) -> np.random.Generator:
@@ -129,14 +132,16 @@ class _IndexMap:
         ax = _axis(x, axis)
         if x.shape[ax] != self.d:
             raise ValueError(f"axis {axis} has size {x.shape[ax]}, the map expects {self.d}")
-        xf = x.astype(np.float64)
-        out = np.take(xf, np.where(self.src_index >= 0, self.src_index, 0), axis=ax)
+        # a gather in the storage dtype (exact); only an avg leftover needs arithmetic: its
+        # mean is taken in float64 and rounded once
+        out = np.take(x, np.where(self.src_index >= 0, self.src_index, 0), axis=ax)
         left = self.leftover_slots
         if left.size:
             idx = [slice(None)] * x.ndim
             idx[ax] = left
-            out[tuple(idx)] = xf.mean(axis=ax, keepdims=True) if self.form == "avg" else 0.0
-        return out.astype(x.dtype, copy=False)
+            out[tuple(idx)] = (x.astype(np.float64).mean(axis=ax, keepdims=True)
+                               .astype(x.dtype) if self.form == "avg" else 0)
+        return out
 
     def recover(self, y, axis: int = -1) -> np.ndarray:
         """The original coordinates come first: ``y[..., :d]`` along ``axis``."""
@@ -288,28 +293,50 @@ def _last_slots(src: np.ndarray, d: int) -> np.ndarray:
     return last
 
 
+class _Split:
+    """The random shares of an input-side split (drawn once from ``rng``), applied to row
+    blocks of any width: the columns of a weight are independent, so ``rows(base)`` on a
+    slice of the columns gives that slice of the whole result, bit for bit."""
+
+    def __init__(self, n_src: int, src: np.ndarray, dt, rng, jitter: float):
+        cp = src >= 0
+        self.n_src, self.src, self.dt, self.cp = n_src, src, dt, cp
+        w = np.ones(len(src))
+        if jitter > 0:
+            w = 1.0 + min(jitter, 0.9) * rng.uniform(-1.0, 1.0, size=len(src))
+        w[~cp] = 0.0
+        self.share = w / _group_sums(w, src, n_src)[np.where(cp, src, 0)]
+        self.last = _last_slots(src, n_src)
+        rest = cp.copy()
+        rest[self.last] = False
+        self.idx = np.flatnonzero(rest)
+        # one slot per source coordinate: the split is that coordinate itself, no arithmetic
+        self.single = self.idx.size == 0
+
+    def rows(self, base: np.ndarray) -> np.ndarray:
+        """float64 rows (len(src), ...) for ``base`` (float64 values of ``dt``)."""
+        out = np.zeros((len(self.src),) + base.shape[1:])
+        if self.single:
+            out[self.last] = base
+            return out
+        b = base[self.src[self.idx]]
+        q = _ulp(b, self.dt)
+        shape = (-1,) + (1,) * (base.ndim - 1)
+        out[self.idx] = np.trunc(self.share[self.idx].reshape(shape) * b / q) * q
+        out[self.last] = base - _group_sums(out, self.src, self.n_src)
+        return out
+
+
 def _exact_split(n_src: int, src: np.ndarray, base: np.ndarray, dt, rng, jitter: float
                  ) -> np.ndarray:
     """Rows whose parts over each copy set sum exactly (in ``dt``) to ``base[j]``; 0 on
     leftover slots.  ``base`` holds float64 values of ``dt``; the result too."""
-    cp = src >= 0
-    shape = (-1,) + (1,) * (base.ndim - 1)
-    w = np.ones(len(src))
-    if jitter > 0:
-        w = 1.0 + min(jitter, 0.9) * rng.uniform(-1.0, 1.0, size=len(src))
-    w[~cp] = 0.0
-    share = w / _group_sums(w, src, n_src)[np.where(cp, src, 0)]
-    last = _last_slots(src, n_src)
-    out = np.zeros((len(src),) + base.shape[1:])
-    rest = cp.copy()
-    rest[last] = False
-    idx = np.flatnonzero(rest)
-    if idx.size:
-        b = base[src[idx]]
-        q = _ulp(b, dt)
-        out[idx] = np.trunc(share[idx].reshape(shape) * b / q) * q
-    out[last] = base - _group_sums(out, src, n_src)
-    return out
+    return _Split(n_src, src, dt, rng, jitter).rows(base)
+
+
+#: float64 bytes of one column block in ``expand_in`` (the work is blockwise: bounded memory
+#: and cache-friendly, with results identical to one pass over the whole tensor)
+BLOCK_BYTES = 8 << 20
 
 
 def expand_in(W, axis: int, in_map: _IndexMap, rng=None, break_symmetry: bool = True,
@@ -324,27 +351,47 @@ def expand_in(W, axis: int, in_map: _IndexMap, rng=None, break_symmetry: bool = 
     ``noise_scale`` x ``init_scale``, default the std of W): they multiply an exact 0.  Rows
     reading an ``avg`` leftover slot (value mean(x)) are exact negative pairs +R/-R (an odd
     last one 0): they add nothing.  ``in_map`` may be a StreamMap or a UnitMap.
+
+    Computed in column blocks of ``BLOCK_BYTES`` (float64) with the random draws made once,
+    so the result does not depend on the block size; a coordinate with a single copy is
+    copied without arithmetic.
     """
     W = np.asarray(W)
     ax = _axis(W, axis)
     if W.shape[ax] != in_map.d:
         raise ValueError(f"input axis has size {W.shape[ax]}, the map expects {in_map.d}")
     dt = W.dtype
-    Wf = np.moveaxis(W.astype(np.float64), ax, 0)
+    Wm = np.moveaxis(W, ax, 0)
     rng = _rng(rng)
     src = in_map.src_index
-    out = _exact_split(in_map.d, src, Wf, dt, rng, noise_scale if break_symmetry else 0.0)
+    split = _Split(in_map.d, src, dt, rng, noise_scale if break_symmetry else 0.0)
     left = in_map.leftover_slots
+    R = None
     if left.size and break_symmetry:
-        sigma = (float(Wf.std()) if init_scale is None else float(init_scale)) * noise_scale
-        R = rng.standard_normal((left.size,) + Wf.shape[1:]) * sigma
+        sigma = (float(np.moveaxis(W.astype(np.float64), ax, 0).std()) if init_scale is None
+                 else float(init_scale)) * noise_scale
+        R = rng.standard_normal((left.size,) + Wm.shape[1:]) * sigma
         R = R.astype(dt).astype(np.float64)  # representable, so -R is its exact negative
         if in_map.form == "avg":
             R[1::2] = -R[0::2][: left.size // 2]
             if left.size % 2:
                 R[-1] = 0.0
-        out[left] = R
-    return np.moveaxis(out, 0, ax).astype(dt, copy=False)
+    flat = Wm.reshape(in_map.d, -1)
+    cols = flat.shape[1]
+    out = np.empty((len(src), cols), dtype=dt)
+    if split.single:  # copies only: gather the rows in the storage dtype
+        out[split.last] = flat
+        if left.size:
+            out[left] = 0 if R is None else R.reshape(left.size, -1).astype(dt)
+    else:
+        step = max(1, BLOCK_BYTES // (8 * len(src)))
+        Rf = None if R is None else R.reshape(left.size, -1)
+        for a in range(0, max(cols, 1), step):
+            block = split.rows(flat[:, a:a + step].astype(np.float64))
+            if Rf is not None:
+                block[left] = Rf[:, a:a + step]
+            out[:, a:a + step] = block
+    return np.moveaxis(out.reshape((len(src),) + Wm.shape[1:]), 0, ax)
 
 
 def expand_norm(gamma, beta, eps: float, in_map: StreamMap, rng=None, kind: str | None = None):
@@ -432,14 +479,18 @@ def cancel_fanout(W_out, axis_in: int, in_map: _IndexMap | None = None, rng=None
             raise ValueError(f"input axis has size {n}, the map gives {in_map.D}")
         src = in_map.src_index
         cnt = np.bincount(src[src >= 0], minlength=in_map.d)
-        R = _on_grid(rng.standard_normal(Wf.shape) * sigma, _grid(sigma, int(cnt.max()), dt))
+        R = rng.standard_normal(Wf.shape)
+        R = _on_grid(np.multiply(R, sigma, out=R), _grid(sigma, int(cnt.max()), dt))
         last = _last_slots(src, in_map.d)
-        out = np.where((src >= 0).reshape((-1,) + (1,) * (R.ndim - 1)), R, 0.0)
+        left = in_map.leftover_slots
+        keep = R[left] if in_map.form == "zero" and left.size else None  # (a copy)
+        out = R  # in place: leftover slots 0, the last slot of each copy set cancels
+        out[src < 0] = 0.0
         out[last] = 0.0
         out[last] = -_group_sums(out, src, in_map.d)  # exact: multiples of the grid
         out[last[cnt == 1]] = 0.0  # a unit with one copy has nothing to cancel against
-        if in_map.form == "zero" and in_map.leftover_slots.size:
-            out[in_map.leftover_slots] = R[in_map.leftover_slots]
+        if keep is not None:
+            out[left] = keep
         fanin_src = np.arange(n)
     else:
         if n % unit_size:

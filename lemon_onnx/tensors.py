@@ -20,7 +20,11 @@ def _apply(fn, arr: np.ndarray) -> np.ndarray:
 def _lazy(orig, fn, shape: tuple, name: str) -> ir.LazyTensor:
     """``fn(orig)`` computed when the tensor is read (saved), not now."""
     def compute():
-        return ir.tensor(_apply(fn, np.asarray(orig.numpy())), name=name)
+        from .passes.streaming import release
+
+        out = _apply(fn, np.asarray(orig.numpy()))
+        release(orig)  # unmap the source's pages (passes/streaming.py, rule 2)
+        return ir.tensor(out, name=name)
 
     return ir.LazyTensor(compute, dtype=orig.dtype, shape=ir.Shape(shape), name=name)
 

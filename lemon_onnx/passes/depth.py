@@ -23,7 +23,8 @@ from ..errors import PlanError
 from ..components import norm, residual
 from ..components.linear import Linear
 from ..recognize import Recognizer
-from ..tensors import LAZY_BYTES, _lazy, _read, _write
+from ..tensors import LAZY_BYTES, _apply, _lazy, _read, _write
+from .streaming import SharedResult, keep_together
 
 
 def plan_depth(L: int, L_target: int, placement: str) -> list[tuple[int, int]]:
@@ -84,6 +85,10 @@ class DepthPass(ir.passes.InPlacePass):
         self._rec = rec
         self.maps = width_maps or {}
         self.silent: dict[str, tuple[int, int]] = {}  # unit -> (zero-initialised, total)
+        # computed weights read by their block and its twins: computed once when saved
+        self.shared: dict[ir.Value, SharedResult] = {}
+        # each copied initializer and its copies, written next to each other
+        self.copies: dict[ir.Value, list] = {}
 
     def rng(self, *parts) -> np.random.Generator:
         h = hashlib.sha256(repr((self.plan.seed, "depth") + parts).encode()).digest()
@@ -116,13 +121,16 @@ class DepthPass(ir.passes.InPlacePass):
                         v.const_value.dtype.is_floating_point() and v.const_value.size > 1:
                     name = f"{v.name}__{tag}"
                     orig = v.const_value
-                    if orig.nbytes >= LAZY_BYTES:  # copied when saved, not now
+                    if orig.nbytes >= LAZY_BYTES and isinstance(orig, ir.LazyTensor):
+                        t = self._share(v, name)  # computed once for the block and its twins
+                    elif orig.nbytes >= LAZY_BYTES:  # copied when saved, not now
                         t = _lazy(orig, np.array, tuple(orig.shape), name)
                     else:
                         t = ir.tensor(_read(v).copy(), name=name)
                     nv = ir.Value(name=name, shape=ir.Shape(tuple(orig.shape)), type=v.type,
                                   const_value=t)
                     self.graph.register_initializer(nv)
+                    self.copies.setdefault(v, [v]).append(nv)
                     mapping[v] = nv
                     ins.append(nv)
                 else:
@@ -137,6 +145,14 @@ class DepthPass(ir.passes.InPlacePass):
                 mapping[o_old] = o_new
             new_nodes.append(nn)
         return new_nodes, mapping
+
+    def _share(self, v: ir.Value, name: str) -> ir.LazyTensor:
+        """A lazy copy of ``v``'s computed tensor that shares one evaluation with ``v`` (and
+        with the other twins of its block): streaming.py, rule 3."""
+        if v not in self.shared:
+            self.shared[v] = SharedResult(v.const_value)
+            v.const_value = self.shared[v].reader(v.name)
+        return self.shared[v].reader(name)
 
     # -------------------------------------------------------------- the pass
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -187,6 +203,7 @@ class DepthPass(ir.passes.InPlacePass):
                 prev_norm = norm.twin_post_norm(self, b, mapping, prev_norm)
             prev_out = out_new
         self.graph.sort()
+        keep_together(self.graph, self.copies.values())
         # a source block's hidden state is reproduced at the end of the run of twins that
         # follows it (Post-LN: only there, since the affine of its last norm moved to the twin)
         for key, p in list(plan.blocks.items()):
@@ -223,21 +240,21 @@ class DepthPass(ir.passes.InPlacePass):
 
     def zero_branch(self, lin: Linear, mapping, init: str, unit: str, fanin: list, tag: str):
         wv = self._weight(mapping, lin)
-        W = _read(wv)
         in_axis = 0 if lin.weight_layout == "in,out" else 1
+        n_in = tuple(wv.shape)[in_axis]
         bv = self._bias(mapping, lin)
         if bv is not None:
             _write(bv, np.zeros_like(_read(bv)))
         desc = self.desc
         unit_size = desc.head_dim if unit == "head" else 1
         if init == "zero":
-            self._write_fanout(wv, lm.zero_fanout(W), in_axis, unit, unit_size)
+            self._write_fanout(wv, lm.zero_fanout, in_axis, unit, unit_size)
             return
         role = "heads" if unit == "head" else "ffn"
         if role in self._mixed_roles():
             # an operator mixes these units: replicas or pairs would not compute the same
             # activation, so sum-to-zero rows would not cancel
-            self._write_fanout(wv, lm.zero_fanout(W), in_axis, unit, unit_size)
+            self._write_fanout(wv, lm.zero_fanout, in_axis, unit, unit_size)
             note = (f"twin blocks start with zero {unit} fan-out: an operator lemon-onnx does "
                     f"not model mixes the {role} axis, so cancelling pairs would not cancel")
             if note not in self.plan.notes:
@@ -248,11 +265,16 @@ class DepthPass(ir.passes.InPlacePass):
             g = desc.heads // desc.kv_heads
             if g % 2:
                 # pairs would straddle KV groups: fall back to zero fan-out for this branch
-                self._write_fanout(wv, lm.zero_fanout(W), in_axis, unit, unit_size)
+                self._write_fanout(wv, lm.zero_fanout, in_axis, unit, unit_size)
                 return
-        W2, fanin_src = lm.cancel_fanout(W, in_axis, wmap, rng=self.rng(tag), unit_size=unit_size,
-                                         noise_scale=self.plan.noise_scale)
-        self._write_fanout(wv, W2, in_axis, unit, unit_size)
+
+        def cancel(W, in_axis=in_axis, wmap=wmap, unit_size=unit_size, tag=tag):
+            return lm.cancel_fanout(W, in_axis, wmap, rng=self.rng(tag), unit_size=unit_size,
+                                    noise_scale=self.plan.noise_scale)
+
+        self._write_fanout(wv, lambda W: cancel(W)[0], in_axis, unit, unit_size)
+        # which rows are paired depends on the sizes only: a small stand-in tells
+        _, fanin_src = cancel(_stand_in(n_in, in_axis))
         if wmap is not None or np.array_equal(fanin_src, np.arange(len(fanin_src))):
             return
         # no width growth: make paired units compute the same activation
@@ -263,22 +285,39 @@ class DepthPass(ir.passes.InPlacePass):
             if f.out_features not in (len(fanin_src), 3 * len(fanin_src)):
                 continue
             parts = f.out_features // len(fanin_src)  # 3: a fused qkv, pair each third
-            fw = self._weight(mapping, f)
-            _write(fw, _take_units(_read(fw), fanin_src, 1 if f.weight_layout == "in,out" else 0,
-                                   parts))
+            axis = 1 if f.weight_layout == "in,out" else 0
+            _derive(self._weight(mapping, f),
+                    lambda a, axis=axis, parts=parts: _take_units(a, fanin_src, axis, parts))
             fb = self._bias(mapping, f)
             if fb is not None:
                 _write(fb, _take_units(_read(fb), fanin_src, -1, parts))
 
-
-    def _write_fanout(self, wv: ir.Value, W: np.ndarray, in_axis: int, unit: str,
+    def _write_fanout(self, wv: ir.Value, fn, in_axis: int, unit: str,
                       unit_size: int) -> None:
-        """Write a twin's out/down weights, counting the units whose rows are all zero: they
-        start silent (their fan-in gets no gradient until the rows move)."""
-        _write(wv, W)
-        rows = np.moveaxis(W, in_axis, 0).reshape(W.shape[in_axis] // unit_size, -1)
+        """Replace a twin's out/down weights by ``fn(weights)`` (when saved, for a large
+        tensor), counting the units whose rows are all zero: they start silent (their fan-in
+        gets no gradient until the rows move).  Which rows are zero depends on the sizes and
+        the rule only, so it is read off ``fn`` applied to a small stand-in."""
+        _derive(wv, fn)
+        n_in = tuple(wv.shape)[in_axis]
+        W = fn(_stand_in(n_in, in_axis))
+        rows = np.moveaxis(W, in_axis, 0).reshape(n_in // unit_size, -1)
         silent, total = self.silent.get(unit, (0, 0))
         self.silent[unit] = (silent + int(np.all(rows == 0, axis=1).sum()), total + len(rows))
+
+
+def _stand_in(n_in: int, in_axis: int) -> np.ndarray:
+    """Weights of the right input size and two columns, for the structure of a fan-out rule."""
+    return np.ones((n_in, 2) if in_axis == 0 else (2, n_in))
+
+
+def _derive(v: ir.Value, fn) -> None:
+    """``v``'s tensor becomes ``fn`` of it: lazily (when saved) when large, else now."""
+    t = v.const_value
+    if t is not None and t.nbytes >= LAZY_BYTES:
+        v.const_value = _lazy(t, fn, tuple(t.shape), v.name)
+    else:
+        _write(v, _apply(fn, _read(v)))
 
 
 def mixed_roles(ax) -> set:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..errors import InputError, LemonError, RuntimeFailure
+from ..estimate import available_memory as _available_memory
 from . import compare as cmp
 from .inputs import DEFAULT_CASES, _conform, _synthesize, load_inputs, save_inputs_npz
 from .layerwise import block_pairs, layerwise_rows
@@ -24,7 +25,8 @@ FLOAT64_MEMORY_SHARE = 0.4
 
 def verify(small_path, big_path, *, inputs=None, atol: float | None = None,
            rtol: float | None = None, provider: str = "auto", layerwise: bool = False,
-           save_inputs=None, seed: int = 0, float64: str = "auto") -> VerifyReport:
+           save_inputs=None, seed: int = 0, float64: str = "auto",
+           blockwise: bool | None = None) -> VerifyReport:
     """Run ``small_path`` and ``big_path`` with ONNX Runtime on the same inputs and compare.
 
     Two levels (``compare.py``): the float64 copies of both graphs must agree to float64
@@ -33,6 +35,9 @@ def verify(small_path, big_path, *, inputs=None, atol: float | None = None,
     level is then only reported).  ``float64``: "auto" (run the float64 level when it fits
     in memory), "on", "off".  ``inputs``: None (synthesised, seeded by ``seed``), a list of
     {input name: array} dicts (one per case), one dict, or the path of an .npz.
+    ``blockwise``: run both models segment by segment (``blockwise.py``: one block's weights
+    in memory at a time, every block's hidden state compared); None chooses it when the
+    whole models would need more than ``BLOCKWISE_MEMORY_SHARE`` of the available memory.
     Returns a ``VerifyReport``; raises ``InputError`` (exit 2) for unreadable models or
     inputs and ``RuntimeFailure`` (exit 3) when ONNX Runtime cannot load or run a model.  A
     mismatch is *reported* (``report.passed``), not raised: the caller decides (the CLI
@@ -74,6 +79,12 @@ def verify(small_path, big_path, *, inputs=None, atol: float | None = None,
     if save_inputs is not None:
         save_inputs_npz(cases, save_inputs)
     timings["load"] = time.perf_counter() - t
+
+    if blockwise is None:
+        blockwise = _too_big_for_memory(small_path, big_path, notes)
+    if blockwise:
+        return _verify_blockwise(small_path, big_path, small_ir, big_ir, plan, cases, source,
+                                 provider, rule, dtype, notes, cache, timings, t_start)
 
     pairs = block_pairs(small_ir, big_ir, plan, notes, cache) if layerwise else None
     # the model's own dtype: one session at a time keeps peak memory at the larger model
@@ -136,6 +147,65 @@ def verify(small_path, big_path, *, inputs=None, atol: float | None = None,
                         levels=levels)
 
 
+#: whole-model verification holds the larger model about this many times (weights and
+#: ONNX Runtime's prepacked copies); above this share of the available memory: blockwise
+RUNTIME_FACTOR = 2.0
+BLOCKWISE_MEMORY_SHARE = 0.8
+
+
+def _model_bytes(path) -> int:
+    """The model file and the external data files beside it that it names."""
+    import onnx
+
+    p = Path(path)
+    total = p.stat().st_size
+    proto = onnx.load(str(p), load_external_data=False)
+    files = {e.value for t in proto.graph.initializer for e in t.external_data
+             if e.key == "location"}
+    return total + sum((p.parent / f).stat().st_size for f in files if (p.parent / f).exists())
+
+
+def _too_big_for_memory(small_path, big_path, notes: list) -> bool:
+    if not isinstance(big_path, (str, os.PathLike)) or not isinstance(small_path,
+                                                                       (str, os.PathLike)):
+        return False
+    need = RUNTIME_FACTOR * max(_model_bytes(small_path), _model_bytes(big_path))
+    avail = _available_memory()
+    if avail is None or need <= BLOCKWISE_MEMORY_SHARE * avail:
+        return False
+    notes.append(f"blockwise: the whole models would need about {need / 1e9:.1f} GB of memory "
+                 f"and {avail / 1e9:.1f} GB is available")
+    return True
+
+
+def _verify_blockwise(small_path, big_path, small_ir, big_ir, plan, cases, source, provider,
+                      rule, dtype, notes, cache, timings, t_start) -> VerifyReport:
+    from .blockwise import compare_blockwise
+
+    if rule.mode == "relative":  # no float64 runs of the segments: the fallback bound
+        rule = cmp.Rule("fallback", dtype, rule.atol, rule.rtol)
+    t = time.perf_counter()
+    report_cases, rows, first, used, _ = compare_blockwise(
+        small_path, big_path, small_ir, big_ir, plan, cases, provider, rule, notes, cache)
+    timings["blockwise"] = time.perf_counter() - t
+    passed = all(o.passed for c in report_cases for o in c["outputs"])
+    if first is not None and passed:
+        notes.append(f"the outputs match but block {first}'s hidden state diverges")
+    notes.insert(0, f"inputs: {source}, {len(cases)} case(s)")
+    levels = {"float64": {"ran": False, "engine": None, "rtol": rule.alg_rtol,
+                          "decides": False, "why": "blockwise verification runs the models' "
+                                                   "own dtype only"},
+              "dtype": {"dtype": dtype, "rule": "fixed" if rule.mode == "fixed" else rule.mode,
+                        "factor": rule.factor, "floor_ulps": rule.floor_ulps,
+                        "fallback_ulps": rule.fallback_ulps, "eps": rule.eps}}
+    return VerifyReport(passed=passed, provider_requested=provider, provider_used=used,
+                        atol=rule.atol, rtol=rule.rtol, dtype=dtype, cases=report_cases,
+                        first_divergent_block=first, layerwise=rows,
+                        seconds=time.perf_counter() - t_start, notes=notes,
+                        small=str(small_path), big=str(big_path), timings=timings,
+                        levels=levels)
+
+
 def _rule(dtype: str, atol, rtol, *, approximate: bool, notes: list) -> cmp.Rule:
     d_atol, d_rtol = cmp.default_tolerances(dtype)
     fixed = atol is not None or rtol is not None
@@ -187,17 +257,6 @@ def _run_model(path, ir_model, cases, provider, which, timings):
     out = [run_session(sess, c, label, fetch) for c in cases]
     timings[f"run_{which}"] = time.perf_counter() - t
     return out, list(fetch), used
-
-
-def _available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _float64_level(mode, small_path, big_path, small_ir, big_ir, cases, want_small, want_big,

@@ -1,0 +1,245 @@
+"""Scale benchmark (issue 12): expansion at disk speed with bounded memory, verification of
+large models, as ratios measured in one run (never as timed unit tests).
+
+    python benchmarks/bench_scale.py [--work /work/scratch-scale] [--models gpt2m,llama1b]
+                                     [--out benchmarks/scale]
+
+Builds random-weight models with external data (no hub access: transformers configs, the
+fixtures' TorchScript export, weights perturbed so that no two tensors are equal):
+``gpt2m`` (GPT-2-medium size: 24 x 1024, 16 heads, ffn 4096, vocab 50257: 355M parameters,
+one .data file) and ``llama1b`` (Llama-style 1.1B: 22 x 2048, 32 heads / 4 KV heads,
+ffn 5632, vocab 32000; exported above 2 GB, so one file per tensor).  Each figure is measured
+in its own subprocess (wall time and peak RSS from /usr/bin/time):
+
+- copy floor: onnx-ir load + save (external data) of the expanded model itself;
+- expand --no-verify (gpt2m: width 1.5, depth 2; llama1b: width 1.25, depth 1.5);
+- verify whole (``--float64 off``: the models' dtype) and ``--blockwise``;
+- raw ONNX Runtime: session creation + one run of the source and of the expanded model;
+- seconds per GB written for gpt2m at three sizes (width 1.25 / 1.5 / 2, depth 2).
+
+Prints the ratios against the targets, writes ``results.json`` and ``table.md`` under
+``--out``.  Large files go under ``--work`` and are deleted at the end (``--keep`` keeps them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GB = 1e9
+
+MODELS = {
+    "gpt2m": dict(arch="gpt2", expand=dict(width=1.5, depth=2),
+                  config=dict(n_embd=1024, n_head=16, n_inner=4096, n_layer=24,
+                              vocab_size=50257, n_positions=1024)),
+    "llama1b": dict(arch="llama", expand=dict(width=1.25, depth=1.5),
+                    config=dict(hidden_size=2048, num_attention_heads=32,
+                                num_key_value_heads=4, intermediate_size=5632,
+                                num_hidden_layers=22, vocab_size=32000,
+                                max_position_embeddings=2048, tie_word_embeddings=False)),
+}
+SIZES = ((1.25, 2), (1.5, 2), (2.0, 2))  # gpt2m (width, depth) for seconds per GB
+
+
+def timed(cmd: list, env=None) -> dict:
+    """Run ``cmd`` under /usr/bin/time: wall seconds and peak RSS (bytes) of that process."""
+    stats = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_scale_time.{os.getpid()}"
+    full = ["/usr/bin/time", "-f", "%e %M", "-o", str(stats)] + [str(c) for c in cmd]
+    res = subprocess.run(full, capture_output=True, text=True, env=env)
+    wall, kb = stats.read_text().split()[-2:]
+    stats.unlink()
+    out = {"seconds": float(wall), "peak_rss": int(kb) * 1024, "rc": res.returncode}
+    if res.returncode not in (0, 1):
+        out["stderr"] = res.stderr[-2000:]
+    return out
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e.setdefault("HF_HUB_OFFLINE", "1")
+    e.setdefault("TRANSFORMERS_OFFLINE", "1")
+    return e
+
+
+BUILD = textwrap.dedent("""
+    import sys, json, onnx, torch
+    sys.path.insert(0, {models!r})
+    import export_fixtures as ef
+    arch, cfg, out = {arch!r}, json.loads({cfg!r}), {out!r}
+    wrapper, config = ef.build_model(arch, cfg, perturb=True)
+    names = ef.input_names(arch)
+    inputs = ef.make_inputs(arch, config, 2, 7, seed=100)
+    with torch.no_grad():
+        torch.onnx.export(wrapper, tuple(inputs[n] for n in names), out, dynamo=False,
+                          opset_version=17, input_names=names, output_names=ef.OUTPUT_NAMES,
+                          dynamic_axes=ef._dynamic_axes(arch, names), do_constant_folding=True)
+    del wrapper
+    import os
+    if len(os.listdir(os.path.dirname(out))) == 1:  # below 2 GB: one .data file
+        m = onnx.load(out)
+        onnx.save(m, out, save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=os.path.basename(out) + ".data", size_threshold=1024)
+""")
+
+COPY = textwrap.dedent("""
+    import os, sys, onnx_ir as ir
+    src, dest = sys.argv[1], sys.argv[2]
+    ir.save(ir.load(src), dest, external_data=os.path.basename(dest) + ".data")
+""")
+
+RAW_ORT = textwrap.dedent("""
+    import sys, numpy as np, onnxruntime as ort
+    so = ort.SessionOptions(); so.log_severity_level = 3
+    sess = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
+    feeds = {}
+    for i in sess.get_inputs():
+        feeds[i.name] = (np.random.default_rng(0).integers(0, 1000, (2, 7)) if "ids" in i.name
+                         else np.ones((2, 7), np.int64)).astype(np.int64)
+    sess.run(None, feeds)
+""")
+
+
+def model_bytes(path: Path) -> int:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    files = {e.value for t in proto.graph.initializer for e in t.external_data
+             if e.key == "location"}
+    return path.stat().st_size + sum((path.parent / f).stat().st_size for f in files)
+
+
+def expand_cmd(src: Path, out: Path, width: float, depth: float, *extra) -> list:
+    return [sys.executable, "-m", "lemon_onnx", "expand", src, "-o", out, "--width", width,
+            "--depth", depth, "-q", *extra]
+
+
+def bench_model(name: str, work: Path, sizes: bool) -> dict:
+    spec = MODELS[name]
+    e = env()
+    src = work / name / f"{name}.onnx"
+    res: dict = {"model": name}
+    if not src.exists():
+        src.parent.mkdir(parents=True, exist_ok=True)
+        code = BUILD.format(models=str(ROOT / "models"), arch=spec["arch"],
+                            cfg=json.dumps(spec["config"]), out=str(src))
+        res["build"] = timed([sys.executable, "-c", code], e)
+    res["source_bytes"] = model_bytes(src)
+    w, d = spec["expand"]["width"], spec["expand"]["depth"]
+    out = work / f"{name}-out" / "big.onnx"
+    shutil.rmtree(out.parent, ignore_errors=True)
+    res["expand"] = timed(expand_cmd(src, out, w, d, "--no-verify"), e)
+    res["output_bytes"] = model_bytes(out)
+    copy = work / f"{name}-copy" / "copy.onnx"
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    res["copy_floor"] = timed([sys.executable, "-c", COPY, out, copy], e)
+    shutil.rmtree(copy.parent, ignore_errors=True)
+    verify = [sys.executable, "-m", "lemon_onnx", "verify", src, out, "-q", "--float64", "off"]
+    res["verify_whole"] = timed(verify, e)
+    res["verify_blockwise"] = timed(verify + ["--blockwise"], e)
+    res["raw_ort_source"] = timed([sys.executable, "-c", RAW_ORT, src], e)
+    res["raw_ort_expanded"] = timed([sys.executable, "-c", RAW_ORT, out], e)
+    res["largest_block_bytes"] = largest_block(out)
+    if sizes:
+        res["sizes"] = []
+        for sw, sd in SIZES:
+            o = work / f"{name}-size" / "s.onnx"
+            shutil.rmtree(o.parent, ignore_errors=True)
+            r = timed(expand_cmd(src, o, sw, sd, "--no-verify"), e)
+            r.update(width=sw, depth=sd, output_bytes=model_bytes(o))
+            r["seconds_per_gb"] = r["seconds"] / (r["output_bytes"] / GB)
+            res["sizes"].append(r)
+            shutil.rmtree(o.parent, ignore_errors=True)
+    shutil.rmtree(out.parent, ignore_errors=True)
+    return res
+
+
+def largest_block(path: Path) -> int:
+    """Weight bytes of the largest segment blockwise verification runs."""
+    sys.path.insert(0, str(ROOT))
+    import onnx
+
+    from lemon_onnx import io
+    from lemon_onnx.recognize import recognize
+    from lemon_onnx.verify.blockwise import segments
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return max(s.weight_bytes for s in segments(proto, recognize(io.load(path))))
+
+
+def ratios(r: dict) -> dict:
+    out_b = r["output_bytes"]
+    raw = r["raw_ort_source"]["seconds"] + r["raw_ort_expanded"]["seconds"]
+    q = {
+        "expand_over_copy_floor": r["expand"]["seconds"] / r["copy_floor"]["seconds"],
+        "expand_peak_rss_gb": r["expand"]["peak_rss"] / GB,
+        "expand_rss_bound_gb": (0.25 * out_b + 0.5 * GB) / GB,
+        "verify_whole_over_raw_ort": r["verify_whole"]["seconds"] / raw,
+        "verify_blockwise_peak_rss_gb": r["verify_blockwise"]["peak_rss"] / GB,
+        "blockwise_rss_bound_gb": (2 * r["largest_block_bytes"] + GB) / GB,
+    }
+    if r.get("sizes"):
+        spg = [s["seconds_per_gb"] for s in r["sizes"]]
+        q["seconds_per_gb_spread"] = max(spg) / min(spg) - 1
+    return q
+
+
+def table(results: list) -> str:
+    rows = ["| model | written | copy floor | expand (x floor) | expand peak RSS (bound) | "
+            "verify whole (x raw ORT) | blockwise verify | blockwise peak RSS (bound) |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        q = r["ratios"]
+        raw = r["raw_ort_source"]["seconds"] + r["raw_ort_expanded"]["seconds"]
+        rows.append(
+            f"| {r['model']} | {r['output_bytes'] / GB:.2f} GB | "
+            f"{r['copy_floor']['seconds']:.1f} s | {r['expand']['seconds']:.1f} s "
+            f"({q['expand_over_copy_floor']:.2f}x) | {q['expand_peak_rss_gb']:.2f} GB "
+            f"({q['expand_rss_bound_gb']:.2f}) | {r['verify_whole']['seconds']:.1f} s "
+            f"({q['verify_whole_over_raw_ort']:.2f}x of {raw:.1f} s) | "
+            f"{r['verify_blockwise']['seconds']:.1f} s | "
+            f"{q['verify_blockwise_peak_rss_gb']:.2f} GB ({q['blockwise_rss_bound_gb']:.2f}) |")
+    for r in results:
+        if r.get("sizes"):
+            rows.append("")
+            rows.append(f"Seconds per GB written ({r['model']}): " + ", ".join(
+                f"width {s['width']:g} depth {s['depth']:g}: {s['output_bytes'] / GB:.1f} GB in "
+                f"{s['seconds']:.1f} s = {s['seconds_per_gb']:.2f} s/GB" for s in r["sizes"])
+                + f" (spread {r['ratios']['seconds_per_gb_spread']:.0%})")
+    return "\n".join(rows) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default="/work/scratch-scale")
+    ap.add_argument("--models", default="gpt2m,llama1b")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "scale"))
+    ap.add_argument("--no-sizes", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the built source models")
+    a = ap.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in a.models.split(","):
+        r = bench_model(name, work, sizes=not a.no_sizes and name == "gpt2m")
+        r["ratios"] = ratios(r)
+        results.append(r)
+        print(json.dumps({"model": name, **r["ratios"]}, indent=1), flush=True)
+        if not a.keep:
+            shutil.rmtree(work / name, ignore_errors=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "table.md").write_text(table(results))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

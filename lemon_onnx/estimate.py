@@ -1,0 +1,187 @@
+"""What an expansion will cost, known before anything is computed: bytes written, peak memory,
+time, and whether verification fits in memory whole or must go block by block.
+
+``estimate(desc, plan, src_model, ...)`` works from the recognised description and the plan
+(sizes only, no weights are read):
+
+1. Bytes written: the source's block tensors (every initializer a block's linears and norms
+   read) scale by the ratio of a block's parameter count at the target sizes to the source's
+   (q, k, v, out, the MLP's two or three matrices and their biases), times the target layer
+   count over the source's; everything else (embeddings, head, final norm) scales with the
+   hidden size, plus one more vocabulary table when a tied head may be untied.
+2. Peak memory of the expansion: the graph (about ``GRAPH_FACTOR`` times the model file
+   without its weights, grown with the layer count), the save's bytes in flight, and the
+   largest new tensor ``TENSOR_COPIES`` times (its float64 working copy and the result).
+3. Time: ``SECONDS_PER_GB`` per GB written (measured by ``benchmarks/bench_scale.py``) plus
+   recognition.
+4. Verification: a whole-model check holds each model's weights in ONNX Runtime (prepacked
+   copies included, ``RUNTIME_FACTOR``); block by block it holds one block (or the
+   embeddings and head) at a time (``blockwise_bytes``).
+
+``check`` refuses (``ResourceError``, exit 2) with the figures when the output does not fit
+on the destination's file system or the expansion not in the available memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+from .errors import ResourceError
+
+GB = 1e9
+#: memory of the in-memory graph per byte of model file without weights (onnx-ir objects)
+GRAPH_FACTOR = 40
+#: the largest new tensor is held about this many times while it is computed
+TENSOR_COPIES = 4
+#: fixed cost of the interpreter, numpy, onnx and onnx-ir
+BASE_BYTES = int(0.25 * GB)
+#: measured seconds per GB written (bench_scale.py on 2 cores); a planning figure, not a promise
+SECONDS_PER_GB = 12.0
+#: ONNX Runtime holds a model's weights and, for MatMul, prepacked copies
+RUNTIME_FACTOR = 2.0
+#: share of the available memory a whole-model verification may use before it goes blockwise
+VERIFY_MEMORY_SHARE = 0.8
+
+
+@dataclasses.dataclass
+class Estimate:
+    output_bytes: int
+    peak_bytes: int  # of the expansion (recognise, rewrite, save)
+    seconds: float
+    largest_tensor_bytes: int
+    verify_whole_bytes: int  # a whole-model verification (the larger of the two sessions)
+    verify_block_bytes: int  # block by block
+    free_disk: int | None
+    available_memory: int | None
+
+    @property
+    def blockwise(self) -> bool:
+        """Whether verification must go block by block to fit in the available memory."""
+        return (self.available_memory is not None
+                and self.verify_whole_bytes > VERIFY_MEMORY_SHARE * self.available_memory)
+
+    def summary(self) -> str:
+        text = (f"estimate: writes {_gb(self.output_bytes)}, peak memory "
+                f"{_gb(self.peak_bytes)}, about {self.seconds:.0f} s")
+        if self.free_disk is not None and self.available_memory is not None:
+            text += (f" (free: {_gb(self.free_disk)} disk, {_gb(self.available_memory)} "
+                     "memory)")
+        return text
+
+
+def _gb(n: float) -> str:
+    return f"{n / GB:.1f} GB" if n < 1e12 else f"{n / 1e12:.1f} TB"
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def free_disk(path: str | os.PathLike) -> int | None:
+    """Free bytes on the file system that will hold ``path`` (its nearest existing folder)."""
+    p = Path(path).resolve()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def block_params(s: dict, gated: bool, biased: bool) -> int:
+    """Parameters of one block at sizes ``s`` (hidden, ffn, heads, kv_heads, head_dim)."""
+    h, f, hd = s["hidden"], s["ffn"], s["head_dim"]
+    q, kv = s["heads"] * hd, s["kv_heads"] * hd
+    n = h * q + 2 * h * kv + q * h + (3 if gated else 2) * h * f + 4 * h  # + norms
+    if biased:
+        n += q + 2 * kv + h + f * (2 if gated else 1) + h
+    return n
+
+
+def _block_tensors(desc) -> set:
+    names: set = set()
+    for b in desc.blocks:
+        a, m = b.attention, b.mlp
+        for lin in (a.q, a.k, a.v, a.qkv, a.out, m.up, m.down, m.gate):
+            if lin is not None:
+                names.update(x for x in (lin.weight, lin.bias) if x)
+        for nrm in (b.attention_norm, b.attention_post_norm, b.mlp_norm, b.mlp_post_norm):
+            if nrm is not None:
+                names.update(x for x in (nrm.gamma, nrm.beta) if x)
+    return names
+
+
+def estimate(desc, plan, model, *, src: str | os.PathLike, dest: str | os.PathLike) -> Estimate:
+    """The figures for expanding ``model`` (recognised as ``desc``) by ``plan`` into ``dest``."""
+    from .io import MAX_IN_FLIGHT_BYTES
+
+    s, t = plan.source, plan.target
+    in_blocks = _block_tensors(desc)
+    block_bytes = other_bytes = 0
+    itemsize, largest_other = 4, 0
+    for name, v in model.graph.initializers.items():
+        tensor = v.const_value
+        if tensor is None:
+            continue
+        if name in in_blocks:
+            block_bytes += tensor.nbytes
+            itemsize = tensor.dtype.itemsize
+        else:
+            other_bytes += tensor.nbytes
+            largest_other = max(largest_other, tensor.nbytes)
+    first = desc.blocks[0] if desc.blocks else None
+    gated = bool(first and first.mlp.gate is not None)
+    biased = bool(first and first.mlp.up.bias)
+    widen = t["hidden"] / s["hidden"]
+    per_block_src = block_bytes / max(s["layers"], 1)
+    ratio = block_params(t, gated, biased) / max(block_params(s, gated, biased), 1)
+    per_block = per_block_src * ratio
+    untie = desc.head.tie and t["hidden"] != s["hidden"]
+    out_bytes = int(other_bytes * widen * (2 if untie else 1) + per_block * t["layers"])
+    largest = int(max(largest_other * widen,
+                      itemsize * t["hidden"] * max(t["ffn"], t["heads"] * t["head_dim"])))
+    graph_file = Path(src).stat().st_size if Path(src).exists() else 0
+    graph_bytes = GRAPH_FACTOR * graph_file * t["layers"] / max(s["layers"], 1)
+    peak = int(BASE_BYTES + graph_bytes + min(MAX_IN_FLIGHT_BYTES, out_bytes)
+               + TENSOR_COPIES * largest)
+    seconds = 1.0 + SECONDS_PER_GB * out_bytes / GB
+    src_bytes = other_bytes + block_bytes
+    whole = int(RUNTIME_FACTOR * max(out_bytes, src_bytes) + BASE_BYTES)
+    blockwise = int(2 * max(per_block, largest_other * widen) + 1 * GB)
+    return Estimate(output_bytes=out_bytes, peak_bytes=peak, seconds=seconds,
+                    largest_tensor_bytes=largest, verify_whole_bytes=whole,
+                    verify_block_bytes=blockwise, free_disk=free_disk(dest),
+                    available_memory=available_memory())
+
+
+def check(est: Estimate, *, verify: bool, flags: str) -> None:
+    """Refuse (exit 2) an expansion that cannot fit, with the figures."""
+    problems = []
+    if est.free_disk is not None and est.output_bytes > est.free_disk:
+        problems.append(f"the output needs {_gb(est.output_bytes)} and the destination's file "
+                        f"system has {_gb(est.free_disk)} free")
+    mem = est.available_memory
+    if mem is not None and est.peak_bytes > mem:
+        problems.append(f"expanding needs about {_gb(est.peak_bytes)} of memory (the largest "
+                        f"new tensor alone is {_gb(est.largest_tensor_bytes)}) and "
+                        f"{_gb(mem)} is available")
+    if verify and mem is not None and est.blockwise and est.verify_block_bytes > mem:
+        problems.append(f"verifying block by block needs about {_gb(est.verify_block_bytes)} "
+                        f"of memory and {_gb(mem)} is available")
+    if problems:
+        raise ResourceError(
+            f"{flags} cannot be done on this machine: " + "; ".join(problems)
+            + f" ({est.summary()}). Nothing was written.",
+            hint="Choose a smaller expansion, free space on the destination, or use a machine "
+                 "with more memory.")

@@ -1,0 +1,249 @@
+"""Block-by-block verification: models larger than memory, one block in memory at a time.
+
+Each model is cut at its residual stream: the value entering the first block and the value
+leaving every block (from recognition) split the graph into segments, the embeddings
+(everything before the first cut), one segment per block, and the head (everything after
+the last).  A node belongs to the segment of the latest cut it depends on, so side
+computations (attention masks, rotary tables) that read only the graph inputs run in the
+first segment and are handed on.  Nodes that read only constants (``Constant``, a transpose
+of a weight) are repeated in each segment that reads them.
+
+Every segment is its own small ONNX model whose weights stay in the source's external data
+files (the session reads only that segment's), run for all cases before the next is built;
+its outputs are kept only while a later segment reads them.  So at most one block's weights
+(or the embeddings', or the head's) are in memory, and the hidden states recorded on both
+sides are compared as ``--layerwise`` does: small block i against big block
+``plan["blocks"][i]`` on the source's coordinates.  The graph outputs come from the last
+segments and are compared as a whole-model run's would be.
+
+Without float64 copies of the segments, the dtype level uses the fallback bound
+(``compare.FALLBACK_ULPS``) unless fixed tolerances were given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+from pathlib import Path
+
+from . import compare as cmp
+from .models import describe
+from .runtime import make_session, run_session
+
+__all__ = ["Segment", "segments", "run_segments", "compare_blockwise"]
+
+
+@dataclasses.dataclass
+class Segment:
+    index: int
+    nodes: list  # onnx.NodeProto, in graph order (constant-only nodes repeated where read)
+    inputs: list  # value names computed by earlier segments, or graph inputs
+    outputs: list  # value names later segments read, graph outputs, or wanted values
+    weight_bytes: int = 0
+
+
+def _cut_values(desc) -> list:
+    cuts = []
+    for b in desc.blocks:
+        for name in (b.input, b.output):
+            if not cuts or cuts[-1] != name:
+                cuts.append(name)
+    return cuts
+
+
+def segments(proto, desc, wanted=()) -> list:
+    """Cut ``proto`` (an onnx.ModelProto, weights left external) at ``desc``'s blocks."""
+    g = proto.graph
+    inits = {t.name: t for t in g.initializer}
+    graph_inputs = {i.name for i in g.input} - set(inits)
+    cut_stage = {name: k + 1 for k, name in enumerate(_cut_values(desc))}
+    stage: dict = {n: 0 for n in graph_inputs}  # consumers' view of a value
+    producer: dict = {}
+    node_stage: list = []
+    free: list = []  # nodes that read only constants
+    for i, node in enumerate(g.node):
+        ins = [x for x in node.input if x and x not in inits]
+        deps = [stage[x] for x in ins if x in stage]
+        is_free = all(x in producer and free[producer[x]] for x in ins) and not \
+            any(x in graph_inputs for x in ins)
+        s = max(deps, default=0)
+        free.append(is_free)
+        node_stage.append(s)
+        for o in node.output:
+            producer[o] = i
+            if not is_free:
+                stage[o] = cut_stage.get(o, s)
+    n_seg = len(cut_stage) + 1
+    outputs_of_graph = [o.name for o in g.output]
+    # where each value is read: segments
+    readers: dict = {}
+    members: list = [[] for _ in range(n_seg)]
+    for i, node in enumerate(g.node):
+        if not free[i]:
+            members[node_stage[i]].append(i)
+
+    def with_free(idx: list) -> list:
+        need, todo = set(idx), list(idx)
+        while todo:
+            j = todo.pop()
+            for x in g.node[j].input:
+                p = producer.get(x)
+                if p is not None and free[p] and p not in need:
+                    need.add(p)
+                    todo.append(p)
+        return sorted(need)
+
+    seg_nodes = [with_free(m) for m in members]
+    for s, idx in enumerate(seg_nodes):
+        for j in idx:
+            for x in g.node[j].input:
+                if x and x not in inits:
+                    readers.setdefault(x, set()).add(s)
+    out = []
+    for s, idx in enumerate(seg_nodes):
+        if not idx:
+            continue
+        made = {o for j in idx for o in g.node[j].output}
+        ins = sorted({x for j in idx for x in g.node[j].input
+                      if x and x not in inits and x not in made})
+        outs = sorted(o for o in made
+                      if any(r > s for r in readers.get(o, ())) or o in outputs_of_graph
+                      or o in wanted)
+        wb = sum(_nbytes(inits[x]) for x in {x for j in idx for x in g.node[j].input}
+                 if x in inits)
+        out.append(Segment(s, [g.node[j] for j in idx], ins, outs, wb))
+    return out
+
+
+def _nbytes(t) -> int:
+    import onnx
+
+    for e in t.external_data:
+        if e.key == "length":
+            return int(e.value)
+    if t.raw_data:
+        return len(t.raw_data)
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def _elem_types(proto) -> dict:
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+    g = inferred.graph
+    types = {}
+    for v in list(g.value_info) + list(g.input) + list(g.output):
+        if v.type.tensor_type.elem_type:
+            types[v.name] = v.type.tensor_type.elem_type
+    for t in g.initializer:
+        types[t.name] = t.data_type
+    return types
+
+
+def _segment_model(proto, seg: Segment, types: dict, fallback: int) -> bytes:
+    import onnx
+
+    g = proto.graph
+    read = {x for n in seg.nodes for x in n.input}
+    sub = onnx.helper.make_graph(
+        seg.nodes, f"segment{seg.index}",
+        [onnx.helper.make_tensor_value_info(n, types.get(n, fallback), None) for n in seg.inputs],
+        [onnx.helper.make_tensor_value_info(n, types.get(n, fallback), None)
+         for n in seg.outputs],
+        [t for t in g.initializer if t.name in read])
+    m = onnx.helper.make_model(sub, opset_imports=list(proto.opset_import),
+                               ir_version=proto.ir_version)
+    m.functions.extend(proto.functions)
+    return m.SerializeToString()
+
+
+def run_segments(path, proto, desc, cases, provider: str, wanted, fallback_elem: int):
+    """Run the model at ``path`` segment by segment on every case.
+
+    Returns ({wanted or graph output name: [array per case]}, provider used, largest segment
+    weight bytes)."""
+    segs = segments(proto, desc, wanted)
+    types = _elem_types(proto)
+    keep = set(wanted) | {o.name for o in proto.graph.output}
+    last_reader: dict = {}
+    for seg in segs:
+        for x in seg.inputs:
+            last_reader[x] = seg.index
+    values = [dict(c) for c in cases]
+    got: dict = {}
+    used = None
+    folder = Path(path).resolve().parent
+    for seg in segs:
+        data = _segment_model(proto, seg, types, fallback_elem)
+        label = f"{path} (segment {seg.index} of {len(segs)})"
+        sess, used = make_session(data, provider, label=label, external_data_dir=folder)
+        del data
+        for k, case in enumerate(values):
+            feeds = {x: case[x] for x in seg.inputs}
+            res = run_session(sess, feeds, label, {o: o for o in seg.outputs})
+            case.update(res)
+            for o in seg.outputs:
+                if o in keep:
+                    got.setdefault(o, [None] * len(values))[k] = res[o]
+            for x in list(case):  # drop what no later segment reads
+                if last_reader.get(x, -1) <= seg.index and x not in cases[k]:
+                    del case[x]
+        del sess
+        gc.collect()
+    return got, used, max((s.weight_bytes for s in segs), default=0)
+
+
+def compare_blockwise(small_path, big_path, small_ir, big_ir, plan: dict, cases,
+                      provider: str, rule: cmp.Rule, notes: list, cache: dict):
+    """Both models block by block.  Returns (report cases, layerwise rows, first divergent
+    block, provider used, largest segment bytes)."""
+    import onnx
+
+    ds, db = describe(small_ir, cache), describe(big_ir, cache)
+    bmap = plan.get("blocks") or {str(i): i for i in range(len(ds.blocks))}
+    pairs = []
+    for i, b in enumerate(ds.blocks):
+        j = bmap.get(str(i), bmap.get(i))
+        if j is not None and 0 <= int(j) < len(db.blocks):
+            pairs.append((i, int(j), b.output, db.blocks[int(j)].output))
+    elem = onnx.TensorProto.FLOAT
+    runs = {}
+    largest = 0
+    used = None
+    for side, path, desc, names in (("small", small_path, ds, [p[2] for p in pairs]),
+                                    ("big", big_path, db, [p[3] for p in pairs])):
+        proto = onnx.load(str(path), load_external_data=False)
+        runs[side], used, seg_bytes = run_segments(path, proto, desc, cases, provider, names,
+                                                   elem)
+        largest = max(largest, seg_bytes)
+        del proto
+    small_outputs = [v.name for v in small_ir.graph.outputs]
+    out_maps = plan.get("outputs") or {}
+    report_cases = []
+    for k, case in enumerate(cases):
+        outs = [cmp.compare_output(n, runs["small"][n][k], runs["big"].get(n, [None] * len(cases))[k],
+                                   out_maps.get(n), rule)
+                for n in small_outputs]
+        report_cases.append({"shapes": {n: list(a.shape) for n, a in case.items()},
+                             "outputs": outs})
+    rows, first = [], None
+    for i, j, vs, vb in pairs:
+        reps = []
+        for k in range(len(cases)):
+            a, bb = runs["small"][vs][k], runs["big"][vb][k]
+            mapping = {"compare": "prefix", "axis": -1, "size": a.shape[-1]} \
+                if (bb.ndim and a.ndim and bb.shape[-1] != a.shape[-1]) else None
+            reps.append(cmp.compare_output(vs, a, bb, mapping, rule))
+        agg = cmp.aggregate(reps)
+        row = {"block": i, "big_block": j, "value_small": vs, "value_big": vb}
+        row.update({k: v for k, v in dataclasses.asdict(agg).items()
+                    if k not in ("name", "shape_small", "shape_big")})
+        rows.append(row)
+        if not agg.passed and first is None:
+            first = i
+    notes.append(f"blockwise: {len(ds.blocks)} + {len(db.blocks)} blocks run one segment at a "
+                 f"time (largest segment's weights {largest / 1e9:.2f} GB)")
+    return report_cases, rows, first, used, largest

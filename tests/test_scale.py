@@ -1,0 +1,139 @@
+"""Scale (issue 12): the up-front estimate and its refusal, blockwise verification, external
+data in and out.  Timing targets live in benchmarks/bench_scale.py, not here."""
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from lemon_onnx import estimate, io
+from lemon_onnx.expand import expand
+from lemon_onnx.recognize import recognize
+from lemon_onnx.verify import verify
+from conftest import FIXTURES, assert_equivalent, load_cases, run_ort
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "lemon_onnx.cli", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+# --------------------------------------------------------------------------- estimate
+def test_absurd_expansion_is_refused_at_once_with_the_figures(tmp_path):
+    out = tmp_path / "huge.onnx"
+    res = run_cli("expand", FIXTURES / "gpt2-ts17.onnx", "-o", out, "--width", "1000",
+                  "--depth", "100")
+    assert res.returncode == 2, res.stderr
+    assert "--width 1000 --depth 100 cannot be done on this machine" in res.stderr
+    assert "TB" in res.stderr and "free" in res.stderr  # the figures, not just a refusal
+    assert "Traceback" not in res.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary
+
+
+def test_estimate_of_output_bytes_matches_what_is_written(tmp_path):
+    """The estimate is within 10% of the bytes the expansion really writes."""
+    from lemon_onnx.expand import _prepare
+    from lemon_onnx.progress import Progress
+
+    for name, kw in (("gpt2-ts17.onnx", dict(width=2, depth=2)),
+                     ("llama-ts17.onnx", dict(width=1.5, depth=1.5))):
+        model, _, desc, plan = _prepare(FIXTURES / name, width=kw["width"], depth=kw["depth"],
+                                        hidden=None, ffn=None, heads=None, layers=None,
+                                        placement="interleave", depth_init="cancel", seed=0,
+                                        keep_tie=False, progress=Progress(0))
+        est = estimate.estimate(desc, plan, model, src=FIXTURES / name, dest=tmp_path / "x")
+        out = expand(FIXTURES / name, tmp_path / name, verify=False, **kw).output
+        written = io.tensor_bytes(io.load(out))
+        assert abs(est.output_bytes - written) <= 0.1 * written, (name, est.output_bytes, written)
+
+
+def test_refusal_when_the_disk_is_too_small(tmp_path, monkeypatch):
+    from lemon_onnx.errors import ResourceError
+
+    monkeypatch.setattr(estimate, "free_disk", lambda path: 1000)
+    with pytest.raises(ResourceError) as exc:
+        expand(FIXTURES / "gpt2-ts17.onnx", tmp_path / "out.onnx", width=2)
+    assert exc.value.exit_code == 2
+    assert "destination's file system has 0.0 GB free" in str(exc.value)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+# --------------------------------------------------------------------------- blockwise
+@pytest.mark.parametrize("name,kw", [("gpt2-ts17.onnx", dict(width=1.5, depth=2)),
+                                     ("llama-ts17.onnx", dict(width=1.5, depth=2)),
+                                     ("bert-ts17.onnx", dict(width=2, depth=2))])
+def test_blockwise_verification_passes_and_reproduces_ort(tmp_path, name, kw):
+    out = expand(FIXTURES / name, tmp_path / name, verify=False, **kw).output
+    cases = [c["in"] for c in load_cases(FIXTURES / name.replace(".onnx", ".npz"))]
+    rep = verify(FIXTURES / name, out, inputs=cases, blockwise=True)
+    assert rep.passed, rep.format()
+    assert any("blockwise" in n for n in rep.notes)
+    # every block compared: small block i against its place in the big model
+    assert [r["block"] for r in rep.layerwise] == list(range(recognize(io.load(
+        FIXTURES / name)).num_layers))
+    assert rep.first_divergent_block is None
+    # the blockwise run of the source gives ONNX Runtime's whole-model numbers
+    for case, rcase in zip(cases, rep.cases):
+        ref = run_ort(FIXTURES / name, case)
+        for o in rcase["outputs"]:
+            assert o.max_abs <= 1e-4 * max(1.0, float(np.abs(ref[o.name]).max()))
+
+
+def test_blockwise_verification_catches_a_corrupted_weight(tmp_path):
+    name = "llama-ts17.onnx"
+    out = expand(FIXTURES / name, tmp_path / "big.onnx", verify=False, width=2, depth=2).output
+    m = onnx.load(str(out))
+    big_desc = recognize(io.load(out))
+    target = big_desc.blocks[2].mlp.down.weight  # a block after the first
+    for t in m.graph.initializer:
+        if t.name == target:
+            arr = onnx.numpy_helper.to_array(t).copy()
+            arr[0, 0] += 0.5
+            t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(m, str(bad))
+    rep = verify(FIXTURES / name, bad, blockwise=True)
+    assert not rep.passed
+    assert rep.first_divergent_block is not None
+    res = run_cli("verify", FIXTURES / name, bad, "--blockwise")
+    assert res.returncode == 1, res.stderr
+
+
+def test_blockwise_is_chosen_when_the_whole_models_do_not_fit(tmp_path, monkeypatch):
+    from lemon_onnx.verify import core
+
+    out = expand(FIXTURES / "gpt2-ts17.onnx", tmp_path / "big.onnx", verify=False,
+                 width=2).output
+    monkeypatch.setattr(core, "_available_memory", lambda: 10_000)
+    rep = verify(FIXTURES / "gpt2-ts17.onnx", out)
+    assert rep.passed and any("blockwise: the whole models would need" in n for n in rep.notes)
+
+
+# --------------------------------------------------------------------------- external data
+def _external(src, dest, one_file: bool):
+    m = onnx.load(str(src))
+    onnx.save(m, str(dest), save_as_external_data=True, all_tensors_to_one_file=one_file,
+              location=dest.name + ".data" if one_file else None, size_threshold=0)
+    return dest
+
+
+@pytest.mark.parametrize("one_file", [True, False], ids=["one-data-file", "file-per-tensor"])
+def test_external_data_inputs_and_outputs(tmp_path, monkeypatch, one_file):
+    name = "llama-ts17.onnx"
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    src = _external(FIXTURES / name, src_dir / name, one_file)
+    n_files = len(list(src_dir.iterdir()))
+    assert n_files == 2 if one_file else n_files > 10  # the model and its weights file(s)
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 0)  # as if the output were above 2 GB
+    out = expand(src, tmp_path / "out" / "big.onnx", width=2, depth=2).output
+    data = out.with_name(out.name + ".data")
+    assert data.exists()
+    proto = onnx.load(str(out), load_external_data=False)
+    lengths = [int({e.key: e.value for e in t.external_data}["length"])
+               for t in proto.graph.initializer if t.external_data]
+    assert data.stat().st_size >= sum(lengths) and sum(lengths) == io.tensor_bytes(io.load(out))
+    assert_equivalent(FIXTURES / name, out, load_cases(FIXTURES / name.replace(".onnx", ".npz")))
+    rep = verify(src, out, blockwise=True)
+    assert rep.passed, rep.format()
