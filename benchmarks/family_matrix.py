@@ -230,8 +230,10 @@ def run_model(entry, models, timeout):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     main = [r for r in res["runs"] if not r.get("isolation") and r["outcome"] != "skipped"]
-    res["outcome"] = ("supported" if all(r["exit"] == 0 for r in main)
-                      else next(r["outcome"] for r in main if r["exit"] != 0))
+    # supported: every integer-width run passes; a fractional width may be refused (exit 2,
+    # e.g. Post-LN models have no exact fractional stream), never fail otherwise
+    failing = [r for r in main if r["exit"] != 0 and not (r["exit"] == 2 and r["width"] % 1)]
+    res["outcome"] = "supported" if not failing else failing[0]["outcome"]
     res["seconds"] = round(time.perf_counter() - t0, 2)
     return res
 
@@ -250,9 +252,12 @@ def _cell(res):
     if res["outcome"] == "supported":
         done = [f"w{r['width']:g}d{r['depth']:g}" for r in res["runs"]
                 if r["outcome"] == "supported" and not r.get("isolation")]
-        return "supported (" + ", ".join(done) + ")"
+        frac = [f"; w{r['width']:g}: refused ({_short(r.get('error'), 110)})"
+                for r in res["runs"] if not r.get("isolation") and r["exit"] == 2]
+        return "supported (" + ", ".join(done) + ")" + "".join(frac)
     bad = next(r for r in res["runs"] if not r.get("isolation") and r["outcome"]
-               not in ("supported", "skipped"))
+               not in ("supported", "skipped") and not (r["exit"] == 2 and r["width"] % 1
+                                                         and res["outcome"] != "refused"))
     others = [r for r in res["runs"] if not r.get("isolation") and r is not bad
               and r["outcome"] != "skipped" and r["outcome"] != bad["outcome"]]
     extra = "".join(f"; w{r['width']:g}d{r['depth']:g}: {r['outcome']}" for r in others)

@@ -1026,13 +1026,15 @@ class AxisAnalysis:
                     continue  # whole axis
                 if size is not None and lo >= 0 and hi > 0:
                     hi = min(hi, size)
-                    if 2 * lo == size and hi == size and lo > 0:  # second half
+                    halves = self._cut_in_two(node, data, ax, size)
+                    if 2 * lo == size and hi == size and lo > 0 and halves:  # second half
                         out[ax] = self._halve(node, x[ax], s, second=True)
                         continue
-                    if lo == 0 and 2 * hi == size:  # first half
+                    if lo == 0 and 2 * hi == size and halves:  # first half
                         out[ax] = self._halve(node, x[ax], e_, second=False)
                         continue
-                if lo < 0 and size is not None and hi >= INT_BIG and 2 * -lo == size:
+                if lo < 0 and size is not None and hi >= INT_BIG and 2 * -lo == size \
+                        and self._cut_in_two(node, data, ax, size):
                     out[ax] = self._halve(node, x[ax], s, second=True, neg=True)
                     continue
                 out[ax] = self._fresh_from_inferred(node.outputs[0], ax, "slice")
@@ -1045,6 +1047,30 @@ class AxisAnalysis:
             else:
                 out[ax] = self._fresh_from_inferred(node.outputs[0], ax, "slice")
         self.axes[node.outputs[0]] = out
+
+    def _cut_in_two(self, node: ir.Node, data: ir.Value, axis: int, size: int) -> bool:
+        """Whether ``data`` is cut in two halves along ``axis``: this Slice takes one half and
+        another Slice of the same value takes the other (rotate_half, a chunk(2)).  A single
+        slice that happens to end at the middle is just a slice."""
+        spans = set()
+        for c in data.consumers():
+            if c.op_type != "Slice":
+                continue
+            ins = list(c.inputs) + [None] * (5 - len(c.inputs))
+            st, en = self.elems.get(ins[1]), self.elems.get(ins[2])
+            axes = self.elems.get(ins[3]) if ins[3] is not None else None
+            if not st or not en or len(st) != 1 or len(en) != 1 or \
+                    st[0].kind != "lit" or en[0].kind != "lit":
+                continue
+            a = axes[0].value if axes and axes[0].kind == "lit" else 0
+            rank = len(self.get(data) or []) or 1
+            if a % rank != axis:
+                continue
+            lo, hi = st[0].value, en[0].value
+            lo = lo + size if lo < 0 else lo
+            hi = size if hi >= INT_BIG else (hi + size if hi < 0 else min(hi, size))
+            spans.add((lo, hi))
+        return {(0, size // 2), (size // 2, size)} <= spans
 
     def _halve(self, node: ir.Node, axis: Axis, lit: Elem, second: bool, neg: bool = False):
         """x[..., :n/2] or x[..., n/2:]: the axis is (2, n/2) row-major; return the half atom."""
@@ -1182,11 +1208,17 @@ class AxisAnalysis:
                 if size_of(m_ax) != 1 and size_of(s_ax) != 1:
                     self.try_unify(m_ax, s_ax, f"Attention mask {node.name}")
         if node.domain in ("", "ai.onnx") and len(q) == 3:
-            self._heads_attr(node, q[-1], "q_num_heads")
+            qh = self._heads_attr(node, q[-1], "q_num_heads")
             if k is not None:
-                self._heads_attr(node, k[-1], "kv_num_heads")
+                kh = self._heads_attr(node, k[-1], "kv_num_heads")
+                if qh is not None and kh is not None and qh.size == kh.size:
+                    # as many K heads as query heads: the same heads (K and V repeated for
+                    # the query groups before the op, or plain multi-head attention)
+                    self.try_unify([qh], [kh], f"Attention heads {node.name}")
                 if v is not None:
-                    self._heads_attr(node, v[-1], "kv_num_heads")
+                    vh = self._heads_attr(node, v[-1], "kv_num_heads")
+                    if kh is not None and vh is not None:
+                        self.try_unify([kh], [vh], f"Attention kv heads {node.name}")
                 # head_dim of q and k agree
                 hq, hk = leaves(q[-1]), leaves(k[-1])
                 if hq and hk:

@@ -91,3 +91,33 @@ def test_unsqueeze_with_computed_axes_is_not_a_crash(tmp_path):
     res = _run("expand", src, "-o", out, "--width", "2", "--no-verify")
     assert res.returncode == 2 and "odd_" in res.stderr and "Traceback" not in res.stderr
     assert not out.exists()
+
+
+def test_a_slice_ending_mid_axis_is_not_a_half(tmp_path):
+    """A single slice of the hidden state that ends at its middle (an extra output of the
+    first 32 of 64 coordinates) is a prefix, not one of two halves: it keeps its bound, and
+    the output stays the source's (the original coordinates come first in every stream form).
+    Read as a (2, hidden/2) split, the bound grew with the hidden size and the output changed."""
+    import lemon_onnx
+
+    src = FIXTURES / "gpt2-ts17.onnx"
+    m = onnx.load(str(src))
+    hidden = next(o.name for o in m.graph.output if o.name != "logits")
+    consts = [onnx.numpy_helper.from_array(np.array([v], np.int64), n)
+              for n, v in (("lemon_test_lo", 0), ("lemon_test_hi", 32), ("lemon_test_ax", -1))]
+    m.graph.initializer.extend(consts)
+    m.graph.node.append(h.make_node("Slice", [hidden, "lemon_test_lo", "lemon_test_hi",
+                                              "lemon_test_ax"], ["first_32"], name="prefix"))
+    m.graph.output.append(h.make_tensor_value_info("first_32", onnx.TensorProto.FLOAT, None))
+    path = tmp_path / "prefix.onnx"
+    onnx.save(m, str(path))
+    res = lemon_onnx.expand(path, tmp_path / "wide.onnx", width=2, depth=2)
+    assert res.verification.passed
+    import onnxruntime as ort
+
+    feeds = {"input_ids": np.array([[5, 7, 11, 2]], np.int64),
+             "attention_mask": np.ones((1, 4), np.int64)}
+    runs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(
+        ["first_32"], {k: v for k, v in feeds.items()}) for p in (path, tmp_path / "wide.onnx")]
+    assert runs[1][0].shape == runs[0][0].shape == (1, 4, 32)
+    np.testing.assert_allclose(runs[1][0], runs[0][0], rtol=1e-5, atol=1e-5)

@@ -133,7 +133,8 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> Attention:
     # GQA: the K heads axis after repeat_kv is (kv_heads, groups); K before repeat is kv_heads
     kproj = k or qkv
     k_out = ctx.leaves(ctx._values[kproj.output], -1)
-    kv_from_proj = [a for a in k_out if a not in hd_leaves]
+    k_hd = [a for a in ctx.leaves(k_t, -1) if a not in kv_l]  # K's own head_dim atoms
+    kv_from_proj = [a for a in k_out if a not in hd_leaves and a not in k_hd]
     if k is not None and kv_from_proj:
         kv_l = kv_from_proj
     unknown = [a for a in list(heads_l) + list(hd_leaves) if a.size is None]
@@ -276,6 +277,15 @@ def _roles_attention(ctx, heads_l, kv_l, hd_leaves) -> None:
     if not kv_l or kvset == hset:
         for a in heads_l:
             a.role = "heads"
+    elif not kvset & hset:
+        # the query heads and the KV heads are counted apart (an ONNX Attention's
+        # q_num_heads and kv_num_heads on packed 3-D inputs): no group atom to name
+        for a in heads_l:
+            a.role = "heads"
+        kv_size = int(np.prod([a.size for a in kv_l]))
+        q_size = int(np.prod([a.size for a in heads_l]))
+        for a in kv_l:
+            a.role = "heads" if kv_size == q_size else "kv_heads"
     else:
         for a in kv_l:
             a.role = "kv_heads"

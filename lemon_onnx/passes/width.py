@@ -342,10 +342,7 @@ class WidthPass(ir.passes.InPlacePass):
             if all(new == lu.value for lu, new in items):
                 continue
             if ref[0] == "attr":
-                node = self.node(ref[1])
-                attr = items[0][0].ref[2]
-                node.attributes[attr] = ir.AttrInt64(attr, int(items[0][1]))
-                changed += 1
+                changed += self._rewrite_attributes(self.node(ref[1]), items)
                 continue
             v = self._literal_value_of(ref)
             wanted: dict[int, set] = defaultdict(set)
@@ -385,6 +382,26 @@ class WidthPass(ir.passes.InPlacePass):
                 self.node(node_name).replace_input_with(idx, nv)
                 changed += 1
         return changed
+
+    @staticmethod
+    def _rewrite_attributes(node: ir.Node, items: list) -> int:
+        """Size literals held in a node's attributes: each attribute on its own (an
+        ``Attention``'s ``q_num_heads`` and ``kv_num_heads``), a list attribute (a ``Split``'s
+        ``split``) element by element."""
+        by_attr: dict[str, dict] = defaultdict(dict)
+        for lu, new in items:
+            idx = lu.ref[3] if len(lu.ref) > 3 else 0
+            by_attr[lu.ref[2]][idx] = int(new)
+        for name, values in by_attr.items():
+            old = node.attributes[name]
+            if old.type == ir.AttributeType.INTS:
+                vals = [int(x) for x in old.value]
+                for i, v in values.items():
+                    vals[i] = v
+                node.attributes[name] = ir.AttrInt64s(name, vals)
+            else:
+                node.attributes[name] = ir.AttrInt64(name, values.get(0, next(iter(values.values()))))
+        return len(by_attr)
 
     def _literal_value_of(self, ref: tuple) -> ir.Value:
         if ref[0] == "node":

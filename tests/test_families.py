@@ -1,0 +1,111 @@
+"""The family matrix as tests: every random-config family export (``models/export_families.py``,
+both exporters) expands at width 2 and depth 2 and verifies against the source in ONNX
+Runtime, or is refused with exit 2 and its reason, writing nothing.
+
+The exports are generated, not committed (about two minutes with torch): CI builds them in
+``.ci/run`` and sets ``LEMON_REQUIRE_FAMILIES=1``, so a missing export fails there instead of
+skipping.  ``benchmarks/family_matrix.py`` runs the wider sweep (depth 3, width 1.5) for the
+README's table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import lemon_onnx
+from lemon_onnx import io
+from lemon_onnx.errors import LemonError
+from lemon_onnx.recognize import recognize
+
+FAMILIES = Path(__file__).resolve().parent.parent / "models" / "families"
+REQUIRED = os.environ.get("LEMON_REQUIRE_FAMILIES") == "1"
+
+#: refusals the matrix expects: (family, exporter tag) -> words the reason must contain.
+#: Everything else must expand and verify.
+REFUSED = {
+    # the fused projection is viewed as (heads + 2, head_dim): a size that is a sum
+    ("falcon", "ts17"): "sum of head counts",
+    ("falcon", "dy18"): "sum of head counts",
+    # disentangled attention: Q and K weights also project the relative position embeddings
+    ("deberta_v2", "ts17"): "neither part of a block nor a head",
+    ("deberta_v2", "dy18"): "could not tell the Q, K and V projections apart",
+    # raw audio through a convolutional feature encoder, positions from a grouped Conv
+    ("wav2vec2", "ts17"): "No token embedding",
+    ("wav2vec2", "dy18"): "No token embedding",
+    # TorchScript writes q/k/v cut points computed at run time (dynamo writes constants)
+    ("gpt_neox", "ts17"): "computed at run time",
+    ("phi3", "ts17"): "computed at run time",
+    # TorchScript traces the position-table interpolation with sizes computed at run time
+    ("beit", "ts17"): "could not tie it",
+    ("dinov2", "ts17"): "could not tie it",
+}
+
+
+def _manifest() -> list:
+    path = FAMILIES / "manifest.json"
+    if not path.exists():
+        if REQUIRED:
+            raise FileNotFoundError(f"{path}: run python models/export_families.py")
+        return []
+    return [e for e in json.loads(path.read_text()) if not e.get("export_error")]
+
+
+ENTRIES = _manifest()
+
+
+def _id(e) -> str:
+    return e["file"].removesuffix(".onnx")
+
+
+def _feeds(path: Path) -> list[dict]:
+    """The reference inputs of an export (its .npz), as ONNX Runtime feeds."""
+    data = np.load(path)
+    cases: dict = {}
+    for key in data.files:
+        case, kind, name = key.split("/", 2)  # caseN/in/NAME
+        if kind == "in":
+            cases.setdefault(case, {})[name] = data[key]
+    return list(cases.values())
+
+
+def _run(path: Path, feeds: dict) -> list:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    return sess.run(None, {k: v for k, v in feeds.items() if k in names})
+
+
+@pytest.mark.skipif(not ENTRIES, reason="models/families not exported "
+                                        "(python models/export_families.py)")
+@pytest.mark.parametrize("entry", ENTRIES, ids=_id)
+def test_family_expands_or_is_refused(entry, tmp_path):
+    src = FAMILIES / entry["file"]
+    npz = FAMILIES / entry["reference"]
+    out = tmp_path / "wide.onnx"
+    key = (entry["family"], entry["tag"])
+    if key in REFUSED:
+        with pytest.raises(LemonError) as e:
+            lemon_onnx.expand(src, out, width=2, depth=2, inputs=npz)
+        assert e.value.exit_code == 2, str(e.value)
+        assert REFUSED[key] in str(e.value), str(e.value)
+        assert list(tmp_path.iterdir()) == [], "a refusal must write nothing"
+        return
+    result = lemon_onnx.expand(src, out, width=2, depth=2, inputs=npz)
+    assert result.verification is not None and result.verification.passed
+    # sizes read back from the written file
+    before, after = recognize(io.load(src)), recognize(io.load(out))
+    assert after.hidden == 2 * before.hidden and after.ffn == 2 * before.ffn
+    assert after.heads == 2 * before.heads and after.num_layers == 2 * before.num_layers
+    # and the outputs, against ONNX Runtime runs of the source
+    for feeds in _feeds(npz)[:1]:
+        want, got = _run(src, feeds), _run(out, feeds)
+        for name, w, g in zip([o["name"] for o in before.outputs], want, got):
+            if g.shape != w.shape:  # a hidden-state output: the source's slots come first
+                g = g[..., : w.shape[-1]]
+            scale = max(float(np.abs(w).max()), 1e-6)
+            assert float(np.abs(g - w).max()) <= 1e-4 * scale, name
