@@ -47,10 +47,15 @@ def test_minilm_width_2_depth_2(tmp_path):
     assert recognize(io.load(out)).num_layers == 12
 
 
-def test_smollm2_hidden_768(tmp_path):
-    out, err = _check(entry("smollm2", "dy18"), tmp_path, hidden=768, heads=12)
+@pytest.mark.parametrize("tag", ["ts17", "dy18"])
+def test_smollm2_hidden_768_depth_2(tmp_path, tag):
+    """SmolLM2-135M exported with input_ids + attention_mask only, by both exporters, to
+    hidden 768 with 12 heads and twice the layers."""
+    e = entry("smollm2", tag)
+    assert e["inputs"] == ["input_ids", "attention_mask"]
+    out, err = _check(e, tmp_path, hidden=768, heads=12, depth=2)
     d = recognize(io.load(out))
-    assert (d.hidden, d.heads, d.kv_heads, d.ffn) == (768, 12, 4, 2048)
+    assert (d.hidden, d.heads, d.kv_heads, d.ffn, d.num_layers) == (768, 12, 4, 2048, 60)
 
 
 def test_smollm2_hidden_768_45_layers(tmp_path):
