@@ -102,7 +102,9 @@ def width_valid(desc, w):
     """Width ``w`` keeps whole numbers of heads, KV heads, hidden and FFN units."""
     if not desc:  # not recognised: let expand say why
         return True
-    vals = [desc.get(k) for k in ("heads", "kv_heads", "hidden", "ffn")]
+    keys = ("heads", "hidden", "ffn") if desc.get("kv_heads") == 1 else (
+        "heads", "kv_heads", "hidden", "ffn")  # multi-query attention keeps its one KV head
+    vals = [desc.get(k) for k in keys]
     return all(isinstance(v, int) and float(v * w).is_integer() for v in vals if v)
 
 

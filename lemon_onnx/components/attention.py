@@ -399,8 +399,19 @@ def _head_tables(dp) -> bool:
         for v in rec.graph.initializers.values():
             if v.name in weights or not v.uses():
                 continue
-            roles = {a.role for ax in rec.ax.axes.get(v) or [] for a in dims.leaves(ax)}
-            if roles & {"heads", "kv_heads"} and any(rec.depends_on(x, v) for x in soft):
+            axes = rec.ax.axes.get(v) or []
+            roles = {a.role for ax in axes for a in dims.leaves(ax)}
+            # a table the shape reasoning could not tie to anything, with an axis of the
+            # head count, counts too (BEiT's interpolated bias table in a TorchScript export)
+            untied = v.shape is not None and v.const_value is not None and \
+                v.const_value.dtype.is_floating_point() and \
+                not any(u.node.op_type in ("Conv", "MatMul", "Gemm", "Gather")
+                        for u in v.uses()) and any(
+                    d == dp.desc.heads and (k >= len(axes) or all(
+                        a.role is None for a in dims.leaves(axes[k])))
+                    for k, d in enumerate(v.shape))
+            if (roles & {"heads", "kv_heads"} or untied) and \
+                    any(rec.depends_on(x, v) for x in soft):
                 found = True
                 break
         dp._head_tables = found
