@@ -23,7 +23,8 @@ is ``timeout``).  Recorded: the exit code, the ``wrote`` line or the first line 
 the last progress lines, the run time; for exit 4 the run is repeated with
 ``LEMON_ONNX_DEBUG=1`` and the last traceback frames are kept.
 
-Writes ``<out>/results.json`` (every run) and ``<out>/results.md`` (family x exporter ->
+Writes ``<out>/table.md`` (the README's table), ``<out>/results.json`` (every run) and
+``<out>/results.md`` (family x exporter ->
 outcome (reason), then every run).  Each job works in its own temporary folder, so
 ``--workers N`` is safe; the default is 1 (the machine's cores are shared).
 """
@@ -275,6 +276,52 @@ def _cell(res):
             f"{_short(bad.get('error'))}){extra}")
 
 
+#: why a family is refused, in the README's words (the runs' messages are in results.md)
+WHY = [("sum of head counts", "fused QKV viewed as (heads + 2) rows: a sum of head counts"),
+       ("Q, K and V projections apart", "disentangled attention (Q/K weights reused)"),
+       ("neither part of a block nor a head", "disentangled attention (Q/K weights reused)"),
+       ("No token embedding", "no token or patch embedding (conv feature encoder)"),
+       ("could not tie it", "table reshaped by run-time sizes (dynamo export works)"),
+       ("computed at run time", "q/k/v cut at bounds computed at run time (dynamo export works)"),
+       ("Post-LN", "Post-LN"), ("LayerNorm on the embeddings", "embedding LayerNorm"),
+       ("normalises over all", "q/k norm over all heads"),
+       ("sits between the patch convolution", "activation after the conv stem"),
+       ("lossless only with 'avg'-form", "pooler LayerNorm")]
+
+
+def _why(text: str) -> str:
+    for needle, words in WHY:
+        if needle in (text or ""):
+            return words
+    return _short(text, 80)
+
+
+def _readme_cell(res) -> str:
+    if res is None:
+        return "-"
+    runs = [r for r in res.get("runs") or [] if not r.get("isolation")]
+    if res["outcome"] == "supported":
+        frac = [r for r in runs if r.get("exit") == 2]
+        return "supported" + (f" (w1.5 refused: {_why(frac[0].get('error'))})" if frac else "")
+    bad = next((r for r in runs if r.get("exit") not in (0, None)), None)
+    text = bad.get("error") if bad else res.get("inspect", {}).get("error", "")
+    return f"{res['outcome']}: {_why(text)}"
+
+
+def readme_table(results) -> str:
+    """family x exporter -> supported / refused (why): the README's table."""
+    tags = sorted({r["tag"] for r in results}, key=lambda t: ("ts" not in t, t))
+    by = {(r["family"], r["tag"]): r for r in results}
+    lines = ["| family | kind | components it brings | " + " | ".join(tags) + " |",
+             "|---|---|---|" + "---|" * len(tags)]
+    for f in dict.fromkeys(r["family"] for r in results):
+        any_r = next(by[(f, t)] for t in tags if (f, t) in by)
+        covers = "; ".join(any_r.get("covers") or [])
+        lines.append(f"| {f} | {any_r.get('kind') or ''} | {_short(covers, 160)} | "
+                     + " | ".join(_readme_cell(by.get((f, t))) for t in tags) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results, total_s):
     tags = sorted({r["tag"] for r in results}, key=lambda t: ("ts" not in t, t))
     fams = list(dict.fromkeys(r["family"] for r in results))
@@ -363,12 +410,13 @@ def main(argv=None):
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1)
                                       + "\n")
     (out / "results.md").write_text(markdown(results, total))
+    (out / "table.md").write_text(readme_table(results))
     counts = {}
     for r in results:
         counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
     print(f"\n{len(results)} models in {total:.1f}s: "
           + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'table.md'}")
     return 0
 
 

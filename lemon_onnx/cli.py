@@ -224,7 +224,8 @@ def format_description(d, path: str = "") -> str:
              f"position {e.position}" if e.position else None,
              f"token type {e.token_type}" if e.token_type else None,
              f"patch conv {e.patch_conv}" if e.patch_conv else None,
-             f"cls token {e.cls_token}" if e.cls_token else None,
+             f"conv stem {', '.join(c[0] for c in e.stem)}" if e.stem else None,
+             f"extra tokens {', '.join(e.extra_tokens)}" if e.extra_tokens else None,
              f"norm ({e.norm.kind})" if e.norm else None]
     lines.append("  embeddings: " + ", ".join(p for p in parts if p))
     for b in d.blocks:
@@ -232,8 +233,16 @@ def format_description(d, path: str = "") -> str:
         proj = (f"qkv {a.qkv.weight} [{a.qkv.in_features}->{a.qkv.out_features}]" if a.qkv else
                 f"q {a.q.weight}, k {a.k.weight}, v {a.v.weight}")
         gate = f"gate {m.gate.weight}, " if m.gate else ""
-        lines.append(f"  block {b.index}: attention ({a.expressed}) {proj}, out {a.out.weight}; "
-                     f"mlp {gate}up {m.up.weight}, down {m.down.weight}")
+        dialect = ", ".join(x for x in (
+            a.expressed, a.qkv_layout, f"{a.kv_heads} KV heads" if a.kv_heads != a.heads else "",
+            "q/k norms" if a.q_norm else "") if x)
+        extra = ", ".join(x for x in (
+            "parallel" if b.topology == "parallel" else "",
+            "layer scale" if b.attention_scale or b.mlp_scale else "",
+            "norms on branch outputs" if b.attention_out_norm or b.mlp_out_norm else "") if x)
+        lines.append(f"  block {b.index}{f' ({extra})' if extra else ''}: attention ({dialect}) "
+                     f"{proj}, out {a.out.weight}; mlp {gate}{'gate|up' if m.fused_gate_up else 'up'}"
+                     f" {m.up.weight}, down {m.down.weight}")
     if d.final_norm:
         lines.append(f"  final norm: {d.final_norm.kind} (gamma {d.final_norm.gamma}, "
                      f"eps {d.final_norm.epsilon:g})")
