@@ -28,6 +28,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
 from . import estimate, io, signals
 from .errors import (InputError, InternalError, MismatchError, PlanError, RuntimeFailure,
                      UnsupportedModelError, contract_errors, one_line)
@@ -146,7 +148,6 @@ def _rewrite(model, rec, desc, plan: Plan, progress: Progress) -> None:
     from .passes.width import expand_width
     from .recognize import Recognizer
 
-    used_before = {n for n, v in model.graph.initializers.items() if v.uses()}
     maps, stats = None, {}
     with progress.stage("width") as st:
         if plan.widens:
@@ -171,19 +172,10 @@ def _rewrite(model, rec, desc, plan: Plan, progress: Progress) -> None:
             expand_depth(model, rec, desc_now, plan, maps)
             st.summary = (f"depth: {plan.source['layers']}->{plan.target['layers']} layers "
                           f"({plan.depth_placement}, {plan.depth_init})")
-    _drop_orphans(model, used_before)
+    # initializers the passes replaced (copied before they diverged) and left unused
+    RemoveUnusedNodesPass()(model)
     _check_unique_names(model)
     model.metadata_props[PLAN_KEY] = plan.to_json()
-
-
-def _drop_orphans(model, used_before: set) -> None:
-    """Initializers our passes replaced (copied before they diverged) and left unused."""
-    inits = model.graph.initializers
-    outs = set(model.graph.outputs)
-    for name in list(inits):
-        v = inits[name]
-        if name in used_before and not v.uses() and v not in outs:
-            del inits[name]
 
 
 def _check_unique_names(model) -> None:

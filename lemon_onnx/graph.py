@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
+from onnx_ir.passes.common import NameFixPass, ShapeInferencePass
 
 from . import dims
 
@@ -73,20 +73,6 @@ def back_pass(v: ir.Value) -> ir.Value:
     return v
 
 
-def name_nodes(graph: ir.Graph) -> None:
-    """The description refers to nodes by name: give unnamed or clashing nodes unique names
-    (ONNX allows both; exporters' graphs have neither)."""
-    seen: set = set()
-    k = 0
-    for n in graph:
-        if not n.name or n.name in seen:
-            while f"lemon_node_{k}" in seen:
-                k += 1
-            n.name = f"{n.name or n.op_type}__lemon{k}" if n.name else f"lemon_node_{k}"
-            k += 1
-        seen.add(n.name)
-
-
 def back_view(v: ir.Value) -> ir.Value:
     """Follow data through ops that only re-view it (Reshape, Cast, Unsqueeze, ...)."""
     while v.producer() is not None and v.producer().op_type in (
@@ -106,7 +92,9 @@ class GraphIndex:
     def __init__(self, model: ir.Model):
         self.model = model
         self.graph = model.graph
-        name_nodes(self.graph)
+        # the description refers to nodes and values by name: onnx-ir's NameFixPass gives
+        # unnamed or clashing ones unique names (ONNX allows both; exporters write neither)
+        NameFixPass()(model)
         ShapeInferencePass(strict_mode=False)(model)
         self.ax = dims.AxisAnalysis(self.graph).run()
         self.order = {n: i for i, n in enumerate(self.graph)}
