@@ -236,6 +236,8 @@ def widen(wp, desc, head_in, *, untie: bool) -> str | None:
     final norm's output for pre-norm, the stream for post-norm).  Returns the tie kept."""
     head = desc.head
     tied = bool(head.tie) and not untie
+    if desc.final_norm is None:
+        head_in = wp.s_map  # the heads read the stream itself (BEiT pools it first)
     if desc.final_norm is not None:
         norm.widen(wp, desc.final_norm, wp.s_map, tag="final", tied=tied and head.kind == "lm")
     branch_in = head_in
