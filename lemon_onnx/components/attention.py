@@ -216,6 +216,25 @@ def _kv_atoms(ctx, k_t: ir.Value, q_t: ir.Value, heads_l: list) -> list:
     return [a for a in heads_l if dims.find(a) in best]
 
 
+def _rows_view(ctx, qkv: Linear, readers: list, rows: int, head_dim: int) -> bool:
+    """Falcon: the fused output viewed as (heads + 2 kv_heads, head_dim) rows, q the first
+    heads rows, k and v the last ones.  The rows atom is a sum of head counts; it gets its own
+    role, whose new size the width pass computes from the plan's head counts."""
+    named = []
+    for r in readers:
+        axes = ctx.ax.get(r.outputs[0]) or []
+        if len(axes) < 2:
+            return False
+        row_atoms, hd_atoms = dims.leaves(axes[-2]), dims.leaves(axes[-1])
+        if len(row_atoms) != 1 or row_atoms[0].size != rows or \
+                int(np.prod([a.size or 0 for a in hd_atoms])) != head_dim:
+            return False
+        named.append(row_atoms[0])
+    for a in named:
+        a.role = "qkv_rows"
+    return True
+
+
 def _fused_layout(ctx, qkv: Linear, heads: int, head_dim: int, heads_l: list, kv_l: list,
                   idx: int) -> tuple[int, str]:
     """KV heads and layout of a fused projection's output axis, from its atoms: when the
@@ -240,6 +259,9 @@ def _fused_layout(ctx, qkv: Linear, heads: int, head_dim: int, heads_l: list, kv
         # (its part sizes are size literals with atoms); a Reshape of the fused axis into
         # heads + 2 rows (Falcon) holds a size that is a sum, which no atom can grow
         readers = axis_readers(ctx, ctx._values[qkv.output])
+        if readers and all(c.op_type == "Reshape" for c in readers) and \
+                _rows_view(ctx, qkv, readers, heads + kv2, head_dim):
+            return kv2 // 2, "segments"
         if not readers or any(c.op_type not in ("Split", "Slice") for c in readers):
             ops = ", ".join(sorted({c.op_type for c in readers}))
             raise UnsupportedModelError(

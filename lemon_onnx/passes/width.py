@@ -322,6 +322,8 @@ class WidthPass(ir.passes.InPlacePass):
             return self.plan.target["heads"]
         if role == "kv_heads":
             return self.plan.target["kv_heads"]
+        if role == "qkv_rows":  # a fused projection viewed as (heads + 2 kv_heads) rows
+            return self.plan.target["heads"] + 2 * self.plan.target["kv_heads"]
         return atom.size
 
     def literal_value(self, lu: dims.LiteralUse) -> int:
