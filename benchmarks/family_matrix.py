@@ -256,10 +256,10 @@ def _cell(res):
         done = [f"w{r['width']:g}d{r['depth']:g}" for r in res["runs"]
                 if r["outcome"] == "supported" and not r.get("isolation")]
         frac = [f"; w{r['width']:g}: refused ({_short(r.get('error'), 110)})"
-                for r in res["runs"] if not r.get("isolation") and r["exit"] == 2]
+                for r in res["runs"] if not r.get("isolation") and r.get("exit") == 2]
         return "supported (" + ", ".join(done) + ")" + "".join(frac)
     bad = next(r for r in res["runs"] if not r.get("isolation") and r["outcome"]
-               not in ("supported", "skipped") and not (r["exit"] == 2 and r["width"] % 1
+               not in ("supported", "skipped") and not (r.get("exit") == 2 and r["width"] % 1
                                                          and res["outcome"] != "refused"))
     others = [r for r in res["runs"] if not r.get("isolation") and r is not bad
               and r["outcome"] != "skipped" and r["outcome"] != bad["outcome"]]
@@ -277,7 +277,8 @@ def _cell(res):
 
 
 #: why a family is refused, in the README's words (the runs' messages are in results.md)
-WHY = [("sum of head counts", "fused QKV viewed as (heads + 2) rows: a sum of head counts"),
+WHY = [("GatherND", "k and v picked with GatherND (the TorchScript export works)"),
+       ("sum of head counts", "fused QKV viewed as (heads + 2) rows: a sum of head counts"),
        ("Q, K and V projections apart", "disentangled attention (Q/K weights reused)"),
        ("neither part of a block nor a head", "disentangled attention (Q/K weights reused)"),
        ("No token embedding", "no token or patch embedding (conv feature encoder)"),
