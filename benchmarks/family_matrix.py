@@ -317,7 +317,7 @@ def readme_table(results) -> str:
              "|---|---|---|" + "---|" * len(tags)]
     for f in dict.fromkeys(r["family"] for r in results):
         any_r = next(by[(f, t)] for t in tags if (f, t) in by)
-        covers = "; ".join(any_r.get("covers") or [])
+        covers = "; ".join(any_r.get("covers") or []).replace("|", "\\|")
         lines.append(f"| {f} | {any_r.get('kind') or ''} | {_short(covers, 160)} | "
                      + " | ".join(_readme_cell(by.get((f, t))) for t in tags) + " |")
     return "\n".join(lines) + "\n"
