@@ -189,6 +189,17 @@ def test_exit_4_unexpected_exception(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- 130
+@pytest.fixture(autouse=True)
+def _default_sigint():
+    """A background job of a non-interactive shell starts with SIGINT ignored, and the API
+    rightly leaves a caller's choice of handler alone; these tests are about the default
+    (an interactive shell, CI), so they set it for themselves."""
+    old = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 def _sigint_self(*_a, **_k):
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(0.5)  # the handler runs at the next instruction
