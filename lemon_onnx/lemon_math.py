@@ -98,7 +98,7 @@ def _on_grid(R: np.ndarray, g: float) -> np.ndarray:
 
 #: elements of one leaf of ``_sum64`` (a power of two: the leaves are float64 copies that
 #: stay in cache)
-_LEAF = 1 << 15
+_LEAF = 1 << 16
 
 
 def _sum64(x: np.ndarray, f, lo: int = 0, n: int | None = None) -> np.float64:
@@ -490,6 +490,21 @@ def _exact_split(n_src: int, src: np.ndarray, base: np.ndarray, dt, rng, jitter:
 BLOCK_BYTES = 8 << 20
 
 
+def _normal_rows(rng: np.random.Generator, out: np.ndarray, rows: np.ndarray,
+                 sigma: float) -> None:
+    """``out[rows] = (rng.standard_normal((len(rows), cols)) * sigma).astype(out.dtype)``,
+    drawn in cache-sized pieces (consecutive draws continue one stream), without the
+    float64 array."""
+    cols = out.shape[1]
+    per = max(1, ROW_CHUNK_BYTES // (8 * max(cols, 1)))
+    buf = np.empty(min(per, len(rows)) * cols)
+    for a in range(0, len(rows), per):
+        b = buf[:min(per, len(rows) - a) * cols]
+        rng.standard_normal(out=b)
+        b *= sigma
+        out[rows[a:a + per]] = b.reshape(-1, cols)
+
+
 def expand_in(W, axis: int, in_map: _IndexMap, rng=None, break_symmetry: bool = True,
               init_scale: float | None = None, noise_scale: float = NOISE_SCALE) -> np.ndarray:
     """Input side of a linear layer (lemon-math.md, "Linear layers", input side).
@@ -517,26 +532,32 @@ def expand_in(W, axis: int, in_map: _IndexMap, rng=None, break_symmetry: bool = 
     src = in_map.src_index
     split = _Split(in_map.d, src, dt, rng, noise_scale if break_symmetry else 0.0)
     left = in_map.leftover_slots
-    R = None
-    if left.size and break_symmetry:
-        sigma = (_std64(W) if init_scale is None else float(init_scale)) * noise_scale
-        R = rng.standard_normal((left.size,) + Wm.shape[1:])
-        R *= sigma
-        R = R.astype(dt)  # representable, so -R is its exact negative
-        if in_map.form == "avg":
-            R[1::2] = -R[0::2][: left.size // 2]
-            if left.size % 2:
-                R[-1] = 0
     flat = Wm.reshape(in_map.d, -1)
     cols = flat.shape[1]
     out = np.empty((len(src), cols), dtype=dt)
-    if left.size:
-        out[left] = 0 if R is None else R.reshape(left.size, -1)
+    R = None
+    if left.size and break_symmetry:
+        sigma = (_std64(W) if init_scale is None else float(init_scale)) * noise_scale
+        if FAST_FLOAT32:  # drawn in pieces straight into the rows
+            _normal_rows(rng, out, left, sigma)
+            R = out[left] if in_map.form == "avg" else None
+        else:
+            R = rng.standard_normal((left.size,) + Wm.shape[1:])
+            R *= sigma
+            R = R.astype(dt).reshape(left.size, -1)
+        if in_map.form == "avg":  # representable, so -R is its exact negative
+            R[1::2] = -R[0::2][: left.size // 2]
+            if left.size % 2:
+                R[-1] = 0
+        if R is not None:
+            out[left] = R
+    elif left.size:
+        out[left] = 0
     if split.single:  # copies only: gather the rows in the storage dtype
         out[split.last] = flat
     elif not (FAST_FLOAT32 and dt == np.float32 and split.rows_f32(flat, out)):
         step = max(1, BLOCK_BYTES // (8 * len(src)))
-        Rf = None if R is None else R.reshape(left.size, -1)
+        Rf = out[left] if left.size else None  # the leftover rows, as set above
         for a in range(0, max(cols, 1), step):
             block = split.rows(flat[:, a:a + step].astype(np.float64))
             if Rf is not None:
