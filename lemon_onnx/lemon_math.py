@@ -5,7 +5,11 @@ width-D axis (``src_index[c]`` = source coordinate copied into slot ``c``, -1 = 
 the functions below expand weights so that a layer fed the expanded form of its original input
 produces the expanded form of its original output.  Randomness (symmetry breaking) comes only
 from the ``numpy.random.Generator`` passed in, so results are deterministic given it.  Every
-function computes in float64 and casts back to the dtype of its input array.
+function computes in float64 and casts back to the dtype of its input array; for float32
+weights the same bits come from float32 arithmetic where that is exact (``FAST_FLOAT32``:
+the splits from each value's exponent and significand, the grid-rounded random rows in
+pieces), and float64 reductions go in cache-sized pieces summed the way numpy sums a whole
+array, so no float64 copy of a weight is made (tests/test_fast_math.py checks the bits).
 
 Errors are ``ValueError`` with a message that names the nearest valid sizes; callers translate
 them into the project's error classes.
