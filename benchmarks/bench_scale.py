@@ -72,9 +72,10 @@ def available_memory():
 def timed(cmd: list, env=None) -> dict:
     """Run ``cmd`` under /usr/bin/time: wall seconds, CPU seconds (user, system) and peak RSS
     (bytes) of that process, and the machine's 1-minute load average before and after (the
-    figures are only comparable at similar loads: note them)."""
+    figures are only comparable at similar loads: note them).  Starts after a ``sync``."""
     stats = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_scale_time.{os.getpid()}"
     full = ["/usr/bin/time", "-f", "%e %U %S %M", "-o", str(stats)] + [str(c) for c in cmd]
+    os.sync()  # the previous step's dirty pages are written back before, not during, this one
     load0 = os.getloadavg()[0]
     res = subprocess.run(full, capture_output=True, text=True, env=env)
     wall, user, system, kb = stats.read_text().split()[-4:]
