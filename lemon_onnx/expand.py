@@ -108,6 +108,7 @@ def _prepare(src, *, width: float | None, depth: float | None, hidden: int | Non
              noise_scale: float | None = None):
     """Load, recognise and plan: every refusal (exit 2) comes from here, before any work."""
     from .components.head import untie_reason
+    from .passes.streaming import release_all
     from .recognize import Recognizer
 
     with progress.stage("load") as st:
@@ -116,6 +117,7 @@ def _prepare(src, *, width: float | None, depth: float | None, hidden: int | Non
     with progress.stage("recognise") as st:
         rec = Recognizer(model)
         desc = rec.run()
+        release_all(model)  # unmap the weights recognition read (a tied head's table)
         st.summary = (f"recognised {desc.family}: {desc.num_layers} layers, hidden "
                       f"{desc.hidden}, heads {desc.heads}, ffn {desc.ffn}")
     if desc.blockers:

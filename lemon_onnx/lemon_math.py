@@ -5,7 +5,11 @@ width-D axis (``src_index[c]`` = source coordinate copied into slot ``c``, -1 = 
 the functions below expand weights so that a layer fed the expanded form of its original input
 produces the expanded form of its original output.  Randomness (symmetry breaking) comes only
 from the ``numpy.random.Generator`` passed in, so results are deterministic given it.  Every
-function computes in float64 and casts back to the dtype of its input array.
+function computes in float64 and casts back to the dtype of its input array; for float32
+weights the same bits come from float32 arithmetic where that is exact (``FAST_FLOAT32``:
+the splits from each value's exponent and significand, the grid-rounded random rows in
+pieces), and float64 reductions go in cache-sized pieces summed the way numpy sums a whole
+array, so no float64 copy of a weight is made (tests/test_fast_math.py checks the bits).
 
 Errors are ``ValueError`` with a message that names the nearest valid sizes; callers translate
 them into the project's error classes.
@@ -52,6 +56,15 @@ __all__ = [
 #: (pair shares between 1/4 and 3/4, random rows at half the weights' std).
 NOISE_SCALE = 0.5
 
+#: float32 weights take the float32 paths (``_Split.rows_f32``, ``_grid_normals_f32``), and
+#: float64 reductions and gathers go in cache-sized pieces (``_std64``, ``_mean64``, slice
+#: copies in ``apply``): the same bits as the straightforward float64 computation on whole
+#: arrays, at a fraction of its memory traffic.  False computes the straightforward way (the
+#: reference tests/test_fast_math.py compares with).
+FAST_FLOAT32 = True
+#: float64 bytes of one chunk in those paths (kept in cache)
+ROW_CHUNK_BYTES = 512 << 10
+
 
 def _digits(dt) -> tuple[int, int]:
     """(significand bits, exponent of the smallest subnormal) of a float dtype."""
@@ -87,6 +100,41 @@ def _on_grid(R: np.ndarray, g: float) -> np.ndarray:
     return np.multiply(R, g, out=R)
 
 
+#: elements of one leaf of ``_sum64`` (a power of two: the leaves are float64 copies that
+#: stay in cache)
+_LEAF = 1 << 16
+
+
+def _sum64(x: np.ndarray, f, lo: int = 0, n: int | None = None) -> np.float64:
+    """``np.add.reduce(f(x))`` for a 1-D ``x`` and an elementwise ``f`` giving float64, bit
+    for bit, without ``f(x)`` in memory: numpy sums a contiguous float64 array pairwise
+    (halves cut at a multiple of 8 down to 128 elements), so the same halving down to
+    ``_LEAF`` elements, each leaf summed by numpy, gives the same tree of additions."""
+    n = x.size if n is None else n
+    if n <= max(_LEAF, 128):  # numpy does not halve 128 elements or fewer
+        return np.add.reduce(f(x[lo:lo + n]))
+    n2 = n // 2
+    n2 -= n2 % 8
+    return _sum64(x, f, lo, n2) + _sum64(x, f, lo + n2, n - n2)
+
+
+def _std64(W: np.ndarray) -> float:
+    """``W.astype(np.float64).std()`` bit for bit (with any axes moved: a whole-array
+    reduction runs in memory order), in cache-sized pieces instead of float64 copies of W:
+    the mean, then the mean of squared deviations, each summed as numpy sums (``_sum64``)."""
+    x = np.ravel(W, order="K")
+    n = x.size
+    if n == 0:
+        return float(W.astype(np.float64).std())
+    mean = (np.float64(0.0) + _sum64(x, lambda c: c.astype(np.float64))) / n
+    def dev2(c):
+        y = np.subtract(c.astype(np.float64), mean)
+        return np.square(y, out=y)
+
+    sq = _sum64(x, dev2)
+    return float(np.sqrt((np.float64(0.0) + sq) / n))
+
+
 def _rng(rng) -> np.random.Generator:
     if isinstance(rng, np.random.Generator):
         return rng
@@ -102,6 +150,34 @@ def _axis(a: np.ndarray, axis: int) -> int:
 def _multiples_near(n: int, m: int) -> str:
     lo, hi = (n // m) * m, (n // m + 1) * m
     return f"{lo} or {hi}" if lo > 0 else f"{hi}"
+
+
+#: ``apply`` copies slices when a layout has at most this many runs (else one ``np.take``)
+MAX_RUNS = 64
+
+
+def _at(ndim: int, axis: int, index) -> tuple:
+    """An index tuple selecting ``index`` along ``axis``."""
+    idx = [slice(None)] * ndim
+    idx[axis] = index
+    return tuple(idx)
+
+
+def _mean64(x: np.ndarray, ax: int) -> np.ndarray:
+    """``x.astype(np.float64).mean(axis=ax, keepdims=True)`` bit for bit, a slab of the other
+    axis at a time (each mean is reduced the same way in a slab as in the whole array: the
+    slab keeps the memory layout), so no float64 copy of a whole table is made."""
+    if x.ndim != 2 or not FAST_FLOAT32:
+        return x.astype(np.float64).mean(axis=ax, keepdims=True)
+    other = 1 - ax
+    shape = list(x.shape)
+    shape[ax] = 1
+    out = np.empty(shape)
+    per = max(1, ROW_CHUNK_BYTES // (8 * max(x.shape[ax], 1)))
+    for a in range(0, x.shape[other], per):
+        sl = _at(2, other, slice(a, a + per))
+        out[sl] = x[sl].astype(np.float64).mean(axis=ax, keepdims=True)
+    return out
 
 
 class _IndexMap:
@@ -134,14 +210,30 @@ class _IndexMap:
             raise ValueError(f"axis {axis} has size {x.shape[ax]}, the map expects {self.d}")
         # a gather in the storage dtype (exact); only an avg leftover needs arithmetic: its
         # mean is taken in float64 and rounded once
-        out = np.take(x, np.where(self.src_index >= 0, self.src_index, 0), axis=ax)
+        runs = self.runs() if FAST_FLOAT32 else None
+        if runs is not None and len(runs) <= MAX_RUNS:  # the same gather, as slice copies
+            shape = list(x.shape)
+            shape[ax] = self.D
+            out = np.empty(shape, dtype=x.dtype)
+            for c, j, n in runs:
+                out[_at(x.ndim, ax, slice(c, c + n))] = x[_at(x.ndim, ax, slice(j, j + n))]
+        else:
+            out = np.take(x, np.where(self.src_index >= 0, self.src_index, 0), axis=ax)
         left = self.leftover_slots
         if left.size:
-            idx = [slice(None)] * x.ndim
-            idx[ax] = left
-            out[tuple(idx)] = (x.astype(np.float64).mean(axis=ax, keepdims=True)
-                               .astype(x.dtype) if self.form == "avg" else 0)
+            out[_at(x.ndim, ax, left)] = (_mean64(x, ax).astype(x.dtype) if self.form == "avg"
+                                          else 0)
         return out
+
+    def runs(self) -> list[tuple[int, int, int]]:
+        """(first slot, first source coordinate, length) of each run of consecutive source
+        coordinates in ``src_index`` (a copy of the stream or of whole units is one run)."""
+        src = self.src_index
+        cut = np.flatnonzero((np.diff(src) != 1) | (src[1:] < 0) | (src[:-1] < 0)) + 1
+        starts = np.concatenate([[0], cut]).astype(np.int64)
+        ends = np.concatenate([cut, [len(src)]]).astype(np.int64)
+        return [(int(a), int(src[a]), int(b - a)) for a, b in zip(starts, ends)
+                if len(src) and src[a] >= 0]
 
     def recover(self, y, axis: int = -1) -> np.ndarray:
         """The original coordinates come first: ``y[..., :d]`` along ``axis``."""
@@ -312,6 +404,69 @@ class _Split:
         self.idx = np.flatnonzero(rest)
         # one slot per source coordinate: the split is that coordinate itself, no arithmetic
         self.single = self.idx.size == 0
+        self._groups = None
+
+    def groups(self):
+        """The copy sets by their number c of non-last slots: ``(js0, last0)`` for the
+        coordinates with one slot, and per c ``(js, slots (c, len(js)), last, share23)``
+        (``share23``: the slots' shares times 2**23, an exact scaling)."""
+        if self._groups is None:
+            counts = np.bincount(self.src[self.idx], minlength=self.n_src)
+            order = self.idx[np.argsort(self.src[self.idx], kind="stable")]
+            starts = np.cumsum(counts) - counts
+            groups = []
+            for c in np.unique(counts[counts > 0]):
+                js = np.flatnonzero(counts == c)
+                slots = order[starts[js][None, :] + np.arange(c)[:, None]]
+                groups.append((js, slots, self.last[js], self.share[slots] * 2.0 ** 23))
+            js0 = np.flatnonzero(counts == 0)
+            self._groups = (js0, self.last[js0], groups)
+        return self._groups
+
+    def rows_f32(self, flat: np.ndarray, out: np.ndarray) -> bool:
+        """``rows`` for float32 weights, computed in float32 and the one float64 product,
+        equal bit for bit: fills the copy rows of ``out`` (float32, len(src) rows) from
+        ``flat`` (float32, n_src rows), chunks of rows at a time.  False (``out`` partly
+        written) when ``flat`` holds an inf or NaN: use ``rows`` then.
+
+        Why it is the same: for b = flat[j] with biased exponent E (E' = max(E, 1)), the
+        ulp is q = 2**(E'-150) and M = b/q is b's integer significand; ``rows`` computes
+        trunc(fl64(share*b)/q)*q = trunc(fl64(share*M))*q (a power-of-two scaling commutes
+        with rounding), here ``share23 * (b / 2**(E'-127))``.  Each part is n*q with
+        |n| <= |M| < 2**24, so exact in float32; the parts of a copy set share b's sign and
+        sum to at most |b|, so their sum and b minus it are exact in float32 too; the sum
+        ``rows`` subtracts includes the last slot's +0.0, hence the ``+ 0`` (a sum of -0.0
+        parts is +0.0 there)."""
+        js0, last0, groups = self.groups()
+        if js0.size:
+            out[last0] = flat[js0]
+        cols = flat.shape[1] if flat.ndim > 1 else 1
+        step = max(1, ROW_CHUNK_BYTES // (8 * max(cols, 1)))
+        for js, slots, last, share23 in groups:
+            for a in range(0, len(js), step):
+                sl = slice(a, a + step)
+                base = flat[js[sl]]
+                E = base.view(np.int32) >> 23
+                E &= 0xFF
+                if E.size and E.max() == 255:
+                    return False
+                np.maximum(E, 1, out=E)
+                E <<= 23
+                s = E.view(np.float32)  # 2**(E'-127)
+                m = base / s  # exact: the significand over 2**23
+                np.multiply(s, np.float32(2.0 ** -23), out=s)  # q, exact (subnormal too)
+                total = None
+                for i in range(len(slots)):
+                    t = np.multiply(m, share23[i, sl, None])  # float64, as rows computes
+                    np.trunc(t, out=t)
+                    part = t.astype(np.float32)
+                    part *= s
+                    out[slots[i, sl]] = part
+                    total = part if total is None else np.add(total, part, out=total)
+                np.add(total, np.float32(0.0), out=total)
+                np.subtract(base, total, out=total)
+                out[last[sl]] = total
+        return True
 
     def rows(self, base: np.ndarray) -> np.ndarray:
         """float64 rows (len(src), ...) for ``base`` (float64 values of ``dt``)."""
@@ -337,6 +492,21 @@ def _exact_split(n_src: int, src: np.ndarray, base: np.ndarray, dt, rng, jitter:
 #: float64 bytes of one column block in ``expand_in`` (the work is blockwise: bounded memory
 #: and cache-friendly, with results identical to one pass over the whole tensor)
 BLOCK_BYTES = 8 << 20
+
+
+def _normal_rows(rng: np.random.Generator, out: np.ndarray, rows: np.ndarray,
+                 sigma: float) -> None:
+    """``out[rows] = (rng.standard_normal((len(rows), cols)) * sigma).astype(out.dtype)``,
+    drawn in cache-sized pieces (consecutive draws continue one stream), without the
+    float64 array."""
+    cols = out.shape[1]
+    per = max(1, ROW_CHUNK_BYTES // (8 * max(cols, 1)))
+    buf = np.empty(min(per, len(rows)) * cols)
+    for a in range(0, len(rows), per):
+        b = buf[:min(per, len(rows) - a) * cols]
+        rng.standard_normal(out=b)
+        b *= sigma
+        out[rows[a:a + per]] = b.reshape(-1, cols)
 
 
 def expand_in(W, axis: int, in_map: _IndexMap, rng=None, break_symmetry: bool = True,
@@ -366,26 +536,32 @@ def expand_in(W, axis: int, in_map: _IndexMap, rng=None, break_symmetry: bool = 
     src = in_map.src_index
     split = _Split(in_map.d, src, dt, rng, noise_scale if break_symmetry else 0.0)
     left = in_map.leftover_slots
-    R = None
-    if left.size and break_symmetry:
-        sigma = (float(np.moveaxis(W.astype(np.float64), ax, 0).std()) if init_scale is None
-                 else float(init_scale)) * noise_scale
-        R = rng.standard_normal((left.size,) + Wm.shape[1:]) * sigma
-        R = R.astype(dt).astype(np.float64)  # representable, so -R is its exact negative
-        if in_map.form == "avg":
-            R[1::2] = -R[0::2][: left.size // 2]
-            if left.size % 2:
-                R[-1] = 0.0
     flat = Wm.reshape(in_map.d, -1)
     cols = flat.shape[1]
     out = np.empty((len(src), cols), dtype=dt)
+    R = None
+    if left.size and break_symmetry:
+        sigma = (_std64(W) if init_scale is None else float(init_scale)) * noise_scale
+        if FAST_FLOAT32:  # drawn in pieces straight into the rows
+            _normal_rows(rng, out, left, sigma)
+            R = out[left] if in_map.form == "avg" else None
+        else:
+            R = rng.standard_normal((left.size,) + Wm.shape[1:])
+            R *= sigma
+            R = R.astype(dt).reshape(left.size, -1)
+        if in_map.form == "avg":  # representable, so -R is its exact negative
+            R[1::2] = -R[0::2][: left.size // 2]
+            if left.size % 2:
+                R[-1] = 0
+        if R is not None:
+            out[left] = R
+    elif left.size:
+        out[left] = 0
     if split.single:  # copies only: gather the rows in the storage dtype
         out[split.last] = flat
-        if left.size:
-            out[left] = 0 if R is None else R.reshape(left.size, -1).astype(dt)
-    else:
+    elif not (FAST_FLOAT32 and dt == np.float32 and split.rows_f32(flat, out)):
         step = max(1, BLOCK_BYTES // (8 * len(src)))
-        Rf = None if R is None else R.reshape(left.size, -1)
+        Rf = out[left] if left.size else None  # the leftover rows, as set above
         for a in range(0, max(cols, 1), step):
             block = split.rows(flat[:, a:a + step].astype(np.float64))
             if Rf is not None:
@@ -445,6 +621,32 @@ def expand_embedding(E, axis: int, stream_map: StreamMap) -> np.ndarray:
     return stream_map.apply(E, axis)
 
 
+def _grid_normals_f32(rng: np.random.Generator, shape: tuple, sigma: float, g: float,
+                      count: int) -> np.ndarray | None:
+    """``_on_grid(rng.standard_normal(shape) * sigma, g)`` in float32, bit for bit, drawn and
+    rounded in cache-sized pieces (consecutive draws continue one stream).  Every value is
+    m*g with an integer |m| < 2**24 / ``count``, so the values and any sum of ``count`` of
+    them are exact in float32, as they are in float64.  None, with ``rng`` put back, when a
+    draw is too far out for that (beyond about 16 sigma): compute in float64 then."""
+    state = rng.bit_generator.state
+    out = np.empty(shape, dtype=np.float32)
+    flat = out.reshape(-1)
+    limit = 2.0 ** 24 / max(count, 1)
+    buf = np.empty(min(flat.size, ROW_CHUNK_BYTES // 8))
+    for a in range(0, flat.size, max(buf.size, 1)):
+        b = buf[:min(buf.size, flat.size - a)]
+        rng.standard_normal(out=b)
+        np.multiply(b, sigma, out=b)
+        np.divide(b, g, out=b)
+        np.rint(b, out=b)
+        if max(b.max(), -b.min()) >= limit:
+            rng.bit_generator.state = state
+            return None
+        np.multiply(b, g, out=b)
+        flat[a:a + b.size] = b
+    return out
+
+
 def cancel_fanout(W_out, axis_in: int, in_map: _IndexMap | None = None, rng=None,
                   init_scale: float | None = None, unit_size: int = 1,
                   noise_scale: float = NOISE_SCALE):
@@ -469,9 +671,9 @@ def cancel_fanout(W_out, axis_in: int, in_map: _IndexMap | None = None, rng=None
     W = np.asarray(W_out)
     dt = W.dtype
     ax = _axis(W, axis_in)
-    Wf = np.moveaxis(W.astype(np.float64), ax, 0)
-    n = Wf.shape[0]
-    sigma = float(Wf.std()) if init_scale is None else float(init_scale)
+    shape = np.moveaxis(W, ax, 0).shape
+    n = shape[0]
+    sigma = _std64(W) if init_scale is None else float(init_scale)
     sigma = (sigma or 0.02) * noise_scale
     rng = _rng(rng)
     if in_map is not None:
@@ -479,8 +681,13 @@ def cancel_fanout(W_out, axis_in: int, in_map: _IndexMap | None = None, rng=None
             raise ValueError(f"input axis has size {n}, the map gives {in_map.D}")
         src = in_map.src_index
         cnt = np.bincount(src[src >= 0], minlength=in_map.d)
-        R = rng.standard_normal(Wf.shape)
-        R = _on_grid(np.multiply(R, sigma, out=R), _grid(sigma, int(cnt.max()), dt))
+        g = _grid(sigma, int(cnt.max()), dt)
+        R = None
+        if FAST_FLOAT32 and dt == np.float32:
+            R = _grid_normals_f32(rng, shape, sigma, g, int(cnt.max()))
+        if R is None:
+            R = rng.standard_normal(shape)
+            R = _on_grid(np.multiply(R, sigma, out=R), g)
         last = _last_slots(src, in_map.d)
         left = in_map.leftover_slots
         keep = R[left] if in_map.form == "zero" and left.size else None  # (a copy)
@@ -496,11 +703,11 @@ def cancel_fanout(W_out, axis_in: int, in_map: _IndexMap | None = None, rng=None
         if n % unit_size:
             raise ValueError(f"input axis {n} is not a multiple of unit_size {unit_size}")
         nu = n // unit_size
-        Ru = rng.standard_normal((nu // 2, unit_size) + Wf.shape[1:]) * sigma
-        out = np.zeros((nu, unit_size) + Wf.shape[1:])
+        Ru = rng.standard_normal((nu // 2, unit_size) + shape[1:]) * sigma
+        out = np.zeros((nu, unit_size) + shape[1:])
         out[0:2 * (nu // 2):2] = Ru
         out[1:2 * (nu // 2):2] = -Ru
-        out = out.reshape(Wf.shape)
+        out = out.reshape(shape)
         usrc = np.arange(nu)
         usrc[1::2] = usrc[0:2 * (nu // 2):2]
         fanin_src = (usrc[:, None] * unit_size + np.arange(unit_size)).ravel()

@@ -137,3 +137,25 @@ def test_external_data_inputs_and_outputs(tmp_path, monkeypatch, one_file):
     assert_equivalent(FIXTURES / name, out, load_cases(FIXTURES / name.replace(".onnx", ".npz")))
     rep = verify(src, out, blockwise=True)
     assert rep.passed, rep.format()
+
+
+def test_weights_recognition_read_are_unmapped_after_describe(tmp_path):
+    """A tied head is compared with the embedding table while recognising: those pages of the
+    external data would stay resident through a whole blockwise verification (issue 12)."""
+    import onnx_ir as ir
+
+    from lemon_onnx.verify.models import as_ir, describe
+
+    src = _external(FIXTURES / "gpt2-ts17.onnx", tmp_path / "gpt2.onnx", True)
+
+    def mapped(m):
+        return [n for n, v in m.graph.initializers.items()
+                if isinstance(v.const_value, ir.ExternalTensor)
+                and v.const_value._array is not None]
+
+    bare, _ = as_ir(src)
+    recognize(bare)
+    assert mapped(bare)  # recognition does read some weights
+    m, _ = as_ir(src)
+    describe(m, {})
+    assert mapped(m) == []

@@ -21,7 +21,7 @@ from typing import Iterable
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["SharedResult", "keep_together", "release"]
+__all__ = ["SharedResult", "keep_together", "release", "release_all"]
 
 
 def release(tensor) -> None:
@@ -31,6 +31,14 @@ def release(tensor) -> None:
             tensor.release()
         except BufferError:  # an array still views the map: it is unmapped when collected
             pass
+
+
+def release_all(model: ir.Model) -> None:
+    """Unmap every memory-mapped initializer of ``model``'s graph: recognition reads some
+    large weights (a tied head is compared with the embedding table), and their pages would
+    otherwise stay resident for the rest of the run."""
+    for v in model.graph.initializers.values():
+        release(v.const_value)
 
 
 class SharedResult:

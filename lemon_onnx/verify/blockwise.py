@@ -179,7 +179,8 @@ def run_segments(path, proto, desc, cases, provider: str, wanted, fallback_elem:
     for seg in segs:
         data = _segment_model(proto, seg, types, fallback_elem)
         label = f"{path} (segment {seg.index} of {len(segs)})"
-        sess, used = make_session(data, provider, label=label, external_data_dir=folder)
+        sess, used = make_session(data, provider, label=label, external_data_dir=folder,
+                                  lean=True)
         del data
         for k, case in enumerate(values):
             feeds = {x: case[x] for x in seg.inputs}

@@ -58,10 +58,13 @@ def describe(ir_model, cache: dict | None = None):
     else:
         from ..recognize import recognize
 
+        from ..passes.streaming import release_all
+
         try:
             result = recognize(ir_model)
         except Exception as exc:  # reported by the callers
             result = exc
+        release_all(ir_model)  # the weights recognition read stay mapped otherwise
         if cache is not None:
             cache[key] = result
     if isinstance(result, Exception):

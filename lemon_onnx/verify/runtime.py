@@ -20,12 +20,13 @@ def _cuda_installed(ort) -> bool:
 
 
 def make_session(path_or_bytes, provider: str = "auto", *, label: str | None = None,
-                 external_data_dir: str | os.PathLike | None = None):
+                 external_data_dir: str | os.PathLike | None = None, lean: bool = False):
     """An ONNX Runtime session on ``provider`` ("auto" | "cuda" | "cpu").
 
     Returns ``(session, provider_used)`` where ``provider_used`` is what ONNX Runtime really
     runs on (``session.get_providers()[0]``).  ``external_data_dir``: where the external data of
-    a model given as bytes lives.  Raises ``RuntimeFailure`` (exit 3) when CUDA is forced but
+    a model given as bytes lives.  ``lean``: no CPU memory arena and no memory pattern (a
+    short-lived session run on few inputs: what they would keep cached is not reused).  Raises ``RuntimeFailure`` (exit 3) when CUDA is forced but
     unusable, or when ONNX Runtime cannot load the model.
     """
     import onnxruntime as ort
@@ -40,6 +41,9 @@ def make_session(path_or_bytes, provider: str = "auto", *, label: str | None = N
     def options():
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        if lean:
+            so.enable_cpu_mem_arena = False
+            so.enable_mem_pattern = False
         if external_data_dir is not None and isinstance(model, (bytes, bytearray)):
             so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                         str(external_data_dir))
