@@ -50,6 +50,16 @@ MODELS = {
                                 max_position_embeddings=2048, tie_word_embeddings=False)),
 }
 SIZES = ((1.25, 2), (1.5, 2), (2.0, 2))  # gpt2m (width, depth) for seconds per GB
+#: seconds per GB at three model sizes, one expansion (width 1.5, depth 2): the per-byte work
+#: is the same kind at every size (the widths above mix pure copies, at 2, with the exact
+#: splits and random rows of fractional widths, which cost more per byte)
+SIZE_MODELS = {
+    "gpt2s": dict(n_embd=768, n_head=12, n_inner=3072, n_layer=12, vocab_size=50257,
+                  n_positions=1024),
+    "gpt2m": MODELS["gpt2m"]["config"],
+    "gpt2l": dict(n_embd=1280, n_head=20, n_inner=5120, n_layer=36, vocab_size=50257,
+                  n_positions=1024),
+}
 #: a whole-model ONNX Runtime run holds at most about this many times both models' bytes
 #: (gpt2m: verify 5.1 GB peak for 7.7 GB of models, raw ORT 4.6 GB for a 6.1 GB model)
 WHOLE_RUN_FACTOR = 1.0
@@ -202,6 +212,41 @@ def bench_model(name: str, work: Path, sizes: bool) -> dict:
     return res
 
 
+def bench_sizes(work: Path) -> dict:
+    """Seconds per GB written by ``expand --no-verify`` at width 1.5, depth 2, for three
+    GPT-2 sizes (124M, 355M, 774M parameters)."""
+    e = env()
+    runs = []
+    for name, cfg in SIZE_MODELS.items():
+        src = work / name / f"{name}.onnx"
+        if not src.exists():
+            src.parent.mkdir(parents=True, exist_ok=True)
+            code = BUILD.format(models=str(ROOT / "models"), arch="gpt2", cfg=json.dumps(cfg),
+                                out=str(src))
+            timed([sys.executable, "-c", code], e)
+        o = work / f"{name}-sizes" / "s.onnx"
+        shutil.rmtree(o.parent, ignore_errors=True)
+        r = timed(expand_cmd(src, o, 1.5, 2, "--no-verify"), e)
+        r.update(model=name, source_bytes=model_bytes(src), output_bytes=model_bytes(o))
+        r["seconds_per_gb"] = r["seconds"] / (r["output_bytes"] / GB)
+        runs.append(r)
+        shutil.rmtree(o.parent, ignore_errors=True)
+    spg = [r["seconds_per_gb"] for r in runs]
+    return {"runs": runs, "spread": max(spg) / min(spg) - 1,
+            "met": max(spg) / min(spg) - 1 <= TARGETS["seconds_per_gb_spread"]}
+
+
+def sizes_table(res: dict) -> str:
+    rows = ["| model | source | written | expand | s/GB | load |", "|---|---|---|---|---|---|"]
+    for r in res["runs"]:
+        rows.append(f"| {r['model']} | {r['source_bytes'] / GB:.2f} GB | "
+                    f"{r['output_bytes'] / GB:.2f} GB | {r['seconds']:.1f} s | "
+                    f"{r['seconds_per_gb']:.2f} | {r['load'][0]:.1f} |")
+    rows += ["", f"Spread (slowest / fastest - 1): {res['spread']:.0%}: "
+             f"{'met' if res['met'] else 'NOT met'} (target 20%)."]
+    return "\n".join(rows) + "\n"
+
+
 def largest_block(path: Path) -> int:
     """Weight bytes of the largest segment blockwise verification runs."""
     sys.path.insert(0, str(ROOT))
@@ -303,9 +348,22 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "scale"))
     ap.add_argument("--no-sizes", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the built source models")
+    ap.add_argument("--sizes-only", action="store_true",
+                    help="only seconds per GB at three model sizes (sizes.json, sizes.md)")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
+    if a.sizes_only:
+        res = bench_sizes(work)
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sizes.json").write_text(json.dumps(res, indent=1))
+        (out / "sizes.md").write_text(sizes_table(res))
+        print(sizes_table(res))
+        if not a.keep:
+            for name in SIZE_MODELS:
+                shutil.rmtree(work / name, ignore_errors=True)
+        return
     results = []
     for name in a.models.split(","):
         r = bench_model(name, work, sizes=not a.no_sizes and name == "gpt2m")
