@@ -1053,6 +1053,7 @@ class AxisAnalysis:
         another Slice of the same value takes the other (rotate_half, a chunk(2)).  A single
         slice that happens to end at the middle is just a slice."""
         spans = set()
+        rank = len(self.get(data) or []) or 1
         for c in data.consumers():
             if c.op_type != "Slice":
                 continue
@@ -1063,7 +1064,6 @@ class AxisAnalysis:
                     st[0].kind != "lit" or en[0].kind != "lit":
                 continue
             a = axes[0].value if axes and axes[0].kind == "lit" else 0
-            rank = len(self.get(data) or []) or 1
             if a % rank != axis:
                 continue
             lo, hi = st[0].value, en[0].value

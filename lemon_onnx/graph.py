@@ -153,6 +153,29 @@ class GraphIndex:
         except IndexError:
             return []
 
+    def constants(self) -> list[ir.Value]:
+        """Every constant: initializers, then Constant nodes' outputs."""
+        return list(self.graph.initializers.values()) + [
+            n.outputs[0] for n in self.graph
+            if n.op_type == "Constant" and n.outputs and "value" in n.attributes]
+
+    def score_inputs(self) -> list[ir.Value]:
+        """The inputs of every Softmax (attention scores), computed once."""
+        if not hasattr(self, "_score_inputs"):
+            self._score_inputs = [n.inputs[0] for n in self.graph if n.op_type == "Softmax"]
+        return self._score_inputs
+
+    def reaches_scores(self, v: ir.Value) -> bool:
+        return any(self.depends_on(x, v) for x in self.score_inputs())
+
+    def unnamed_axes(self, v: ir.Value) -> list[int]:
+        """Axes of ``v`` whose atoms no component named (all of them where the shape
+        reasoning has no axes for ``v``)."""
+        axes = self.ax.axes.get(v) or []
+        rank = len(v.shape) if v.shape is not None else len(axes)
+        return [k for k in range(rank)
+                if k >= len(axes) or all(a.role is None for a in dims.leaves(axes[k]))]
+
     def _branch_nodes(self, x: ir.Value, branch_out: ir.Value) -> set:
         """Nodes on paths from ``x`` to ``branch_out``: a forward walk from x kept inside the
         ancestors of branch_out (linear in the branch size)."""

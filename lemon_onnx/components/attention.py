@@ -416,24 +416,19 @@ def _head_tables(dp) -> bool:
         weights = set()
         for lin in rec.linears.values():
             weights.update(x for x in (lin.weight, lin.bias) if x)
-        soft = [n.inputs[0] for n in rec.graph if n.op_type == "Softmax"]
         found = False
         for v in rec.graph.initializers.values():
             if v.name in weights or not v.uses():
                 continue
-            axes = rec.ax.axes.get(v) or []
-            roles = {a.role for ax in axes for a in dims.leaves(ax)}
+            roles = {a.role for ax in rec.ax.axes.get(v) or [] for a in dims.leaves(ax)}
             # a table the shape reasoning could not tie to anything, with an axis of the
             # head count, counts too (BEiT's interpolated bias table in a TorchScript export)
             untied = v.shape is not None and v.const_value is not None and \
                 v.const_value.dtype.is_floating_point() and \
                 not any(u.node.op_type in ("Conv", "MatMul", "Gemm", "Gather")
-                        for u in v.uses()) and any(
-                    d == dp.desc.heads and (k >= len(axes) or all(
-                        a.role is None for a in dims.leaves(axes[k])))
-                    for k, d in enumerate(v.shape))
-            if (roles & {"heads", "kv_heads"} or untied) and \
-                    any(rec.depends_on(x, v) for x in soft):
+                        for u in v.uses()) and \
+                any(v.shape[k] == dp.desc.heads for k in rec.unnamed_axes(v))
+            if (roles & {"heads", "kv_heads"} or untied) and rec.reaches_scores(v):
                 found = True
                 break
         dp._head_tables = found
@@ -447,25 +442,20 @@ def widen_head_tables(wp) -> None:
     head, so its row of the table is that head's row: the head map with unit size the rest of
     the axis."""
     rec = wp.rec
-    soft = [n.inputs[0] for n in rec.graph if n.op_type == "Softmax"]
-    consts = [v for v in rec.graph.initializers.values() if v.uses()]
-    consts += [n.outputs[0] for n in rec.graph
-               if n.op_type == "Constant" and n.outputs and "value" in n.attributes]
-    maps = {"heads": (wp.q_map, wp.plan.source["heads"], wp.plan.target["heads"]),
-            "kv_heads": (wp.kv_map, wp.plan.source["kv_heads"], wp.plan.target["kv_heads"])}
-    for v in consts:
-        if v in wp.ed.requests:
+    counts = {role: (wp.plan.source[role], wp.plan.target[role]) for role in ("heads", "kv_heads")}
+    for v in rec.constants():
+        if v in wp.ed.requests or not v.uses():
             continue
         changed = wp._changed(v)
         if len(changed) != 1:
             continue
         k, atoms = changed[0]
         role = atoms[0].role if atoms else None
-        if role not in maps or any(wp.new_size(a) != a.size for a in atoms[1:]):
+        if role not in counts or any(wp.new_size(a) != a.size for a in atoms[1:]):
             continue
-        if not any(rec.depends_on(s, v) for s in soft):
+        if not rec.reaches_scores(v):
             continue
-        _m, n, N = maps[role]
+        n, N = counts[role]
         unit = int(np.prod([a.size for a in atoms[1:]])) if atoms[1:] else 1
         heads_map = lm.UnitMap(n, N, unit)
         for u in list(v.uses()):

@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from .. import lemon_math as lm
 from ..errors import PlanError
-from ..graph import back_pass, back_view, nm
+from ..graph import back_pass, back_view, const_array, is_const, nm
 from . import linear, norm
 from .embedding import Embeddings
 from .linear import Linear
@@ -42,16 +42,6 @@ class Head:
 
 _VIEW_OPS = ("Identity", "Cast", "Dropout", "Gather", "Slice", "Squeeze", "Unsqueeze",
              "Reshape", "Flatten")
-
-
-def reads_directly(ctx, v: ir.Value, x: ir.Value) -> bool:
-    """``v`` is ``x`` seen through selections and views (a cls-token Gather, a Reshape)."""
-    while v is not x:
-        p = v.producer()
-        if p is None or p.op_type not in _VIEW_OPS or not p.inputs:
-            return False
-        v = p.inputs[0]
-    return True
 
 
 def match(ctx, x: ir.Value, emb: Embeddings) -> tuple[Head, list]:
@@ -133,8 +123,6 @@ def _rank(ctx, v: ir.Value) -> int:
 
 
 def _reduces_last(ctx, node: ir.Node) -> bool:
-    from ..graph import const_array
-
     if "axes" in node.attributes:
         axes = list(node.attributes["axes"].value)
     elif len(node.inputs) > 1 and node.inputs[1] is not None:
@@ -162,8 +150,6 @@ def _between(ctx, r: Linear, a: Linear) -> set:
 def _elementwise_between(ctx, r: Linear, a: Linear) -> bool:
     """Only elementwise ops (with scalar constants) between two linears: the inner layer's
     units can be replicated and the next layer's input split over the replicas."""
-    from ..graph import const_array, is_const
-
     for n in _between(ctx, r, a):
         if n.op_type == "ReduceMean" and not _reduces_last(ctx, n):
             continue  # a mean over the tokens acts on each unit alone too (Whisper's pooling)

@@ -184,11 +184,8 @@ class WidthPass(ir.passes.InPlacePass):
         rewritten: a constant left at the old size gives a graph that does not load, or worse,
         one that loads and computes something else."""
         claimed = set(self.ed.requests)
-        consts = list(self.rec.graph.initializers.values())
-        consts += [n.outputs[0] for n in self.rec.graph
-                   if n.op_type == "Constant" and n.outputs and "value" in n.attributes]
         missed = []
-        for v in consts:
+        for v in self.rec.constants():
             if v in claimed or not v.uses():
                 continue
             ch = self._changed(v)
@@ -200,8 +197,7 @@ class WidthPass(ir.passes.InPlacePass):
                                           for u in v.uses()}))[:200]
                 missed.append(f"constant {v.name} (shape {shape}, axis {k} carries {roles}; "
                               f"read by {users})")
-            elif self._unattributed_hidden(v):
-                size = self._unattributed_hidden(v)
+            elif size := self._unattributed_hidden(v):
                 users = ", ".join(sorted({f"{u.node.op_type} {u.node.name}"
                                           for u in v.uses()}))[:200]
                 missed.append(f"constant {v.name} (shape {list(v.shape)}: an axis has the "
@@ -260,17 +256,13 @@ class WidthPass(ir.passes.InPlacePass):
         t = v.const_value
         if t is None or not t.dtype.is_floating_point():
             return None
-        axes = self.rec.ax.axes.get(v) or [[] for _ in v.shape]
-        unnamed = [k for k, a in enumerate(axes)
-                   if all(x.role is None for x in dims.leaves(a))]
+        unnamed = self.rec.unnamed_axes(v)
         s, tg = self.plan.source, self.plan.target
         if self.d != self.D and v.shape[-1] == self.d and len(v.shape) - 1 in unnamed:
             return "hidden"
-        if s["heads"] != tg["heads"] and any(v.shape[k] == s["heads"] for k in unnamed):
-            if not hasattr(self, "_scores"):
-                self._scores = [n.inputs[0] for n in self.rec.graph if n.op_type == "Softmax"]
-            if any(self.rec.depends_on(x, v) for x in self._scores):
-                return "heads"
+        if s["heads"] != tg["heads"] and any(v.shape[k] == s["heads"] for k in unnamed) \
+                and self.rec.reaches_scores(v):
+            return "heads"
         return None
 
     def _changed(self, value) -> list:
