@@ -271,6 +271,9 @@ class AxisAnalysis:
         #: (node, value, axis): ops that mix the elements along one axis (CumSum, Softmax, ...):
         #: exact under expansion only if that axis keeps its size
         self.axis_ops: list[tuple] = []
+        #: (node, value, axis): Slices along ``axis`` with bounds computed at run time; exact
+        #: under expansion only if that axis keeps its size (where it is cut is unknown)
+        self.runtime_cuts: list[tuple] = []
         self._syms: dict[str, Atom] = {}
         self._saved: dict = {}
 
@@ -1018,6 +1021,8 @@ class AxisAnalysis:
             s, e_ = starts[k], ends[k]
             step = steps[k].value if steps and k < len(steps) and steps[k].kind == "lit" else 1
             if step != 1:
+                if not (steps and k < len(steps) and steps[k].kind == "lit"):
+                    self.runtime_cuts.append((node, data, ax))
                 out[ax] = self._fresh_from_inferred(node.outputs[0], ax, "slice")
                 continue
             if s.kind == "lit" and e_.kind == "lit":
@@ -1044,7 +1049,8 @@ class AxisAnalysis:
                             self.unexplained_lit(lit, node)
             elif s.kind == "lit" and s.value == 0 and e_.kind == "dim":
                 out[ax] = list(e_.atoms)
-            else:
+            else:  # a bound computed at run time
+                self.runtime_cuts.append((node, data, ax))
                 out[ax] = self._fresh_from_inferred(node.outputs[0], ax, "slice")
         self.axes[node.outputs[0]] = out
 
@@ -1088,6 +1094,7 @@ class AxisAnalysis:
         every other axis is the input's own."""
         if axes_el and all(e.kind == "lit" for e in axes_el):
             sliced = {e.value % len(x) for e in axes_el}
+            self.runtime_cuts += [(node, node.inputs[0], k) for k in sorted(sliced)]
             self.axes[node.outputs[0]] = [
                 self._fresh_from_inferred(node.outputs[0], k, "slice") if k in sliced
                 else list(a) for k, a in enumerate(x)]
@@ -1098,6 +1105,8 @@ class AxisAnalysis:
         for k, a in enumerate(x):
             if k < len(ax) and size_of(a) == size_of(ax[k]):
                 ax[k] = list(a)
+            else:
+                self.runtime_cuts.append((node, node.inputs[0], k))
         self.axes[node.outputs[0]] = ax
 
     def op_MatMul(self, node: ir.Node) -> None:

@@ -46,6 +46,18 @@ def const_array(v: ir.Value | None) -> np.ndarray | None:
     return None
 
 
+def const_shape(src: ir.Value | None) -> tuple | None:
+    """The shape of a constant (an initializer, or a Constant node's output), unread."""
+    if src is None:
+        return None
+    if src.const_value is not None:
+        return tuple(src.const_value.shape)
+    p = src.producer()
+    if p is not None and p.op_type == "Constant" and "value" in p.attributes:
+        return tuple(p.attributes["value"].value.shape)
+    return None
+
+
 def is_const(v: ir.Value | None) -> bool:
     return v is None or const_source(v)[0] is not None
 

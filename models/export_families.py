@@ -264,6 +264,35 @@ FAMILIES = {
                  pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
         base="model", head=_lm("lm_head"),
         covers=["fused QKV (q | k | v, GQA)", "fused gate_up MLP"]),
+    # first tried as graphs the tool had not seen (each found a gap, now a regression case)
+    "starcoder2": dict(
+        DEC, model="Starcoder2ForCausalLM", config="Starcoder2Config",
+        cfg=dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, num_hidden_layers=2, vocab_size=128,
+                 max_position_embeddings=MAX_SEQ, tie_word_embeddings=False),
+        base="model", head=_lm("lm_head"),
+        covers=["GQA with LayerNorm and biases", "plain GELU MLP"]),
+    "granite": dict(
+        DEC, model="GraniteForCausalLM", config="GraniteConfig",
+        cfg=dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=96, num_hidden_layers=2, vocab_size=128,
+                 max_position_embeddings=MAX_SEQ, tie_word_embeddings=False,
+                 embedding_multiplier=3.0, residual_multiplier=0.5, logits_scaling=2.0,
+                 attention_multiplier=0.2),
+        base="model", head=_lm("lm_head"),
+        covers=["scalar multipliers on the embeddings, residual branches and logits"]),
+    "mpt": dict(
+        DEC, model="MptForCausalLM", config="MptConfig",
+        cfg=dict(d_model=64, n_heads=4, n_layers=2, vocab_size=128, max_seq_len=MAX_SEQ,
+                 expansion_ratio=2),
+        base="transformer", head=_lm("lm_head"),
+        covers=["ALiBi", "fused QKV cut by chunk(3)", "no biases"]),
+    "xglm": dict(
+        DEC, model="XGLMForCausalLM", config="XGLMConfig",
+        cfg=dict(d_model=64, attention_heads=4, ffn_dim=128, num_layers=2, vocab_size=128,
+                 max_position_embeddings=MAX_SEQ),
+        base="model", head=_lm("lm_head"),
+        covers=["sinusoidal positions in a Constant node", "embedding scale"]),
     # ---- vision -----------------------------------------------------------------------
     "deit": dict(
         kind="vision", model="DeiTForImageClassificationWithTeacher", config="DeiTConfig",

@@ -41,6 +41,7 @@ REFUSED = {
     # TorchScript writes q/k/v cut points computed at run time (dynamo writes constants)
     ("gpt_neox", "ts17"): "computed at run time",
     ("phi3", "ts17"): "computed at run time",
+    ("mpt", "ts17"): "computed at run time",
     # TorchScript traces the position-table interpolation with sizes computed at run time
     ("beit", "ts17"): "could not tie it",
     ("dinov2", "ts17"): "could not tie it",

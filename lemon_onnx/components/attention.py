@@ -173,8 +173,12 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> Attention:
     # head; the query heads' atom is the heads atom (the repeat of K and V grows with it)
     _roles_attention(ctx, heads_l, [] if kv_heads == 1 else kv_l, hd_leaves)
     if qkv is not None:
-        # what is left of the fused axis once heads and head_dim are named: the q/k/v parts
-        for a in ctx.leaves(ctx._values[qkv.output]):
+        fused = ctx.leaves(ctx._values[qkv.output])
+        if len(fused) == 1 and fused[0].role is None:
+            # the fused axis was never factored into heads: it is the whole q|k|v width,
+            # which grows with the heads (the width pass computes it)
+            fused[0].role = "qkv_width"
+        for a in fused:  # what is left once heads and head_dim are named: the q/k/v parts
             a.role = a.role or "qkv_parts"
     v_l = ctx.leaves(v_t, -1)
     if len(v_l) == 1 and v_l[0].role is None:

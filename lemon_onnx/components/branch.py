@@ -23,8 +23,9 @@ def linears_reading(ctx, x: ir.Value, within: set) -> list[Linear]:
 
 def branch_tail(ctx, branch_out: ir.Value) -> tuple[ir.Value, ir.Node | None, object]:
     """Walk back from a branch output to the linear that produced it, through Reshape, a
-    per-channel Mul by a constant vector (layer scale) and a norm applied to the branch output
-    (OLMo-2, Gemma-2).  Returns (value, scale node, output norm)."""
+    per-channel Mul by a constant vector (layer scale), a Mul or Div by a scalar constant and
+    a norm applied to the branch output (OLMo-2, Gemma-2).  Returns (value, scale node,
+    output norm)."""
     v = back_pass(branch_out)
     scale = out_norm = None
     while v not in ctx.lin_by_out and v.producer() is not None:
@@ -34,11 +35,17 @@ def branch_tail(ctx, branch_out: ir.Value) -> tuple[ir.Value, ir.Node | None, ob
         elif v in ctx.norms and out_norm is None and scale is None:
             out_norm = ctx.norms[v]
             v = back_pass(ctx._values[out_norm.input])
-        elif p.op_type == "Mul" and scale is None and len(p.inputs) == 2 and \
+        elif p.op_type in ("Mul", "Div") and len(p.inputs) == 2 and \
                 sum(is_const(i) for i in p.inputs) == 1:
             c = next(i for i in p.inputs if is_const(i))
             arr = const_array(c)
-            if arr is None or arr.ndim != 1 or arr.size <= 1:
+            if arr is not None and arr.size == 1 and is_const(p.inputs[1]):
+                # a scalar multiplier (Granite's residual_multiplier): the same on every
+                # channel, so it holds in any layout and needs no rule
+                v = back_pass(p.inputs[0])
+                continue
+            if p.op_type != "Mul" or scale is not None or arr is None or arr.ndim != 1 \
+                    or arr.size <= 1:
                 break
             scale = p
             v = back_pass(next(i for i in p.inputs if not is_const(i)))

@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from .. import dims, lemon_math as lm
 from ..errors import PlanError, UnsupportedModelError
-from ..graph import back_pass, back_view, const_source, is_const, nm
+from ..graph import back_pass, back_view, const_shape, const_source, is_const, nm
 from ..tensors import _read
 from .norm import Norm
 
@@ -135,18 +135,20 @@ def match_extras(ctx, emb: Embeddings) -> None:
     for n in sorted(anc, key=lambda n: ctx.order[n]):
         if n.op_type == "Gather" and emb.token_node != n.name:
             t = const_source(n.inputs[0])[0]
-            if t is not None and t.const_value is not None and len(t.const_value.shape) == 2 \
+            shape = const_shape(t)  # an initializer or a Constant node (XGLM's sinusoids)
+            if shape is not None and len(shape) == 2 and t in ctx.ax.axes \
                     and set(dims.leaves(ctx.ax.axes[t][1])) <= hid \
                     and t.name not in [x[0] for x in emb.tables]:
                 emb.tables.append([t.name, _index_kind(n.inputs[1], set(ctx.graph.inputs))])
         if n.op_type in ("Add", "Concat", "Expand"):
             for i in n.inputs:
                 t = const_source(i)[0] if i is not None else None
-                if t is None or t.const_value is None or len(t.const_value.shape) not in (2, 3):
+                shape = const_shape(t)
+                if shape is None or len(shape) not in (2, 3):
                     continue
                 last = ctx.ax.axes.get(t)
                 if not last or not set(dims.leaves(last[-1])) <= hid or \
-                        (len(t.const_value.shape) == 2 and n.op_type != "Add"):
+                        (len(shape) == 2 and n.op_type != "Add"):
                     continue  # [positions, hidden] tables added (Whisper's sliced positions)
                 if n.op_type == "Add" and emb.position is None:
                     emb.position = t.name

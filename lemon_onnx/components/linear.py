@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .. import lemon_math as lm
-from ..graph import const_array, const_source, is_const, nm
+from ..graph import const_array, const_shape, const_source, is_const, nm
 
 
 @dataclasses.dataclass
@@ -42,7 +42,7 @@ def match_all(ctx) -> dict[ir.Node, Linear]:
         src, hops = const_source(w)
         if src is None or is_const(x) or src.const_value is None and not hops:
             continue
-        shape = _const_shape(src, hops)
+        shape = const_shape(src)
         if shape is None or len(shape) != 2:
             continue
         transposed = sum(1 for h in hops if h.op_type == "Transpose") % 2 == 1
@@ -71,15 +71,6 @@ def match_all(ctx) -> dict[ir.Node, Linear]:
                     lin.output = nm(cons[0].outputs[0])
         out[n] = lin
     return out
-
-
-def _const_shape(src: ir.Value, hops: list) -> tuple | None:
-    if src.const_value is not None:
-        return tuple(src.const_value.shape)
-    p = src.producer()
-    if p is not None and p.op_type == "Constant" and "value" in p.attributes:
-        return tuple(p.attributes["value"].value.shape)
-    return None
 
 
 def widen(wp, lin: Linear, in_map, out_map, *, tag: str, break_symmetry: bool = True,

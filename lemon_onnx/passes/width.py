@@ -301,6 +301,13 @@ class WidthPass(ir.passes.InPlacePass):
                          f"{bad} of {x.name}, which carries "
                          f"{'*'.join(a.role or str(a.size) for a in ch[bad])}: not exact once that "
                          "axis grows")
+        for node, x, axis in self.rec.ax.runtime_cuts:
+            ch = dict(self._changed(x))
+            if axis in ch:
+                found.append(f"operator {node.op_type} {node.name} cuts axis {axis} of {x.name}, "
+                             f"which carries {'*'.join(a.role or str(a.size) for a in ch[axis])}, "
+                             "at bounds computed at run time: where it cuts once that axis grows "
+                             "is unknown")
         return found
 
     # ------------------------------------------------------------------ literals
@@ -316,6 +323,9 @@ class WidthPass(ir.passes.InPlacePass):
             return self.plan.target["kv_heads"]
         if role == "qkv_rows":  # a fused projection viewed as (heads + 2 kv_heads) rows
             return self.plan.target["heads"] + 2 * self.plan.target["kv_heads"]
+        if role == "qkv_width":  # a fused projection's whole output width
+            return (self.plan.target["heads"] + 2 * self.plan.target["kv_heads"]) \
+                * self.plan.source["head_dim"]
         return atom.size
 
     def literal_value(self, lu: dims.LiteralUse) -> int:
