@@ -46,16 +46,22 @@ def const_array(v: ir.Value | None) -> np.ndarray | None:
     return None
 
 
-def const_shape(src: ir.Value | None) -> tuple | None:
-    """The shape of a constant (an initializer, or a Constant node's output), unread."""
+def const_tensor(src: ir.Value | None):
+    """The tensor of a constant (an initializer, or a Constant node's output), unread."""
     if src is None:
         return None
     if src.const_value is not None:
-        return tuple(src.const_value.shape)
+        return src.const_value
     p = src.producer()
     if p is not None and p.op_type == "Constant" and "value" in p.attributes:
-        return tuple(p.attributes["value"].value.shape)
+        return p.attributes["value"].value
     return None
+
+
+def const_shape(src: ir.Value | None) -> tuple | None:
+    """The shape of a constant (an initializer, or a Constant node's output), unread."""
+    t = const_tensor(src)
+    return None if t is None else tuple(t.shape)
 
 
 def is_const(v: ir.Value | None) -> bool:
@@ -184,7 +190,8 @@ class GraphIndex:
         """Axes of ``v`` whose atoms no component named (all of them where the shape
         reasoning has no axes for ``v``)."""
         axes = self.ax.axes.get(v) or []
-        rank = len(v.shape) if v.shape is not None else len(axes)
+        shape = v.shape if v.shape is not None else const_shape(v)
+        rank = len(shape) if shape is not None else len(axes)
         return [k for k in range(rank)
                 if k >= len(axes) or all(a.role is None for a in dims.leaves(axes[k]))]
 

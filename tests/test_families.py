@@ -110,3 +110,45 @@ def test_family_expands_or_is_refused(entry, tmp_path):
                 g = g[..., : w.shape[-1]]
             scale = max(float(np.abs(w).max()), 1e-6)
             assert float(np.abs(g - w).max()) <= 1e-4 * scale, name
+
+
+#: refusals at depth alone: (family, exporter tag) -> words the reason must contain
+DEPTH_REFUSED = {
+    # the head axes come from sizes computed at run time: the twins cannot be laid out
+    ("gpt_neox", "ts17"): "cannot read",
+    ("phi3", "ts17"): "cannot read",
+    ("deberta_v2", "ts17"): REFUSED[("deberta_v2", "ts17")],
+    ("deberta_v2", "dy18"): REFUSED[("deberta_v2", "dy18")],
+    ("wav2vec2", "ts17"): REFUSED[("wav2vec2", "ts17")],
+    ("wav2vec2", "dy18"): REFUSED[("wav2vec2", "dy18")],
+}
+
+
+@pytest.mark.skipif(not ENTRIES, reason="models/families not exported "
+                                        "(python models/export_families.py)")
+@pytest.mark.parametrize("entry", ENTRIES, ids=_id)
+def test_family_deepens_or_is_refused(entry, tmp_path):
+    """Depth alone, cancelling twins: exports refused for width only (run-time cut points,
+    untied tables, GatherND) deepen, and twins next to per-head score terms (ALiBi, relative
+    position tables, held in initializers or in Constant nodes as MPT's TorchScript export
+    does) start with zero attention, so the pairs need not compute the same."""
+    src = FAMILIES / entry["file"]
+    npz = FAMILIES / entry["reference"]
+    out = tmp_path / "deep.onnx"
+    key = (entry["family"], entry["tag"])
+    if key in DEPTH_REFUSED:
+        with pytest.raises(LemonError) as e:
+            lemon_onnx.expand(src, out, depth=2, inputs=npz)
+        assert e.value.exit_code == 2, str(e.value)
+        assert DEPTH_REFUSED[key] in str(e.value), str(e.value)
+        assert list(tmp_path.iterdir()) == [], "a refusal must write nothing"
+        return
+    result = lemon_onnx.expand(src, out, depth=2, inputs=npz)
+    assert result.verification is not None and result.verification.passed
+    before, after = recognize(io.load(src)), recognize(io.load(out))
+    assert after.num_layers == 2 * before.num_layers and after.hidden == before.hidden
+    for feeds in _feeds(npz)[:1]:
+        for name, w, g in zip([o["name"] for o in before.outputs], _run(src, feeds),
+                              _run(out, feeds)):
+            scale = max(float(np.abs(w).max()), 1e-6)
+            assert float(np.abs(g - w).max()) <= 1e-4 * scale, name

@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from .. import dims, lemon_math as lm
 from ..errors import PlanError, UnsupportedModelError
-from ..graph import is_const
+from ..graph import const_tensor, is_const
 from ..tensors import _read
 from . import linear, norm
 from .linear import Linear
@@ -421,17 +421,17 @@ def _head_tables(dp) -> bool:
         for lin in rec.linears.values():
             weights.update(x for x in (lin.weight, lin.bias) if x)
         found = False
-        for v in rec.graph.initializers.values():
+        for v in rec.constants():  # initializers and Constant nodes (MPT's ALiBi table)
             if v.name in weights or not v.uses():
                 continue
             roles = {a.role for ax in rec.ax.axes.get(v) or [] for a in dims.leaves(ax)}
             # a table the shape reasoning could not tie to anything, with an axis of the
             # head count, counts too (BEiT's interpolated bias table in a TorchScript export)
-            untied = v.shape is not None and v.const_value is not None and \
-                v.const_value.dtype.is_floating_point() and \
+            t = const_tensor(v)
+            untied = t is not None and t.dtype.is_floating_point() and \
                 not any(u.node.op_type in ("Conv", "MatMul", "Gemm", "Gather")
                         for u in v.uses()) and \
-                any(v.shape[k] == dp.desc.heads for k in rec.unnamed_axes(v))
+                any(t.shape[k] == dp.desc.heads for k in rec.unnamed_axes(v))
             if (roles & {"heads", "kv_heads"} or untied) and rec.reaches_scores(v):
                 found = True
                 break
