@@ -81,6 +81,15 @@ def _run(path: Path, feeds: dict) -> list:
     return sess.run(None, {k: v for k, v in feeds.items() if k in names})
 
 
+def _assert_refused(src: Path, out: Path, reason: str, **kw) -> None:
+    """Exit 2 with ``reason`` in the message, and nothing written beside ``out``."""
+    with pytest.raises(LemonError) as e:
+        lemon_onnx.expand(src, out, **kw)
+    assert e.value.exit_code == 2, str(e.value)
+    assert reason in str(e.value), str(e.value)
+    assert list(out.parent.iterdir()) == [], "a refusal must write nothing"
+
+
 @pytest.mark.skipif(not ENTRIES, reason="models/families not exported "
                                         "(python models/export_families.py)")
 @pytest.mark.parametrize("entry", ENTRIES, ids=_id)
@@ -90,11 +99,7 @@ def test_family_expands_or_is_refused(entry, tmp_path):
     out = tmp_path / "wide.onnx"
     key = (entry["family"], entry["tag"])
     if key in REFUSED:
-        with pytest.raises(LemonError) as e:
-            lemon_onnx.expand(src, out, width=2, depth=2, inputs=npz)
-        assert e.value.exit_code == 2, str(e.value)
-        assert REFUSED[key] in str(e.value), str(e.value)
-        assert list(tmp_path.iterdir()) == [], "a refusal must write nothing"
+        _assert_refused(src, out, REFUSED[key], width=2, depth=2, inputs=npz)
         return
     result = lemon_onnx.expand(src, out, width=2, depth=2, inputs=npz)
     assert result.verification is not None and result.verification.passed
@@ -137,11 +142,7 @@ def test_family_deepens_or_is_refused(entry, tmp_path):
     out = tmp_path / "deep.onnx"
     key = (entry["family"], entry["tag"])
     if key in DEPTH_REFUSED:
-        with pytest.raises(LemonError) as e:
-            lemon_onnx.expand(src, out, depth=2, inputs=npz)
-        assert e.value.exit_code == 2, str(e.value)
-        assert DEPTH_REFUSED[key] in str(e.value), str(e.value)
-        assert list(tmp_path.iterdir()) == [], "a refusal must write nothing"
+        _assert_refused(src, out, DEPTH_REFUSED[key], depth=2, inputs=npz)
         return
     result = lemon_onnx.expand(src, out, depth=2, inputs=npz)
     assert result.verification is not None and result.verification.passed
