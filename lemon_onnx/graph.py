@@ -6,7 +6,10 @@ Nothing here gives a tensor a meaning; that is the components' job (``components
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
+import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass, ShapeInferencePass
 
@@ -103,6 +106,36 @@ def nm(v: ir.Value | None) -> str:
     return "" if v is None else (v.name or "")
 
 
+#: models whose value shapes were inferred on the protobuf before it became a graph
+#: (``infer_shapes_early``): the first ``GraphIndex`` of such a model skips its own inference
+_SHAPES_INFERRED: weakref.WeakSet = weakref.WeakSet()
+#: inferring on the protobuf pays where its tensors are external (the protobuf is small); with
+#: large tensors inside, onnx-ir's pass, which leaves them out, is cheaper
+_EARLY_INFERENCE_MAX_BYTES = 64 << 20
+
+
+def infer_shapes_early(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    """Shape inference on a freshly parsed protobuf (the same settings as ``GraphIndex``'s
+    pass), which spares the pass's round trip through a second protobuf; None where the
+    protobuf holds large tensors or inference fails (the pass then runs as usual)."""
+    inline = sum(len(t.raw_data) for t in proto.graph.initializer)
+    if inline > _EARLY_INFERENCE_MAX_BYTES:
+        return None
+    try:
+        return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=False,
+                                                 data_prop=True)
+    except Exception:  # noqa: BLE001 - the pass will try again and leave the model as it is
+        return None
+
+
+def mark_shapes_inferred(model: ir.Model) -> None:
+    _SHAPES_INFERRED.add(model)
+
+
+class _Unsorted(Exception):
+    """A node reads a value produced later in the graph's order."""
+
+
 class GraphIndex:
     """One graph, indexed: values and nodes by name, graph order, ancestry and the axis
     analysis (``dims.AxisAnalysis``) every component reads sizes from."""
@@ -113,7 +146,10 @@ class GraphIndex:
         # the description refers to nodes and values by name: onnx-ir's NameFixPass gives
         # unnamed or clashing ones unique names (ONNX allows both; exporters write neither)
         NameFixPass()(model)
-        ShapeInferencePass(strict_mode=False)(model)
+        if model in _SHAPES_INFERRED:  # at load time; later indexes see rewritten graphs
+            _SHAPES_INFERRED.discard(model)
+        else:
+            ShapeInferencePass(strict_mode=False)(model)
         self.ax = dims.AxisAnalysis(self.graph).run()
         self.order = {n: i for i, n in enumerate(self.graph)}
         self._anc_cache: dict[ir.Value, set] = {}
@@ -154,13 +190,53 @@ class GraphIndex:
         return seen
 
     def depends_on(self, v: ir.Value, src: ir.Value) -> bool:
+        """Whether ``v`` is computed from ``src`` (or is it)."""
         if v is src:
             return True
-        anc = self.ancestors(v)
+        bits = self._reach_bits()
         p = src.producer()
-        if p is not None:
-            return p in anc
-        return any(src in n.inputs for n in anc)
+        a, b = bits.get(v), self._bit.get(src if p is None else p)
+        if a is None or b is None:  # a node added after the index was built
+            anc = self.ancestors(v)
+            return p in anc if p is not None else any(src in n.inputs for n in anc)
+        return bool(a >> b & 1)
+
+    def computes(self, n: ir.Node, v: ir.Value) -> bool:
+        """Whether node ``n`` is among those ``v`` is computed from."""
+        bits = self._reach_bits()
+        a, b = bits.get(v), self._bit.get(n)
+        if a is None or b is None:
+            return n in self.ancestors(v)
+        return bool(a >> b & 1)
+
+    def _reach_bits(self) -> dict:
+        """For each value, the set of nodes and source values (inputs, initializers) it is
+        computed from, as the bits of one integer, in one walk in graph order: ``depends_on``
+        is then a bit test instead of a walk per call (recognition asks thousands of times)."""
+        if not hasattr(self, "_reach"):
+            self._bit: dict = {}
+            reach: dict = {}
+
+            def of(x: ir.Value) -> int:
+                r = reach.get(x)
+                if r is None:  # a graph input, an initializer or a value from outside
+                    if x.producer() is not None:  # not in graph order: no bits, walk instead
+                        raise _Unsorted
+                    r = reach[x] = 1 << self._bit.setdefault(x, len(self._bit))
+                return r
+
+            try:
+                for n in self.graph:
+                    mine = 1 << self._bit.setdefault(n, len(self._bit))
+                    for i in n.inputs:
+                        if i is not None:
+                            mine |= of(i)
+                    for o in n.outputs:
+                        reach[o] = mine
+            except _Unsorted:
+                reach = {}
+            self._reach = reach
+        return self._reach
 
     def leaves(self, v: ir.Value, axis: int = -1) -> list:
         a = self.ax.get(v)
@@ -198,18 +274,18 @@ class GraphIndex:
     def _branch_nodes(self, x: ir.Value, branch_out: ir.Value) -> set:
         """Nodes on paths from ``x`` to ``branch_out``: a forward walk from x kept inside the
         ancestors of branch_out (linear in the branch size)."""
-        anc = self.ancestors(branch_out)
         if x.producer() is None and not x.is_graph_input():
-            return set(anc)
+            return set(self.ancestors(branch_out))
         seen: set = set()
-        stack = [n for n in x.consumers() if n in anc]
+        stack = [n for n in x.consumers() if self.computes(n, branch_out)]
         while stack:
             n = stack.pop()
             if n in seen:
                 continue
             seen.add(n)
             for o in n.outputs:
-                stack.extend(c for c in o.consumers() if c in anc and c not in seen)
+                stack.extend(c for c in o.consumers()
+                             if c not in seen and self.computes(c, branch_out))
         return seen
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
+from . import graph
 from .errors import InputError
 
 #: Above this size (bytes of tensor data) a model is saved with external data.
@@ -50,13 +51,16 @@ def load(path: str | os.PathLike) -> ir.Model:
         raise InputError(f"{p} parsed as ONNX but its graph has no nodes; the file is probably "
                          "truncated or not an ONNX model.", hint="Re-export the model.")
     _check_external_data(proto, p)
+    inferred = graph.infer_shapes_early(proto)
     try:
-        model = ir.serde.deserialize_model(proto)
+        model = ir.serde.deserialize_model(proto if inferred is None else inferred)
     except Exception as exc:
         raise InputError(f"{p} could not be read as an ONNX graph: {exc}.",
                          hint="Run onnx.checker.check_model on it to see what is wrong.") from None
     # Tell onnx-ir where external data lives so tensors are memory-mapped lazily.
     ir.external_data.set_base_dir(model.graph, str(p.parent.resolve()))
+    if inferred is not None:
+        graph.mark_shapes_inferred(model)
     return model
 
 

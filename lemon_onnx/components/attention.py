@@ -64,9 +64,9 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> Attention:
                 "it is not a recognisable self-attention.")
         for n in ordered:
             if n.op_type == "MatMul" and not is_const(n.inputs[1]) and not is_const(n.inputs[0]):
-                if softmax in ctx.ancestors(n.outputs[0]) and ctx.depends_on(n.inputs[0], softmax.outputs[0]):
+                if ctx.depends_on(n.inputs[0], softmax.outputs[0]):
                     pv = n
-                elif softmax.inputs[0] is n.outputs[0] or n in ctx.ancestors(softmax.inputs[0]):
+                elif ctx.depends_on(softmax.inputs[0], n.outputs[0]):
                     score = n
         if score is None or pv is None:
             raise UnsupportedModelError(f"Block {idx}: attention found a Softmax but not the "
