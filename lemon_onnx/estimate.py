@@ -38,9 +38,11 @@ GRAPH_FACTOR = 40
 TENSOR_COPIES = 4
 #: fixed cost of the interpreter, numpy, onnx and onnx-ir
 BASE_BYTES = int(0.25 * GB)
-#: measured seconds per GB written (bench_scale.py on 2 cores shared with another busy
-#: process: 2.2 to 4.4 s/GB); a planning figure, not a promise
-SECONDS_PER_GB = 4.0
+#: measured seconds per GB written and the fixed start-up (bench_scale.py --sizes-only on
+#: 2 cores: 1.6 to 1.9 s/GB beyond about 1.5 s, more on a busy machine); a planning figure,
+#: not a promise
+SECONDS_PER_GB = 2.0
+START_SECONDS = 1.5
 #: ONNX Runtime holds a model's weights and, for MatMul, prepacked copies
 RUNTIME_FACTOR = 2.0
 #: share of the available memory a whole-model verification may use before it goes blockwise
@@ -148,15 +150,20 @@ def estimate(desc, plan, model, *, src: str | os.PathLike, dest: str | os.PathLi
     per_block_src = block_bytes / max(s["layers"], 1)
     ratio = block_params(t, gated, biased) / max(block_params(s, gated, biased), 1)
     per_block = per_block_src * ratio
-    untie = desc.head.tie and t["hidden"] != s["hidden"]
-    out_bytes = int(other_bytes * widen * (2 if untie else 1) + per_block * t["layers"])
+    # a head that reads the token table itself gets its own copy when widening unties it (a
+    # head stored as its own copy is counted among the other tensors already)
+    untie = desc.head.tie == "shared" and t["hidden"] != s["hidden"]
+    table = model.graph.initializers.get(desc.embeddings.token or "")
+    vocab_bytes = table.const_value.nbytes if untie and table is not None and \
+        table.const_value is not None else 0
+    out_bytes = int((other_bytes + vocab_bytes) * widen + per_block * t["layers"])
     largest = int(max(largest_other * widen,
                       itemsize * t["hidden"] * max(t["ffn"], t["heads"] * t["head_dim"])))
     graph_file = Path(src).stat().st_size if Path(src).exists() else 0
     graph_bytes = GRAPH_FACTOR * graph_file * t["layers"] / max(s["layers"], 1)
     peak = int(BASE_BYTES + graph_bytes + min(MAX_IN_FLIGHT_BYTES, out_bytes)
                + TENSOR_COPIES * largest)
-    seconds = 1.0 + SECONDS_PER_GB * out_bytes / GB
+    seconds = START_SECONDS + SECONDS_PER_GB * out_bytes / GB
     src_bytes = other_bytes + block_bytes
     whole = int(RUNTIME_FACTOR * max(out_bytes, src_bytes) + BASE_BYTES)
     blockwise = int(2 * max(per_block, largest_other * widen) + 1 * GB)

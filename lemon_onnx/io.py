@@ -17,14 +17,15 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from . import graph
+from . import datafile, graph
 from .errors import InputError
 
 #: Above this size (bytes of tensor data) a model is saved with external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-#: Threads that compute (lazy tensors: numpy releases the GIL) and write external data while
-#: saving, and the bytes of computed tensors they may hold at once (one tensor larger than
-#: that is admitted alone): the save streams, its memory does not grow with the model.
+#: Threads that compute tensors (lazy tensors: numpy releases the GIL) while the calling
+#: thread writes the data file (``datafile``), and the bytes of computed tensors not yet
+#: written (one tensor larger than that is admitted alone): the save streams, its memory does
+#: not grow with the model.
 SAVE_WORKERS = max(1, min(2, os.cpu_count() or 1))
 MAX_IN_FLIGHT_BYTES = 256 << 20
 
@@ -111,8 +112,12 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
         tmp_model = tmpdir / dest.name
         data_name = dest.name + ".data"
         if external_data:
-            ir.save(model, tmp_model, external_data=data_name, max_workers=SAVE_WORKERS,
-                    max_in_flight_bytes=MAX_IN_FLIGHT_BYTES)
+            previous = datafile.write(model, tmpdir, data_name, workers=SAVE_WORKERS,
+                                      max_in_flight=MAX_IN_FLIGHT_BYTES)
+            try:
+                ir.save(model, tmp_model)  # the tensors now refer to the data file
+            finally:
+                datafile.restore(previous)
             os.replace(tmpdir / data_name, dest.parent / data_name)
         else:
             # tensors still referring to the source's external files are read in, so the

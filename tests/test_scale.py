@@ -32,11 +32,16 @@ def test_absurd_expansion_is_refused_at_once_with_the_figures(tmp_path):
 
 
 def test_estimate_of_output_bytes_matches_what_is_written(tmp_path):
-    """The estimate is within 10% of the bytes the expansion really writes."""
+    """The estimate is within 2% of the bytes the expansion really writes (it counted the
+    vocabulary twice for a head stored as its own copy: 5% over on these, 25% on GPT-2
+    small)."""
     from lemon_onnx.expand import _prepare
     from lemon_onnx.progress import Progress
 
+    # a tied head stored as its own transposed copy (TorchScript) and one reading the token
+    # table itself (dynamo): only the second gets a new table when widening unties it
     for name, kw in (("gpt2-ts17.onnx", dict(width=2, depth=2)),
+                     ("gpt2-dy18.onnx", dict(width=2, depth=2)),
                      ("llama-ts17.onnx", dict(width=1.5, depth=1.5))):
         model, _, desc, plan = _prepare(FIXTURES / name, width=kw["width"], depth=kw["depth"],
                                         hidden=None, ffn=None, heads=None, layers=None,
@@ -45,7 +50,7 @@ def test_estimate_of_output_bytes_matches_what_is_written(tmp_path):
         est = estimate.estimate(desc, plan, model, src=FIXTURES / name, dest=tmp_path / "x")
         out = expand(FIXTURES / name, tmp_path / name, verify=False, **kw).output
         written = io.tensor_bytes(io.load(out))
-        assert abs(est.output_bytes - written) <= 0.1 * written, (name, est.output_bytes, written)
+        assert abs(est.output_bytes - written) <= 0.02 * written, (name, est.output_bytes, written)
 
 
 def test_refusal_when_the_disk_is_too_small(tmp_path, monkeypatch):

@@ -1,0 +1,140 @@
+"""The external data writer (``lemon_onnx/datafile.py``): the file holds each tensor's bytes
+at its offset, whatever the dtype, size and staging boundaries; direct I/O and the buffered
+fallback write the same bytes; a failure leaves nothing behind."""
+
+import errno
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from lemon_onnx import datafile, io
+from lemon_onnx.errors import InternalError
+
+
+def _model(tensors: dict) -> ir.Model:
+    """A graph that only lists ``tensors`` as initializers (and an Identity to be valid)."""
+    x = ir.Value(name="x", shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.FLOAT))
+    inits = []
+    for name, t in tensors.items():
+        v = ir.Value(name=name, shape=ir.Shape(t.shape), type=ir.TensorType(t.dtype),
+                     const_value=t)
+        inits.append(v)
+    node = ir.node("Identity", [x])
+    node.outputs[0].name, node.outputs[0].shape = "y", ir.Shape([1])
+    node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    g = ir.Graph([x], node.outputs, nodes=[node], initializers=inits,
+                 opset_imports={"": 21}, name="g")
+    return ir.Model(g, ir_version=10)
+
+
+def _tensors(rng) -> dict:
+    """Odd sizes around the staging and alignment boundaries, and dtypes whose bytes are not
+    numpy's plain view (bfloat16, int4 packed two to a byte, bool)."""
+    out = {}
+    for i, n in enumerate([1, 63, 100, 4095, 4097, 3 * 4096 + 5, 70_000, 300_001]):
+        out[f"f32_{i}"] = ir.tensor(rng.standard_normal(n).astype(np.float32))
+    out["f16"] = ir.tensor(rng.standard_normal((37, 41)).astype(np.float16))
+    out["bf16"] = ir.tensor(rng.standard_normal((33, 65)).astype(ml_dtypes.bfloat16))
+    out["i64"] = ir.tensor(rng.integers(-9, 9, (513,)).astype(np.int64))
+    out["b"] = ir.tensor(rng.integers(0, 2, (1001,)).astype(bool))
+    out["i4"] = ir.tensor(rng.integers(-8, 8, (1001,)).astype(np.int8), dtype=ir.DataType.INT4)
+    out["big"] = ir.tensor(rng.standard_normal(300_000).astype(np.float32))  # > ALIGN_ABOVE
+    return out
+
+
+def _read_back(path) -> dict:
+    proto = onnx.load(str(path))
+    return {t.name: t for t in proto.graph.initializer}
+
+
+@pytest.fixture
+def small_stage(monkeypatch):
+    """Staging buffer of three blocks and alignment above 1 MiB brought down to 64 KiB, so
+    a few small tensors cross every boundary."""
+    monkeypatch.setattr(datafile, "STAGE_BYTES", 3 * datafile.BLOCK)
+    monkeypatch.setattr(datafile, "ALIGN_ABOVE", 1 << 16)
+
+
+@pytest.mark.parametrize("direct", ["direct", "refused"])
+def test_bytes_round_trip(tmp_path, small_stage, monkeypatch, direct):
+    if direct == "refused":  # a file system that accepts the flag but refuses the writes
+        real = datafile.os.pwrite
+        calls = {"refused": 0}
+
+        def pwrite(fd, data, off):
+            flags = __import__("fcntl").fcntl(fd, __import__("fcntl").F_GETFL)
+            if flags & getattr(datafile.os, "O_DIRECT", 0):
+                calls["refused"] += 1
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real(fd, data, off)
+
+        monkeypatch.setattr(datafile.os, "pwrite", pwrite)
+    tensors = _tensors(np.random.default_rng(0))
+    want = {k: t.tobytes() for k, t in tensors.items()}
+    model = _model(tensors)
+    out = io.save(model, tmp_path / "m.onnx", external_data=True)
+    got = _read_back(out)  # onnx reads the data file itself
+    for name, raw in want.items():
+        assert got[name].raw_data == raw, name
+    # tensors above 256 bytes are external, at the layout's offsets; large ones aligned
+    proto = onnx.load(str(out), load_external_data=False)
+    for t in proto.graph.initializer:
+        assert (t.data_location == onnx.TensorProto.EXTERNAL) == (len(want[t.name]) > 256)
+    ext = {t.name: {e.key: e.value for e in t.external_data} for t in proto.graph.initializer
+           if t.external_data}
+    sizes = [len(want[n]) for n in ext]
+    offsets, length = datafile.layout(sizes)
+    assert [int(e["offset"]) for e in ext.values()] == offsets
+    assert (tmp_path / "m.onnx.data").stat().st_size == length
+    assert int(ext["big"]["offset"]) % datafile.ALIGN == 0
+    # the in-memory model is unchanged: its tensors are the ones it had
+    assert all(model.graph.initializers[k].const_value is tensors[k] for k in tensors)
+    if direct == "refused" and hasattr(datafile.os, "O_DIRECT"):
+        assert calls["refused"] == 1  # one refusal, then buffered
+
+
+def test_lazy_tensors_are_written_in_order_within_the_budget(tmp_path, small_stage,
+                                                              monkeypatch):
+    """Lazy tensors are computed by the workers no further ahead than the byte budget."""
+    monkeypatch.setattr(io, "MAX_IN_FLIGHT_BYTES", 3 * 40_000)
+    live, peak = [0], [0]
+    import threading
+
+    lock = threading.Lock()
+
+    def make(i):
+        def compute():
+            with lock:
+                live[0] += 1
+                peak[0] = max(peak[0], live[0])
+            return ir.tensor(np.full(10_000, i, np.float32))
+        return ir.LazyTensor(compute, dtype=ir.DataType.FLOAT, shape=ir.Shape([10_000]))
+
+    real = datafile._Stream.write
+
+    def write(self, data):
+        with lock:
+            live[0] -= 1
+        real(self, data)
+
+    monkeypatch.setattr(datafile._Stream, "write", write)
+    out = io.save(_model({f"t{i}": make(i) for i in range(20)}), tmp_path / "m.onnx",
+                  external_data=True)
+    got = _read_back(out)
+    assert [float(onnx.numpy_helper.to_array(got[f"t{i}"])[0]) for i in range(20)] == \
+        [float(i) for i in range(20)]
+    assert peak[0] <= 3  # 3 tensors of 40 kB fit the budget, never more in memory
+
+
+def test_a_failing_tensor_leaves_nothing(tmp_path, small_stage):
+    def boom():
+        raise InternalError("computing this tensor failed")
+
+    tensors = {"a": ir.tensor(np.ones(5000, np.float32)),
+               "b": ir.LazyTensor(boom, dtype=ir.DataType.FLOAT, shape=ir.Shape([5000]))}
+    with pytest.raises(InternalError):
+        io.save(_model(tensors), tmp_path / "m.onnx", external_data=True)
+    assert list(tmp_path.iterdir()) == []
