@@ -141,7 +141,8 @@ REPORT_HELP = "Write the verification report as JSON to FILE ('-': stdout, text 
                    "whole models would not fit in memory).")
 @click.option("--float64", "float64", type=click.Choice(["auto", "on", "off"]), default="auto",
               show_default=True, help="The float64 level of the check: both graphs in double "
-              "precision (auto: when the copies fit in memory).")
+              "precision (auto: when the copies fit in memory; block by block, one segment's "
+              "copy at a time).")
 @click.option("--report", type=click.Path(dir_okay=False, allow_dash=True), help=REPORT_HELP)
 @verbosity_options
 @guarded
@@ -186,7 +187,8 @@ def expand(model, out, width, depth, hidden, ffn, heads, layers, placement, dept
                    "the whole models would not fit in memory).")
 @click.option("--float64", "float64", type=click.Choice(["auto", "on", "off"]), default="auto",
               show_default=True, help="The float64 level of the check: both graphs in double "
-              "precision (auto: when the copies fit in memory).")
+              "precision (auto: when the copies fit in memory; block by block, one segment's "
+              "copy at a time).")
 @click.option("--report", type=click.Path(dir_okay=False, allow_dash=True), help=REPORT_HELP)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of synthesised inputs.")
 @verbosity_options

@@ -105,6 +105,64 @@ def test_blockwise_verification_catches_a_corrupted_weight(tmp_path):
     assert res.returncode == 1, res.stderr
 
 
+@pytest.mark.parametrize("name,kw", [("gpt2-ts17.onnx", dict(width=1.5, depth=2)),
+                                     ("llama-ts17.onnx", dict(width=2, depth=2))])
+def test_blockwise_float64_level_gives_the_whole_models_figures(tmp_path, name, kw):
+    """The float64 level block by block (float64 copies of each segment, float64 hidden
+    states handed on) finds the whole-model float64 difference, and decides with the
+    relative rule instead of the fallback bound."""
+    out = expand(FIXTURES / name, tmp_path / name, verify=False, **kw).output
+    cases = [c["in"] for c in load_cases(FIXTURES / name.replace(".onnx", ".npz"))]
+    whole = verify(FIXTURES / name, out, inputs=cases, float64="on")
+    block = verify(FIXTURES / name, out, inputs=cases, float64="on", blockwise=True)
+    assert whole.passed and block.passed, block.format()
+    assert block.levels["float64"]["ran"] and block.levels["dtype"]["rule"] == "relative"
+    for cw, cb in zip(whole.cases, block.cases):
+        for ow, ob in zip(cw["outputs"], cb["outputs"]):
+            assert ob.alg_max_abs is not None
+            assert abs(ob.alg_max_abs - ow.alg_max_abs) <= 1e-12 * ow.ref_max + 1e-300, ob.name
+            assert ob.own_error == pytest.approx(ow.own_error, rel=1e-6, abs=1e-12)
+    # every block's hidden state is compared in float64 too
+    assert all(r["alg_rel"] is not None and r["alg_passed"] for r in block.layerwise)
+
+
+def test_blockwise_float64_level_catches_what_the_fallback_bound_lets_through(tmp_path):
+    """A weight off by 2e-4 of itself in one block moves the outputs by less than the
+    fallback bound (256 epsilons of max|output|), so the dtype level alone passes it; the
+    float64 level, block by block, does not, and names the block."""
+    name = "llama-ts17.onnx"
+    out = expand(FIXTURES / name, tmp_path / "big.onnx", verify=False, width=2, depth=2).output
+    m = onnx.load(str(out))
+    target = recognize(io.load(out)).blocks[2].mlp.down.weight
+    for t in m.graph.initializer:
+        if t.name == target:
+            arr = onnx.numpy_helper.to_array(t).copy()
+            k = np.unravel_index(np.argmax(np.abs(arr)), arr.shape)
+            arr[k] *= 1 + 2e-4
+            t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(m, str(bad))
+    off = verify(FIXTURES / name, bad, blockwise=True, float64="off")
+    assert off.passed, "the corruption must be below the fallback bound for this test to mean"
+    rep = verify(FIXTURES / name, bad, blockwise=True, float64="on")
+    assert not rep.passed
+    assert any(o.caught_by and "float64" in o.caught_by for c in rep.cases
+               for o in c["outputs"])
+    assert rep.first_divergent_block is not None
+
+
+def test_blockwise_float64_is_skipped_when_a_segment_would_not_fit(tmp_path, monkeypatch):
+    from lemon_onnx.verify import blockwise
+
+    out = expand(FIXTURES / "gpt2-ts17.onnx", tmp_path / "big.onnx", verify=False,
+                 width=2).output
+    monkeypatch.setattr(blockwise, "available_memory", lambda: 10_000)
+    rep = verify(FIXTURES / "gpt2-ts17.onnx", out, blockwise=True)
+    assert rep.passed and not rep.levels["float64"]["ran"]
+    assert rep.levels["dtype"]["rule"] == "fallback"
+    assert any("float64 level skipped: a float64 segment needs" in n for n in rep.notes)
+
+
 def test_blockwise_is_chosen_when_the_whole_models_do_not_fit(tmp_path, monkeypatch):
     from lemon_onnx.verify import core
 

@@ -16,7 +16,11 @@ sides are compared as ``--layerwise`` does: small block i against big block
 ``plan["blocks"][i]`` on the source's coordinates.  The graph outputs come from the last
 segments and are compared as a whole-model run's would be.
 
-Without float64 copies of the segments, the dtype level uses the fallback bound
+The float64 level runs the same way on float64 copies of the segments (each segment is
+widened on its own, so memory holds one block's float64 weights, about ``F64_SEGMENT_FACTOR``
+times the segment's bytes, and the hidden states are handed on in float64).  It runs when
+that fits (``float64="auto"``), or always (``"on"``); without it (``"off"``, no memory, or a
+segment ONNX Runtime cannot run in float64) the dtype level uses the fallback bound
 (``compare.FALLBACK_ULPS``) unless fixed tolerances were given.
 """
 
@@ -24,11 +28,22 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import tempfile
 from pathlib import Path
 
+import numpy as np
+
+from ..errors import RuntimeFailure
+from ..estimate import available_memory
 from . import compare as cmp
 from .models import describe
 from .runtime import make_session, run_session
+
+#: memory of a float64 segment run per byte of the segment's weights in their dtype (float32:
+#: the float64 tensors, their serialised model and ONNX Runtime's copy)
+F64_SEGMENT_FACTOR = 6
+#: the float64 level runs (``auto``) when that fits in this share of the available memory
+F64_MEMORY_SHARE = 0.5
 
 __all__ = ["Segment", "segments", "run_segments", "compare_blockwise"]
 
@@ -160,11 +175,31 @@ def _segment_model(proto, seg: Segment, types: dict, fallback: int) -> bytes:
     return m.SerializeToString()
 
 
-def run_segments(path, proto, desc, cases, provider: str, wanted, fallback_elem: int):
-    """Run the model at ``path`` segment by segment on every case.
+def _float64_segment(data: bytes, folder: Path, tmp: str):
+    """The float64 copy of a segment model whose weights are in ``folder``'s external files:
+    serialised bytes, or a file in ``tmp`` when its weights are too large for one protobuf."""
+    import onnx
+    import onnx_ir as ir
+
+    from .precision import IN_MEMORY_BYTES, float64_bytes, to_float64
+
+    model = ir.serde.deserialize_model(onnx.load_from_string(data))
+    ir.external_data.set_base_dir(model.graph, str(folder))
+    to_float64(model)
+    if float64_bytes(model) > IN_MEMORY_BYTES:
+        target = Path(tmp) / "segment64.onnx"
+        ir.save(model, target, external_data="segment64.onnx.data")
+        return str(target)
+    return ir.to_proto(model).SerializeToString()
+
+
+def run_segments(path, proto, desc, cases, provider: str, wanted, fallback_elem: int,
+                 float64: bool = False):
+    """Run the model at ``path`` segment by segment on every case (``float64``: the float64
+    copy of each segment, float inputs widened).
 
     Returns ({wanted or graph output name: [array per case]}, provider used, largest segment
-    weight bytes)."""
+    weight bytes).  A float64 segment ONNX Runtime cannot load raises ``RuntimeFailure``."""
     segs = segments(proto, desc, wanted)
     types = _elem_types(proto)
     keep = set(wanted) | {o.name for o in proto.graph.output}
@@ -173,14 +208,20 @@ def run_segments(path, proto, desc, cases, provider: str, wanted, fallback_elem:
         for x in seg.inputs:
             last_reader[x] = seg.index
     values = [dict(c) for c in cases]
+    if float64:
+        values = [{k: (a.astype(np.float64) if np.asarray(a).dtype.kind == "f" else a)
+                   for k, a in c.items()} for c in values]
     got: dict = {}
     used = None
     folder = Path(path).resolve().parent
     for seg in segs:
         data = _segment_model(proto, seg, types, fallback_elem)
-        label = f"{path} (segment {seg.index} of {len(segs)})"
-        sess, used = make_session(data, provider, label=label, external_data_dir=folder,
-                                  lean=True)
+        label = f"{path} (segment {seg.index} of {len(segs)}{', float64' if float64 else ''})"
+        with tempfile.TemporaryDirectory(prefix="lemon-seg64-") as tmp:
+            if float64:
+                data = _float64_segment(data, folder, tmp)
+            sess, used = make_session(data, provider, label=label, external_data_dir=folder,
+                                      lean=True)
         del data
         for k, case in enumerate(values):
             feeds = {x: case[x] for x in seg.inputs}
@@ -198,9 +239,11 @@ def run_segments(path, proto, desc, cases, provider: str, wanted, fallback_elem:
 
 
 def compare_blockwise(small_path, big_path, small_ir, big_ir, plan: dict, cases,
-                      provider: str, rule: cmp.Rule, notes: list, cache: dict):
-    """Both models block by block.  Returns (report cases, layerwise rows, first divergent
-    block, provider used, largest segment bytes)."""
+                      provider: str, rule: cmp.Rule, notes: list, cache: dict,
+                      float64: str = "auto"):
+    """Both models block by block, in their dtype and (``float64``: auto | on | off) in
+    float64.  Returns (report cases, layerwise rows, first divergent block, provider used,
+    largest segment bytes, the float64 level's description, the rule applied)."""
     import onnx
 
     ds, db = describe(small_ir, cache), describe(big_ir, cache)
@@ -214,19 +257,28 @@ def compare_blockwise(small_path, big_path, small_ir, big_ir, plan: dict, cases,
     runs = {}
     largest = 0
     used = None
-    for side, path, desc, names in (("small", small_path, ds, [p[2] for p in pairs]),
-                                    ("big", big_path, db, [p[3] for p in pairs])):
+    sides = (("small", small_path, ds, [p[2] for p in pairs]),
+             ("big", big_path, db, [p[3] for p in pairs]))
+    for side, path, desc, names in sides:
         proto = onnx.load(str(path), load_external_data=False)
         runs[side], used, seg_bytes = run_segments(path, proto, desc, cases, provider, names,
                                                    elem)
         largest = max(largest, seg_bytes)
         del proto
+    level, runs64 = _float64_runs(float64, sides, cases, used, elem, largest, rule, notes)
+    if runs64 is None and rule.mode == "relative":  # no float64 runs: the fallback bound
+        rule = cmp.Rule("fallback", rule.dtype, rule.atol, rule.rtol)
+
+    def f64(side, name, k):
+        return runs64[side].get(name, [None] * len(cases))[k] if runs64 else None
     small_outputs = [v.name for v in small_ir.graph.outputs]
     out_maps = plan.get("outputs") or {}
     report_cases = []
     for k, case in enumerate(cases):
-        outs = [cmp.compare_output(n, runs["small"][n][k], runs["big"].get(n, [None] * len(cases))[k],
-                                   out_maps.get(n), rule)
+        outs = [cmp.compare_output(n, runs["small"][n][k],
+                                   runs["big"].get(n, [None] * len(cases))[k],
+                                   out_maps.get(n), rule, small64=f64("small", n, k),
+                                   big64=f64("big", n, k))
                 for n in small_outputs]
         report_cases.append({"shapes": {n: list(a.shape) for n, a in case.items()},
                              "outputs": outs})
@@ -237,7 +289,8 @@ def compare_blockwise(small_path, big_path, small_ir, big_ir, plan: dict, cases,
             a, bb = runs["small"][vs][k], runs["big"][vb][k]
             mapping = {"compare": "prefix", "axis": -1, "size": a.shape[-1]} \
                 if (bb.ndim and a.ndim and bb.shape[-1] != a.shape[-1]) else None
-            reps.append(cmp.compare_output(vs, a, bb, mapping, rule))
+            reps.append(cmp.compare_output(vs, a, bb, mapping, rule, small64=f64("small", vs, k),
+                                           big64=f64("big", vb, k)))
         agg = cmp.aggregate(reps)
         row = {"block": i, "big_block": j, "value_small": vs, "value_big": vb}
         row.update({k: v for k, v in dataclasses.asdict(agg).items()
@@ -247,4 +300,39 @@ def compare_blockwise(small_path, big_path, small_ir, big_ir, plan: dict, cases,
             first = i
     notes.append(f"blockwise: {len(ds.blocks)} + {len(db.blocks)} blocks run one segment at a "
                  f"time (largest segment's weights {largest / 1e9:.2f} GB)")
-    return report_cases, rows, first, used, largest
+    return report_cases, rows, first, used, largest, level, rule
+
+
+def _float64_runs(mode: str, sides, cases, provider, elem, largest: int, rule: cmp.Rule,
+                  notes: list):
+    """The float64 level, segment by segment: (level description, {side: runs} or None)."""
+    import onnx
+
+    level = {"ran": False, "engine": None, "rtol": rule.alg_rtol,
+             "decides": rule.algebraic_decides, "why": None}
+    need, avail = F64_SEGMENT_FACTOR * largest, available_memory()
+    if mode == "off":
+        level["why"] = "turned off (float64=off)"
+    elif mode == "auto" and avail is not None and need > F64_MEMORY_SHARE * avail:
+        level["why"] = (f"a float64 segment needs about {need / 1e9:.1f} GB and "
+                        f"{avail / 1e9:.1f} GB of memory is available")
+    if level["why"] is not None:
+        if mode != "off":
+            notes.append(f"float64 level skipped: {level['why']}; the {rule.dtype} level uses "
+                         "the fallback bound (--float64 on forces it)")
+        return level, None
+    runs64 = {}
+    forced = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
+    try:
+        for side, path, desc, names in sides:
+            proto = onnx.load(str(path), load_external_data=False)
+            runs64[side], used, _ = run_segments(path, proto, desc, cases, forced, names, elem,
+                                                 float64=True)
+            del proto
+    except RuntimeFailure as exc:
+        level["why"] = " ".join(exc.message.split())[:300]
+        notes.append(f"float64 level skipped: {level['why']}; the {rule.dtype} level uses the "
+                     "fallback bound")
+        return level, None
+    level.update(ran=True, engine="onnxruntime", provider=used)
+    return level, runs64

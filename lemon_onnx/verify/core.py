@@ -84,7 +84,7 @@ def verify(small_path, big_path, *, inputs=None, atol: float | None = None,
         blockwise = _too_big_for_memory(small_path, big_path, notes)
     if blockwise:
         return _verify_blockwise(small_path, big_path, small_ir, big_ir, plan, cases, source,
-                                 provider, rule, dtype, notes, cache, timings, t_start)
+                                 provider, rule, dtype, notes, cache, timings, t_start, float64)
 
     pairs = block_pairs(small_ir, big_ir, plan, notes, cache) if layerwise else None
     # the model's own dtype: one session at a time keeps peak memory at the larger model
@@ -179,22 +179,19 @@ def _too_big_for_memory(small_path, big_path, notes: list) -> bool:
 
 
 def _verify_blockwise(small_path, big_path, small_ir, big_ir, plan, cases, source, provider,
-                      rule, dtype, notes, cache, timings, t_start) -> VerifyReport:
+                      rule, dtype, notes, cache, timings, t_start, float64) -> VerifyReport:
     from .blockwise import compare_blockwise
 
-    if rule.mode == "relative":  # no float64 runs of the segments: the fallback bound
-        rule = cmp.Rule("fallback", dtype, rule.atol, rule.rtol)
     t = time.perf_counter()
-    report_cases, rows, first, used, _ = compare_blockwise(
-        small_path, big_path, small_ir, big_ir, plan, cases, provider, rule, notes, cache)
+    report_cases, rows, first, used, _, level_f64, rule = compare_blockwise(
+        small_path, big_path, small_ir, big_ir, plan, cases, provider, rule, notes, cache,
+        float64)
     timings["blockwise"] = time.perf_counter() - t
     passed = all(o.passed for c in report_cases for o in c["outputs"])
     if first is not None and passed:
         notes.append(f"the outputs match but block {first}'s hidden state diverges")
     notes.insert(0, f"inputs: {source}, {len(cases)} case(s)")
-    levels = {"float64": {"ran": False, "engine": None, "rtol": rule.alg_rtol,
-                          "decides": False, "why": "blockwise verification runs the models' "
-                                                   "own dtype only"},
+    levels = {"float64": level_f64,
               "dtype": {"dtype": dtype, "rule": "fixed" if rule.mode == "fixed" else rule.mode,
                         "factor": rule.factor, "floor_ulps": rule.floor_ulps,
                         "fallback_ulps": rule.fallback_ulps, "eps": rule.eps}}
