@@ -159,8 +159,9 @@ class _Stream:
 
 
 def write(model: ir.Model, folder: str | os.PathLike, name: str, *, workers: int,
-          max_in_flight: int) -> list[tuple[ir.Value, object]]:
-    """Write the model's large initializers to ``folder/name`` and point them at it.
+          max_in_flight: int, on_progress=None) -> list[tuple[ir.Value, object]]:
+    """Write the model's large initializers to ``folder/name`` and point them at it;
+    ``on_progress(bytes done, bytes in all)`` after each tensor.
 
     Returns (value, previous tensor) pairs, for ``restore``: the written model refers to the
     file, which the caller may move."""
@@ -186,6 +187,8 @@ def write(model: ir.Model, folder: str | os.PathLike, name: str, *, workers: int
             stream.write(data)
             in_flight -= t.nbytes
             del data
+            if on_progress is not None:
+                on_progress(offsets[i] + t.nbytes, length)
         stream.close(length)
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -255,7 +255,8 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
         vreport = None
         with Staging(dest) as staging:
             with progress.stage("save") as st:
-                io.save(model, staging.path)
+                io.save(model, staging.path,
+                        on_progress=lambda done, total: progress.advance("save", done, total))
                 st.summary = "saved"
             del model
             with progress.stage("check") as st:

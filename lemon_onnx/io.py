@@ -96,12 +96,14 @@ def tensor_bytes(model: ir.Model) -> int:
     return total
 
 
-def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
+def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None,
+         on_progress=None) -> Path:
     """Save atomically.  With external data, tensors go to ``<name>.data`` beside the model.
 
     ``external_data=None`` chooses external data when the weights exceed ~1.8 GB (protobuf's
     2 GB limit).  Everything is written into a temporary folder beside the destination and then
     renamed, data file first, so an interrupted save leaves nothing at ``path``.
+    ``on_progress(bytes written, bytes in all)``: called as the data file is written.
     """
     dest = Path(path).resolve()
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +115,8 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
         data_name = dest.name + ".data"
         if external_data:
             previous = datafile.write(model, tmpdir, data_name, workers=SAVE_WORKERS,
-                                      max_in_flight=MAX_IN_FLIGHT_BYTES)
+                                      max_in_flight=MAX_IN_FLIGHT_BYTES,
+                                      on_progress=on_progress)
             try:
                 ir.save(model, tmp_model)  # the tensors now refer to the data file
             finally:

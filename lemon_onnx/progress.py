@@ -20,6 +20,8 @@ import time
 from typing import TextIO
 
 PREFIX = "lemon-onnx: "
+#: seconds between two progress lines of a long stage in plain (non-terminal) output
+PLAIN_EVERY = 10.0
 
 
 class Stage:
@@ -79,6 +81,21 @@ class Progress:
         st.seconds = time.perf_counter() - t0
         if st.summary:
             self.log(f"{st.summary} ({st.seconds:.1f}s)", level)
+
+    def advance(self, name: str, done: int, total: int, unit: float = 1e9,
+                label: str = "GB") -> None:
+        """How far a long stage has come: the bar's text on a terminal; elsewhere a line at
+        most every ``PLAIN_EVERY`` seconds (CI logs stay short)."""
+        text = f"{name} {done / unit:.1f}/{total / unit:.1f} {label}"
+        if self._bar is not None:
+            self._bar.set_description_str(PREFIX + text, refresh=False)
+            return
+        now = time.perf_counter()
+        if self.verbosity > 0 and not self.use_bar and done < total and \
+                now - getattr(self, "_last_plain", 0.0) >= PLAIN_EVERY:
+            if hasattr(self, "_last_plain"):  # not for the first call: short stages stay quiet
+                self._write(PREFIX + text)
+            self._last_plain = now
 
     def _open_bar(self) -> None:
         if self._bar is not None:

@@ -138,3 +138,22 @@ def test_a_failing_tensor_leaves_nothing(tmp_path, small_stage):
     with pytest.raises(InternalError):
         io.save(_model(tensors), tmp_path / "m.onnx", external_data=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_long_save_reports_how_far_it_is(tmp_path, monkeypatch):
+    """Plain output (CI logs) gets a 'save N/M GB' line at most every PLAIN_EVERY seconds
+    while the data file is written (here every tensor: PLAIN_EVERY = 0)."""
+    import io as pyio
+
+    import lemon_onnx
+    from lemon_onnx import progress as pg
+    from conftest import FIXTURES
+
+    monkeypatch.setattr(pg, "PLAIN_EVERY", 0.0)
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 0)  # as if above 2 GB
+    buf = pyio.StringIO()
+    lemon_onnx.expand(FIXTURES / "gpt2-ts17.onnx", tmp_path / "o.onnx", width=2,
+                      verify=False, progress=pg.Progress(1, stream=buf, bar=False))
+    lines = [x for x in buf.getvalue().splitlines() if x.startswith("lemon-onnx: save ")]
+    assert len(lines) > 3 and all(x.endswith(" GB") and "/" in x for x in lines)
+    assert (tmp_path / "o.onnx.data").exists()

@@ -20,13 +20,16 @@ def _cuda_installed(ort) -> bool:
 
 
 def make_session(path_or_bytes, provider: str = "auto", *, label: str | None = None,
-                 external_data_dir: str | os.PathLike | None = None, lean: bool = False):
+                 external_data_dir: str | os.PathLike | None = None, lean: bool = False,
+                 initializers: dict | None = None):
     """An ONNX Runtime session on ``provider`` ("auto" | "cuda" | "cpu").
 
     Returns ``(session, provider_used)`` where ``provider_used`` is what ONNX Runtime really
     runs on (``session.get_providers()[0]``).  ``external_data_dir``: where the external data of
     a model given as bytes lives.  ``lean``: no CPU memory arena and no memory pattern (a
-    short-lived session run on few inputs: what they would keep cached is not reused).  Raises ``RuntimeFailure`` (exit 3) when CUDA is forced but
+    short-lived session run on few inputs: what they would keep cached is not reused).
+    ``initializers``: {name: numpy array} for initializers the model declares as external
+    data, handed to ONNX Runtime as they are (no protobuf holds their bytes).  Raises ``RuntimeFailure`` (exit 3) when CUDA is forced but
     unusable, or when ONNX Runtime cannot load the model.
     """
     import onnxruntime as ort
@@ -47,6 +50,10 @@ def make_session(path_or_bytes, provider: str = "auto", *, label: str | None = N
         if external_data_dir is not None and isinstance(model, (bytes, bytearray)):
             so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                         str(external_data_dir))
+        if initializers:
+            so.add_external_initializers(
+                list(initializers),
+                [ort.OrtValue.ortvalue_from_numpy(a) for a in initializers.values()])
         return so
 
     def create(providers):
