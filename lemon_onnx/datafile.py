@@ -77,6 +77,14 @@ def _materialise(tensor) -> np.ndarray:
     return data
 
 
+def _pwrite(fd: int, data, offset: int) -> int:
+    """``os.pwrite`` where the platform has it (not Windows: seek, then write)."""
+    if hasattr(os, "pwrite"):
+        return os.pwrite(fd, data, offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.write(fd, data)
+
+
 class _Stream:
     """A file written front to back through a page-aligned staging buffer, with ``O_DIRECT``
     where the file system allows it (whole blocks only; the tail block is padded, then the
@@ -124,7 +132,7 @@ class _Stream:
         try:
             while done < n:
                 try:
-                    done += os.pwrite(self.fd, view[done:], self.pos + done)
+                    done += _pwrite(self.fd, view[done:], self.pos + done)
                 except OSError as exc:
                     if not self.direct or exc.errno != errno.EINVAL:
                         raise

@@ -58,8 +58,10 @@ def small_stage(monkeypatch):
     monkeypatch.setattr(datafile, "ALIGN_ABOVE", 1 << 16)
 
 
-@pytest.mark.parametrize("direct", ["direct", "refused"])
+@pytest.mark.parametrize("direct", ["direct", "refused", "no pwrite"])
 def test_bytes_round_trip(tmp_path, small_stage, monkeypatch, direct):
+    if direct == "no pwrite":  # Windows: seek and write
+        monkeypatch.delattr(datafile.os, "pwrite")
     if direct == "refused":  # a file system that accepts the flag but refuses the writes
         real = datafile.os.pwrite
         calls = {"refused": 0}
