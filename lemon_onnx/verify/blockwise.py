@@ -36,7 +36,8 @@ from ..errors import RuntimeFailure
 from ..estimate import available_memory
 from . import compare as cmp
 from .models import describe
-from .runtime import make_session, run_session
+from .precision import float64_feeds, float64_level, to_float64
+from .runtime import CUDA, _one_line, make_session, run_session
 
 #: memory of a float64 segment run per byte of the segment's weights in their dtype (float32:
 #: the float64 tensors, their serialised model and ONNX Runtime's copy)
@@ -187,8 +188,6 @@ def _float64_segment(data: bytes, folder: Path):
     import onnx
     import onnx_ir as ir
 
-    from .precision import to_float64
-
     model = ir.serde.deserialize_model(onnx.load_from_string(data))
     ir.external_data.set_base_dir(model.graph, str(folder))
     to_float64(model)
@@ -216,10 +215,7 @@ def run_segments(path, proto, desc, cases, provider: str, wanted, fallback_elem:
     for seg in segs:
         for x in seg.inputs:
             last_reader[x] = seg.index
-    values = [dict(c) for c in cases]
-    if float64:
-        values = [{k: (a.astype(np.float64) if np.asarray(a).dtype.kind == "f" else a)
-                   for k, a in c.items()} for c in values]
+    values = float64_feeds(cases) if float64 else [dict(c) for c in cases]
     got: dict = {}
     used = None
     folder = Path(path).resolve().parent
@@ -317,8 +313,7 @@ def _float64_runs(mode: str, sides, cases, provider, elem, largest: int, rule: c
     """The float64 level, segment by segment: (level description, {side: runs} or None)."""
     import onnx
 
-    level = {"ran": False, "engine": None, "rtol": rule.alg_rtol,
-             "decides": rule.algebraic_decides, "why": None}
+    level = float64_level(rule)
     need, avail = F64_SEGMENT_FACTOR * largest, available_memory()
     if mode == "off":
         level["why"] = "turned off (float64=off)"
@@ -331,7 +326,7 @@ def _float64_runs(mode: str, sides, cases, provider, elem, largest: int, rule: c
                          "the fallback bound (--float64 on forces it)")
         return level, None
     runs64 = {}
-    forced = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
+    forced = "cuda" if provider == CUDA else "cpu"
     try:
         for side, path, desc, names in sides:
             proto = onnx.load(str(path), load_external_data=False)
@@ -339,7 +334,7 @@ def _float64_runs(mode: str, sides, cases, provider, elem, largest: int, rule: c
                                                  float64=True)
             del proto
     except RuntimeFailure as exc:
-        level["why"] = " ".join(exc.message.split())[:300]
+        level["why"] = _one_line(exc.message, 300)
         notes.append(f"float64 level skipped: {level['why']}; the {rule.dtype} level uses the "
                      "fallback bound")
         return level, None

@@ -14,7 +14,7 @@ from . import compare as cmp
 from .inputs import DEFAULT_CASES, _conform, _synthesize, load_inputs, save_inputs_npz
 from .layerwise import block_pairs, layerwise_rows
 from .models import as_ir, describe, first_float_dtype, read_plan
-from .precision import float64_bytes, run_float64
+from .precision import float64_bytes, float64_level, run_float64
 from .report import VerifyReport
 from .runtime import CUDA, _one_line, available_providers, make_session, prepare, run_session
 
@@ -259,8 +259,7 @@ def _run_model(path, ir_model, cases, provider, which, timings):
 def _float64_level(mode, small_path, big_path, small_ir, big_ir, cases, want_small, want_big,
                    provider, rule, notes):
     """Run both float64 copies; returns (level description, small runs, big runs)."""
-    level = {"ran": False, "engine": None, "rtol": rule.alg_rtol,
-             "decides": rule.algebraic_decides, "why": None}
+    level = float64_level(rule)
     if mode == "off":
         level["why"] = "turned off (float64=off)"
         return level, None, None

@@ -115,6 +115,18 @@ class Float64Run:
     note: str | None = None  # why the reference evaluator was needed
 
 
+def float64_feeds(cases: Sequence[dict]) -> list[dict]:
+    """The cases with their float inputs widened to float64 (the others as they are)."""
+    return [{k: (np.asarray(a).astype(np.float64) if np.asarray(a).dtype.kind == "f" else a)
+             for k, a in c.items()} for c in cases]
+
+
+def float64_level(rule) -> dict:
+    """The float64 level's description in a report, before it runs (``ran`` False)."""
+    return {"ran": False, "engine": None, "rtol": rule.alg_rtol,
+            "decides": rule.algebraic_decides, "why": None}
+
+
 def run_float64(path: str | os.PathLike, cases: Sequence[dict], fetch: Sequence[str],
                 provider: str, *, label: str) -> Float64Run:
     """Run the float64 copy of the model at ``path`` on ``cases`` (float inputs widened) and
@@ -132,8 +144,7 @@ def run_float64(path: str | os.PathLike, cases: Sequence[dict], fetch: Sequence[
             model.graph.outputs.append(known[n])
             outs.add(n)
     to_float64(model)
-    feeds = [{k: (np.asarray(a).astype(np.float64) if np.asarray(a).dtype.kind == "f" else a)
-              for k, a in c.items()} for c in cases]
+    feeds = float64_feeds(cases)
     big = float64_bytes(model) > IN_MEMORY_BYTES
     with tempfile.TemporaryDirectory(prefix="lemon-f64-") as tmp:
         if big:
