@@ -193,21 +193,25 @@ class GraphIndex:
         """Whether ``v`` is computed from ``src`` (or is it)."""
         if v is src:
             return True
-        bits = self._reach_bits()
         p = src.producer()
-        a, b = bits.get(v), self._bit.get(src if p is None else p)
-        if a is None or b is None:  # a node added after the index was built
-            anc = self.ancestors(v)
-            return p in anc if p is not None else any(src in n.inputs for n in anc)
-        return bool(a >> b & 1)
+        if p is not None:
+            return self.computes(p, v)
+        reached = self._reached(src, v)
+        if reached is None:
+            return any(src in n.inputs for n in self.ancestors(v))
+        return reached
 
     def computes(self, n: ir.Node, v: ir.Value) -> bool:
         """Whether node ``n`` is among those ``v`` is computed from."""
-        bits = self._reach_bits()
-        a, b = bits.get(v), self._bit.get(n)
-        if a is None or b is None:
-            return n in self.ancestors(v)
-        return bool(a >> b & 1)
+        reached = self._reached(n, v)
+        return n in self.ancestors(v) if reached is None else reached
+
+    def _reached(self, key, v: ir.Value) -> bool | None:
+        """The bit test: whether ``key`` (a node, or a value no node produces) is in ``v``'s
+        reach set; None where either came after the index was built (walk instead)."""
+        a = self._reach_bits().get(v)
+        b = self._bit.get(key)
+        return None if a is None or b is None else bool(a >> b & 1)
 
     def _reach_bits(self) -> dict:
         """For each value, the set of nodes and source values (inputs, initializers) it is
