@@ -30,7 +30,7 @@ import sys
 import numpy as np
 import onnx_ir as ir
 
-from .passes.streaming import release
+from .passes.streaming import read, release
 
 #: tensors of at most this many bytes stay inside the protobuf (onnx-ir's default)
 INLINE_MAX_BYTES = 256
@@ -64,8 +64,8 @@ def _bytes_of(tensor) -> np.ndarray:
     """A tensor's bytes as ONNX stores them (little-endian, sub-byte types packed), as a flat
     uint8 array that views the computed array where it can (no copy)."""
     if tensor.dtype.bitwidth < 8 or sys.byteorder != "little":
-        return np.frombuffer(tensor.tobytes(), np.uint8)
-    arr = np.ascontiguousarray(tensor.numpy())
+        return np.frombuffer(read(tensor, packed=True), np.uint8)
+    arr = np.ascontiguousarray(read(tensor))
     return arr.reshape(-1).view(np.uint8)
 
 

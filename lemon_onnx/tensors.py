@@ -20,9 +20,9 @@ def _apply(fn, arr: np.ndarray) -> np.ndarray:
 def _lazy(orig, fn, shape: tuple, name: str) -> ir.LazyTensor:
     """``fn(orig)`` computed when the tensor is read (saved), not now."""
     def compute():
-        from .passes.streaming import release
+        from .passes.streaming import read, release
 
-        out = _apply(fn, np.asarray(orig.numpy()))
+        out = _apply(fn, np.asarray(read(orig)))
         release(orig)  # unmap the source's pages (passes/streaming.py, rule 2)
         return ir.tensor(out, name=name)
 

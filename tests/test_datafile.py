@@ -159,3 +159,37 @@ def test_a_long_save_reports_how_far_it_is(tmp_path, monkeypatch):
     lines = [x for x in buf.getvalue().splitlines() if x.startswith("lemon-onnx: save ")]
     assert len(lines) > 3 and all(x.endswith(" GB") and "/" in x for x in lines)
     assert (tmp_path / "o.onnx.data").exists()
+
+
+@pytest.fixture
+def slow_mapping(monkeypatch):
+    """onnx-ir maps an external tensor on its first read, without a lock: a pause inside the
+    mapping makes two threads that read the same tensor overlap there every time."""
+    import time
+
+    real = ir.ExternalTensor._load
+
+    def _load(self):
+        time.sleep(0.05)
+        return real(self)
+
+    monkeypatch.setattr(ir.ExternalTensor, "_load", _load)
+
+
+def test_two_lazy_tensors_of_one_source_are_written_at_once(tmp_path, slow_mapping):
+    """A block's weight and its twin's copy are lazy tensors of one memory-mapped source
+    tensor, next to each other in the file, so both writer threads read that source at once
+    (an intermittent exit 4 on GPT-2 medium at depth 2, 'the array should be loaded only
+    once', before the map lock in passes/streaming.py)."""
+    from lemon_onnx.tensors import _lazy
+
+    w = np.arange(4096, dtype=np.float32)
+    src = io.save(_model({"w": ir.tensor(w)}), tmp_path / "in" / "m.onnx", external_data=True)
+    ext = io.load(src).graph.initializers["w"].const_value
+    assert isinstance(ext, ir.ExternalTensor)
+    tensors = {"a": _lazy(ext, lambda x: x + 1, (4096,), "a"),
+               "b": _lazy(ext, lambda x: x * 2, (4096,), "b")}
+    out = io.save(_model(tensors), tmp_path / "out" / "m.onnx", external_data=True)
+    got = _read_back(out)
+    assert np.array_equal(onnx.numpy_helper.to_array(got["a"]), w + 1)
+    assert np.array_equal(onnx.numpy_helper.to_array(got["b"]), w * 2)

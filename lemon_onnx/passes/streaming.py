@@ -21,16 +21,34 @@ from typing import Iterable
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["SharedResult", "keep_together", "release", "release_all"]
+__all__ = ["SharedResult", "keep_together", "read", "release", "release_all"]
+
+
+#: held while a memory-mapped tensor is mapped or unmapped: the writer's threads read the same
+#: source tensor for a block and its twins' copies, and onnx-ir's ExternalTensor maps on the
+#: first read without a lock of its own (two threads mapping at once fail its check that the
+#: array is loaded only once).  Mapping is cheap; the pages are read outside the lock.
+_MAP_LOCK = threading.Lock()
+
+
+def read(tensor, packed: bool = False):
+    """``tensor.numpy()`` (``packed``: ``tensor.tobytes()``, sub-byte types packed as ONNX
+    stores them), mapping a memory-mapped tensor under ``_MAP_LOCK``."""
+    get = tensor.tobytes if packed else tensor.numpy
+    if isinstance(tensor, ir.ExternalTensor):
+        with _MAP_LOCK:
+            return get()
+    return get()
 
 
 def release(tensor) -> None:
     """Unmap a memory-mapped external tensor (it maps again if read later)."""
     if isinstance(tensor, ir.ExternalTensor):
-        try:
-            tensor.release()
-        except BufferError:  # an array still views the map: it is unmapped when collected
-            pass
+        with _MAP_LOCK:
+            try:
+                tensor.release()
+            except BufferError:  # an array still views the map: it is unmapped when collected
+                pass
 
 
 def release_all(model: ir.Model) -> None:
@@ -65,7 +83,7 @@ class SharedResult:
         with self._lock:
             value = self._value
             if value is None:
-                value = np.asarray(self.tensor.numpy())
+                value = np.asarray(read(self.tensor))
                 release(self.tensor)
             self._taken += 1
             if self._taken >= self.readers:
