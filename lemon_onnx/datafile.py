@@ -69,14 +69,6 @@ def _bytes_of(tensor) -> np.ndarray:
     return arr.reshape(-1).view(np.uint8)
 
 
-def _materialise(tensor) -> np.ndarray:
-    data = _bytes_of(tensor)
-    if isinstance(tensor, ir.ExternalTensor):
-        data = data.copy()  # the source's pages are unmapped right away
-        release(tensor)
-    return data
-
-
 def _pwrite(fd: int, data, offset: int) -> int:
     """``os.pwrite`` where the platform has it (not Windows: seek, then write)."""
     if hasattr(os, "pwrite"):
@@ -187,7 +179,7 @@ def write(model: ir.Model, folder: str | os.PathLike, name: str, *, workers: int
             # keep the workers ahead of the writer, within the byte budget
             while nxt < len(tensors) and (not pending or
                                           in_flight + tensors[nxt].nbytes <= max_in_flight):
-                pending.append(pool.submit(_materialise, tensors[nxt]))
+                pending.append(pool.submit(_bytes_of, tensors[nxt]))
                 in_flight += tensors[nxt].nbytes
                 nxt += 1
             data = pending.popleft().result()
@@ -195,6 +187,7 @@ def write(model: ir.Model, folder: str | os.PathLike, name: str, *, workers: int
             stream.write(data)
             in_flight -= t.nbytes
             del data
+            release(t)  # a source tensor's pages, read through its map: unmapped once written
             if on_progress is not None:
                 on_progress(offsets[i] + t.nbytes, length)
         stream.close(length)
