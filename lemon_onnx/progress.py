@@ -42,6 +42,7 @@ class Progress:
         self._bar = None
         self._ticker: threading.Thread | None = None
         self._stop = threading.Event()
+        self._last_plain: float | None = None  # when advance last wrote a line (plain output)
 
     # ------------------------------------------------------------------ output
     def _write(self, text: str) -> None:
@@ -82,20 +83,21 @@ class Progress:
         if st.summary:
             self.log(f"{st.summary} ({st.seconds:.1f}s)", level)
 
-    def advance(self, name: str, done: int, total: int, unit: float = 1e9,
-                label: str = "GB") -> None:
-        """How far a long stage has come: the bar's text on a terminal; elsewhere a line at
-        most every ``PLAIN_EVERY`` seconds (CI logs stay short)."""
-        text = f"{name} {done / unit:.1f}/{total / unit:.1f} {label}"
+    def advance(self, name: str, done: int, total: int) -> None:
+        """How far a long stage has come, in GB: the bar's text on a terminal; elsewhere a
+        line at most every ``PLAIN_EVERY`` seconds, none before the first interval (CI logs
+        stay short)."""
+        text = f"{name} {done / 1e9:.1f}/{total / 1e9:.1f} GB"
         if self._bar is not None:
             self._bar.set_description_str(PREFIX + text, refresh=False)
             return
         now = time.perf_counter()
-        if self.verbosity > 0 and not self.use_bar and done < total and \
-                now - getattr(self, "_last_plain", 0.0) >= PLAIN_EVERY:
-            if hasattr(self, "_last_plain"):  # not for the first call: short stages stay quiet
+        if self.verbosity > 0 and not self.use_bar and done < total:
+            if self._last_plain is None:
+                self._last_plain = now
+            elif now - self._last_plain >= PLAIN_EVERY:
                 self._write(PREFIX + text)
-            self._last_plain = now
+                self._last_plain = now
 
     def _open_bar(self) -> None:
         if self._bar is not None:
