@@ -66,8 +66,10 @@ def test_bytes_round_trip(tmp_path, small_stage, monkeypatch, direct):
         real = datafile.os.pwrite
         calls = {"refused": 0}
 
+        import fcntl
+
         def pwrite(fd, data, off):
-            flags = __import__("fcntl").fcntl(fd, __import__("fcntl").F_GETFL)
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
             if flags & getattr(datafile.os, "O_DIRECT", 0):
                 calls["refused"] += 1
                 raise OSError(errno.EINVAL, "Invalid argument")
