@@ -142,6 +142,7 @@ def _prepare(src, *, width: float | None, depth: float | None, hidden: int | Non
         else:
             plan.outputs[o["name"]] = {"compare": "whole"}
     plan.blocks = {str(i): i for i in range(desc.num_layers)}
+    plan.layer_sources = list(range(desc.num_layers))
     return model, rec, desc, plan
 
 
