@@ -143,6 +143,8 @@ def export_torch(expanded_onnx, out_dir, *, config=None,
 
     Raises HandoffError (exit 2) for a model or config that cannot be written, MismatchError
     (exit 1) when the written folder does not compute the expanded model."""
+    if safetensors_out.parse_size(max_shard_size) <= 0:
+        raise HandoffError(f"--max-shard-size must be positive, got {max_shard_size!r}.")
     path = None
     if isinstance(expanded_onnx, ir.Model):
         model = expanded_onnx
@@ -437,12 +439,24 @@ def _tensors(asm, dtype) -> tuple[list, list]:
         entries.append({
             "name": name, "shape": list(par.shape), "dtype": ddt.name, "block": par.block,
             "bytes": outs[-1].nbytes,
-            "from": [{"onnx": pc.value.name, "key": str(pc.key),
-                      "form": pc.binding.form + (", times a norm's gamma"
-                                                 if pc.fold is not None else "")}
-                     for pc in par.pieces] or "transformers' initial value (not read by the "
-                                              "forward)"})
+            "from": _sources(par) or "transformers' initial value (not read by the "
+                                     "forward)"})
     return outs, entries
+
+
+def _sources(par) -> list:
+    """Where a parameter's values come from: each stored constant once, with its place in
+    the description and its stored form."""
+    out, seen = [], set()
+    for pc in par.pieces:
+        form = pc.binding.form + (", times a norm's gamma" if pc.fold is not None else "")
+        if (pc.value.name, form) in seen:
+            continue
+        seen.add((pc.value.name, form))
+        out.append({"onnx": pc.value.name, "key": str(pc.key), "form": form})
+    if par.ratio != 1.0:
+        out.append({"factor": par.ratio})
+    return out
 
 
 def _piece_dtype(par) -> np.dtype:

@@ -159,32 +159,41 @@ def config_object(cfg: dict):
     return c
 
 
-def _fill(model) -> tuple[dict, list]:
-    """Give every parameter values no other element of the probe has: float32 bit patterns
-    counted up from ``_BASE_BITS``, dealt to each parameter's elements in a scrambled order
-    (so that no stored constant that is linear in its index, an arange, can pass for
-    ``a * P + b``).  Returns {name: (offset, shape, multiplier, stride)} (each shared parameter
-    once) and the (start offset, name) table for decoding; also the values it replaced."""
+def probe_values(shapes: list) -> tuple[dict, dict, list]:
+    """Values no two elements share, for parameters [(name, shape)]: float32 bit patterns
+    counted up from ``_BASE_BITS``, dealt to each parameter's elements in a scrambled order of
+    its own (no stored constant linear in its index, an arange, can pass for ``a * P + b``,
+    and no parameter for an affine image of another of its size).  Returns ({name: array}, the
+    layout {name: (offset, shape, multiplier, stride, shift)}, the (offset, name) table)."""
+    arrays, table, layout = {}, [], {}
+    offset = 0
+    for k, (name, shape) in enumerate(shapes):
+        n = int(np.prod(shape))
+        m = _multiplier(n, k)
+        shift = (k * 7919) % n if n else 0
+        stride = _SMALL_STRIDE if n <= _SMALL else 1
+        code = (np.arange(n, dtype=np.int64) * m + shift) % max(n, 1)  # element j: code[j]
+        bits = (_BASE_BITS + offset + code * stride).astype(np.uint32)
+        arrays[name] = bits.view(np.float32).reshape(tuple(shape))
+        layout[name] = (offset, tuple(shape), m, stride, shift)
+        table.append((offset, name))
+        offset += n * stride
+    return arrays, layout, table
+
+
+def _fill(model) -> tuple[dict, dict, list, dict]:
+    """``probe_values`` into the model's parameters (each shared parameter once); returns the
+    values, layout, table and the values they replaced (transformers' initialisation)."""
     import torch
 
-    table, layout, init = [], {}, {}
-    offset = 0
+    params = list(model.named_parameters())
+    arrays, layout, table = probe_values([(n, tuple(p.shape)) for n, p in params])
+    init = {}
     with torch.no_grad():
-        for k, (name, p) in enumerate(model.named_parameters()):  # shared ones once
-            n = p.numel()
-            # each parameter its own scramble: two of one size must not be affine images of
-            # each other (a norm stored as 1 + w would pass for another norm's 1 + w)
-            m = _multiplier(n, k)
-            shift = (k * 7919) % n
-            stride = _SMALL_STRIDE if n <= _SMALL else 1
-            code = (np.arange(n, dtype=np.int64) * m + shift) % n  # element j holds code[j]
-            bits = (_BASE_BITS + offset + code * stride).astype(np.uint32)
+        for name, p in params:
             init[name] = p.detach().clone()
-            p.copy_(torch.from_numpy(bits.view(np.float32).reshape(tuple(p.shape))).to(p.dtype))
-            layout[name] = (offset, tuple(p.shape), m, stride, shift)
-            table.append((offset, name))
-            offset += n * stride
-    return layout, table, init
+            p.copy_(torch.from_numpy(arrays[name]).to(p.dtype))
+    return arrays, layout, table, init
 
 
 def _multiplier(n: int, k: int) -> int:
@@ -192,13 +201,22 @@ def _multiplier(n: int, k: int) -> int:
     mod n scrambles 0..n-1."""
     import math
 
+    if n <= 1:
+        return 1
     m = max(1, int(n * (0.6180339887 + 0.0137 * (k % 23)))) % n or 1
     while math.gcd(m, n) != 1:
         m += 1
     return m
 
 
-def _decode(arr: np.ndarray, layout: dict, table: list) -> Binding | None:
+def decode(arr: np.ndarray, arrays: dict, layout: dict, table: list) -> Binding | None:
+    """Which parameter a stored constant of the probe's graph holds, and how: its elements
+    are the probe's own values (``_exact``), or ``a * P + b`` of a whole parameter
+    (``_affine``: a norm stored as 1 + w, a scale folded in).  None: no parameter."""
+    return _exact(arr, layout, table) or _affine(arr, arrays, layout)
+
+
+def _exact(arr: np.ndarray, layout: dict, table: list) -> Binding | None:
     """The binding of a stored constant whose elements are the probe's own values."""
     a = np.asarray(arr)
     if a.dtype != np.float32 or a.size == 0 or not table:
@@ -236,7 +254,7 @@ def _affine(arr: np.ndarray, values: dict, layout: dict) -> Binding | None:
     for name, (_, shape, *_) in layout.items():
         if int(np.prod(shape)) != a.size:
             continue
-        p = values[name].detach().numpy().astype(np.float64)
+        p = np.asarray(values[name], dtype=np.float64)
         views = [(False, p.reshape(-1))]
         if p.ndim == 2 and a.shape == p.shape[::-1] and a.shape != p.shape:
             views.append((True, p.T.reshape(-1)))
@@ -357,8 +375,7 @@ def _build(cfg, cls_name, feeds, dyn, exporter, opset) -> Probe:
     except Exception as exc:  # noqa: BLE001 - a class that does not fit this config
         raise HandoffError(f"{cls_name} cannot be built from the expanded config: "
                            f"{' '.join(str(exc).split())[:300]}") from None
-    layout, table, init = _fill(model)
-    values = dict(model.named_parameters())
+    arrays, layout, table, init = _fill(model)
     state = model.state_dict(keep_vars=True)
     by_id = {id(p): n for n, p in model.named_parameters()}
     aliases = {n: by_id[id(t)] for n, t in state.items()
@@ -383,7 +400,7 @@ def _build(cfg, cls_name, feeds, dyn, exporter, opset) -> Probe:
             arr = _array(v)
             if arr is None:
                 continue
-            b = _decode(arr, layout, table) or _affine(arr, values, layout)
+            b = decode(arr, arrays, layout, table)
             if b is not None:
                 bindings[k] = b
             else:
