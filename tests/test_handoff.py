@@ -391,6 +391,21 @@ def test_a_scale_the_export_left_out_goes_into_the_head(tmp_path):
 
 
 def test_fused_projections_are_kept_fused_where_the_module_is(tmp_path):
+    """Falcon's query_key_value (q | k | v of a multi-query attention) is one nn.Linear: the
+    expanded graph's one fused constant is written as that parameter, transposed."""
+    _torch()
+    big, cfg = _expand_family(tmp_path, "falcon", "ts17", width=2, depth=2)
+    res = export_torch(big, tmp_path / "out", config=cfg)
+    assert res.verified["passed"] and res.verified["worst_relative"] < 1e-5
+    qkv = _entry(res, "transformer.h.3.self_attention.query_key_value.weight")
+    assert qkv["shape"] == [(8 + 2) * 16, 128]  # 8 query heads, one KV head, head_dim 16
+    assert [f["form"] for f in qkv["from"]] == ["transposed"]
+
+
+@pytest.mark.slow
+def test_fused_gate_up_is_kept_fused(tmp_path):
+    """Phi-3's qkv_proj and gate_up_proj (its TorchScript export is refused by expand, and
+    TorchScript's probe is not recognised: dynamo's probe serves)."""
     _torch()
     big, cfg = _expand_family(tmp_path, "phi3", "dy18", width=2, depth=2)
     res = export_torch(big, tmp_path / "out", config=cfg)
@@ -398,7 +413,21 @@ def test_fused_projections_are_kept_fused_where_the_module_is(tmp_path):
     qkv = _entry(res, "model.layers.2.self_attn.qkv_proj.weight")
     gate_up = _entry(res, "model.layers.2.mlp.gate_up_proj.weight")
     assert qkv["shape"] == [128 + 2 * 64, 128] and gate_up["shape"] == [2 * 192, 128]
-    assert [f["form"] for f in qkv["from"]] == ["transposed"]
+    assert [f["form"] for f in gate_up["from"]] == ["transposed"]
+
+
+@pytest.mark.slow
+def test_a_gathered_relative_position_table_is_put_back(tmp_path):
+    """BEiT from the dynamo exporter: each layer's relative position bias arrives as
+    table[index] folded into a [1, heads, 17, 17] constant (2312 elements picked from 416,
+    most of them several times); the twin layers share their source's constant."""
+    _torch()
+    big, cfg = _expand_family(tmp_path, "beit", "dy18", width=2, depth=2)
+    res = export_torch(big, tmp_path / "out", config=cfg)
+    assert res.verified["passed"] and res.verified["worst_relative"] < 1e-5
+    for i in range(4):
+        t = _entry(res, f"beit.layers.{i}.relative_position_bias.relative_position_bias_table")
+        assert "elements selected" in t["from"][0]["form"]
 
 
 def test_per_head_norms_and_position_tables_found_by_position(tmp_path):
@@ -415,6 +444,7 @@ def test_per_head_norms_and_position_tables_found_by_position(tmp_path):
     ("bloom", 2, "depth only (--depth without --width)"),  # ALiBi slopes from the head count
     ("xglm", 2, "depth only (--depth without --width)"),  # sinusoids from d_model
     ("qwen3", 1.5, "An integer width (--width 2)"),  # q/k norms' epsilon is the config's too
+    ("whisper", 2, "classifier_proj_size=32 (the expanded model has 64 there)"),
 ])
 def test_refused_with_the_width_that_can_be_written(tmp_path, name, width, words):
     _torch()

@@ -31,7 +31,7 @@ import onnx_ir as ir
 from .. import io
 from ..estimate import available_memory
 from ..verify import compare as cmp
-from ..verify.inputs import synthesize_inputs
+from ..verify.inputs import DEFAULT_CASES, _synthesize
 from ..verify.precision import float64_bytes, run_float64
 from ..verify.report import OutputReport
 from ..verify.runtime import make_session, run_session
@@ -100,9 +100,10 @@ class CheckReport:
 
 
 def check(folder, expanded, *, cases: list | None = None, float64: str = "auto",
-          provider: str = "cpu") -> CheckReport:
+          provider: str = "cpu", loaded=None) -> CheckReport:
     """Load ``folder`` with transformers and compare it with ``expanded`` (an .onnx path or an
-    onnx-ir model).  Raises ImportError without torch/transformers, HandoffError (exit 2)
+    onnx-ir model).  ``loaded``: (the expanded model as loaded, its description), when the
+    caller has them.  Raises ImportError without torch/transformers, HandoffError (exit 2)
     when the folder or the inputs cannot be used."""
     import torch
     import transformers
@@ -129,12 +130,13 @@ def check(folder, expanded, *, cases: list | None = None, float64: str = "auto",
         if isinstance(expanded, ir.Model):
             path = Path(tmp) / "expanded.onnx"
             io.save(expanded, path)
-        m = io.load(path)
-        from ..recognize import recognize
+        m, desc = loaded if loaded is not None else (io.load(path), None)
+        if desc is None:
+            from ..recognize import recognize
 
-        desc = recognize(m)
+            desc = recognize(m)
         if cases is None:
-            cases = synthesize_inputs(m)
+            cases = synthesize(m, desc)
         kinds = {o["name"]: o["kind"] for o in desc.outputs}
         names = [v.name for v in m.graph.outputs]
         notes: list[str] = []
@@ -237,6 +239,13 @@ def _float_to_int(m: ir.Model) -> str | None:
                 "to" in n.attributes and ir.DataType(n.attributes["to"].value) in ints:
             return f"Cast node {n.name}"
     return None
+
+
+def synthesize(model: ir.Model, desc, cases=DEFAULT_CASES) -> list:
+    """The inputs ``verify`` synthesises for ``model`` (its description already known)."""
+    feeds, _ = _synthesize(model, seed=0, vocab=None, cases=tuple(cases),
+                           cache={id(model): desc})
+    return feeds
 
 
 def _widen(case: dict) -> dict:

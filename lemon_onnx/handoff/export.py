@@ -189,7 +189,8 @@ def export_torch(expanded_onnx, out_dir, *, config=None,
             from .check import check
 
             log("checking: transformers loads the folder and runs the expanded model's inputs")
-            rep = check(stage.path, path if path is not None else model)
+            rep = check(stage.path, path if path is not None else model,
+                        loaded=(model, desc) if path is not None else None)
             report = rep.to_dict()
             if not rep.passed:
                 from ..errors import MismatchError
@@ -306,7 +307,8 @@ def verify_folder(expanded_onnx, folder, *, inputs=None, float64: str = "auto",
         from ..verify.inputs import load_inputs
 
         cases = load_inputs(inputs) if isinstance(inputs, (str, os.PathLike)) else inputs
-    rep = check(folder, path, cases=cases, float64=float64, provider=provider)
+    rep = check(folder, path, cases=cases, float64=float64, provider=provider,
+                loaded=(model, desc))
     rep.weights = weights
     rep.passed = rep.passed and weights_ok(weights)
     return rep
@@ -336,7 +338,7 @@ def _fix_advice(plan: dict, cls_name: str):
 def _from_architecture(model, desc, cfg, plan, tie, dtype, log):
     from . import probe as pr
 
-    feeds = _probe_feeds(model)
+    feeds = _probe_feeds(model, desc)
     # which axes are dynamic (named alike for both exporters: the probe is cached by them)
     dyn = {v.name: {ax: ("batch", "sequence")[ax] if ax < 2 else f"axis{ax}"
                     for ax, dim in enumerate(v.shape.dims) if not isinstance(dim, int)}
@@ -465,10 +467,10 @@ def _piece_dtype(par) -> np.dtype:
     return t.dtype.numpy()
 
 
-def _probe_feeds(model) -> dict:
-    from ..verify.inputs import synthesize_inputs
+def _probe_feeds(model, desc) -> dict:
+    from .check import synthesize
 
-    return synthesize_inputs(model, cases=((2, 7),))[0]
+    return synthesize(model, desc, cases=((2, 7),))[0]
 
 
 # ----------------------------------------------------------------------------- without

@@ -210,13 +210,21 @@ class _Assembler:
         want = b.index.shape if b.index is not None else None
         ok = shape == want if want is not None else int(np.prod(shape)) == int(np.prod(b.shape))
         if not ok:
+            want_shape = tuple(want if want is not None else b.shape)
+            if b.transposed or len(shape) != len(want_shape):
+                want_shape = want_shape[::-1]
+            changed = {(w, g) for w, g in zip(want_shape, shape) if w != g}
+            keys = [f"{k}={v} (the expanded model has {g} there)" for k, v in
+                    sorted(self.probe.config.items()) for w, g in changed
+                    if isinstance(v, int) and not isinstance(v, bool) and v == w]
             raise HandoffError(
                 f"the expanded model's {value.name} ({key}) has shape {list(shape)}, but "
                 f"transformers' {self.probe.cls_name} built from the expanded config holds it "
                 f"in {b.param} of shape {list(b.shape)}: the expansion changed a size the "
-                "config.json names under a key lemon-onnx does not update.",
-                hint="Look for the size in the config (a classifier's or projector's width) "
-                     "and report it; the expanded ONNX model itself is unaffected.")
+                "config.json names under a key lemon-onnx does not update"
+                + (f" (maybe {'; '.join(keys[:3])})" if keys else "") + ".",
+                hint="Report it with the config.json; the expanded ONNX model itself is "
+                     "unaffected.")
 
     def absent_scales(self) -> None:
         """A scalar multiplier the architecture applies that the expanded graph does not have
