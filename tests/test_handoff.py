@@ -567,3 +567,40 @@ def test_real_models_hand_off(tmp_path, name, tag, kw):
             worst[n] = max(worst.get(n, 0.0), err)
     assert all(err <= 1e-5 for err in worst.values()), worst
     print(f"{name}-{tag} {kw}: max relative difference {worst}; notes {res.notes}")
+
+
+def _readme_block(after: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("```python", text.index(after)) + len("```python")
+    return text[start:text.index("```", start)]
+
+
+def test_the_readmes_training_loop_applies_the_schedule(tmp_path):
+    """The README's PyTorch loop runs on a hand-off folder (three batches), its learning
+    rate follows lr_factor, and transformers' cosine schedule (the Trainer snippet's) is the
+    same curve after the warmup."""
+    torch = _torch()
+    import transformers as tf
+
+    _, _, cfg = _fixture_config("llama-ts17")
+    out = tmp_path / "out"
+    export_torch(expanded(tmp_path, "llama-ts17.onnx", width=2, depth=2), out,
+                 config=cfg.to_dict())
+    ins = load_cases(FIXTURES / "llama-ts17.npz")[0]["in"]
+    batch = {k: torch.from_numpy(v) for k, v in ins.items()}
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    scope = {"batches": [batch] * 3}
+    exec(_readme_block("In a PyTorch loop:").replace('"DIR', f'"{out}'), scope)
+    horizon, warmup, peak = scope["horizon"], scope["warmup"], scope["peak_lr"]
+    assert (horizon, warmup, peak) == (1500, 75, 1.5e-3)
+    assert scope["opt"].param_groups[0]["lr"] == pytest.approx(peak * lr_factor(3, horizon,
+                                                                                 warmup))
+    trainer = _readme_block("With transformers' `Trainer`")
+    exec(trainer[:trainer.index("Trainer(model")], scope)  # the arguments, not 1500 steps
+    args = scope["args"]
+    assert (args.learning_rate, args.max_steps, args.warmup_steps, args.lr_scheduler_type) == (
+        peak, horizon, warmup, "cosine")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    hf = tf.get_cosine_schedule_with_warmup(opt, warmup, horizon)
+    for s in (warmup, 400, 1000, horizon - 1):
+        assert hf.lr_lambdas[0](s) == pytest.approx(lr_factor(s, horizon, warmup), abs=1e-12)

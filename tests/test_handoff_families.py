@@ -12,10 +12,8 @@ check); ``test_handoff.py`` covers one family per stored form in the fast tier.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,11 +22,9 @@ from lemon_onnx import io
 from lemon_onnx.errors import LemonError
 from lemon_onnx.expand import expand_model
 from lemon_onnx.handoff import HandoffError, export_torch
-from conftest import load_cases, run_ort
+from conftest import ROOT, load_cases, run_ort
+from test_families import ENTRIES, FAMILIES  # the exports (required in CI)
 
-ROOT = Path(__file__).resolve().parent.parent
-FAMILIES = ROOT / "models" / "families"
-REQUIRED = os.environ.get("LEMON_REQUIRE_FAMILIES") == "1"
 WIDTHS = (2, 1.5)
 
 #: (family, width) -> words the refusal must contain; every other expansion must load and match
@@ -45,16 +41,7 @@ REFUSED = {
 }
 
 
-def _manifest() -> list:
-    path = FAMILIES / "manifest.json"
-    if not path.exists():
-        if REQUIRED:
-            raise FileNotFoundError(f"{path}: run python models/export_families.py")
-        return []
-    return [e for e in json.loads(path.read_text()) if not e.get("export_error")]
-
-
-CASES = [(e, w) for e in _manifest() for w in WIDTHS]
+CASES = [(e, w) for e in ENTRIES for w in WIDTHS]
 
 
 @pytest.mark.slow

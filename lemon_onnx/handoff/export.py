@@ -39,6 +39,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .. import hfconfig, io, signals
+from ..graph import const_tensor
 from ..recognize import recognize
 from . import names, refs as refs_mod, safetensors_out, schedule
 from .errors import HandoffError
@@ -462,9 +463,7 @@ def _sources(par) -> list:
 
 
 def _piece_dtype(par) -> np.dtype:
-    v = par.pieces[0].value
-    t = v.const_value if v.const_value is not None else v.producer().attributes["value"].value
-    return t.dtype.numpy()
+    return const_tensor(par.pieces[0].value).dtype.numpy()
 
 
 def _probe_feeds(model, desc) -> dict:

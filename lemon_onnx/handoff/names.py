@@ -33,6 +33,7 @@ from collections import Counter
 
 import onnx_ir as ir
 
+from ..graph import const_tensor
 from ..recognize import Linear, ModelDescription, Norm, const_source
 from .errors import HandoffError
 
@@ -327,10 +328,6 @@ class NameResolver:
                 s.name = ".".join(comps)
 
 
-def _stored(v: ir.Value):
-    return v.const_value if v.const_value is not None else v.producer().attributes["value"].value
-
-
 def graph_tensors(desc: ModelDescription, graph: ir.Graph) -> tuple[list, list[str]]:
     """[(name, produce, dtype, shape, entry)] for every recognised tensor, named from the
     graph (this module's rules), and the resolver's notes."""
@@ -339,7 +336,7 @@ def graph_tensors(desc: ModelDescription, graph: ir.Graph) -> tuple[list, list[s
     resolver = NameResolver(desc, graph)
     out = []
     for s in resolver.resolve():
-        t = _stored(s.value)
+        t = const_tensor(s.value)
         dtype, shape = t.dtype.numpy(), tuple(int(d) for d in t.shape)
         # a kept parameter is stored as PyTorch stores it; a folded linear weight as the op
         # reads it ([in, out]), which nn.Linear stores as [out, in] (GPT-2's Conv1D: [in, out])

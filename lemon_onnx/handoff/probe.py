@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import io
+from ..graph import const_tensor
 from ..recognize import recognize
 from . import refs as refs_mod
 from .errors import HandoffError
@@ -98,7 +99,6 @@ class Probe:
     constants: dict  # Key -> np.ndarray: stored constants that hold no parameter
     params: dict  # parameter name -> shape (each shared parameter once)
     aliases: dict  # state_dict name -> the parameter it shares (tied weights)
-    buffers: dict  # persistent buffer name -> shape (state_dict entries that are no parameter)
     seconds: float
     unbound: list = dataclasses.field(default_factory=list)  # parameters in no constant
     #: the initial values of the unbound parameters (transformers' own initialisation): the
@@ -359,6 +359,28 @@ def build(cfg: dict, cls_name: str, feeds: dict, dyn: dict, exporter: str,
     return _CACHE[key]
 
 
+_RUNS: dict = {}
+
+
+def _runs(model, cls_name: str, feeds: dict, key: str) -> None:
+    """The class runs the expanded model's inputs in eager mode, or HandoffError (for both
+    exporters: T5Model wants decoder inputs an encoder's graph does not have)."""
+    import torch
+
+    k = (key, cls_name, tuple(sorted(feeds)))
+    if k not in _RUNS:
+        names, extra, _ = forward_kwargs(model, feeds)
+        _RUNS[k] = None
+        try:
+            with quiet(), torch.no_grad():
+                model(**{n: torch.from_numpy(np.asarray(feeds[n])) for n in names}, **extra)
+        except Exception as exc:  # noqa: BLE001 - said in words
+            _RUNS[k] = (f"{cls_name} cannot run the expanded model's inputs "
+                        f"({', '.join(feeds)}): {' '.join(str(exc).split())[:200]}")
+    if _RUNS[k] is not None:
+        raise HandoffError(_RUNS[k])
+
+
 def _build(cfg, cls_name, feeds, dyn, exporter, opset) -> Probe:
     import torch
     import transformers
@@ -375,12 +397,12 @@ def _build(cfg, cls_name, feeds, dyn, exporter, opset) -> Probe:
     except Exception as exc:  # noqa: BLE001 - a class that does not fit this config
         raise HandoffError(f"{cls_name} cannot be built from the expanded config: "
                            f"{' '.join(str(exc).split())[:300]}") from None
+    _runs(model, cls_name, feeds, key=json.dumps(cfg, sort_keys=True, default=str))
     arrays, layout, table, init = _fill(model)
     state = model.state_dict(keep_vars=True)
     by_id = {id(p): n for n, p in model.named_parameters()}
     aliases = {n: by_id[id(t)] for n, t in state.items()
                if id(t) in by_id and by_id[id(t)] != n}
-    buffers = {n: tuple(t.shape) for n, t in state.items() if id(t) not in by_id}
     with tempfile.TemporaryDirectory(prefix="lemon-probe-") as tmp:
         path = Path(tmp) / "probe.onnx"
         try:
@@ -397,9 +419,10 @@ def _build(cfg, cls_name, feeds, dyn, exporter, opset) -> Probe:
                 f"{' '.join(str(exc).split())[:300]}") from None
         bindings, constants = {}, {}
         for k, v in refs.consts.items():
-            arr = _array(v)
-            if arr is None:
+            t = const_tensor(v)
+            if t is None:
                 continue
+            arr = np.asarray(t.numpy())
             b = decode(arr, arrays, layout, table)
             if b is not None:
                 bindings[k] = b
@@ -408,15 +431,6 @@ def _build(cfg, cls_name, feeds, dyn, exporter, opset) -> Probe:
     bound = {b.param for b in bindings.values()}
     unbound = [n for n in layout if n not in bound]
     return Probe(cls_name, cfg, len(desc.blocks), exporter, desc, refs, bindings, constants,
-                 {n: lay[1] for n, lay in layout.items()}, aliases, buffers,
+                 {n: lay[1] for n, lay in layout.items()}, aliases,
                  time.perf_counter() - t0, unbound=unbound,
                  initial={n: init[n].numpy() for n in unbound})
-
-
-def _array(v) -> np.ndarray | None:
-    if v.const_value is not None:
-        return np.asarray(v.const_value.numpy())
-    p = v.producer()
-    if p is not None and p.op_type == "Constant" and "value" in p.attributes:
-        return np.asarray(p.attributes["value"].value.numpy())
-    return None

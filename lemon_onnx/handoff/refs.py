@@ -25,7 +25,7 @@ from collections import deque
 
 import onnx_ir as ir
 
-from ..graph import const_source
+from ..graph import const_source, const_tensor
 
 #: description fields that hold no tensor of the model (or facts of the whole graph)
 _SKIP = frozenset({"size_literals", "unrecognised", "inputs", "outputs", "shared_initializers",
@@ -52,30 +52,13 @@ class Refs:
     numbers: dict  # Key -> float (epsilons and other numbers the description holds)
     readers: dict  # Key -> (ir.Node, input slot) that reads the constant, where known
     anchors: dict = dataclasses.field(default_factory=dict)  # Key -> described value/node name
-    #: positional signatures -> how many constants share them (ranks pair them in order,
-    #: which only holds when both graphs have as many)
+    #: positional signatures -> how many constants share them (their ranks)
     groups: dict = dataclasses.field(default_factory=dict)
-
-    def keys_of(self, value: ir.Value) -> list[Key]:
-        return [k for k, v in self.consts.items() if v is value]
-
-    def group_size(self, key: Key) -> int | None:
-        """How many constants share ``key``'s positional signature (None: a described key)."""
-        if not key.path.startswith("~"):
-            return None
-        return self.groups.get(Key(key.block, key.path.rsplit("#", 1)[0]), 0)
 
 
 def _is_float_const(v: ir.Value | None) -> bool:
-    if v is None:
-        return False
-    t = v.const_value
-    if t is None:
-        p = v.producer()
-        if p is None or p.op_type != "Constant" or "value" not in p.attributes:
-            return False
-        t = p.attributes["value"].value
-    return t.dtype.is_floating_point()
+    t = const_tensor(v)
+    return t is not None and t.dtype.is_floating_point()
 
 
 def collect(model: ir.Model, desc) -> Refs:

@@ -10,7 +10,7 @@ keys; block p of the expanded model with block min(p, probe layers - 1) of the p
   it must equal the expanded model's, or be made equal:
   * a norm's constant gamma/beta (a norm without weight, which a fractional width gave a
     gamma): folded into the fan-in of the linear layers that read the norm (W' = diag(g) W,
-    b' = b + beta W), when every reader is one (lemon-math.md, "Stored forms");
+    b' = b + beta W), when every reader is one;
   * a scalar multiplier computed from the config (Gemma's sqrt(hidden) on the embeddings):
     the ratio is folded into the parameter it multiplies; a tied table is then untied;
   * anything else (ALiBi slopes, sinusoidal tables, an epsilon the config does not reach):
@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from ..graph import back_pass
+from ..graph import back_pass, const_tensor
 from .errors import HandoffError
 from .probe import Binding, Probe
 from .refs import Key, Refs
@@ -66,7 +66,6 @@ class Param:
 @dataclasses.dataclass
 class Assembly:
     params: dict  # name -> Param
-    untie: bool  # a scale had to be folded into a tied table
     notes: list
     left_out: list  # [{onnx, shape, why}]
     rounded: list  # parameters whose stored form does not invert exactly in their dtype
@@ -81,14 +80,12 @@ class NeedsUntie(Exception):
 
 
 def array(v: ir.Value) -> np.ndarray:
-    if v.const_value is not None:
-        return np.asarray(v.const_value.numpy())
-    return np.asarray(v.producer().attributes["value"].value.numpy())
+    """A stored constant's values (an initializer, or a Constant node's output)."""
+    return np.asarray(const_tensor(v).numpy())
 
 
 def _shape(v: ir.Value) -> tuple:
-    t = v.const_value if v.const_value is not None else v.producer().attributes["value"].value
-    return tuple(int(d) for d in t.shape)
+    return tuple(int(d) for d in const_tensor(v).shape)
 
 
 def probe_block(p: int, n: int) -> int:
@@ -101,7 +98,6 @@ class _Names:
     def __init__(self, probe: Probe):
         self.probe = probe
         self.n = probe.layers
-        self._pos: dict = {}
 
     def name(self, binding: Binding, key: Key, p: int) -> str:
         q = probe_block(p, self.n)
@@ -189,7 +185,7 @@ class _Assembler:
         _numbers(self.refs, self.probe, self.describe_fix)
         _check_complete(self.params, expected, self.probe, self.notes)
         rounded = [p.name for p in self.params.values() if _inexact(p)]
-        return Assembly(self.params, False, self.notes, self.left_out, rounded)
+        return Assembly(self.params, self.notes, self.left_out, rounded)
 
     def paired(self, key: Key, pk: Key, got: np.ndarray, c: np.ndarray):
         """The probe's constant to compare ``got`` with.  A described key pairs one to one; a
