@@ -124,6 +124,11 @@ def test_inverse_forms_give_the_parameter_back():
     par = Param("w", (6, 4), 0, [Piece(k, _const(w.T, "wt"), Binding("w", (6, 4),
                                                                      transposed=True))])
     np.testing.assert_array_equal(produce(par, np.float32), w)
+    # stored as the parameter but read through a Transpose node (dynamo): the binding is of
+    # what the reader sees, the view undoes the node
+    par = Param("w", (6, 4), 0, [Piece(k, _const(w, "w"), Binding("w", (6, 4),
+                                                                   transposed=True), (1, 0))])
+    np.testing.assert_array_equal(produce(par, np.float32), w)
     # a fused parameter from its three stored slices (q | k | v rows)
     flat = np.arange(24).reshape(6, 4)
     pieces = [Piece(k, _const(w[lo:hi], f"s{lo}"), Binding("w", (6, 4), index=flat[lo:hi]))
@@ -156,7 +161,7 @@ def test_a_weightless_norms_gamma_folds_into_the_fan_in():
     wpiece = Piece(k, _const(w, "w"), Binding("w", (5, 8), transposed=True), fold=(0, gamma))
     w_t = produce(Param("w", (5, 8), 0, [wpiece]), np.float64)
     bias = Param("b", (5,), 0, [Piece(k, _const(b, "b"), Binding("b", (5,)))],
-                 bias_fold=[(beta, wpiece, "in,out")])
+                 bias_fold=[(beta, wpiece)])
     b_t = produce(bias, np.float64)
     np.testing.assert_allclose(x @ w_t.T + b_t, (x * gamma + beta) @ w + b, rtol=1e-6)
 

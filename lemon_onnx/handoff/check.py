@@ -36,7 +36,7 @@ from ..verify.precision import float64_bytes, run_float64
 from ..verify.report import OutputReport
 from ..verify.runtime import make_session, run_session
 from .errors import HandoffError
-from .probe import forward_kwargs, quiet
+from .probe import Outputs, forward_kwargs, quiet
 
 #: torch's float64 run against ONNX Runtime's float64 copy: this many float32 epsilons of
 #: max |output| (tables transformers computes in float32 even in double)
@@ -256,27 +256,12 @@ def _widen(case: dict) -> dict:
 def _run_torch(model, cases, names, kinds, notes) -> list[dict]:
     """{ONNX output name: torch value} per case."""
     import torch
-    import transformers
 
-    found: list = []
-
-    def hook(mod, args, out):
-        h = getattr(out, "last_hidden_state", None)
-        if isinstance(h, torch.Tensor):
-            found.append((depth[id(mod)], h))
-
-    depth = {}
-    handles = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, transformers.PreTrainedModel):
-            depth[id(mod)] = 0 if not name else name.count(".") + 1
-            handles.append(mod.register_forward_hook(hook))
     results = []
-    try:
+    with Outputs(model) as picker:
         for case in cases:
             fnames, extra, ignored = forward_kwargs(model, case)
             kw = {n: torch.from_numpy(np.ascontiguousarray(case[n])) for n in fnames}
-            found.clear()
             try:
                 with torch.no_grad():
                     out = model(**kw, **extra)
@@ -291,20 +276,7 @@ def _run_torch(model, cases, names, kinds, notes) -> list[dict]:
                        f"{type(model).__name__}.forward; not fed")
                 if msg not in notes:
                     notes.append(msg)
-            res = {}
-            for n in names:
-                kind = kinds.get(n, "other")
-                v = None
-                if kind == "logits" or n == "logits":
-                    v = getattr(out, "logits", None)
-                elif kind == "hidden" or n == "last_hidden_state":
-                    hs = sorted(found, key=lambda t: t[0])
-                    v = hs[0][1] if hs else None
-                if v is None and hasattr(out, "keys") and n in out.keys():
-                    v = out[n]
-                res[n] = None if v is None else v.detach().cpu().numpy()
-            results.append(res)
-    finally:
-        for h in handles:
-            h.remove()
+            picked = picker.pick(out, [(n, kinds.get(n, "other")) for n in names])
+            results.append({n: None if v is None else v.detach().cpu().numpy()
+                            for n, v in zip(names, picked)})
     return results

@@ -373,10 +373,11 @@ def _assemble_any(model, desc, cfg, plan, tie, dtype, log, feeds, dyn, refs, n, 
     new_cfg, notes = target_config(cfg, plan, tie=tie, dtype=dtype)
     probe_cfg, _ = target_config(cfg, plan, layers=n, tie=tie)
     reasons, fitting = [], None
+    wanted = [(o["name"], o["kind"]) for o in desc.outputs]
     for cls_name in cands[:pr.MAX_CANDIDATES]:
         for exporter, opset in pr.exporters(desc.opset):
             try:
-                probe = pr.build(probe_cfg, cls_name, feeds, dyn, exporter, opset)
+                probe = pr.build(probe_cfg, cls_name, feeds, dyn, wanted, exporter, opset)
             except HandoffError as exc:
                 reasons.append(f"{cls_name}: {exc.message}")
                 continue

@@ -283,7 +283,62 @@ def _tidy(v: float) -> float:
     return float(v)
 
 
-def _wrapper(model, names: list[str], extra: dict):
+class Outputs:
+    """The torch model's values for the ONNX model's outputs, by what the recogniser says
+    they are: ``logits`` the output's logits, the hidden state the ``last_hidden_state`` of
+    the outermost transformers model inside (found by forward hooks: a causal LM does not
+    return it), any other output by name.  A context manager (the hooks are removed)."""
+
+    def __init__(self, model):
+        import transformers
+
+        self.found: list = []
+        self.handles = []
+        for name, mod in model.named_modules():
+            if isinstance(mod, transformers.PreTrainedModel):
+                depth = 0 if not name else name.count(".") + 1
+                self.handles.append(mod.register_forward_pre_hook(self._clear) if depth == 0
+                                    else None)
+                self.handles.append(mod.register_forward_hook(
+                    lambda m, a, out, depth=depth: self._hook(depth, out)))
+        self.handles = [h for h in self.handles if h is not None]
+
+    def _clear(self, *args):
+        self.found.clear()
+
+    def _hook(self, depth, out):
+        import torch
+
+        h = getattr(out, "last_hidden_state", None)
+        if isinstance(h, torch.Tensor):
+            self.found.append((depth, h))
+
+    def pick(self, out, wanted: list) -> list:
+        """[value or None] for [(name, kind)]."""
+        res = []
+        for name, kind in wanted:
+            v = None
+            if kind == "logits" or name == "logits":
+                v = getattr(out, "logits", None)
+            elif kind == "hidden" or name == "last_hidden_state":
+                hs = sorted(self.found, key=lambda t: t[0])
+                v = hs[0][1] if hs else None
+            if v is None and hasattr(out, "keys") and name in out.keys():
+                v = out[name]
+            res.append(v)
+        return res
+
+    def __enter__(self) -> "Outputs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _wrapper(model, names: list[str], extra: dict, wanted: list, picker: Outputs):
+    """The model as a module of tensors: the outputs the expanded model has (``wanted``:
+    [(name, kind)]), or every tensor the model returns when none of them is found."""
     import torch
 
     class Forward(torch.nn.Module):
@@ -293,6 +348,9 @@ def _wrapper(model, names: list[str], extra: dict):
 
         def forward(self, *args):
             out = self.model(**dict(zip(names, args)), **extra)
+            picked = [v for v in picker.pick(out, wanted) if isinstance(v, torch.Tensor)]
+            if picked:
+                return tuple(picked)
             vals = out.values() if hasattr(out, "values") else out
             return tuple(v for v in vals if isinstance(v, torch.Tensor))
 
@@ -309,7 +367,8 @@ def forward_kwargs(model, feeds: dict) -> tuple[list[str], dict, list[str]]:
     return names, extra, [n for n in feeds if n not in params]
 
 
-def _export(model, feeds: dict, dyn: dict, exporter: str, opset: int, path: Path) -> None:
+def _export(model, feeds: dict, dyn: dict, wanted: list, exporter: str, opset: int,
+            path: Path) -> None:
     import torch
 
     names, extra, _ = forward_kwargs(model, feeds)
@@ -318,8 +377,9 @@ def _export(model, feeds: dict, dyn: dict, exporter: str, opset: int, path: Path
                            f"({', '.join(feeds)}) is an argument of {type(model).__name__}"
                            ".forward.")
     args = tuple(torch.from_numpy(np.asarray(feeds[n])) for n in names)
-    w = _wrapper(model, names, extra)
-    with quiet(), torch.no_grad():
+    picker = Outputs(model)
+    w = _wrapper(model, names, extra, wanted, picker)
+    with picker, quiet(), torch.no_grad():
         if exporter == "torchscript":
             torch.onnx.export(w, args, str(path), dynamo=False, opset_version=opset,
                               input_names=names,
@@ -340,18 +400,19 @@ def exporters(opset: int) -> list[tuple[str, int]]:
     return [("torchscript", min(max(opset, 14), 17)), ("dynamo", max(opset, 18))]
 
 
-def build(cfg: dict, cls_name: str, feeds: dict, dyn: dict, exporter: str,
+def build(cfg: dict, cls_name: str, feeds: dict, dyn: dict, wanted: list, exporter: str,
           opset: int) -> Probe:
     """The probe of ``cls_name`` built from ``cfg`` (the expanded config, already cut to the
-    probe's layers), exported by ``exporter`` at ``opset``, recognised and decoded.  Raises
-    HandoffError when it cannot be built, exported or recognised."""
+    probe's layers), returning the outputs ``wanted`` ([(name, kind)], the expanded model's),
+    exported by ``exporter`` at ``opset``, recognised and decoded.  Raises HandoffError when
+    it cannot be built, exported or recognised."""
     key = (json.dumps(cfg, sort_keys=True, default=str), cls_name,
            json.dumps({k: [list(np.shape(v)), str(np.asarray(v).dtype)]
                        for k, v in feeds.items()}, sort_keys=True),
-           json.dumps(dyn, sort_keys=True), exporter, opset)
+           json.dumps(dyn, sort_keys=True), json.dumps(wanted), exporter, opset)
     if key not in _CACHE:
         try:
-            _CACHE[key] = _build(cfg, cls_name, feeds, dyn, exporter, opset)
+            _CACHE[key] = _build(cfg, cls_name, feeds, dyn, wanted, exporter, opset)
         except HandoffError as exc:
             _CACHE[key] = exc
     if isinstance(_CACHE[key], HandoffError):
@@ -381,7 +442,7 @@ def _runs(model, cls_name: str, feeds: dict, key: str) -> None:
         raise HandoffError(_RUNS[k])
 
 
-def _build(cfg, cls_name, feeds, dyn, exporter, opset) -> Probe:
+def _build(cfg, cls_name, feeds, dyn, wanted, exporter, opset) -> Probe:
     import torch
     import transformers
 
@@ -406,7 +467,7 @@ def _build(cfg, cls_name, feeds, dyn, exporter, opset) -> Probe:
     with tempfile.TemporaryDirectory(prefix="lemon-probe-") as tmp:
         path = Path(tmp) / "probe.onnx"
         try:
-            _export(model, feeds, dyn, exporter, opset, path)
+            _export(model, feeds, dyn, wanted, exporter, opset, path)
             m = io.load(path)
             desc = recognize(m)
             refs = refs_mod.collect(m, desc)
@@ -422,7 +483,7 @@ def _build(cfg, cls_name, feeds, dyn, exporter, opset) -> Probe:
             t = const_tensor(v)
             if t is None:
                 continue
-            arr = np.asarray(t.numpy())
+            arr = refs.read(k, np.asarray(t.numpy()))  # as its reader computes with it
             b = decode(arr, arrays, layout, table)
             if b is not None:
                 bindings[k] = b

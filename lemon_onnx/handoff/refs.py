@@ -13,7 +13,8 @@ A key is (block, path).  Two sources, in this order:
    weights, T5's relative position bias table, a scale on the embeddings, ALiBi slopes): the
    node that reads the constant, its input slot, the nearest described value or node upstream
    and downstream of that node, and the constant's rank in graph order among those with the
-   same signature.
+   same signature.  The epsilon attribute of a node keyed this way is kept with the numbers
+   (a LayerNormalization over each head: Persimmon's q/k norms).
 
 No name is read for meaning: exporters name initializers as they please.
 """
@@ -54,6 +55,18 @@ class Refs:
     anchors: dict = dataclasses.field(default_factory=dict)  # Key -> described value/node name
     #: positional signatures -> how many constants share them (their ranks)
     groups: dict = dataclasses.field(default_factory=dict)
+    #: Key -> the axes permutation from the stored constant to the tensor its reader computes
+    #: with (a Transpose between them, Gemm's transB, a linear weight stored [out, in]): two
+    #: exporters store one parameter in different layouts (TorchScript folds the transpose
+    #: of nn.Linear's weight, dynamo keeps a Transpose node), so keys compare what is read
+    views: dict = dataclasses.field(default_factory=dict)
+
+    def read(self, key: "Key", arr):
+        """``arr`` (the stored constant of ``key``) as its reader computes with it."""
+        import numpy as np
+
+        perm = self.views.get(key)
+        return np.transpose(arr, perm) if perm is not None else arr
 
 
 def _is_float_const(v: ir.Value | None) -> bool:
@@ -78,6 +91,8 @@ def collect(model: ir.Model, desc) -> Refs:
 
     def walk(obj, block: int, path: str) -> None:
         if dataclasses.is_dataclass(obj):
+            if type(obj).__name__ == "Linear" and obj.weight_layout == "out,in":
+                refs.views[Key(block, f"{path}.weight")] = (1, 0)  # read as [in, out]
             for f in dataclasses.fields(obj):
                 if f.name in _SKIP:
                     continue
@@ -102,11 +117,12 @@ def collect(model: ir.Model, desc) -> Refs:
                 node = nodes[obj]
                 anchor_nodes.setdefault(obj, Key(block, path))
                 for k, inp in enumerate(node.inputs):
-                    src, _ = const_source(inp)
+                    src, hops = const_source(inp)
                     if _is_float_const(src):
                         key = Key(block, f"{path}@{k}")
                         refs.consts.setdefault(key, src)
                         refs.readers.setdefault(key, (node, k))
+                        _view(refs, key, src, hops, node, k)
             elif v is not None:
                 anchor_values.setdefault(obj, Key(block, path))
 
@@ -114,6 +130,25 @@ def collect(model: ir.Model, desc) -> Refs:
     refs.anchors = {k: name for name, k in {**anchor_nodes, **anchor_values}.items()}
     _by_position(g, refs, anchor_values, anchor_nodes)
     return refs
+
+
+def _view(refs: Refs, key: Key, src: ir.Value, hops: list, node: ir.Node, slot: int) -> None:
+    """The permutation from ``src`` to what ``node`` computes with at ``slot``: the Transpose
+    hops between them, then Gemm's transA/transB."""
+    t = const_tensor(src)
+    rank = len(t.shape)
+    perm = list(range(rank))
+    for h in reversed(hops):  # hops run from the reader back to the constant
+        if h.op_type == "Transpose":
+            p = list(h.attributes["perm"].value) if "perm" in h.attributes else \
+                list(range(rank))[::-1]
+            perm = [perm[i] for i in p]
+    if node.op_type == "Gemm" and slot in (0, 1) and rank == 2:
+        attr = node.attributes.get("transA" if slot == 0 else "transB")
+        if attr is not None and attr.value:
+            perm = perm[::-1]
+    if perm != list(range(rank)):
+        refs.views[key] = tuple(perm)
 
 
 def _anchor_of(node: ir.Node, anchor_nodes: dict, anchor_values: dict) -> Key | None:
@@ -180,7 +215,7 @@ def _by_position(g: ir.Graph, refs: Refs, anchor_values: dict, anchor_nodes: dic
         if node.name in anchor_nodes:
             continue  # its constant inputs have their keys in the description
         for k, inp in enumerate(node.inputs):
-            src, _ = const_source(inp)
+            src, hops = const_source(inp)
             if not _is_float_const(src):
                 continue
             up = _upstream(node, k, anchor_nodes, anchor_values)
@@ -198,3 +233,7 @@ def _by_position(g: ir.Graph, refs: Refs, anchor_values: dict, anchor_nodes: dic
                 key = Key(block, f"{sig.path}#{n}")
                 refs.consts[key] = src
                 refs.readers[key] = (node, k)
+                _view(refs, key, src, hops, node, k)
+                eps = node.attributes.get("epsilon")  # a norm the description does not
+                if eps is not None and eps.type == ir.AttributeType.FLOAT:  # name (per head)
+                    refs.numbers[Key(block, f"{key.path}.epsilon")] = float(eps.value)

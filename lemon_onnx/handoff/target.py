@@ -48,8 +48,13 @@ _VIEW = {"Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Gather", "Flatt
 class Piece:
     key: Key  # the expanded model's key
     value: ir.Value  # its stored constant
-    binding: Binding
-    fold: tuple | None = None  # (axis, vector): the stored tensor times a norm's gamma
+    binding: Binding  # of the constant as its reader computes with it (``view`` applied)
+    view: tuple | None = None  # axes permutation from the stored constant to what is read
+    fold: tuple | None = None  # (axis, vector): the read tensor times a norm's gamma
+
+    def read(self) -> np.ndarray:
+        x = array(self.value)
+        return np.transpose(x, self.view) if self.view is not None else x
 
 
 @dataclasses.dataclass
@@ -60,7 +65,7 @@ class Param:
     pieces: list
     ratio: float = 1.0  # a scale folded in (the architecture computes the other part)
     initial: np.ndarray | None = None  # no piece: not read by the forward, written as it starts
-    bias_fold: list = dataclasses.field(default_factory=list)  # (beta value, weight piece)
+    bias_fold: list = dataclasses.field(default_factory=list)  # (beta, the weight's piece)
 
 
 @dataclasses.dataclass
@@ -165,7 +170,7 @@ class _Assembler:
                     par = self.params[name] = Param(name, b.shape, key.block if key.block >= 0
                                                     else None, [])
                 self.check_shape(key, value, b)
-                par.pieces.append(Piece(key, value, b))
+                par.pieces.append(Piece(key, value, b, self.refs.views.get(key)))
                 continue
             c = self.probe.constants.get(pk)
             if c is None:
@@ -175,6 +180,7 @@ class _Assembler:
                                           "has no such constant (the verification decides)"})
                 continue
             got = array(value)
+            got = self.refs.read(key, got)
             if not _close(got, c):
                 c = self.paired(key, pk, got, c)
                 if c is not None:
@@ -203,6 +209,9 @@ class _Assembler:
 
     def check_shape(self, key: Key, value: ir.Value, b: Binding) -> None:
         shape = _shape(value)
+        view = self.refs.views.get(key)
+        if view is not None:
+            shape = tuple(shape[i] for i in view)
         want = b.index.shape if b.index is not None else None
         ok = shape == want if want is not None else int(np.prod(shape)) == int(np.prod(b.shape))
         if not ok:
@@ -249,7 +258,7 @@ class _Assembler:
 
     # ------------------------------------------------------------------------- constants
     def fix_constant(self, key, value, c) -> None:
-        got = array(value)
+        got = self.refs.read(key, array(value))
         norm = _norm_of(self.desc, value)
         if norm is not None:
             self.fold_norm(*norm, got, c, value)
@@ -294,11 +303,13 @@ class _Assembler:
         g = np.asarray(got, np.float64).reshape(-1)
         for lin in readers:
             wpiece = self.piece_of(lin.weight, lin.node)
-            axis = 0 if lin.weight_layout == "in,out" else 1
+            if wpiece.read().shape[0] != g.size:  # read as [in, out]: the fan-in is axis 0
+                raise HandoffError(f"{lin.node} does not read the norm {value.name} as a "
+                                   "whole vector (a bug).")
             if what == "gamma":
                 if np.any(c == 0):
                     raise HandoffError(f"the norm's fixed gamma {value.name} has zeros.")
-                wpiece.fold = (axis, g / c)
+                wpiece.fold = (0, g / c)
             else:
                 if lin.bias is None:
                     raise HandoffError(
@@ -307,7 +318,7 @@ class _Assembler:
                         f"{lin.node} that reads it has no bias to take it.",
                         hint=self.describe_fix("epsilon"))
                 bpiece = self.piece_of(lin.bias, lin.bias_node)
-                self.owner(bpiece).bias_fold.append((g - c, wpiece, lin.weight_layout))
+                self.owner(bpiece).bias_fold.append((g - c, wpiece))
         self.notes.append(f"the norm's {what} {value.name} has no parameter in "
                           f"{self.probe.cls_name}; folded into the fan-in of "
                           f"{', '.join(lin.node for lin in readers)}")
@@ -442,8 +453,12 @@ def _numbers(refs: Refs, probe: Probe, describe_fix) -> None:
         y = probe.refs.numbers.get(pk)
         if y is None or abs(x - y) <= 1e-5 * max(abs(x), abs(y)):
             continue
+        at = key
+        if key.path.startswith("~"):  # a norm found by position: name its node
+            node = refs.readers.get(Key(key.block, key.path.removesuffix(".epsilon")))
+            at = f"{node[0].op_type} node {node[0].name}" if node else key
         raise HandoffError(
-            f"the expanded model's norm at {key} has epsilon {x:.6g}, but transformers' "
+            f"the expanded model's norm at {at} has epsilon {x:.6g}, but transformers' "
             f"{probe.cls_name} built from the expanded config uses {y:.6g} there (its epsilon "
             "is not the config's, or the config has no epsilon key the expansion could "
             "rescale).", hint=describe_fix("epsilon"))
@@ -483,7 +498,7 @@ def _check_complete(params: dict, expected: dict, probe: Probe, notes: list) -> 
 def _inverse(piece: Piece) -> np.ndarray:
     """The parameter's part held by ``piece``, in float64, in the parameter's layout (whole
     parameter: its shape; selected elements: flat, in the index's order)."""
-    x = array(piece.value).astype(np.float64)
+    x = piece.read().astype(np.float64)
     if piece.fold is not None:
         axis, g = piece.fold
         shape = [1] * x.ndim
@@ -521,9 +536,8 @@ def produce(par: Param, dtype: np.dtype) -> np.ndarray:
                 hint="Expand with --keep-tie, or into an architecture that unties them.")
         out[flat] = vals
         seen[flat] = True
-    for beta, wpiece, layout in par.bias_fold:  # y = (x + beta) W: b' = b + beta W
-        w = array(wpiece.value).astype(np.float64)
-        out = out + (beta @ w if layout == "in,out" else w @ beta).reshape(-1)
+    for beta, wpiece in par.bias_fold:  # y = (x + beta) W: b' = b + beta W
+        out = out + (beta @ wpiece.read().astype(np.float64)).reshape(-1)
     if par.ratio != 1.0:
         out = out * par.ratio
     return out.reshape(par.shape).astype(dtype)
