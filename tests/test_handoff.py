@@ -609,3 +609,57 @@ def test_the_readmes_training_loop_applies_the_schedule(tmp_path):
     hf = tf.get_cosine_schedule_with_warmup(opt, warmup, horizon)
     for s in (warmup, 400, 1000, horizon - 1):
         assert hf.lr_lambdas[0](s) == pytest.approx(lr_factor(s, horizon, warmup), abs=1e-12)
+
+
+@pytest.mark.slow
+def test_a_weightless_norms_gamma_goes_into_its_readers(tmp_path):
+    """OLMo's LayerNorms have no weight. An expanded OLMo whose block-1 attention norm holds a
+    gamma g (and whose q, k, v weights are divided by g along their fan-in, so that it
+    computes the same function) cannot be written as OLMo with g: the hand-off folds g back
+    into q, k and v, and the result loads and matches."""
+    torch = _torch()
+    import transformers as tf
+
+    cfg = tf.OlmoConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                        intermediate_size=96, num_hidden_layers=2, vocab_size=128,
+                        max_position_embeddings=64, tie_word_embeddings=False)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = tf.OlmoForCausalLM(cfg).eval()
+    ef, _, _ = _fixture_config("llama-ts17")
+    ef.perturb_parameters(hf)
+    wrapper = ef._TextWrapper(hf, "llama")
+    ins = ef.make_inputs("llama", cfg, 2, 7, seed=0)
+    from torch.export import Dim
+
+    dims = {0: Dim("batch", min=1, max=64), 1: Dim("sequence", min=2, max=64)}
+    with ef._quiet():
+        prog = torch.onnx.export(wrapper, (ins["input_ids"], ins["attention_mask"]),
+                                 dynamo=True, opset_version=18,
+                                 input_names=["input_ids", "attention_mask"],
+                                 output_names=["logits", "last_hidden_state"],
+                                 dynamic_shapes=(dims, dims))
+    prog.save(str(tmp_path / "olmo.onnx"), external_data=False)
+    model, _, _ = expand_model(tmp_path / "olmo.onnx", width=2, depth=2)
+    from lemon_onnx.recognize import recognize
+
+    desc = recognize(model)
+    norm, att = desc.blocks[1].attention_norm, desc.blocks[1].attention
+    g = model.graph
+    node = next(n for n in g if n.name in norm.nodes and n.op_type == "LayerNormalization")
+    gamma = np.random.default_rng(0).uniform(0.5, 1.5, 128).astype(np.float32)
+    new = ir.Value(name="olmo_gamma", const_value=ir.tensor(gamma, name="olmo_gamma"))
+    g.register_initializer(new)
+    node.replace_input_with(1, new)
+    for lin in (att.q, att.k, att.v):
+        w = g.initializers[lin.weight]
+        arr = w.const_value.numpy().astype(np.float64)
+        arr = arr / (gamma[:, None] if lin.weight_layout == "in,out" else gamma[None, :])
+        w.const_value = ir.tensor(arr.astype(np.float32), name=w.name)
+    big = io.save(model, tmp_path / "big.onnx")
+    res = export_torch(big, tmp_path / "out", config=cfg.to_dict())
+    assert res.verified["passed"] and res.verified["worst_relative"] < 1e-5, res.verified
+    assert any("olmo_gamma has no parameter" in n and "folded into the fan-in" in n
+               for n in res.notes), res.notes
+    q = _entry(res, "model.layers.1.self_attn.q_proj.weight")
+    assert q["from"][0]["form"].endswith("times a norm's gamma")

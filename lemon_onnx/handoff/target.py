@@ -50,10 +50,16 @@ class Piece:
     value: ir.Value  # its stored constant
     binding: Binding  # of the constant as its reader computes with it (``view`` applied)
     view: tuple | None = None  # axes permutation from the stored constant to what is read
-    fold: tuple | None = None  # (axis, vector): the read tensor times a norm's gamma
+    fold: tuple | None = None  # (axis, vector): the stored tensor times a norm's gamma
 
-    def read(self) -> np.ndarray:
+    def read(self, fold: bool = True) -> np.ndarray:
+        """The stored constant (times a folded gamma) as its reader computes with it."""
         x = array(self.value)
+        if fold and self.fold is not None:
+            axis, g = self.fold
+            shape = [1] * x.ndim
+            shape[axis] = -1
+            x = x.astype(np.float64) * g.reshape(shape)
         return np.transpose(x, self.view) if self.view is not None else x
 
 
@@ -213,7 +219,12 @@ class _Assembler:
         if view is not None:
             shape = tuple(shape[i] for i in view)
         want = b.index.shape if b.index is not None else None
-        ok = shape == want if want is not None else int(np.prod(shape)) == int(np.prod(b.shape))
+        if want is not None:
+            ok = shape == want
+        elif len(shape) == len(b.shape):  # the parameter itself, or transposed
+            ok = shape == (tuple(b.shape)[::-1] if b.transposed else tuple(b.shape))
+        else:  # reshaped
+            ok = int(np.prod(shape)) == int(np.prod(b.shape))
         if not ok:
             want_shape = tuple(want if want is not None else b.shape)
             if b.transposed or len(shape) != len(want_shape):
@@ -309,7 +320,12 @@ class _Assembler:
             if what == "gamma":
                 if np.any(c == 0):
                     raise HandoffError(f"the norm's fixed gamma {value.name} has zeros.")
-                wpiece.fold = (0, g / c)
+                # the fan-in is the read tensor's axis 0: that axis of the stored tensor, in
+                # every piece that holds it (the same constant under several keys)
+                axis = wpiece.view[0] if wpiece.view is not None else 0
+                for pc in self.owner(wpiece).pieces:
+                    if pc.value is wpiece.value:
+                        pc.fold = (axis, g / c)
             else:
                 if lin.bias is None:
                     raise HandoffError(
@@ -499,11 +515,6 @@ def _inverse(piece: Piece) -> np.ndarray:
     """The parameter's part held by ``piece``, in float64, in the parameter's layout (whole
     parameter: its shape; selected elements: flat, in the index's order)."""
     x = piece.read().astype(np.float64)
-    if piece.fold is not None:
-        axis, g = piece.fold
-        shape = [1] * x.ndim
-        shape[axis] = -1
-        x = x * g.reshape(shape)
     b = piece.binding
     x = (x - b.offset) / b.scale if (b.scale, b.offset) != (1.0, 0.0) else x
     if b.index is not None:
@@ -537,7 +548,7 @@ def produce(par: Param, dtype: np.dtype) -> np.ndarray:
         out[flat] = vals
         seen[flat] = True
     for beta, wpiece in par.bias_fold:  # y = (x + beta) W: b' = b + beta W
-        out = out + (beta @ wpiece.read().astype(np.float64)).reshape(-1)
+        out = out + (beta @ wpiece.read(fold=False).astype(np.float64)).reshape(-1)
     if par.ratio != 1.0:
         out = out * par.ratio
     return out.reshape(par.shape).astype(dtype)
