@@ -174,7 +174,7 @@ def export_torch(expanded_onnx, out_dir, *, config=None,
         made = _from_architecture(model, desc, cfg, plan, tie, dtype, log)
     else:
         made = _from_graph(model, desc, cfg, plan, tie, dtype)
-    outs, entries, new_cfg, more_notes, left_out, rounded, cls_name = made
+    outs, entries, new_cfg, more_notes, left_out, params, cls_name = made
     notes += more_notes
     advice = schedule.advice(desc.lemon_plan, schedule.plan_notes(desc.lemon_plan) + notes)
     with _Staging(dest) as stage:
@@ -183,6 +183,11 @@ def export_torch(expanded_onnx, out_dir, *, config=None,
             e["file"] = files[e["name"]]
         log(f"wrote {len(outs)} tensors ({sum(t.nbytes for t in outs) / 1e6:.1f} MB) in "
             f"{len(set(files.values()))} file(s)")
+        rounded = sorted(n for n, p in params.items() if p.rounded)
+        for n, p in params.items():
+            if p.unset:
+                notes.append(f"{p.unset} element(s) of {n} are in no constant of the expanded "
+                             "graph (its forward does not read them): written as 0")
         (stage.path / CONFIG).write_text(json.dumps(new_cfg, indent=2, sort_keys=True) + "\n")
         (stage.path / SCHEDULE).write_text(json.dumps(advice, indent=1) + "\n")
         report = None
@@ -409,7 +414,7 @@ def _assemble_any(model, desc, cfg, plan, tie, dtype, log, feeds, dyn, refs, n, 
                 notes.append("the head is untied (tie_word_embeddings=false): the embeddings "
                              "hold a scale the head must not get")
             outs, entries = _tensors(asm, dtype)
-            return (outs, entries, new_cfg, notes + asm.notes, asm.left_out, asm.rounded,
+            return (outs, entries, new_cfg, notes + asm.notes, asm.left_out, asm.params,
                     cls_name)
     if fitting is not None:
         raise fitting
@@ -483,4 +488,4 @@ def _from_graph(model, desc, cfg, plan, tie, dtype):
         outs.append(safetensors_out.TensorOut(name, ddt, shape, produce))
         entries.append(dict(entry, name=name, shape=list(shape), dtype=np.dtype(ddt).name,
                             bytes=outs[-1].nbytes))
-    return outs, entries, new_cfg, notes + cfg_notes, [], [], None
+    return outs, entries, new_cfg, notes + cfg_notes, [], {}, None

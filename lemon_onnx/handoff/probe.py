@@ -59,6 +59,8 @@ TASKS = {
     "none": ("MODEL_MAPPING_NAMES", "MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES"),
 }
 MAX_CANDIDATES = 6
+#: probes kept for the process (a test run hands off many models of a few configs)
+CACHE_SIZE = 16
 
 
 @dataclasses.dataclass
@@ -415,6 +417,8 @@ def build(cfg: dict, cls_name: str, feeds: dict, dyn: dict, wanted: list, export
             _CACHE[key] = _build(cfg, cls_name, feeds, dyn, wanted, exporter, opset)
         except HandoffError as exc:
             _CACHE[key] = exc
+        while len(_CACHE) > CACHE_SIZE:  # the oldest first (a probe holds its graph)
+            _CACHE.pop(next(iter(_CACHE)))
     if isinstance(_CACHE[key], HandoffError):
         raise _CACHE[key]
     return _CACHE[key]

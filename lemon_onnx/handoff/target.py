@@ -71,6 +71,8 @@ class Param:
     pieces: list
     ratio: float = 1.0  # a scale folded in (the architecture computes the other part)
     initial: np.ndarray | None = None  # no piece: not read by the forward, written as it starts
+    rounded: bool | None = None  # set by produce(): the stored form does not invert exactly
+    unset: int = 0  # set by produce(): elements no stored constant gives (written as 0)
     bias_fold: list = dataclasses.field(default_factory=list)  # (beta, the weight's piece)
 
 
@@ -79,7 +81,6 @@ class Assembly:
     params: dict  # name -> Param
     notes: list
     left_out: list  # [{onnx, shape, why}]
-    rounded: list  # parameters whose stored form does not invert exactly in their dtype
 
 
 class Unplaced(HandoffError):
@@ -196,8 +197,7 @@ class _Assembler:
         self.absent_scales()
         _numbers(self.refs, self.probe, self.describe_fix)
         _check_complete(self.params, expected, self.probe, self.notes)
-        rounded = [p.name for p in self.params.values() if _inexact(p)]
-        return Assembly(self.params, self.notes, self.left_out, rounded)
+        return Assembly(self.params, self.notes, self.left_out)
 
     def paired(self, key: Key, pk: Key, got: np.ndarray, c: np.ndarray):
         """The probe's constant to compare ``got`` with.  A described key pairs one to one; a
@@ -551,10 +551,26 @@ def produce(par: Param, dtype: np.dtype) -> np.ndarray:
         out = out + (beta @ wpiece.read(fold=False).astype(np.float64)).reshape(-1)
     if par.ratio != 1.0:
         out = out * par.ratio
-    return out.reshape(par.shape).astype(dtype)
+    res = out.reshape(par.shape).astype(dtype)
+    par.unset = int(n - seen.sum())
+    par.rounded = _rounded(par, res)
+    return res
 
 
-def _inexact(par: Param) -> bool:
-    return par.ratio != 1.0 or bool(par.bias_fold) or any(
-        p.fold is not None or (p.binding.scale, p.binding.offset) != (1.0, 0.0)
-        for p in par.pieces)
+def _rounded(par: Param, res: np.ndarray) -> bool:
+    """Whether the stored form, applied to the written values, misses the expanded model's
+    stored values anywhere (an offset or a factor undone in the storage dtype: 1 + w is
+    exact for w in [-0.5, 1] by Sterbenz's lemma, a factor generally is not)."""
+    if par.bias_fold or any(p.fold is not None for p in par.pieces):
+        return True
+    flat = res.astype(np.float64).reshape(-1) / par.ratio
+    for p in par.pieces:
+        b = p.binding
+        x = flat if b.index is None else flat[b.index.reshape(-1)]
+        if b.index is None:
+            x = x.reshape(b.shape)
+            x = x.T if b.transposed else x
+        back = (x * b.scale + b.offset).astype(res.dtype).reshape(-1)
+        if not np.array_equal(back, p.read().astype(res.dtype).reshape(-1)):
+            return True
+    return False
