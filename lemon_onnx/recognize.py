@@ -159,7 +159,10 @@ class Recognizer(GraphIndex):
         g = self.graph
         hid = embedding.hidden_leaves(self, emb)
         for a in hid:
-            a.role = "hidden"
+            # a graph that reshapes the attention's output to the stream's own width (CLIP:
+            # ``reshape(hidden_states.shape)``) ties the stream to heads x head_dim: those
+            # atoms keep their names, and the plan keeps hidden = heads x head_dim
+            a.role = a.role or "hidden"
         if emb.token:
             for a in dims.leaves(self.ax.axes[self._values[emb.token]][0]):
                 a.role = a.role or "vocab"

@@ -46,6 +46,10 @@ class Embeddings:
     #: every constant [1, n, hidden] token put before the sequence (cls, DeiT's distillation
     #: token, registers), in graph order; ``cls_token`` is the first
     extra_tokens: list = dataclasses.field(default_factory=list)
+    #: pieces of a position table that reach the stream through reshapes, transposes and
+    #: interpolation along the other axes (DINOv2 as TorchScript traces it: the patch
+    #: positions resampled to the image's grid, the class position beside them), in order
+    position_parts: list = dataclasses.field(default_factory=list)
     norm: Norm | None = None  # a norm applied to the embeddings (its output is the stream)
     output: str = ""
 
@@ -155,7 +159,47 @@ def match_extras(ctx, emb: Embeddings) -> None:
                 elif n.op_type in ("Concat", "Expand") and t.name not in emb.extra_tokens:
                     emb.extra_tokens.append(t.name)
                     emb.cls_token = emb.cls_token or t.name
+    _position_parts(ctx, emb, anc, hid)
     _label_tables(ctx, emb)
+
+
+#: operators a position table may pass on its way to the stream that act on every hidden
+#: channel alone and linearly (a view, a cast, interpolation along the other axes)
+_PER_CHANNEL = ("Reshape", "Transpose", "Cast", "Identity", "Unsqueeze", "Squeeze", "Resize",
+                "Slice", "Concat", "Expand")
+
+
+def _position_parts(ctx, emb: Embeddings, anc: set, hid: set) -> None:
+    """Float tables with a hidden last axis that are added onto the stream through per-channel
+    linear operators only: widened along that axis in the stream form like a position table
+    (the stream form's extra slots, copies, means or zeros, pass through such operators).
+    Where an operator on the way moves the hidden axis (a Resize along it), the axis analysis
+    has not tied the table to the hidden atoms and the closed world refuses it."""
+    known = {emb.position, emb.token_type, *emb.extra_tokens, *(t for t, _ in emb.tables)}
+    for n in sorted(anc, key=lambda n: ctx.order[n]):
+        if n.op_type != "Add":
+            continue
+        stack = [i for i in n.inputs if i is not None and const_source(i)[0] is None]
+        seen: set = set()
+        while stack:
+            v = stack.pop()
+            p = v.producer()
+            if p is None or p in seen or p.op_type not in _PER_CHANNEL:
+                continue
+            seen.add(p)
+            data = p.inputs if p.op_type == "Concat" else p.inputs[:1]
+            for i in data:
+                t = const_source(i)[0] if i is not None else None
+                if t is None:
+                    if i is not None:
+                        stack.append(i)
+                    continue
+                shape, axes = const_shape(t), ctx.ax.axes.get(t)
+                if t.name in known or not shape or len(shape) < 2 or not axes or \
+                        not set(dims.leaves(axes[-1])) <= hid or not dims.leaves(axes[-1]):
+                    continue
+                emb.position_parts.append(t.name)
+                known.add(t.name)
 
 
 def _label_tables(ctx, emb: Embeddings) -> None:
@@ -230,7 +274,8 @@ def widen(wp, emb: Embeddings) -> None:
     if emb.token:
         wp.stream_axis(wp.node(emb.token_node), 0, "tok:emb", 1)
     tables = [name for name, _ in emb.tables]
-    for name in dict.fromkeys(tables + [emb.position, emb.token_type] + emb.extra_tokens):
+    for name in dict.fromkeys(tables + [emb.position, emb.token_type] + emb.extra_tokens
+                              + emb.position_parts):
         if name:
             wp.embedding_param(name, -1, f"emb:{name}")
     if emb.patch_conv:

@@ -26,7 +26,7 @@ from .norm import Norm
 
 @dataclasses.dataclass
 class Head:
-    kind: str  # lm | classifier | mlm | none
+    kind: str  # lm | classifier | mlm | norm (a norm alone, its output a graph output) | none
     linear: Linear | None
     transform: Linear | None = None
     transform_activation: str | None = None
@@ -56,8 +56,9 @@ def match(ctx, x: ir.Value, emb: Embeddings) -> tuple[Head, list]:
             paths[lin.node] = (lin, path)
     readers = sorted((lin for lin, _ in paths.values()),
                      key=lambda l: ctx.order[ctx._node(l.node)])
+    norm_heads = _norm_heads(ctx, x, [n for _, (norms, _) in paths.values() for n in norms])
     if not readers:
-        return Head("none", None, reads=nm(x)), []
+        return Head("none", None, reads=nm(x)), norm_heads
     tok = ctx._values[emb.token] if emb.token else None
     vocab = tok.const_value.shape[0] if tok is not None else None
     heads = []
@@ -78,7 +79,23 @@ def match(ctx, x: ir.Value, emb: Embeddings) -> tuple[Head, list]:
         h.pool_norms, h.segments = norms, segments
         heads.append(h)
     main = next((h for h in heads if h.kind in ("lm", "mlm")), heads[-1])
-    return main, [h for h in heads if h is not main]
+    return main, [h for h in heads if h is not main] + norm_heads
+
+
+def _norm_heads(ctx, x: ir.Value, claimed: list) -> list:
+    """Norms over tokens picked from the final stream whose output is a graph output, with no
+    linear after them (CLIP's vision tower: post_layernorm on the cls token gives
+    ``pooler_output``): each is a head of kind ``norm``."""
+    outs = {back_view(o) for o in ctx.graph.outputs}
+    found = []
+    for v, nrm in ctx.norms.items():
+        if nrm.output != v.name or v not in outs or nrm in claimed or \
+                ctx._values[nrm.input] is x:
+            continue
+        path = stream_path(ctx, v, x)
+        if path is not None and path[0] == [nrm] and path[1] == 1:
+            found.append(Head("norm", None, reads=nm(x), pool_norms=[nrm]))
+    return found
 
 
 #: ops on a head's path that act on each element alone (activations, dropout, casts), and
@@ -263,6 +280,8 @@ def _widen_untied(wp, desc, h: Head, layout, tag: str) -> None:
             continue
         norm.widen(wp, nrm, layout, tag=f"{tag}.pool{k}")
         layout = lm.norm_output_map(layout)
+    if first is None:  # a norm head: its output (a graph output) keeps the norm's layout
+        return
     inner = None
     if first is not h.linear:  # inner dense layer: replicate its units (elementwise activation)
         inner = lm.UnitMap(first.out_features, first.out_features * wp.D // wp.d) \
