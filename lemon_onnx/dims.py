@@ -1266,7 +1266,9 @@ class AxisAnalysis:
         x, w = self.get(node.inputs[0]), self.get(node.inputs[1])
         if x is None or w is None:
             return
-        self.try_unify(x[1], w[1], f"Conv {node.name}")  # group=1 assumed for unification
+        if size_of(x[1]) is not None:  # a symbolic channel axis (optimum's pixel_values) is
+            # the weight's, which the input synthesis reads; group=1 assumed for unification
+            self.try_unify(x[1], w[1], f"Conv {node.name}")
         out = self.fresh_axes_from_shape(node.outputs[0], "conv")
         if out is None:
             return

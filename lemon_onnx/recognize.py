@@ -138,14 +138,14 @@ class Recognizer(GraphIndex):
         head, extra = head_c.match(self, head_in, emb)
         desc = self.describe(emb, blocks, final_norm, head, layout)
         desc.extra_heads = extra
-        desc.blockers = self._blockers(blocks, [head] + extra)
+        desc.blockers = self._blockers(emb, blocks, [head] + extra)
         desc.unrecognised += desc.blockers
         return desc
 
-    def _blockers(self, blocks, heads) -> list[str]:
+    def _blockers(self, emb, blocks, heads) -> list[str]:
         """Linear layers that are neither in a block nor a head: expanding around them would
         break them, so ``expand`` refuses (``inspect`` lists them)."""
-        known = set()
+        known = {emb.projection.node} if emb.projection is not None else set()
         for b in blocks:
             a, m = b.attention, b.mlp
             known |= {l.node for l in (a.q, a.k, a.v, a.qkv, a.out, m.up, m.gate, m.down) if l}

@@ -20,6 +20,7 @@ from .. import dims, lemon_math as lm
 from ..errors import PlanError, UnsupportedModelError
 from ..graph import back_pass, back_view, const_shape, const_source, is_const, nm
 from ..tensors import _read
+from .linear import Linear
 from .norm import Norm
 
 
@@ -51,6 +52,10 @@ class Embeddings:
     #: positions resampled to the image's grid, the class position beside them), in order
     position_parts: list = dataclasses.field(default_factory=list)
     norm: Norm | None = None  # a norm applied to the embeddings (its output is the stream)
+    #: a linear layer from the embeddings to the stream (ELECTRA's embeddings_project,
+    #: ALBERT's embedding_hidden_mapping_in, where embedding_size != hidden_size): the tables,
+    #: and a norm before it, keep their width; only its output side grows
+    projection: Linear | None = None
     output: str = ""
 
 
@@ -123,15 +128,38 @@ def _conv_stem(ctx, emb: Embeddings) -> None:
             a.role = a.role or "hidden"  # stem channels grow with the stream (replicated)
 
 
-def hidden_leaves(ctx, emb: Embeddings) -> list:
+def embedding_leaves(ctx, emb: Embeddings) -> list:
+    """The atoms of the embeddings' width (the token table's, or the patch Conv's channels)."""
     if emb.token:
         return dims.leaves(ctx.ax.axes[ctx._values[emb.token]][1])
     return dims.leaves(ctx.ax.axes[ctx._values[emb.patch_weight]][0])
 
 
+def hidden_leaves(ctx, emb: Embeddings) -> list:
+    """The atoms of the stream's width: the embeddings', or a projection's output."""
+    if emb.projection is not None:
+        return ctx.leaves(ctx._values[emb.projection.output])
+    return embedding_leaves(ctx, emb)
+
+
+def match_projection(ctx, emb: Embeddings, stream: ir.Value) -> None:
+    """A linear layer whose output is the stream's start and whose input is computed from
+    the token table (or the patch Conv) without passing another linear layer."""
+    lin = next((l for l in ctx.linears.values() if l.output == stream.name), None)
+    if lin is None:
+        return
+    x = ctx._values[lin.input]
+    src = ctx._node(emb.token_node).outputs[0] if emb.token else \
+        ctx._node(emb.patch_conv).outputs[0]
+    if ctx.depends_on(x, src) and not any(ctx.computes(ctx._node(l.node), x)
+                                          for l in ctx.linears.values()):
+        emb.projection = lin
+
+
 def match_extras(ctx, emb: Embeddings) -> None:
-    """Position / token-type tables and ViT cls token: constants added onto the stream."""
-    hid = set(hidden_leaves(ctx, emb))
+    """Position / token-type tables and ViT cls token: constants added onto the embeddings
+    (before a projection to the stream, where there is one)."""
+    hid = set(embedding_leaves(ctx, emb))
     stream = ctx._values[emb.output] if emb.output else None
     if stream is None:
         return
@@ -270,7 +298,13 @@ def _constant_node_value(v: ir.Value):
 
 def widen(wp, emb: Embeddings) -> None:
     """Every table and constant that writes the stream, along its hidden axis in the stream
-    form (the token table is left to the head when the head shares it)."""
+    form (the token table is left to the head when the head shares it); with a projection to
+    the stream, only the projection's output side."""
+    if emb.projection is not None:
+        from . import linear
+
+        linear.widen(wp, emb.projection, None, wp.s_map, tag="emb.proj")
+        return
     if emb.token:
         wp.stream_axis(wp.node(emb.token_node), 0, "tok:emb", 1)
     tables = [name for name, _ in emb.tables]

@@ -18,7 +18,7 @@ import onnx_ir as ir
 from .. import lemon_math as lm
 from ..errors import PlanError
 from ..graph import back_pass, back_view, const_array, is_const, nm
-from . import linear, norm
+from . import embedding, linear, norm
 from .embedding import Embeddings
 from .linear import Linear
 from .norm import Norm
@@ -38,6 +38,10 @@ class Head:
     #: copies of the stream side by side on the first linear's input (DINOv2: cls token and
     #: the patches' mean concatenated)
     segments: int = 1
+    #: the MLM transform maps the stream back to the embeddings' width (ELECTRA's generator
+    #: where embedding_size < hidden_size): its output, its norm and the decoder keep their
+    #: sizes, and a tie with the token table stays as it is
+    narrow: bool = False
 
 
 _VIEW_OPS = ("Identity", "Cast", "Dropout", "Gather", "Slice", "Squeeze", "Unsqueeze",
@@ -68,6 +72,8 @@ def match(ctx, x: ir.Value, emb: Embeddings) -> tuple[Head, list]:
                  if lin is not r and ctx.depends_on(node.inputs[0], ctx._values[r.output])]
         if vocab is not None and len(after) == 1 and after[0].out_features == vocab:
             h = _mlm_head(ctx, r, after[0], x, tok)
+            h.narrow = not set(ctx.leaves(ctx._values[r.output])) <= \
+                set(embedding.hidden_leaves(ctx, emb))
         elif vocab is not None and r.out_features == vocab:
             h = Head("lm", r, reads=nm(x), tie=_tie(ctx, r, tok))
         elif len(after) == 1 and _elementwise_between(ctx, r, after[0]):
@@ -222,7 +228,7 @@ def untie_reason(rec, desc) -> str | None:
     the tie needs would change that output."""
     head = desc.head
     head_norm = head.transform_norm if head.kind == "mlm" else desc.final_norm
-    if head.tie and head_norm is not None:
+    if head.tie and head_norm is not None and not head.narrow:
         nv = rec._values[head_norm.output]
         if any(back_view(o) is nv for o in rec.graph.outputs):
             return ("the norm that feeds it is also a graph output, so rescaling its gamma "
@@ -244,6 +250,11 @@ def widen(wp, desc, head_in, *, untie: bool) -> str | None:
     if desc.final_norm is not None:
         norm.widen(wp, desc.final_norm, wp.s_map, tag="final", tied=tied and head.kind == "lm")
     branch_in = head_in
+    if head.kind == "mlm" and head.narrow:  # back to the embeddings' width, which stays
+        linear.widen(wp, head.transform, head_in, None, tag="head.transform")
+        for i, extra in enumerate(desc.extra_heads):
+            _widen_untied(wp, desc, extra, branch_in, f"head{i + 1}")
+        return head.tie
     if head.kind == "mlm":
         tr = head.transform
         circ = lm.UnitMap(wp.d, wp.D, 1)

@@ -21,7 +21,7 @@ from ..errors import UnsupportedModelError
 from ..graph import back_pass, back_view, const_source, is_const, nm
 from ..errors import PlanError
 from ..tensors import _read, _write
-from . import attention, mlp, norm
+from . import attention, embedding, mlp, norm
 from .attention import Attention
 from .embedding import Embeddings
 from .branch import branch_tail, layer_scale, output_norm
@@ -102,6 +102,7 @@ def match_blocks(ctx, emb: Embeddings, residuals):
     first = residuals[0]
     stream = back_view(first[1])
     emb.output = nm(stream)
+    embedding.match_projection(ctx, emb, stream)
     # a norm whose output is the stream start (embedding LayerNorm), perhaps scaled per token
     p = ctx.norms.get(stream) or ctx.norms.get(_token_scaled(ctx, stream))
     if p is not None:

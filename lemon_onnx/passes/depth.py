@@ -110,9 +110,15 @@ class DepthPass(ir.passes.InPlacePass):
         snap = self._snap[b.index]
         mapping: dict[ir.Value, ir.Value] = {x: new_input}
         new_nodes = []
+        inside = {n for n, _ in snap}
         for n, inputs in snap:
             ins = []
             for v in inputs:
+                while v is not None and v.producer() is not None and v not in mapping and \
+                        v.producer().op_type == "Identity" and v.producer() not in inside:
+                    # a weight shared by several layers, read through an Identity the
+                    # exporter put outside the block (ALBERT): the twin gets its own copy
+                    v = v.producer().inputs[0]
                 if v is None:
                     ins.append(None)
                 elif v in mapping:
