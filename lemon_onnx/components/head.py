@@ -72,8 +72,9 @@ def match(ctx, x: ir.Value, emb: Embeddings) -> tuple[Head, list]:
                  if lin is not r and ctx.depends_on(node.inputs[0], ctx._values[r.output])]
         if vocab is not None and len(after) == 1 and after[0].out_features == vocab:
             h = _mlm_head(ctx, r, after[0], x, tok)
-            h.narrow = not set(ctx.leaves(ctx._values[r.output])) <= \
-                set(embedding.hidden_leaves(ctx, emb))
+            # only past a projection is the embedding width not the stream's
+            h.narrow = emb.projection is not None and not set(
+                ctx.leaves(ctx._values[r.output])) <= set(embedding.hidden_leaves(ctx, emb))
         elif vocab is not None and r.out_features == vocab:
             h = Head("lm", r, reads=nm(x), tie=_tie(ctx, r, tok))
         elif len(after) == 1 and _elementwise_between(ctx, r, after[0]):
