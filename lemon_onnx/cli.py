@@ -255,6 +255,12 @@ def format_description(d, path: str = "") -> str:
                      f"{h.linear.out_features}]{extra}, tie {h.tie or 'no'}")
     else:
         lines.append("  head: none")
+    if d.caches:
+        first = d.caches[0]
+        heads = "no head axis (one KV head)" if first.heads_axis is None else \
+            f"KV heads on axis {first.heads_axis}"
+        lines.append(f"  KV cache: {len(d.caches)} tensors ({first.input} -> {first.output}, "
+                     f"...), past on axis {first.axis}, {heads}")
     lines.append("  outputs: " + ", ".join(f"{o['name']} {o['shape']} ({o['kind']})"
                                           for o in d.outputs))
     counts: dict = {}

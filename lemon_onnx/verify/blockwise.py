@@ -245,11 +245,14 @@ def run_segments(path, proto, desc, cases, provider: str, wanted, fallback_elem:
 
 def compare_blockwise(small_path, big_path, small_ir, big_ir, plan: dict, cases,
                       provider: str, rule: cmp.Rule, notes: list, cache: dict,
-                      float64: str = "auto"):
+                      float64: str = "auto", big_cases=None):
     """Both models block by block, in their dtype and (``float64``: auto | on | off) in
-    float64.  Returns (report cases, layerwise rows, first divergent block, provider used,
-    largest segment bytes, the float64 level's description, the rule applied)."""
+    float64 (``big_cases``: the big model's inputs where the plan maps some: a KV cache).
+    Returns (report cases, layerwise rows, first divergent block, provider used, largest
+    segment bytes, the float64 level's description, the rule applied)."""
     import onnx
+
+    feeds = {"small": cases, "big": big_cases or cases}
 
     ds, db = describe(small_ir, cache), describe(big_ir, cache)
     bmap = plan.get("blocks") or {str(i): i for i in range(len(ds.blocks))}
@@ -266,11 +269,11 @@ def compare_blockwise(small_path, big_path, small_ir, big_ir, plan: dict, cases,
              ("big", big_path, db, [p[3] for p in pairs]))
     for side, path, desc, names in sides:
         proto = onnx.load(str(path), load_external_data=False)
-        runs[side], used, seg_bytes = run_segments(path, proto, desc, cases, provider, names,
-                                                   elem)
+        runs[side], used, seg_bytes = run_segments(path, proto, desc, feeds[side], provider,
+                                                   names, elem)
         largest = max(largest, seg_bytes)
         del proto
-    level, runs64 = _float64_runs(float64, sides, cases, used, elem, largest, rule, notes)
+    level, runs64 = _float64_runs(float64, sides, feeds, used, elem, largest, rule, notes)
     if runs64 is None and rule.mode == "relative":  # no float64 runs: the fallback bound
         rule = cmp.Rule("fallback", rule.dtype, rule.atol, rule.rtol)
 
@@ -280,11 +283,14 @@ def compare_blockwise(small_path, big_path, small_ir, big_ir, plan: dict, cases,
     out_maps = plan.get("outputs") or {}
     report_cases = []
     for k, case in enumerate(cases):
-        outs = [cmp.compare_output(n, runs["small"][n][k],
-                                   runs["big"].get(n, [None] * len(cases))[k],
-                                   out_maps.get(n), rule, small64=f64("small", n, k),
-                                   big64=f64("big", n, k))
-                for n in small_outputs]
+        outs = []
+        for n in small_outputs:
+            m = out_maps.get(n)
+            nb = cmp.big_name(n, m)
+            outs.append(cmp.compare_output(n, runs["small"][n][k],
+                                           runs["big"].get(nb, [None] * len(cases))[k], m,
+                                           rule, small64=f64("small", n, k),
+                                           big64=f64("big", nb, k)))
         report_cases.append({"shapes": {n: list(a.shape) for n, a in case.items()},
                              "outputs": outs})
     rows, first = [], None
@@ -308,9 +314,10 @@ def compare_blockwise(small_path, big_path, small_ir, big_ir, plan: dict, cases,
     return report_cases, rows, first, used, largest, level, rule
 
 
-def _float64_runs(mode: str, sides, cases, provider, elem, largest: int, rule: cmp.Rule,
-                  notes: list):
-    """The float64 level, segment by segment: (level description, {side: runs} or None)."""
+def _float64_runs(mode: str, sides, cases: dict, provider, elem, largest: int,
+                  rule: cmp.Rule, notes: list):
+    """The float64 level, segment by segment (``cases``: each side's inputs): (level
+    description, {side: runs} or None)."""
     import onnx
 
     level = float64_level(rule)
@@ -330,8 +337,8 @@ def _float64_runs(mode: str, sides, cases, provider, elem, largest: int, rule: c
     try:
         for side, path, desc, names in sides:
             proto = onnx.load(str(path), load_external_data=False)
-            runs64[side], used, _ = run_segments(path, proto, desc, cases, forced, names, elem,
-                                                 float64=True)
+            runs64[side], used, _ = run_segments(path, proto, desc, cases[side], forced, names,
+                                                 elem, float64=True)
             del proto
     except RuntimeFailure as exc:
         level["why"] = _one_line(exc.message, 300)
