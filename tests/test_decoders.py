@@ -373,3 +373,19 @@ def test_chained_plans_compose_cache_maps():
                                              "name": "present.2.key"}
     assert both.inputs["past.2"] == {"from": "past.1", "axis": 1, "index": [0, 1, 0, 0, 1, 0]}
     assert both.inputs["past.1"]["zeros"] and both.inputs["past.1"]["from"] == "past.0"
+
+
+@pytest.mark.slow
+def test_blockwise_verification_decodes_segment_by_segment(expanded):
+    """Models too big for memory are verified segment by segment; the cached decoding check
+    then runs each step as a pass through every segment, with the same figures."""
+    name = "llama-gen"
+    if name not in expanded or "refused" in expanded[name]:
+        pytest.skip("llama-gen not expanded")
+    big = expanded[name]["result"].output
+    whole = lemon_onnx.verify(OPTIMUM / name / "model.onnx", big)
+    parts = lemon_onnx.verify(OPTIMUM / name / "model.onnx", big, blockwise=True)
+    assert parts.passed and parts.decoding["ran"] and parts.decoding["float64"]
+    for a, b in zip(whole.decoding["steps"], parts.decoding["steps"]):
+        assert [o.error for o in a["outputs"]] == pytest.approx([o.error for o in b["outputs"]],
+                                                               rel=1e-3, abs=1e-9)

@@ -245,11 +245,14 @@ def run_segments(path, proto, desc, cases, provider: str, wanted, fallback_elem:
 
 def compare_blockwise(small_path, big_path, small_ir, big_ir, plan: dict, cases,
                       provider: str, rule: cmp.Rule, notes: list, cache: dict,
-                      float64: str = "auto", big_cases=None):
+                      float64: str = "auto", big_cases=None, chains=None):
     """Both models block by block, in their dtype and (``float64``: auto | on | off) in
-    float64 (``big_cases``: the big model's inputs where the plan maps some: a KV cache).
-    Returns (report cases, layerwise rows, first divergent block, provider used, largest
-    segment bytes, the float64 level's description, the rule applied)."""
+    float64 (``big_cases``: the big model's inputs where the plan maps some: a KV cache;
+    ``chains``: {"small": decoding.Chain, "big": ...} run after the first case, each step a
+    pass through every segment).  Returns (report cases, layerwise rows, first divergent
+    block, provider used, largest segment bytes, the float64 level's description, the rule
+    applied, the decoding runs or None: {side: (first case's outputs, (steps, why they
+    stopped))} for "small", "big", and "small64", "big64" when the float64 level ran)."""
     import onnx
 
     feeds = {"small": cases, "big": big_cases or cases}
@@ -274,6 +277,15 @@ def compare_blockwise(small_path, big_path, small_ir, big_ir, plan: dict, cases,
         largest = max(largest, seg_bytes)
         del proto
     level, runs64 = _float64_runs(float64, sides, feeds, used, elem, largest, rule, notes)
+    decoded = None
+    if chains:
+        forced = "cuda" if used == CUDA else "cpu"
+        decoded = {}
+        for side, path, desc, names in sides:
+            decoded[side] = _decode(path, desc, chains[side], runs[side], forced, elem, False)
+            if runs64:
+                decoded[side + "64"] = _decode(path, desc, chains[side], runs64[side], forced,
+                                               elem, True)
     if runs64 is None and rule.mode == "relative":  # no float64 runs: the fallback bound
         rule = cmp.Rule("fallback", rule.dtype, rule.atol, rule.rtol)
 
@@ -311,7 +323,22 @@ def compare_blockwise(small_path, big_path, small_ir, big_ir, plan: dict, cases,
             first = i
     notes.append(f"blockwise: {len(ds.blocks)} + {len(db.blocks)} blocks run one segment at a "
                  f"time (largest segment's weights {largest / 1e9:.2f} GB)")
-    return report_cases, rows, first, used, largest, level, rule
+    return report_cases, rows, first, used, largest, level, rule, decoded
+
+
+def _decode(path, desc, chain, runs: dict, provider: str, elem: int, float64: bool):
+    """A decoding chain (decoding.py) segment by segment: each step one pass through every
+    segment, fed the cache the step before returned.  (first case's outputs, (steps, why))."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    first = {n: v[0] for n, v in runs.items()}
+
+    def run(f: dict) -> dict:
+        got, _, _ = run_segments(path, proto, desc, [f], provider, [], elem, float64=float64)
+        return {n: v[0] for n, v in got.items()}
+
+    return first, chain.run(run, first, widen=float64)
 
 
 def _float64_runs(mode: str, sides, cases: dict, provider, elem, largest: int,

@@ -86,13 +86,13 @@ def verify(small_path, big_path, *, inputs=None, atol: float | None = None,
 
     if blockwise is None:
         blockwise = _too_big_for_memory(small_path, big_path, notes)
+    dec = _decoding_setup(small_ir, big_ir, cases[0], seed, cache)
     if blockwise:
         return _verify_blockwise(small_path, big_path, small_ir, big_ir, plan, cases,
                                  big_cases, source, provider, rule, dtype, notes, cache,
-                                 timings, t_start, float64)
+                                 timings, t_start, float64, dec)
 
     pairs = block_pairs(small_ir, big_ir, plan, notes, cache) if layerwise else None
-    dec = _decoding_setup(small_ir, big_ir, cases[0], seed, cache)
     # the model's own dtype: one session at a time keeps peak memory at the larger model
     ref, small_outputs, used, small_steps = _run_model(small_path, small_ir, cases, provider,
                                                        "small", timings, dec.small)
@@ -193,21 +193,30 @@ def _too_big_for_memory(small_path, big_path, notes: list) -> bool:
 
 
 def _verify_blockwise(small_path, big_path, small_ir, big_ir, plan, cases, big_cases, source,
-                      provider, rule, dtype, notes, cache, timings, t_start,
-                      float64) -> VerifyReport:
+                      provider, rule, dtype, notes, cache, timings, t_start, float64,
+                      dec) -> VerifyReport:
     from .blockwise import compare_blockwise
 
     t = time.perf_counter()
-    report_cases, rows, first, used, _, level_f64, rule = compare_blockwise(
+    chains = {"small": dec.small, "big": dec.big} if dec.small is not None else None
+    report_cases, rows, first, used, _, level_f64, rule, decoded = compare_blockwise(
         small_path, big_path, small_ir, big_ir, plan, cases, provider, rule, notes, cache,
-        float64, big_cases)
-    decoding_report = None
-    if returns_of(small_ir):
-        decoding_report = {"ran": False, "why": "blockwise verification runs the plain cases "
-                           "only (segment by segment, no cache fed back)", "steps": []}
-        notes.append("cached decoding not checked: " + decoding_report["why"])
+        float64, big_cases, chains)
     timings["blockwise"] = time.perf_counter() - t
-    passed = all(o.passed for c in report_cases for o in c["outputs"])
+    ref = got = steps64 = ref64 = got64 = None
+    small_steps = big_steps = (None, None)
+    if decoded:
+        (ref0, small_steps), (got0, big_steps) = decoded["small"], decoded["big"]
+        ref, got = [ref0], [got0]
+        if "small64" in decoded:
+            (r64, s64), (g64, b64) = decoded["small64"], decoded["big64"]
+            ref64, got64, steps64 = [r64], [g64], (s64, b64)
+    out_maps = plan.get("outputs") or {}
+    decoding_report = _decoding_report(dec, ref, got, small_steps, big_steps, ref64, got64,
+                                       steps64, [v.name for v in small_ir.graph.outputs],
+                                       out_maps, rule, notes)
+    passed = all(o.passed for c in report_cases for o in c["outputs"]) and \
+        all(o.passed for st in (decoding_report or {}).get("steps", []) for o in st["outputs"])
     if first is not None and passed:
         notes.append(f"the outputs match but block {first}'s hidden state diverges")
     notes.insert(0, f"inputs: {source}, {len(cases)} case(s)")
