@@ -33,7 +33,7 @@ def _recognised_facts(ir_model, cache: dict | None = None
 
 #: ops that carry index values unchanged (only their layout or dtype) to a Gather
 _INDEX_CARRIERS = {"Cast", "Unsqueeze", "Squeeze", "Reshape", "Identity", "Expand", "Flatten",
-                   "Transpose", "Tile"}
+                   "Transpose"}
 
 
 def roles_from_graph(ir_model, desc) -> dict:
@@ -75,20 +75,38 @@ def roles_from_graph(ir_model, desc) -> dict:
                     table, _ = const_source(n.inputs[0])
                     if table is not None:
                         found.add(tables.get(table, "position"))
-                    elif _from_constants(n.inputs[0]):
-                        found.add("position")
-                elif n.op_type == "GatherElements" and use.idx == 1 and \
-                        _from_constants(n.inputs[0]):
-                    found.add("position")  # GPT-J picks its sin/cos rows this way
-                elif (n.op_type in _INDEX_CARRIERS and use.idx == 0) or _constant_offset(n):
+                elif n.op_type in _INDEX_CARRIERS and use.idx == 0:
                     frontier.extend(n.outputs)
         for role in ("ids", "token_type", "position"):
             if role in found:
                 roles[v.name] = role
                 break
         else:
-            roles[v.name] = "position" if _feeds_angles(v) else "mask"
+            roles[v.name] = "position" if _position_values(v) else "mask"
     return roles
+
+
+def _position_values(v) -> bool:
+    """Positions the walk above does not see: values that pick rows of a table computed from
+    constants alone (GPT-J's sin/cos rows, by GatherElements on a tiled table), shifted by a
+    constant first (OPT's offset of 2), or that become rotary angles (``_feeds_angles``)."""
+    if _feeds_angles(v):
+        return True
+    frontier, seen = [v], set()
+    while frontier:
+        x = frontier.pop()
+        for use in x.uses():
+            n = use.node
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            if n.op_type in ("Gather", "GatherElements") and use.idx == 1:
+                if _from_constants(n.inputs[0]):
+                    return True
+            elif (n.op_type in _INDEX_CARRIERS | {"Tile"} and use.idx == 0) or \
+                    _constant_offset(n):
+                frontier.extend(n.outputs)
+    return False
 
 
 def _from_constants(v, limit: int = 64) -> bool:
