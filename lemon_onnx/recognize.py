@@ -140,12 +140,12 @@ class Recognizer(GraphIndex):
         head, extra = head_c.match(self, head_in, emb)
         desc = self.describe(emb, blocks, final_norm, head, layout)
         desc.extra_heads = extra
-        desc.caches = cache.match(self, blocks)
+        desc.blockers = self._blockers(blocks, [head] + extra)
+        desc.unrecognised += desc.blockers
+        desc.caches = cache.match(self, blocks)  # a decoder's KV cache (components/cache.py)
         for o in desc.outputs:
             if any(o["name"] == s.output for s in desc.caches):
                 o["kind"] = "cache"
-        desc.blockers = self._blockers(blocks, [head] + extra)
-        desc.unrecognised += desc.blockers
         return desc
 
     def _blockers(self, blocks, heads) -> list[str]:

@@ -86,6 +86,75 @@ def roles_from_graph(ir_model, desc) -> dict:
     return roles
 
 
+def _role_by_name(name: str, dtype: np.dtype) -> str:
+    """Only when the model is not recognised: guess from the input's name."""
+    n = name.lower()
+    if "token_type" in n or "segment" in n:
+        return "token_type"
+    if "position" in n:
+        return "position"
+    if "mask" in n:
+        return "mask"
+    if dtype.kind in "iu" and ("input_ids" in n or n == "ids" or n.endswith("_ids")
+                               or n.endswith("tokens")):
+        return "ids"
+    if dtype.kind == "f":
+        return "float"
+    return "other"
+
+
+def _dim_values(ir_model, b: int, s: int, known: dict | None = None) -> dict:
+    """Symbolic dim name -> size, shared by all inputs; ``known``: sizes read from the graph
+    (``graph_dims``), which names never override; a dim that is a sum of others is the sum."""
+    sizes: dict = dict(known or {})
+    order = 0
+    for v in ir_model.graph.inputs:
+        if v.shape is None:
+            continue
+        for ax, d in enumerate(v.shape.dims):
+            if isinstance(d, int):
+                continue
+            key = getattr(d, "value", None)
+            if key is None or key in sizes or _sum_terms(key):
+                continue
+            k = key.lower()
+            if "batch" in k:
+                sizes[key] = b
+            elif any(t in k for t in ("seq", "len", "token", "time", "position", "total")):
+                sizes[key] = s
+            else:
+                sizes[key] = b if (ax == 0 and order == 0) else s
+                order += 1
+    return _with_sums(ir_model, sizes)
+
+
+_TERM = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _sum_terms(key: str) -> list | None:
+    """``past_sequence_length + sequence_length`` -> its terms; None for a plain name."""
+    if "+" not in key:
+        return None
+    terms = [t.strip() for t in key.split("+")]
+    return terms if all(_TERM.match(t) or t.isdigit() for t in terms) else None
+
+
+def _with_sums(ir_model, sizes: dict) -> dict:
+    """Dims declared as sums of other dims (optimum's attention mask over past + current
+    tokens) get the sum of their terms' sizes; a term no input declares on its own counts as
+    the sequence it stands beside, never guessed from its name: such a sum is left out."""
+    for v in ir_model.graph.inputs:
+        for d in (v.shape.dims if v.shape is not None else ()):
+            key = getattr(d, "value", None)
+            terms = _sum_terms(key) if isinstance(key, str) else None
+            if not terms or key in sizes:
+                continue
+            vals = [int(t) if t.isdigit() else sizes.get(t) for t in terms]
+            if all(x is not None for x in vals):
+                sizes[key] = sum(vals)
+    return sizes
+
+
 def _position_values(v) -> bool:
     """Positions the walk above does not see: values that pick rows of a table computed from
     constants alone (GPT-J's sin/cos rows, by GatherElements on a tiled table), shifted by a
@@ -164,79 +233,16 @@ def _feeds_angles(v, limit: int = 12) -> bool:
     return False
 
 
-def _role_by_name(name: str, dtype: np.dtype) -> str:
-    """Only when the model is not recognised: guess from the input's name."""
-    n = name.lower()
-    if "token_type" in n or "segment" in n:
-        return "token_type"
-    if "position" in n:
-        return "position"
-    if "mask" in n:
-        return "mask"
-    if dtype.kind in "iu" and ("input_ids" in n or n == "ids" or n.endswith("_ids")
-                               or n.endswith("tokens")):
-        return "ids"
-    if dtype.kind == "f":
-        return "float"
-    return "other"
-
-
-def _dim_values(ir_model, b: int, s: int, known: dict | None = None) -> dict:
-    """Symbolic dim name -> size, shared by all inputs; ``known``: sizes read from the graph
-    (``graph_dims``), which names never override; a dim that is a sum of others is the sum."""
-    sizes: dict = dict(known or {})
-    order = 0
-    for v in ir_model.graph.inputs:
-        if v.shape is None:
-            continue
-        for ax, d in enumerate(v.shape.dims):
-            if isinstance(d, int):
-                continue
-            key = getattr(d, "value", None)
-            if key is None or key in sizes or _sum_terms(key):
-                continue
-            k = key.lower()
-            if "batch" in k:
-                sizes[key] = b
-            elif any(t in k for t in ("seq", "len", "token", "time", "position", "total")):
-                sizes[key] = s
-            else:
-                sizes[key] = b if (ax == 0 and order == 0) else s
-                order += 1
-    return _with_sums(ir_model, sizes)
-
-
-_TERM = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def _sum_terms(key: str) -> list | None:
-    """``past_sequence_length + sequence_length`` -> its terms; None for a plain name."""
-    if "+" not in key:
-        return None
-    terms = [t.strip() for t in key.split("+")]
-    return terms if all(_TERM.match(t) or t.isdigit() for t in terms) else None
-
-
-def _with_sums(ir_model, sizes: dict) -> dict:
-    """Dims declared as sums of other dims (optimum's attention mask over past + current
-    tokens) get the sum of their terms' sizes; a term no input declares on its own counts as
-    the sequence it stands beside, never guessed from its name: such a sum is left out."""
-    for v in ir_model.graph.inputs:
-        for d in (v.shape.dims if v.shape is not None else ()):
-            key = getattr(d, "value", None)
-            terms = _sum_terms(key) if isinstance(key, str) else None
-            if not terms or key in sizes:
-                continue
-            vals = [int(t) if t.isdigit() else sizes.get(t) for t in terms]
-            if all(x is not None for x in vals):
-                sizes[key] = sum(vals)
-    return sizes
-
-
-def graph_dims(ir_model, roles: dict, desc, b: int, s: int, past: int = 0) -> dict:
+def graph_dims(ir_model, roles: dict, cache: dict | None, b: int, s: int,
+               past: int = 0) -> dict:
     """Symbolic dims read from where the inputs' values go: the token ids' axes are the batch
     and the sequence; a KV cache's joined axis is the past (``past`` tokens: 0, an empty
-    cache, for the plain runs) and its first axis the batch."""
+    cache, for the plain runs; role "cache", zeros) and its first axis the batch.  ``cache``:
+    recognition's (``models.describe``)."""
+    try:
+        desc = describe(ir_model, cache)
+    except Exception:  # not recognised: no structure to read the dims from
+        desc = None
     sizes: dict = {}
 
     def put(v, axis: int, size: int) -> None:
@@ -293,10 +299,6 @@ def _synthesize(ir_model, *, seed: int, vocab: int | None, cases,
         notes.append("input roles guessed from their names (the model was not recognised: "
                      f"{_one_line(str(exc) or type(exc).__name__, 200)})")
     specs = [(v, npdt, roles.get(v.name, "other")) for v, npdt in specs]
-    try:
-        desc = describe(ir_model, cache)
-    except Exception:  # not recognised: no structure to read the dims from
-        desc = None
     tt_rows = None
     if any(r in ("ids", "token_type") for _, _, r in specs):
         rec_vocab, tt_rows, why = _recognised_facts(ir_model, cache)
@@ -310,7 +312,7 @@ def _synthesize(ir_model, *, seed: int, vocab: int | None, cases,
     for k, (b, s) in enumerate(cases):
         rng = np.random.default_rng([int(seed), k])
         sizes = _dim_values(ir_model, int(b), int(s),
-                            graph_dims(ir_model, roles, desc, int(b), int(s)))
+                            graph_dims(ir_model, roles, cache, int(b), int(s)))
         feeds = {}
         for v, npdt, role in specs:
             shape = []
@@ -338,7 +340,7 @@ def _synthesize(ir_model, *, seed: int, vocab: int | None, cases,
                     if shape else np.zeros(())
             elif role == "float":
                 a = rng.standard_normal(shape)
-            else:  # "cache" (empty: the past has 0 tokens) and anything unknown
+            else:
                 a = np.zeros(shape)
             feeds[v.name] = np.ascontiguousarray(a.astype(npdt))
         _positions_from_masks(feeds, specs)
