@@ -218,11 +218,17 @@ out = {}
 for name, src, dst in json.loads(sys.argv[1]):
     res = {}
     for tag, folder in (("src", src), ("dst", dst)):
-        m = ORTModelForCausalLM.from_pretrained(folder, use_cache=True, use_io_binding=False)
-        g = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24,
-                       min_new_tokens=24, do_sample=False, pad_token_id=0)
-        res[tag] = (g[:, ids.shape[1]:].tolist(),
-                    m(input_ids=ids, attention_mask=mask).logits.detach().numpy())
+        try:
+            m = ORTModelForCausalLM.from_pretrained(folder, use_cache=True, use_io_binding=False)
+            g = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24,
+                           min_new_tokens=24, do_sample=False, pad_token_id=0)
+            res[tag] = (g[:, ids.shape[1]:].tolist(),
+                        m(input_ids=ids, attention_mask=mask).logits.detach().numpy())
+        except Exception as exc:
+            out[name] = {tag + "_error": " ".join(str(exc).split())[:400]}
+            break
+    if name in out:
+        continue
     ref, got = res["src"][1], res["dst"][1]
     out[name] = {"src": res["src"][0], "dst": res["dst"][0],
                  "rel": float(np.abs(got - ref).max() / np.abs(ref).max())}
@@ -250,6 +256,9 @@ def test_optimum_generates_the_same_tokens(expanded, generated, name):
     if "refused" in expanded[name]:  # a recognition gap (PENDING), asserted above
         pytest.skip(f"{name} is refused: {expanded[name]['refused'][1][:120]}")
     g = generated[name]
+    if "src_error" in g:  # optimum 0.1.0 sizes some families' caches by the query heads
+        pytest.skip(f"optimum cannot run the source folder itself: {g['src_error'][:200]}")
+    assert "dst_error" not in g, g
     assert len(g["src"][0]) == 24 and len(g["src"]) == 2
     assert g["dst"] == g["src"]
     assert g["rel"] <= 1e-3
