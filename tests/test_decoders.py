@@ -36,12 +36,12 @@ OPTIMUM = ROOT / "models" / "optimum"
 OPTIMUM_PY = ROOT / ".venv-optimum" / "bin" / "python"
 REQUIRED = os.environ.get("LEMON_REQUIRE_OPTIMUM") == "1"
 
-#: refused by design, with these words in the reason
-REFUSED = {"mpt": "computed at run time"}  # TorchScript cuts q/k/v at run-time bounds
-#: recognition gaps another branch closes (``recog``: SDPA split scaling, TorchScript's fused
-#: gate_up); until then these must be refused for that reason, never expanded wrongly
+#: recognition gaps another branch closes (``recog``: SDPA's split scaling, TorchScript's
+#: chunk bounds and fused gate_up); until then these must be refused for that reason, never
+#: expanded wrongly; once they expand, every check below holds for them too
 PENDING = {"stablelm": "could not tell the Q, K and V projections apart",
-           "phi3": "gate_up"}
+           "phi3": "gate_up",
+           "mpt": "computed at run time"}
 
 
 def _entries() -> list:
@@ -57,8 +57,6 @@ def _entries() -> list:
 
 GEN = _entries()
 NAMES = [e["name"] for e in GEN]
-#: the folders that must expand (the refused ones are asserted refused, not skipped)
-EXPANDING = [n for n in NAMES if n.removesuffix("-gen") not in REFUSED]
 
 
 def _require_optimum_python() -> None:
@@ -150,10 +148,9 @@ def _family(name: str) -> str:
 def test_expands_and_verifies_with_cached_decoding(expanded, name):
     got = expanded[name]
     fam = _family(name)
-    if fam in REFUSED or (fam in PENDING and "refused" in got):
-        words = REFUSED.get(fam) or PENDING[fam]
-        code, message = got.get("refused", (0, "expanded"))
-        assert code == 2 and words in message, (name, code, message)
+    if fam in PENDING and "refused" in got:
+        code, message = got["refused"]
+        assert code == 2 and PENDING[fam] in message, (name, code, message)
         return
     assert "refused" not in got, got.get("refused")
     res = got["result"]
@@ -176,7 +173,7 @@ def test_expands_and_verifies_with_cached_decoding(expanded, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", EXPANDING)
+@pytest.mark.parametrize("name", NAMES)
 def test_every_layer_has_its_own_cache_in_layer_order(expanded, name):
     """2 x layers cache inputs and outputs, numbered 0..L'-1 in the graph's order, each output
     returning (by structure) the input of the same number, declared with the expanded KV
@@ -251,7 +248,7 @@ def generated(expanded):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", EXPANDING)
+@pytest.mark.parametrize("name", NAMES)
 def test_optimum_generates_the_same_tokens(expanded, generated, name):
     if "refused" in expanded[name]:  # a recognition gap (PENDING), asserted above
         pytest.skip(f"{name} is refused: {expanded[name]['refused'][1][:120]}")
