@@ -36,6 +36,10 @@ class Plan:
     #: {"from": source input, "axis": k, "index": [...], "zeros": bool}); absent: same name
     inputs: dict = dataclasses.field(default_factory=dict)
     blocks: dict = dataclasses.field(default_factory=dict)  # "src index" -> target index
+    #: for each layer of the expanded model, in order, the source block it was made from (a
+    #: twin names its source); relative to the original model in a chain; empty when unknown
+    #: (a chain whose earlier plan predates this field)
+    layer_sources: list = dataclasses.field(default_factory=list)
     depth_placement: str | None = None
     depth_init: str | None = None
     exact: bool = True
@@ -326,6 +330,10 @@ def chained(previous: dict | None, step: Plan) -> Plan:
         {k: v for k, v in previous.items() if k != "chain"}]
     composed.blocks = {i: step.blocks[str(j)] for i, j in previous["blocks"].items()
                        if str(j) in step.blocks}
+    before = previous.get("layer_sources") or []
+    composed.layer_sources = ([before[j] for j in step.layer_sources]
+                              if before and all(j < len(before) for j in step.layer_sources)
+                              else [])
     prev_out = previous.get("outputs") or {}
     composed.outputs = {}
     for name in prev_out or step.outputs:  # the original model's outputs

@@ -221,6 +221,7 @@ class DepthPass(ir.passes.InPlacePass):
             while p + 1 < len(order) and order[p + 1][1] > 0:
                 p += 1
             plan.blocks[key] = p
+        plan.layer_sources = [src for src, _ in order]
         if post:
             plan.exact = False
             plan.notes.append(
