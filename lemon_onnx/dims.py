@@ -1026,6 +1026,31 @@ class AxisAnalysis:
                 out.append(ax)
         self.axes[node.outputs[0]] = out
 
+    def op_ScatterND(self, node: ir.Node) -> None:
+        """ScatterND(data, indices, updates): the output is ``data`` with some elements
+        replaced, so it has data's axes (a causal mask of shape [B, 1, S, T] stays broadcast
+        over the heads: its size-1 axis is no heads axis).  Where it writes along the first
+        q axes (q = the indices' last axis) is read from values at run time: those axes are
+        recorded as mixed (exact only if they keep their size); the updates' trailing axes
+        are data's axes past q."""
+        data, idx, upd = (list(node.inputs) + [None] * 3)[:3]
+        x = self.get(data)
+        if x is None:
+            return
+        self.axes[node.outputs[0]] = [list(a) for a in x]
+        iax = self.get(idx)
+        q = size_of(iax[-1]) if iax else None
+        if q is None or not 0 <= q <= len(x):
+            self.axis_ops.append((node, data, None))
+            return
+        for k in range(q):
+            self.axis_ops.append((node, data, k))
+        u = self.get(upd)
+        if u is not None and len(u) == len(iax) - 1 + len(x) - q:
+            for ua, xa in zip(u[len(iax) - 1:], x[q:]):
+                if size_of(ua) != 1 and size_of(xa) != 1:
+                    self.try_unify(ua, xa, f"ScatterND {node.name}")
+
     def op_Split(self, node: ir.Node) -> None:
         x = self.get(node.inputs[0])
         if x is None:
@@ -1055,10 +1080,16 @@ class AxisAnalysis:
             return
         for k, o in enumerate(node.outputs):
             ax = [list(a) for a in x]
-            ax[axis] = self._fresh_from_inferred(o, axis, "split")
+            e = el[k] if el and k < len(el) else UNK
+            if e.kind == "lit" and e.value >= 1:
+                # the part's size is the literal itself (an inferred dim may be a symbol that
+                # stands for another size elsewhere: GPT-J's sin/cos halves)
+                ax[axis] = [] if e.value == 1 else [Atom(e.value, origin="split")]
+            else:
+                ax[axis] = self._fresh_from_inferred(o, axis, "split")
             self.axes[o] = ax
-            if el and k < len(el) and el[k].kind == "lit":
-                self.lit(el[k], ax[axis], node)
+            if e.kind == "lit":
+                self.lit(e, ax[axis], node)
 
     def op_Slice(self, node: ir.Node) -> None:
         data = node.inputs[0]
