@@ -517,10 +517,11 @@ def _synthesize(ir_model, *, seed: int, vocab: int | None, cases,
                 a = rng.standard_normal(shape)
             else:
                 a = np.zeros(shape)
-            if v.name in bounds:
-                a = np.mod(a, bounds[v.name])
             feeds[v.name] = np.ascontiguousarray(a.astype(npdt))
         _positions_from_masks(feeds, specs)
+        for name, rows in bounds.items():  # last: no value may index past its table
+            if name in feeds:
+                feeds[name] = np.ascontiguousarray(np.mod(feeds[name], rows))
         out.append(feeds)
     return out, notes
 
