@@ -18,7 +18,7 @@ import traceback
 import click
 
 from . import __version__, signals
-from .errors import as_contract_error, exit_codes_help
+from .errors import UnsupportedModelError, as_contract_error, exit_codes_help
 from .progress import Progress
 
 EPILOG = exit_codes_help()
@@ -85,14 +85,21 @@ def cli() -> None:
 
 
 @cli.command(epilog=EPILOG)
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the full description as JSON.")
 @verbosity_options
 @guarded
 def inspect(model: str, as_json: bool, quiet: bool, verbose: bool) -> None:
-    """Show what was recognised in MODEL: family, layout, sizes, blocks, size literals."""
+    """Show what was recognised in MODEL: family, layout, sizes, blocks, size literals.
+
+    MODEL may be an export folder: each .onnx in it is described (or why it cannot be
+    expanded), with the config's model_type and the files expand would copy."""
     from .io import load
     from .recognize import recognize
+
+    if os.path.isdir(model):
+        _inspect_folder(model, as_json)
+        return
 
     progress = _progress(quiet, verbose, total=2)
     with progress:
@@ -105,13 +112,44 @@ def inspect(model: str, as_json: bool, quiet: bool, verbose: bool) -> None:
     click.echo(desc.to_json(indent=2) if as_json else format_description(desc, model))
 
 
+def _inspect_folder(folder: str, as_json: bool) -> None:
+    import json
+
+    from .folder import describe_folder
+
+    info = describe_folder(folder)
+    refused = [n for n, e in info["files"].items() if "refused" in e]
+    if as_json:
+        data = dict(info, files={n: {"stack": e["stack"], "refused": e.get("refused"),
+                                     "description": e["description"].to_dict()
+                                     if "description" in e else None}
+                                 for n, e in info["files"].items()})
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        click.echo(f"{folder}: export folder, model_type {info['model_type'] or '?'}"
+                   f"{'' if info['config'] else ' (no config.json)'}, "
+                   f"{len(info['files'])} model file(s)")
+        for name, e in info["files"].items():
+            if "description" in e:
+                text = format_description(e["description"], f"{name} [{e['stack']}]")
+                click.echo("\n".join("  " + line for line in text.splitlines()))
+            else:
+                click.echo(f"  {name} [{e['stack']}]: cannot be expanded: {e['refused']}")
+        click.echo(f"  copied unchanged by expand: {', '.join(info['other_files']) or 'nothing'}")
+    if refused:
+        raise UnsupportedModelError(f"{len(refused)} of {len(info['files'])} model file(s) in "
+                                    f"{folder} cannot be expanded ({', '.join(refused)}), so "
+                                    "expand would refuse the folder.")
+
+
 REPORT_HELP = "Write the verification report as JSON to FILE ('-': stdout, text then on stderr)."
 
 
 @cli.command(epilog=EPILOG)
-@click.argument("model", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
-              help="Where to write the expanded model (written only if it verifies).")
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", "out", required=True, type=click.Path(),
+              help="Where to write the expanded model (written only if it verifies); a "
+                   "folder when MODEL is an export folder.")
 @click.option("--width", type=float, help="Factor for hidden size, FFN size and head count.")
 @click.option("--depth", type=float, help="Factor for the number of blocks.")
 @click.option("--hidden", type=int, help="Target hidden size.")
@@ -163,8 +201,9 @@ def expand(model, out, width, depth, hidden, ffn, heads, layers, placement, dept
                             layerwise=layerwise, keep_tie=keep_tie, report=report,
                             float64=float64, noise_scale=noise_scale,
                             blockwise=blockwise or None, progress=progress)
-    if verbose and result.verification is not None:
-        click.echo(result.verification.format(), err=True)
+    for r in getattr(result, "files", {"": result}).values():
+        if verbose and r.verification is not None:
+            click.echo(r.verification.format(), err=True)
     click.echo(result.summary(), file=_human(report))
     if signals.late() is not None:
         click.echo("lemon-onnx: note: a signal arrived while the output was being put in "
@@ -265,7 +304,10 @@ def format_description(d, path: str = "") -> str:
              f"patch conv {e.patch_conv}" if e.patch_conv else None,
              f"conv stem {', '.join(c[0] for c in e.stem)}" if e.stem else None,
              f"extra tokens {', '.join(e.extra_tokens)}" if e.extra_tokens else None,
-             f"norm ({e.norm.kind})" if e.norm else None]
+             f"position parts {', '.join(e.position_parts)}" if e.position_parts else None,
+             f"norm ({e.norm.kind})" if e.norm else None,
+             f"projection {e.projection.weight} [{e.projection.in_features}->"
+             f"{e.projection.out_features}]" if e.projection else None]
     lines.append("  embeddings: " + ", ".join(p for p in parts if p))
     for b in d.blocks:
         a, m = b.attention, b.mlp
@@ -292,8 +334,18 @@ def format_description(d, path: str = "") -> str:
                      f"{h.linear.out_features}]{extra}, tie {h.tie or 'no'}")
     else:
         lines.append("  head: none")
+    for x in d.extra_heads:
+        if x.kind == "norm":
+            lines.append(f"  extra head: {x.pool_norms[0].kind} on the final stream, its output "
+                         f"{x.pool_norms[0].output}")
     lines.append("  outputs: " + ", ".join(f"{o['name']} {o['shape']} ({o['kind']})"
                                           for o in d.outputs))
+    if d.caches:
+        first = d.caches[0]
+        heads = "no head axis (one KV head)" if first.heads_axis is None else \
+            f"KV heads on axis {first.heads_axis}"
+        lines.append(f"  KV cache: {len(d.caches)} tensors ({first.input} -> {first.output}, "
+                     f"...), past on axis {first.axis}, {heads}")
     counts: dict = {}
     for lit in d.size_literals:
         counts[(lit.label, lit.value)] = counts.get((lit.label, lit.value), 0) + 1

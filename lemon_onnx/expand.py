@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -143,6 +144,10 @@ def _prepare(src, *, width: float | None, depth: float | None, hidden: int | Non
             plan.outputs[o["name"]] = {"compare": "whole"}
     plan.blocks = {str(i): i for i in range(desc.num_layers)}
     plan.layer_sources = list(range(desc.num_layers))
+    if desc.caches and plan.target["layers"] != plan.source["layers"]:
+        from .components.cache import naming
+
+        naming(desc.caches)  # refused now if the cache names cannot follow the new layers
     return model, rec, desc, plan
 
 
@@ -151,7 +156,7 @@ def _rewrite(model, rec, desc, plan: Plan, progress: Progress) -> None:
     from .passes.width import expand_width
     from .recognize import Recognizer
 
-    maps, stats = None, {}
+    maps, stats, depth_stats = None, {}, {}
     with progress.stage("width") as st:
         if plan.widens:
             stats = expand_width(rec, desc, plan)
@@ -172,9 +177,17 @@ def _rewrite(model, rec, desc, plan: Plan, progress: Progress) -> None:
                 # depth pass reads (head_dim, the heads/kv ratio) did not change.
                 rec = Recognizer(model)
                 desc_now = rec.run()
-            expand_depth(model, rec, desc_now, plan, maps)
+            depth_stats = expand_depth(model, rec, desc_now, plan, maps)
             st.summary = (f"depth: {plan.source['layers']}->{plan.target['layers']} layers "
                           f"({plan.depth_placement}, {plan.depth_init})")
+    if desc.caches:  # how verification feeds and compares the caches
+        from .components.cache import plan_maps
+
+        kv = (maps or {}).get("kv")
+        plan_maps(plan, desc.caches, depth_stats.get("renamed", {}),
+                  depth_stats.get("twin_caches", []),
+                  [int(i) for i in kv.unit_src] if kv is not None and kv.N_units != kv.n_units
+                  else None)
     # initializers the passes replaced (copied before they diverged) and left unused
     RemoveUnusedNodesPass()(model)
     _check_unique_names(model)
@@ -205,7 +218,7 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
            layerwise: bool = False, keep_tie: bool = False,
            report: str | os.PathLike | None = None, float64: str = "auto",
            noise_scale: float | None = None, blockwise: bool | None = None,
-           progress: Progress | bool = False) -> ExpandResult:
+           progress: Progress | bool = False, config_beside: bool = True) -> ExpandResult:
     """Expand ``src`` into ``out``; nothing exists at ``out`` unless it passed.
 
     Sizes: ``width`` (a factor for hidden, FFN and heads) or ``hidden``/``ffn``/``heads``;
@@ -222,7 +235,23 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
     goes as JSON ("-": stdout), written before a mismatch is raised.  ``keep_tie``: refuse
     rather than untie a tied head.  ``progress``: True for the command line's report on
     stderr, or a ``Progress``.  Raises ``LemonError`` subclasses with ``exit_code`` (and
-    ``Interrupted``, a ``KeyboardInterrupt``, with exit_code 130)."""
+    ``Interrupted``, a ``KeyboardInterrupt``, with exit_code 130).
+
+    ``src`` may be an export folder (``folder.py``): then ``out`` is a folder, every .onnx
+    file is expanded with these options and one seed, config.json is rewritten and the other
+    files are copied; the result is a ``FolderResult``.  A single file with a config.json
+    beside it gets the rewritten config beside ``out`` (``config_beside``), unless a
+    config.json is already there."""
+    if Path(src).is_dir():  # an export folder: every .onnx in it, config.json rewritten
+        from .folder import expand_folder
+
+        return expand_folder(src, out, width=width, depth=depth, hidden=hidden, ffn=ffn,
+                             heads=heads, layers=layers, placement=placement,
+                             depth_init=depth_init, seed=seed, verify=verify,
+                             provider=provider, atol=atol, rtol=rtol, inputs=inputs,
+                             layerwise=layerwise, keep_tie=keep_tie, report=report,
+                             float64=float64, noise_scale=noise_scale, blockwise=blockwise,
+                             progress=progress)
     if not isinstance(progress, Progress):
         progress = Progress(1 if progress else 0)
     if progress.total is None:
@@ -276,11 +305,35 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
                                         "outputs; nothing was written.\n" + vreport.format())
                 if recorded is not plan:
                     _record_plan(staging.path, recorded)
+            config_note = (_config_beside(src, dest, recorded, staging) if config_beside
+                           else None)
             with progress.stage("commit") as st:
                 staging.commit()
                 st.summary = f"committed {dest}"
+            if config_note:
+                progress.note(config_note)
         return ExpandResult(output=dest, plan=recorded, verification=vreport,
                             notes=list(recorded.notes))
+
+
+def _config_beside(src: Path, dest: Path, plan: Plan, staging: "Staging") -> str | None:
+    """The single-file form with a config.json beside the source: the output gets the
+    rewritten config beside it, unless that would replace a config.json already there (the
+    source's own, when the output goes into the source's folder)."""
+    from . import hfconfig
+    from .folder import CONFIG, read_config
+
+    cfg = read_config(src.parent)
+    if cfg is None:
+        return None
+    there = dest.resolve().parent / CONFIG
+    if there.exists():
+        return (f"{src.parent / CONFIG} was not rewritten beside the output: {there} already "
+                "exists (expand the folder, lemon-onnx expand DIR -o OUT_DIR, to get a "
+                "complete model folder)")
+    new, _ = hfconfig.expanded_config(cfg, json.loads(plan.to_json()))
+    (staging.dir / CONFIG).write_text(json.dumps(new, indent=2) + "\n")
+    return f"wrote {there} with the new sizes (from {src.parent / CONFIG})"
 
 
 def _check_request(src: Path, dest: Path, sizes: tuple, *, placement: str, depth_init: str,

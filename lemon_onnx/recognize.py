@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from . import dims
-from .components import embedding, head as head_c, linear, norm, residual
+from .components import cache, embedding, head as head_c, linear, norm, residual
 from .components.attention import Attention
 from .components.embedding import Embeddings
 from .components.head import Head
@@ -73,7 +73,7 @@ class ModelDescription:
     final_norm: Norm | None
     head: Head
     inputs: list
-    outputs: list  # [{name, shape, kind}] kind: hidden | logits | other
+    outputs: list  # [{name, shape, kind}] kind: hidden | logits | cache | other
     size_literals: list
     shared_initializers: dict  # name -> number of consuming nodes (exporter dedup)
     unrecognised: list
@@ -83,6 +83,8 @@ class ModelDescription:
     lemon_plan: dict | None = None  # present when the model was expanded by lemon-onnx
     extra_heads: list = dataclasses.field(default_factory=list)  # poolers, second classifiers
     blockers: list = dataclasses.field(default_factory=list)  # why expand must refuse
+    #: the KV cache of a decoder exported for generation: one slot per cache input/output
+    caches: list = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -138,14 +140,18 @@ class Recognizer(GraphIndex):
         head, extra = head_c.match(self, head_in, emb)
         desc = self.describe(emb, blocks, final_norm, head, layout)
         desc.extra_heads = extra
-        desc.blockers = self._blockers(blocks, [head] + extra)
+        desc.blockers = self._blockers(emb, blocks, [head] + extra)
         desc.unrecognised += desc.blockers
+        desc.caches = cache.match(self, blocks)  # a decoder's KV cache (components/cache.py)
+        for o in desc.outputs:
+            if any(o["name"] == s.output for s in desc.caches):
+                o["kind"] = "cache"
         return desc
 
-    def _blockers(self, blocks, heads) -> list[str]:
+    def _blockers(self, emb, blocks, heads) -> list[str]:
         """Linear layers that are neither in a block nor a head: expanding around them would
         break them, so ``expand`` refuses (``inspect`` lists them)."""
-        known = set()
+        known = {emb.projection.node} if emb.projection is not None else set()
         for b in blocks:
             a, m = b.attention, b.mlp
             known |= {l.node for l in (a.q, a.k, a.v, a.qkv, a.out, m.up, m.gate, m.down) if l}
@@ -159,7 +165,10 @@ class Recognizer(GraphIndex):
         g = self.graph
         hid = embedding.hidden_leaves(self, emb)
         for a in hid:
-            a.role = "hidden"
+            # a graph that reshapes the attention's output to the stream's own width (CLIP:
+            # ``reshape(hidden_states.shape)``) ties the stream to heads x head_dim: those
+            # atoms keep their names, and the plan keeps hidden = heads x head_dim
+            a.role = a.role or "hidden"
         if emb.token:
             for a in dims.leaves(self.ax.axes[self._values[emb.token]][0]):
                 a.role = a.role or "vocab"

@@ -1,0 +1,328 @@
+"""Export folders in, export folders out.
+
+What conversion pipelines hand over is a folder: optimum's ``model.onnx`` (or
+``encoder_model.onnx`` + ``decoder_model.onnx`` + ``decoder_with_past_model.onnx`` /
+``decoder_model_merged.onnx``), ``config.json``, ``generation_config.json``, tokenizer or
+processor files.  What reads the result back (optimum's ORTModel classes, ORT GenAI,
+Transformers.js) takes the same layout and sizes the KV cache from ``config.json``.
+
+``expand_folder(src_dir, out_dir, ...)``:
+
+1. every ``.onnx`` file is one part of one model; the files are told apart by optimum's file
+   names (its loaders' contract: ``encoder_model.onnx`` is the encoder stack, the
+   ``decoder_*`` files the decoder stack, anything else the model's only stack).  A file
+   lemon-onnx cannot expand stops the whole folder (exit 2): an output holding one expanded
+   file beside an unexpanded one would be a broken model;
+2. each file is expanded and verified by ``expand.expand`` with the same options and seed, so
+   the same block of two files (``decoder_model`` and ``decoder_with_past_model``) gets the same
+   weights: the random splits are seeded by (seed, block, role), the maps by the sizes;
+3. the plans of one stack must agree (sizes and layer order), and across stacks the hidden
+   size: otherwise nothing is written;
+4. ``config.json`` gets the new sizes (``hfconfig``); it must then agree with the graphs' own
+   KV cache (layers, KV heads, head_dim: what optimum computes from it to size the cache);
+5. every other file is copied; the folder is built beside ``out_dir`` and renamed into place
+   whole (an existing ``out_dir`` is replaced only if it is an earlier model folder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from . import hfconfig, signals
+from .errors import InputError, InternalError, UnsupportedModelError, contract_errors
+from .progress import Progress
+
+CONFIG = "config.json"
+ENCODER_FILE = "encoder_model.onnx"
+#: optimum's decoder files (ORTModelForSeq2SeqLM; older causal-LM exports use them too)
+DECODER_FILES = ("decoder_model.onnx", "decoder_with_past_model.onnx",
+                 "decoder_model_merged.onnx")
+#: files a model folder holds, besides .onnx: an existing output folder made only of these
+#: may be replaced
+MODEL_FOLDER_FILES = re.compile(r".*\.(onnx|onnx_data|data|json|txt|model|tiktoken|py|md)$|.*\.onnx\.data$")
+
+
+@dataclasses.dataclass
+class FolderResult:
+    """What ``expand`` did with a folder: one ExpandResult per .onnx file, the config."""
+
+    output: Path
+    files: dict  # file name -> ExpandResult
+    copied: list  # other files, copied unchanged
+    config: dict | None  # the written config.json
+    notes: list
+
+    @property
+    def verified(self) -> bool:
+        return all(r.verified for r in self.files.values())
+
+    @property
+    def plan(self):
+        return next(iter(self.files.values())).plan
+
+    def summary(self) -> str:
+        parts = []
+        for name, r in self.files.items():
+            v = r.verification
+            parts.append(f"{name} " + (f"verified ({v.summary()})" if v is not None
+                                       else "NOT verified (--no-verify)"))
+        p = self.plan
+        s, t = p.step_source, p.target
+        line = (f"wrote {self.output}/: {len(self.files)} model file(s), layers {s['layers']}->"
+                f"{t['layers']}, hidden {s['hidden']}->{t['hidden']}, ffn {s['ffn']}->"
+                f"{t['ffn']}, heads {s['heads']}->{t['heads']}; " + "; ".join(parts))
+        if self.config is not None:
+            line += f"; config.json rewritten, {len(self.copied)} other file(s) copied"
+        else:
+            line += f"; no config.json in the source, {len(self.copied)} file(s) copied"
+        return line
+
+
+#: where a folder keeps its model files: at the top (optimum), or in onnx/ (Transformers.js)
+MODEL_DIRS = (".", "onnx")
+
+
+def model_files(src: Path) -> list[Path]:
+    """The folder's .onnx files, as paths relative to it."""
+    for sub in MODEL_DIRS:
+        d = src / sub
+        files = sorted(p.relative_to(src) for p in d.glob("*.onnx") if p.is_file()) \
+            if d.is_dir() else []
+        if files:
+            return files
+    raise InputError(f"{src} is a folder with no .onnx file in it (nor in {src / 'onnx'}).",
+                     hint="Give an ONNX model file, or the folder optimum-cli export onnx "
+                          "wrote.")
+
+
+def stack_of(name: str) -> str:
+    """Which stack of the model a file holds, by optimum's file names."""
+    if name == ENCODER_FILE:
+        return "encoder"
+    if name in DECODER_FILES:
+        return "decoder"
+    return "model"
+
+
+def read_config(src: Path) -> dict | None:
+    p = src / CONFIG
+    if not p.is_file():
+        return None
+    try:
+        cfg = json.loads(p.read_text())
+    except ValueError as e:
+        raise InputError(f"{p} is not valid JSON ({e}).",
+                         hint="Fix or remove the folder's config.json.") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"{p} does not hold a JSON object, so it is not a config.json.")
+    return cfg
+
+
+def describe_folder(src) -> dict:
+    """What ``inspect DIR`` reports: each model file's description (or why it cannot be
+    expanded), its stack, the config's model_type, the files that would be copied."""
+    from .errors import LemonError
+    from .io import load
+    from .recognize import recognize
+
+    src = Path(src)
+    files = model_files(src)
+    cfg = read_config(src)
+    out = {"folder": str(src), "model_type": (cfg or {}).get("model_type"),
+           "config": CONFIG if cfg is not None else None, "files": {}, "other_files": []}
+    for f in files:
+        entry = {"stack": stack_of(f.name)}
+        try:
+            entry["description"] = recognize(load(src / f))
+        except LemonError as exc:
+            entry["refused"] = exc.message
+        out["files"][str(f)] = entry
+    out["other_files"] = [str(p) for p in _other_files(src, files)]
+    return out
+
+
+def _check_output(src: Path, dest: Path, files: list[Path]) -> None:
+    if dest.resolve() == src.resolve():
+        raise InputError(f"the output {dest} is the input folder; expanding in place would "
+                         "destroy the source.", hint="Choose another -o folder.")
+    if dest.exists() and not dest.is_dir():
+        raise InputError(f"the input is a folder, but the output {dest} is a file.",
+                         hint="Give a folder for -o (it is created).")
+    if src.resolve() in dest.resolve().parents:
+        raise InputError(f"the output folder {dest} is inside the input folder {src}.",
+                         hint="Choose a folder outside the model's folder.")
+    if dest.is_dir():
+        subs = {f.parts[0] for f in files if len(f.parts) > 1}
+        other = [p.name for p in dest.iterdir()
+                 if not (p.is_file() and MODEL_FOLDER_FILES.fullmatch(p.name)
+                         or p.is_dir() and p.name in subs)]
+        if other:
+            raise InputError(f"the output folder {dest} exists and holds {', '.join(other[:3])}"
+                             f"{' ...' if len(other) > 3 else ''}, which is not part of a model "
+                             "folder; lemon-onnx replaces an existing output folder whole and "
+                             "will not delete them.",
+                             hint="Choose a new or empty folder for -o.")
+
+
+def expand_folder(src, out, *, progress: Progress | bool = False, **options) -> FolderResult:
+    """Expand every model file of the export folder ``src`` into the folder ``out`` (the
+    keyword options are ``expand.expand``'s); nothing is at ``out`` unless all verified."""
+    from .expand import expand
+
+    if not isinstance(progress, Progress):
+        progress = Progress(1 if progress else 0)
+    src, dest = Path(src), Path(out)
+    report = options.pop("report", None)
+    if options.get("inputs") is not None:
+        raise InputError("--inputs names one model's inputs, and a folder holds several "
+                         "models.", hint="Expand the .onnx files one by one to give inputs, or "
+                                         "let lemon-onnx synthesise them.")
+    with signals.handling(), contract_errors("expanding the folder"):
+        if not src.is_dir():
+            raise InputError(f"{src}: no such folder.")
+        files = model_files(src)
+        _check_output(src, dest, files)
+        cfg = read_config(src)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with signals.deferred():
+            stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(stage, 0o777 & ~umask)  # a folder as mkdir makes it, not mkdtemp's 0700
+        try:
+            results = {}
+            for f in files:
+                progress.log(f"{f}:")
+                file_report = None if report is None else (
+                    report if str(report) == "-" else
+                    Path(report).with_name(f"{Path(report).stem}.{f.stem}{Path(report).suffix}"))
+                (stage / f).parent.mkdir(exist_ok=True)
+                results[str(f)] = expand(src / f, stage / f, progress=_child(progress),
+                                         report=file_report, config_beside=False, **options)
+            plans = _stack_plans(results)
+            copied = _copy_others(src, stage, files)
+            new_cfg, notes = None, []
+            if cfg is not None:
+                main = plans.get("model") or plans.get("encoder") or plans["decoder"]
+                dec = plans.get("decoder") if "encoder" in plans else None
+                new_cfg, notes = hfconfig.expanded_config(cfg, main, decoder_plan=dec)
+                check_cache_config(new_cfg, stage, files)
+                (stage / CONFIG).write_text(json.dumps(new_cfg, indent=2) + "\n")
+            for n in notes:
+                progress.note(n)
+            _commit(stage, dest)
+        finally:
+            with signals.deferred():
+                shutil.rmtree(stage, ignore_errors=True)
+        return FolderResult(dest, results, copied, new_cfg, notes)
+
+
+def _child(progress: Progress) -> Progress:
+    """Each file's stages are reported like a single file's, at the folder's verbosity."""
+    return Progress(progress.verbosity, stream=progress.stream, bar=progress.use_bar)
+
+
+def _stack_plans(results: dict) -> dict:
+    """One plan per stack; the files of a stack must agree, the stacks on the hidden size."""
+    plans: dict[str, dict] = {}
+    first: dict[str, str] = {}
+    for name, r in results.items():
+        stack = stack_of(Path(name).name)
+        p = json.loads(r.plan.to_json())
+        if stack not in plans:
+            plans[stack], first[stack] = p, name
+            continue
+        q = plans[stack]
+        for key in ("source", "target", "layer_sources", "stream_form"):
+            if p.get(key) != q.get(key):
+                raise UnsupportedModelError(
+                    f"{name} and {first[stack]} hold the same {stack} stack, but lemon-onnx "
+                    f"planned them differently ({key}: {p.get(key)} vs {q.get(key)}), so the "
+                    "expanded files would not be one model; nothing was written.",
+                    hint="Report this folder; expand its files one by one meanwhile.")
+    hidden = {s: p["target"]["hidden"] for s, p in plans.items()}
+    if len(set(hidden.values())) > 1:
+        raise UnsupportedModelError(f"the stacks of this folder would get different hidden "
+                                    f"sizes ({hidden}); nothing was written.")
+    return plans
+
+
+def _other_files(src: Path, files: list[Path]) -> list[Path]:
+    """Every file under ``src`` that is not a model file, its external data, nor config.json
+    (relative paths)."""
+    import onnx
+
+    skip = {Path(CONFIG)} | set(files)
+    for f in files:
+        proto = onnx.load(str(src / f), load_external_data=False)
+        for t in proto.graph.initializer:
+            for e in t.external_data:
+                if e.key == "location":
+                    skip.add(f.parent / e.value)
+    return sorted(p.relative_to(src) for p in src.rglob("*")
+                  if p.is_file() and p.relative_to(src) not in skip)
+
+
+def _copy_others(src: Path, stage: Path, files: list[Path]) -> list[str]:
+    copied = []
+    for rel in _other_files(src, files):
+        (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / rel, stage / rel)
+        copied.append(str(rel))
+    return copied
+
+
+def check_cache_config(cfg: dict, folder: Path, files: list[Path]) -> None:
+    """The config must size the KV cache as the graphs declare it: optimum computes the
+    layer count, KV heads and head_dim from config.json, and feeds a cache of that shape."""
+    import onnx
+
+    layers = _first(cfg, hfconfig.SIZE_KEYS["layers"] + hfconfig.DECODER_KEYS["layers"])
+    for f in files:
+        proto = onnx.load(str(folder / f), load_external_data=False)
+        past = {}
+        for v in proto.graph.input:
+            m = re.fullmatch(r"past_key_values\.(\d+)\.(key|value)", v.name)
+            if m:
+                past[int(m.group(1))] = v
+        if not past:
+            continue
+        if stack_of(f.name) == "decoder":
+            layers = _first(cfg, hfconfig.DECODER_KEYS["layers"]) or layers
+        if layers is not None and len(past) != layers:
+            raise InternalError(f"{f.name} has {len(past)} past_key_values pairs, but the "
+                                f"rewritten config.json says {layers} layers.")
+
+
+def _first(cfg: dict, keys) -> int | None:
+    for k in keys:
+        if isinstance(cfg.get(k), int):
+            return cfg[k]
+    return None
+
+
+def _commit(stage: Path, dest: Path) -> None:
+    """Rename the finished folder into place; an earlier output folder is moved aside first
+    and removed after."""
+    with signals.deferred():
+        signals.check()
+        signals.commit_started()
+        old = None
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old{os.getpid()}")
+            os.replace(dest, old)
+        try:
+            os.replace(stage, dest)
+        except OSError:
+            if old is not None:
+                os.replace(old, dest)
+            raise
+        stage.mkdir()  # for the caller's cleanup
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
