@@ -6,8 +6,8 @@ export's reference inputs: the class's own forward (its ``logits``: what trainin
 its trunk (``last_hidden_state``) must match the expanded ONNX model in ONNX Runtime to 1e-5
 relative; or export-torch refuses with exit 2 and the reason listed in ``REFUSED``.
 
-Slow (about 8 minutes on 2 cores: 80 hand-offs, each with a probe of the architecture and the
-check); ``test_handoff.py`` covers one family per stored form in the fast tier.
+Slow (about 8 minutes on 2 shared cores: 84 hand-offs, each with a probe of the architecture
+and the check); ``test_handoff.py`` covers one family per stored form in the fast tier.
 """
 
 from __future__ import annotations

@@ -299,9 +299,11 @@ def verify_folder(expanded_onnx, folder, *, inputs=None, float64: str = "auto",
     if path.is_dir():
         path = path / "model.onnx"
     folder = Path(folder)
-    if not (folder / CONFIG).is_file():
-        raise HandoffError(f"{folder} has no config.json, so it is not a hand-off folder.",
-                           hint="Give the folder export-torch wrote.")
+    if not (folder / CONFIG).is_file() or not any(folder.glob("*.safetensors")):
+        raise HandoffError(f"{folder} has no config.json and safetensors weights, so it is not "
+                           "a folder export-torch wrote (verify compares a folder of PyTorch "
+                           "weights with the expanded .onnx they came from).",
+                           hint="Give the folder export-torch wrote, or two .onnx models.")
     model = io.load(path)
     desc = recognize(model)
     cfg = read_config(folder)
