@@ -212,7 +212,7 @@ def expand(model, out, width, depth, hidden, ffn, heads, layers, placement, dept
 
 @cli.command(epilog=EPILOG)
 @click.argument("small", type=click.Path(dir_okay=False))
-@click.argument("big", type=click.Path(dir_okay=False))
+@click.argument("big", type=click.Path())
 @click.option("--inputs", type=click.Path(dir_okay=False),
               help="Inputs as .npz (keys <input> or case<k>/<input>); default: synthesised.")
 @click.option("--save-inputs", type=click.Path(dir_okay=False), help="Keep the inputs used (.npz).")
@@ -234,9 +234,17 @@ def expand(model, out, width, depth, hidden, ffn, heads, layers, placement, dept
 @guarded
 def verify(small, big, inputs, save_inputs, atol, rtol, provider, layerwise, blockwise, float64,
            report, seed, quiet, verbose):
-    """Check that BIG computes the same outputs as SMALL (exit 0 same, 1 not equivalent)."""
+    """Check that BIG computes the same outputs as SMALL (exit 0 same, 1 not equivalent).
+
+    With BIG a folder written by export-torch, SMALL is the expanded .onnx it came from:
+    transformers must load the folder strictly, its tensors must be the ones SMALL gives
+    (every element) and it must compute SMALL's outputs."""
     from .expand import write_report
     from .verify import verify as run_verify
+
+    if os.path.isdir(big):
+        _verify_folder(small, big, inputs, provider, float64, report, quiet, verbose)
+        return
 
     with _progress(quiet, verbose, total=1) as progress:
         with progress.stage("verify") as st:
@@ -248,6 +256,35 @@ def verify(small, big, inputs, save_inputs, atol, rtol, provider, layerwise, blo
         write_report(rep, report)
     text = rep.format()
     click.echo(text if not quiet else text.splitlines()[0], file=_human(report))
+    if not rep.passed:
+        sys.exit(1)
+
+
+def _verify_folder(small, big, inputs, provider, float64, report, quiet, verbose) -> None:
+    import json
+
+    from .handoff import verify_folder
+
+    log = (lambda m: None) if quiet or not verbose else \
+        (lambda m: click.echo(f"lemon-onnx: {m}", err=True))
+    rep = verify_folder(small, big, inputs=inputs, float64=float64,
+                        provider="cpu" if provider == "auto" else provider, log=log)
+    if report:
+        text = json.dumps(rep.to_dict(), indent=1, default=str)
+        if str(report) == "-":
+            click.echo(text)
+        else:
+            with open(report, "w") as f:
+                f.write(text + "\n")
+    verdict = "PASS" if rep.passed else "FAIL"
+    click.echo(f"verify {small} -> {big}: {verdict}\n  {rep.summary()}", file=_human(report))
+    if rep.weights is not None and not quiet:
+        w = rep.weights
+        click.echo(f"  tensors: {w['compared']} compared element by element, "
+                   f"{len(w['missing'])} missing, {len(w['unexpected'])} unexpected, "
+                   f"{len(w['differ'])} differ", file=_human(report))
+    for n in rep.notes if not quiet else []:
+        click.echo(f"  note: {n}", file=_human(report))
     if not rep.passed:
         sys.exit(1)
 
@@ -334,37 +371,41 @@ def format_description(d, path: str = "") -> str:
 
 
 @cli.command("export-torch", epilog=EPILOG)
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path(exists=True))
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False),
-              help="Folder for model.safetensors, config.json and lemon_schedule.json.")
+              help="Folder for model.safetensors, config.json and lemon_schedule.json "
+                   "(replaced whole; written only if transformers loads it and it matches).")
 @click.option("--config", "config", type=click.Path(),
-              help="The source model's config.json (or its folder): written back with the new "
-                   "sizes, and its model_type names what the graph does not.")
+              help="The source model's config.json (or its folder); default: the config.json "
+                   "beside MODEL.")
 @click.option("--max-shard-size", default="5GB", show_default=True,  # DEFAULT_MAX_SHARD_SIZE
               help="Split the weights into shards above this size (5GB, 500MB, 2GiB, bytes).")
+@click.option("--no-verify", is_flag=True,
+              help="Write without loading the folder back into transformers and comparing it "
+                   "with MODEL (the result then says 'not verified').")
 @verbosity_options
 @guarded
-def export_torch_command(model, out, config, max_shard_size, quiet, verbose):
-    """Write MODEL's weights under their PyTorch names (safetensors), the expanded config.json
-    and LEMON's learning-rate advice into a folder that transformers loads."""
+def export_torch_command(model, out, config, max_shard_size, no_verify, quiet, verbose):
+    """Write MODEL (an expanded .onnx, or its folder) as transformers loads it: weights under
+    the target architecture's own names (safetensors), the expanded config.json and LEMON's
+    learning-rate advice; then load it with transformers and compare it with MODEL (exit 1
+    and nothing written when they differ)."""
     from .handoff.export import export_torch
 
     log = (lambda m: None) if quiet else (lambda m: click.echo(f"lemon-onnx: {m}", err=True))
-    res = export_torch(model, out, config=config, max_shard_size=max_shard_size, log=log)
+    res = export_torch(model, out, config=config, max_shard_size=max_shard_size,
+                       verify=not no_verify, log=log)
     shards = sorted({t["file"] for t in res.tensors})
-    msg = (f"wrote {out}: {len(res.tensors)} tensors ({res.total_bytes / 1e6:.1f} MB) in "
-           f"{len(shards)} safetensors file(s)")
-    if res.config is not None:
-        arch = ", ".join(res.config.get("architectures") or []) or res.config.get("model_type")
-        msg += f", config.json ({arch})"
+    arch = ", ".join(res.config.get("architectures") or []) or res.config.get("model_type")
+    click.echo(f"wrote {out}: {len(res.tensors)} tensors ({res.total_bytes / 1e6:.1f} MB) in "
+               f"{len(shards)} safetensors file(s), config.json ({arch}), lemon_schedule.json")
+    if res.verified is not None:
+        click.echo(f"  verified: {res.verified['class']} loads it strictly and matches "
+                   f"{model} to {res.verified['worst_relative']:.1e} relative")
     else:
-        msg += ", lemon_tensors.json (names, shapes, roles; no --config, so no config.json)"
-    click.echo(msg + ", lemon_schedule.json")
+        click.echo("  NOT VERIFIED (see the notes)")
     for n in res.notes:
         click.echo(f"  note: {n}")
-    if res.left_out:
-        click.echo(f"  left out: {len(res.left_out)} tensor(s) that are not parameters of a "
-                   "recognised role (listed in lemon_tensors.json)")
 
 
 def main(argv: list[str] | None = None) -> None:

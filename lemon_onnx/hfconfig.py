@@ -16,6 +16,8 @@ What changes, under the keys the family's own config uses:
   ``word_embed_proj_dim``, ELECTRA's ``embedding_size``: no projection exists while they do)
   follow it;
 - encoder-decoder configs keep one layer count per stack: ``decoder_plan`` gives the decoder's;
+  without it (only the encoder was exported: Whisper's audio classifier) the encoder's keys
+  follow the plan and the decoder's stay;
 - per-layer lists (``layer_types``, ``no_rope_layers``, ...: a list with one entry per source
   layer) follow the new layer order, each new layer taking its source block's entry; lists
   of layer *indices* (``INDEX_LIST_KEYS``) are mapped to the new positions; per-layer lists
@@ -77,10 +79,9 @@ def _present(cfg: dict, keys: Iterable[str]) -> list[str]:
 
 def check_source(cfg: dict, source: dict, *, decoder_source: dict | None = None) -> None:
     """The config must describe the model that was expanded (``source``: its sizes)."""
-    stacks = [(SIZE_KEYS, source)]
+    stacks = [({k: v + ENCODER_KEYS.get(k, ()) for k, v in SIZE_KEYS.items()}, source)]
     if decoder_source is not None:
-        stacks = [({k: v + ENCODER_KEYS.get(k, ()) for k, v in SIZE_KEYS.items()}, source),
-                  (DECODER_KEYS, decoder_source)]
+        stacks.append((DECODER_KEYS, decoder_source))
     for keys, sizes in stacks:
         for what, names in keys.items():
             if what not in sizes or sizes[what] is None:
@@ -118,9 +119,11 @@ def expanded_config(cfg: dict, plan: dict, *, decoder_plan: dict | None = None,
                 out[k] = int(new)
 
     stack_keys = dict(SIZE_KEYS)
+    # the encoder's keys: its stack in an encoder-decoder, the whole model where only the
+    # encoder was exported (Whisper's audio classifier)
+    for what, keys in ENCODER_KEYS.items():
+        put(keys, src[what], tgt[what])
     if decoder_plan is not None:
-        for what, keys in ENCODER_KEYS.items():
-            put(keys, src[what], tgt[what])
         dsrc, dtgt = decoder_plan["source"], decoder_plan["target"]
         for what, keys in DECODER_KEYS.items():
             put(keys, dsrc[what], dtgt[what])

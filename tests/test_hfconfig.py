@@ -94,6 +94,22 @@ def test_encoder_decoder_stacks_keep_their_own_layer_counts():
             out["decoder_ffn_dim"], out["decoder_attention_heads"]) == (4, 6, 4, 256, 8)
 
 
+def test_an_encoder_exported_alone_updates_the_encoder_keys_only():
+    # WhisperForAudioClassification runs the encoder of an encoder-decoder config: its plan
+    # is the encoder's, and the config's encoder_* keys must follow it (the head size the
+    # attention computes from d_model / encoder_attention_heads would be wrong otherwise)
+    whisper = {"d_model": 64, "encoder_layers": 2, "encoder_attention_heads": 4,
+               "encoder_ffn_dim": 128, "decoder_layers": 1, "decoder_attention_heads": 4,
+               "decoder_ffn_dim": 128}
+    out, _ = expanded_config(whisper, plan(SRC, W2D2, INTERLEAVE))
+    assert (out["d_model"], out["encoder_layers"], out["encoder_attention_heads"],
+            out["encoder_ffn_dim"]) == (128, 4, 8, 256)
+    assert (out["decoder_layers"], out["decoder_attention_heads"], out["decoder_ffn_dim"]) == \
+        (1, 4, 128)
+    with pytest.raises(ConfigError, match="encoder_attention_heads=2"):
+        expanded_config(dict(whisper, encoder_attention_heads=2), plan(SRC, W2D2, INTERLEAVE))
+
+
 # ----------------------------------------------------------------- with transformers
 TEXT = dict(hidden_size=64, num_attention_heads=4, intermediate_size=112, num_hidden_layers=2,
             vocab_size=99, max_position_embeddings=40)

@@ -14,12 +14,14 @@ initializer and the node that reads it for that role.  Its name is recovered, in
    ``namespace``), or TorchScript's node name (``/model/layers.0/self_attn/q_proj/MatMul``),
    plus the role's parameter (``weight``, ``bias``).  TorchScript scopes are relative to the
    exported module's child, so they are first aligned with the initializer names;
-4. the recognised structure (block i, role) and the config's ``model_type`` (``families.py``).
 Nothing is inferred from shapes.  A tensor none of these names is an error that names it.
 
-Then the wrapper prefix (a module that held the transformers model during export) is removed,
-and each block's names get the block's new index: twin blocks carry their source block's
+Then each block's names get the block's new index: twin blocks carry their source block's
 names, and original blocks moved when twins were spliced in.
+
+This is the hand-off's fallback where transformers cannot be imported (``export.py``): the
+names are the exporter's, wrapper prefix included, and the folder is not verified.  With
+transformers, the names come from the target architecture itself (``probe.py``).
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from collections import Counter
 
 import onnx_ir as ir
 
+from ..graph import const_tensor
 from ..recognize import Linear, ModelDescription, Norm, const_source
-from . import families
 from .errors import HandoffError
 
 #: suffixes lemon-onnx's passes (and the recogniser's node naming) append to copied names
@@ -48,11 +50,6 @@ def base_name(name: str) -> str:
 def param_like(name: str) -> bool:
     """A dotted module path (``a.b.0.weight``), not an exporter's ``val_12`` / ``onnx::MatMul_3``."""
     return bool(_PARAM.fullmatch(name))
-
-
-def _pattern(template: str) -> str:
-    """A naming-table entry as a regex: ``{i}`` matches any block index."""
-    return re.escape(template).replace(re.escape("{i}"), r"\d+")
 
 
 def _module(name: str) -> str:
@@ -104,10 +101,8 @@ def _scope_torchscript(node: ir.Node) -> str | None:
 
 
 class NameResolver:
-    def __init__(self, desc: ModelDescription, graph: ir.Graph, model_type: str | None):
+    def __init__(self, desc: ModelDescription, graph: ir.Graph):
         self.desc, self.graph = desc, graph
-        self.fam = families.family(model_type)
-        self.model_type = model_type
         self.nodes = {n.name: n for n in graph}
         self.values = dict(graph.initializers)
         for n in graph:  # Constant nodes' outputs can hold parameters too
@@ -216,9 +211,7 @@ class NameResolver:
         ts_prefix = self._align_torchscript(slots)
         for s in slots:
             self._name(s, ts_prefix)
-        self._strip_wrapper(slots)
         self._renumber(slots)
-        self._split_fused(slots)
         seen: dict[str, Slot] = {}
         for s in slots:
             for name in ([p[0] for p in s.parts] if s.parts else [s.name]):
@@ -226,8 +219,8 @@ class NameResolver:
                     raise HandoffError(
                         f"two tensors got the PyTorch name {name}: {seen[name].value.name} "
                         f"({seen[name].role}) and {s.value.name} ({s.role}).",
-                        hint="The graph's names are inconsistent; pass --config so that the "
-                             "roles' names in transformers can be used.")
+                        hint="The graph's names are inconsistent; install torch and "
+                             "transformers, which name the tensors from the architecture.")
                 seen[name] = s
         return slots
 
@@ -296,61 +289,15 @@ class NameResolver:
         return names[0] if len(names) == 1 else None
 
     def _structure(self, s: Slot) -> str:
-        head_kind = self.desc.head.kind
-        name = families.template(self.fam, s.role, head_kind) if self.fam else None
-        if name is None:
-            why = (f"model_type {self.model_type!r} has no naming table" if self.model_type
-                   else "no --config was given, so there is no model_type to name roles by")
-            raise HandoffError(
-                f"cannot recover the PyTorch name of tensor {s.value.name} ({s.role}"
-                + (f", block {s.block}" if s.block is not None else "") + "): the initializer "
-                "has no parameter name, no node reading it carries a module scope "
-                f"(pkg.torch.onnx.name_scopes, namespace or a TorchScript node name), and {why}.",
-                hint="Export with torch.onnx.export (either exporter keeps scopes), or pass "
-                     "--config with the source model's config.json.")
-        s.name = name.replace("{i}", str(s.block)) if s.block is not None else name
-        s.source = "structure"
-        return s.name
+        raise HandoffError(
+            f"cannot recover the PyTorch name of tensor {s.value.name} ({s.role}"
+            + (f", block {s.block}" if s.block is not None else "") + ") from the graph: the "
+            "initializer has no parameter name and no node reading it carries a module scope "
+            "(pkg.torch.onnx.name_scopes, namespace or a TorchScript node name).",
+            hint="Install torch and transformers: export-torch then names every tensor from "
+                 "the target architecture itself.")
 
     # ------------------------------------------------------------------ namespace
-    def _strip_wrapper(self, slots: list[Slot]) -> None:
-        """Remove the exporter's wrapper prefix, found by matching the graph's names against
-        transformers' names for the same roles."""
-        if self.fam is None:
-            if self.model_type:
-                self.notes.append(f"no naming table for model_type {self.model_type!r}: names "
-                                  "are the exporter's, including any wrapper prefix")
-            return
-        votes: Counter = Counter()
-        for s in slots:
-            if s.source == "structure":
-                continue
-            t = families.template(self.fam, s.role, self.desc.head.kind)
-            if t is None:
-                continue
-            m = re.fullmatch(r"(|.*\.)" + _pattern(t), s.name)
-            if m:
-                votes[m.group(1)] += 1
-        if not votes:
-            self.notes.append("no name read from the graph matches transformers' names for "
-                              f"{self.model_type}; the names are kept as the exporter wrote them")
-            return
-        prefix = votes.most_common(1)[0][0]
-        if prefix:
-            self.notes.append(f"removed the export wrapper's prefix {prefix!r} from the names")
-        odd = []
-        for s in slots:
-            if s.source != "structure" and s.name.startswith(prefix):
-                s.name = s.name[len(prefix):]
-            t = families.template(self.fam, s.role, self.desc.head.kind)
-            if t is not None and not re.fullmatch(_pattern(t), s.name):
-                odd.append(s.name)
-        if odd:
-            self.notes.append(
-                f"{len(odd)} name(s) read from the graph differ from transformers' names for "
-                f"{self.model_type} (e.g. {odd[0]}): an older transformers' naming, which "
-                "from_pretrained maps itself, or a custom model; check its load report")
-
     def _renumber(self, slots: list[Slot]) -> None:
         """Block names read from the graph carry the source block's index (a twin has its
         source's names): the last index in the block's common module prefix becomes the
@@ -373,27 +320,35 @@ class NameResolver:
                     f"block {pos}: its tensors' names ({', '.join(s.name for s in mine[:3])}"
                     f"{' ...' if len(mine) > 3 else ''}) share no layer index, so the block "
                     "cannot be renumbered.",
-                    hint="Pass --config so that transformers' names for the roles are used.")
+                    hint="Install torch and transformers: export-torch then names every "
+                         "tensor from the target architecture itself.")
             for s in mine:
                 comps = s.name.split(".")
                 comps[idx] = str(pos)
                 s.name = ".".join(comps)
 
-    def _split_fused(self, slots: list[Slot]) -> None:
-        """A fused QKV projection whose parameters PyTorch keeps apart: only known from the
-        naming table (the graph names one tensor), so it applies to structure-named slots."""
-        if self.fam is None:
-            return
-        d = self.desc
-        for s in slots:
-            if s.source != "structure" or not s.role.startswith("block.attention.qkv"):
-                continue
-            leaf = s.role.rsplit(".", 1)[1]
-            names = [families.template(self.fam, f"block.attention.{r}.{leaf}", d.head.kind)
-                     for r in ("q", "k", "v")]
-            if any(n is None for n in names):
-                continue
-            sizes = [d.heads * d.head_dim, d.kv_heads * d.head_dim, d.kv_heads * d.head_dim]
-            bounds = [0, sizes[0], sizes[0] + sizes[1], sum(sizes)]
-            s.parts = [(n.replace("{i}", str(s.block)), bounds[k], bounds[k + 1])
-                       for k, n in enumerate(names)]
+
+def graph_tensors(desc: ModelDescription, graph: ir.Graph) -> tuple[list, list[str]]:
+    """[(name, produce, dtype, shape, entry)] for every recognised tensor, named from the
+    graph (this module's rules), and the resolver's notes."""
+    import numpy as np
+
+    resolver = NameResolver(desc, graph)
+    out = []
+    for s in resolver.resolve():
+        t = const_tensor(s.value)
+        dtype, shape = t.dtype.numpy(), tuple(int(d) for d in t.shape)
+        # a kept parameter is stored as PyTorch stores it; a folded linear weight as the op
+        # reads it ([in, out]), which nn.Linear stores as [out, in] (GPT-2's Conv1D: [in, out])
+        conv1d = (s.module_class or "").endswith("Conv1D")
+        transpose = (s.layout is not None and not s.verbatim
+                     and s.layout != ("in,out" if conv1d else "out,in"))
+
+        def produce(t=t, transpose=transpose):
+            a = np.asarray(t.numpy())
+            return a.T if transpose else a
+
+        out.append((s.name, produce, dtype, shape[::-1] if transpose else shape,
+                    {"role": s.role, "block": s.block, "onnx": s.value.name,
+                     "name_from": s.source, "form": "transposed" if transpose else "as stored"}))
+    return out, resolver.notes
