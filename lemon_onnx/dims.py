@@ -946,6 +946,31 @@ class AxisAnalysis:
                 out.append(ax)
         self.axes[node.outputs[0]] = out
 
+    def op_ScatterND(self, node: ir.Node) -> None:
+        """ScatterND(data, indices, updates): the output is ``data`` with some elements
+        replaced, so it has data's axes (a causal mask of shape [B, 1, S, T] stays broadcast
+        over the heads: its size-1 axis is no heads axis).  Where it writes along the first
+        q axes (q = the indices' last axis) is read from values at run time: those axes are
+        recorded as mixed (exact only if they keep their size); the updates' trailing axes
+        are data's axes past q."""
+        data, idx, upd = (list(node.inputs) + [None] * 3)[:3]
+        x = self.get(data)
+        if x is None:
+            return
+        self.axes[node.outputs[0]] = [list(a) for a in x]
+        iax = self.get(idx)
+        q = size_of(iax[-1]) if iax else None
+        if q is None or not 0 <= q <= len(x):
+            self.axis_ops.append((node, data, None))
+            return
+        for k in range(q):
+            self.axis_ops.append((node, data, k))
+        u = self.get(upd)
+        if u is not None and len(u) == len(iax) - 1 + len(x) - q:
+            for ua, xa in zip(u[len(iax) - 1:], x[q:]):
+                if size_of(ua) != 1 and size_of(xa) != 1:
+                    self.try_unify(ua, xa, f"ScatterND {node.name}")
+
     def op_Split(self, node: ir.Node) -> None:
         x = self.get(node.inputs[0])
         if x is None:
