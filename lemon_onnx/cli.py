@@ -281,9 +281,15 @@ def format_description(d, path: str = "") -> str:
             "parallel" if b.topology == "parallel" else "",
             "layer scale" if b.attention_scale or b.mlp_scale else "",
             "norms on branch outputs" if b.attention_out_norm or b.mlp_out_norm else "") if x)
+        x = b.cross_attention
+        cross = "" if x is None else (
+            f"; cross-attention q {x.q.weight}, "
+            + (f"k {x.k.weight}, v {x.v.weight} (from {x.memory})" if x.k else
+               f"k/v from inputs {x.key_input}, {x.value_input}") + f", out {x.out.weight}")
         lines.append(f"  block {b.index}{f' ({extra})' if extra else ''}: attention ({dialect}) "
-                     f"{proj}, out {a.out.weight}; mlp {gate}{'gate|up' if m.fused_gate_up else 'up'}"
-                     f" {m.up.weight}, down {m.down.weight}")
+                     f"{proj}, out {a.out.weight}{cross}; mlp "
+                     f"{gate}{'gate|up' if m.fused_gate_up else 'up'} {m.up.weight}, down "
+                     f"{m.down.weight}")
     if d.final_norm:
         lines.append(f"  final norm: {d.final_norm.kind} (gamma {d.final_norm.gamma}, "
                      f"eps {d.final_norm.epsilon:g})")

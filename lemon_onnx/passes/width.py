@@ -127,6 +127,9 @@ class WidthPass(ir.passes.InPlacePass):
         self.d, self.D = s["hidden"], t["hidden"]
         self.s_map = lm.StreamMap(self.d, self.D, plan.stream_form)
         self.n_map = lm.norm_output_map(self.s_map)
+        #: the layout of an encoder's output that a decoder's cross-attention reads: the
+        #: encoder's final norm output (pre-norm), or its stream (Post-LN, integer widths)
+        self.memory_map = self.n_map if desc.layout == "pre-norm" else self.s_map
         self.ffn_map = lm.UnitMap(s["ffn"], t["ffn"], 1)
         try:
             self.q_map, self.kv_map = lm.gqa_maps(s["heads"], s["kv_heads"], t["heads"],
@@ -414,14 +417,16 @@ class WidthPass(ir.passes.InPlacePass):
 
     # ------------------------------------------------------------------ shapes
     def fix_shapes(self) -> None:
-        """Drop stale inferred shapes; recompute graph output shapes from their atoms."""
+        """Drop stale inferred shapes; recompute the declared shapes of graph outputs and
+        inputs (a decoder's encoder output and caches) from their atoms."""
         g = self.rec.graph
         outs = set(g.outputs)
         for n in g:
             for o in n.outputs:
                 if o not in outs:
                     o.shape = None
-        for o in g.outputs:
+        inits = set(g.initializers.values())
+        for o in list(g.outputs) + [v for v in g.inputs if v not in inits]:
             ax = self.rec.ax.get(o)
             if ax is None or o.shape is None:
                 continue
