@@ -106,10 +106,36 @@ def inspect(model: str, as_json: bool, quiet: bool, verbose: bool) -> None:
         with progress.stage("load", level=2) as st:  # the description is the result
             m = load(model)
             st.summary = f"loaded {model}"
+        from .merged import describe, is_merged
+
+        if is_merged(m):  # a merged decoder: each branch is a decoder of its own
+            _inspect_branches(model, describe(model), as_json)
+            return
         with progress.stage("recognise", level=2) as st:
             desc = recognize(m)
             st.summary = f"recognised {desc.family}"
     click.echo(desc.to_json(indent=2) if as_json else format_description(desc, model))
+
+
+def _inspect_branches(model: str, branches: dict, as_json: bool) -> None:
+    """A merged decoder: each branch described (or why it cannot be expanded)."""
+    import json
+
+    if as_json:
+        click.echo(json.dumps({"merged_decoder": {
+            label: d if isinstance(d, str) else d.to_dict() for label, d in branches.items()}},
+            indent=2, default=str))
+    else:
+        click.echo(f"{model}: merged decoder (an If on a boolean input; each branch is a "
+                   "decoder, expanded on its own and merged back)")
+        for label, d in branches.items():
+            text = (f"{label}: cannot be expanded: {d}" if isinstance(d, str)
+                    else format_description(d, label))
+            click.echo("\n".join("  " + line for line in text.splitlines()))
+    refused = [label for label, d in branches.items() if isinstance(d, str)]
+    if refused:
+        raise UnsupportedModelError(f"the merged decoder's {' and '.join(refused)} branch "
+                                    "cannot be expanded, so expand would refuse it.")
 
 
 def _inspect_folder(folder: str, as_json: bool) -> None:
@@ -122,7 +148,10 @@ def _inspect_folder(folder: str, as_json: bool) -> None:
     if as_json:
         data = dict(info, files={n: {"stack": e["stack"], "refused": e.get("refused"),
                                      "description": e["description"].to_dict()
-                                     if "description" in e else None}
+                                     if "description" in e else None,
+                                     **({"branches": {k: d.to_dict() for k, d in
+                                                      e["branches"].items()}}
+                                        if "branches" in e else {})}
                                  for n, e in info["files"].items()})
         click.echo(json.dumps(data, indent=2, default=str))
     else:
@@ -130,7 +159,11 @@ def _inspect_folder(folder: str, as_json: bool) -> None:
                    f"{'' if info['config'] else ' (no config.json)'}, "
                    f"{len(info['files'])} model file(s)")
         for name, e in info["files"].items():
-            if "description" in e:
+            if "branches" in e:
+                for label, d in e["branches"].items():
+                    text = format_description(d, f"{name} [{e['stack']}, {label}]")
+                    click.echo("\n".join("  " + line for line in text.splitlines()))
+            elif "description" in e:
                 text = format_description(e["description"], f"{name} [{e['stack']}]")
                 click.echo("\n".join("  " + line for line in text.splitlines()))
             else:

@@ -115,6 +115,10 @@ def _prepare(src, *, width: float | None, depth: float | None, hidden: int | Non
     with progress.stage("load") as st:
         model = io.load(src)
         st.summary = f"loaded {src}"
+    from .merged import MergedDecoder, is_merged
+
+    if is_merged(model):  # expanded through its two decoders (merged.py)
+        raise MergedDecoder(str(src))
     with progress.stage("recognise") as st:
         rec = Recognizer(model)
         desc = rec.run()
@@ -248,10 +252,21 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
     with signals.handling(), contract_errors("expanding"), contextlib.closing(progress):
         _check_request(src, dest, (width, depth, hidden, ffn, heads, layers),
                        placement=placement, depth_init=depth_init, provider=provider)
-        model, rec, desc, plan = _prepare(
-            src, width=width, depth=depth, hidden=hidden, ffn=ffn, heads=heads, layers=layers,
-            placement=placement, depth_init=depth_init, seed=seed, keep_tie=keep_tie,
-            noise_scale=noise_scale, progress=progress)
+        from .merged import MergedDecoder, expand_merged
+
+        try:
+            model, rec, desc, plan = _prepare(
+                src, width=width, depth=depth, hidden=hidden, ffn=ffn, heads=heads,
+                layers=layers, placement=placement, depth_init=depth_init, seed=seed,
+                keep_tie=keep_tie, noise_scale=noise_scale, progress=progress)
+        except MergedDecoder:
+            return expand_merged(src, dest, progress=progress, report=report, width=width,
+                                 depth=depth, hidden=hidden, ffn=ffn, heads=heads,
+                                 layers=layers, placement=placement, depth_init=depth_init,
+                                 seed=seed, verify=verify, provider=provider, atol=atol,
+                                 rtol=rtol, inputs=inputs, layerwise=layerwise,
+                                 keep_tie=keep_tie, float64=float64, noise_scale=noise_scale,
+                                 blockwise=blockwise)
         with progress.stage("estimate") as st:  # exit 2 now when it cannot fit
             est = estimate.estimate(desc, plan, model, src=src, dest=dest)
             estimate.check(est, verify=verify, flags=_flags(width, depth, hidden, ffn, heads,

@@ -121,6 +121,7 @@ def describe_folder(src) -> dict:
     expanded), its stack, the config's model_type, the files that would be copied."""
     from .errors import LemonError
     from .io import load
+    from .merged import describe, is_merged
     from .recognize import recognize
 
     src = Path(src)
@@ -131,7 +132,16 @@ def describe_folder(src) -> dict:
     for f in files:
         entry = {"stack": stack_of(f.name)}
         try:
-            entry["description"] = recognize(load(f))
+            model = load(f)
+            if is_merged(model):  # each branch is a decoder of its own
+                branches = describe(f)
+                refused = {k: d for k, d in branches.items() if isinstance(d, str)}
+                if refused:
+                    entry["refused"] = "; ".join(f"{k} branch: {d}" for k, d in refused.items())
+                else:
+                    entry["branches"] = branches
+            else:
+                entry["description"] = recognize(model)
         except LemonError as exc:
             entry["refused"] = exc.message
         out["files"][f.name] = entry
