@@ -84,13 +84,21 @@ class FolderResult:
         return line
 
 
+#: where a folder keeps its model files: at the top (optimum), or in onnx/ (Transformers.js)
+MODEL_DIRS = (".", "onnx")
+
+
 def model_files(src: Path) -> list[Path]:
-    files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix == ".onnx")
-    if not files:
-        raise InputError(f"{src} is a folder with no .onnx file in it.",
-                         hint="Give an ONNX model file, or the folder optimum-cli export onnx "
-                              "wrote.")
-    return files
+    """The folder's .onnx files, as paths relative to it."""
+    for sub in MODEL_DIRS:
+        d = src / sub
+        files = sorted(p.relative_to(src) for p in d.glob("*.onnx") if p.is_file()) \
+            if d.is_dir() else []
+        if files:
+            return files
+    raise InputError(f"{src} is a folder with no .onnx file in it (nor in {src / 'onnx'}).",
+                     hint="Give an ONNX model file, or the folder optimum-cli export onnx "
+                          "wrote.")
 
 
 def stack_of(name: str) -> str:
@@ -132,9 +140,9 @@ def describe_folder(src) -> dict:
     for f in files:
         entry = {"stack": stack_of(f.name)}
         try:
-            model = load(f)
+            model = load(src / f)
             if is_merged(model):  # each branch is a decoder of its own
-                branches = describe(f)
+                branches = describe(src / f)
                 refused = {k: d for k, d in branches.items() if isinstance(d, str)}
                 if refused:
                     entry["refused"] = "; ".join(f"{k} branch: {d}" for k, d in refused.items())
@@ -144,13 +152,12 @@ def describe_folder(src) -> dict:
                 entry["description"] = recognize(model)
         except LemonError as exc:
             entry["refused"] = exc.message
-        out["files"][f.name] = entry
-    names = {f.name for f in files} | {CONFIG}
-    out["other_files"] = sorted(p.name for p in src.iterdir() if p.name not in names)
+        out["files"][str(f)] = entry
+    out["other_files"] = [str(p) for p in _other_files(src, files)]
     return out
 
 
-def _check_output(src: Path, dest: Path) -> None:
+def _check_output(src: Path, dest: Path, files: list[Path]) -> None:
     if dest.resolve() == src.resolve():
         raise InputError(f"the output {dest} is the input folder; expanding in place would "
                          "destroy the source.", hint="Choose another -o folder.")
@@ -161,8 +168,10 @@ def _check_output(src: Path, dest: Path) -> None:
         raise InputError(f"the output folder {dest} is inside the input folder {src}.",
                          hint="Choose a folder outside the model's folder.")
     if dest.is_dir():
+        subs = {f.parts[0] for f in files if len(f.parts) > 1}
         other = [p.name for p in dest.iterdir()
-                 if not (p.is_file() and MODEL_FOLDER_FILES.fullmatch(p.name))]
+                 if not (p.is_file() and MODEL_FOLDER_FILES.fullmatch(p.name)
+                         or p.is_dir() and p.name in subs)]
         if other:
             raise InputError(f"the output folder {dest} exists and holds {', '.join(other[:3])}"
                              f"{' ...' if len(other) > 3 else ''}, which is not part of a model "
@@ -188,7 +197,7 @@ def expand_folder(src, out, *, progress: Progress | bool = False, **options) -> 
         if not src.is_dir():
             raise InputError(f"{src}: no such folder.")
         files = model_files(src)
-        _check_output(src, dest)
+        _check_output(src, dest, files)
         cfg = read_config(src)
         dest.parent.mkdir(parents=True, exist_ok=True)
         with signals.deferred():
@@ -199,11 +208,12 @@ def expand_folder(src, out, *, progress: Progress | bool = False, **options) -> 
         try:
             results = {}
             for f in files:
-                progress.log(f"{f.name}:")
+                progress.log(f"{f}:")
                 file_report = None if report is None else (
                     report if str(report) == "-" else
                     Path(report).with_name(f"{Path(report).stem}.{f.stem}{Path(report).suffix}"))
-                results[f.name] = expand(f, stage / f.name, progress=_child(progress),
+                (stage / f).parent.mkdir(exist_ok=True)
+                results[str(f)] = expand(src / f, stage / f, progress=_child(progress),
                                          report=file_report, config_beside=False, **options)
             plans = _stack_plans(results)
             copied = _copy_others(src, stage, files)
@@ -233,7 +243,7 @@ def _stack_plans(results: dict) -> dict:
     plans: dict[str, dict] = {}
     first: dict[str, str] = {}
     for name, r in results.items():
-        stack = stack_of(name)
+        stack = stack_of(Path(name).name)
         p = json.loads(r.plan.to_json())
         if stack not in plans:
             plans[stack], first[stack] = p, name
@@ -253,26 +263,28 @@ def _stack_plans(results: dict) -> dict:
     return plans
 
 
-def _copy_others(src: Path, stage: Path, files: list[Path]) -> list[str]:
-    """Every file that is not a model file or its external data, nor config.json."""
+def _other_files(src: Path, files: list[Path]) -> list[Path]:
+    """Every file under ``src`` that is not a model file, its external data, nor config.json
+    (relative paths)."""
     import onnx
 
-    data = set()
+    skip = {Path(CONFIG)} | set(files)
     for f in files:
-        proto = onnx.load(str(f), load_external_data=False)
+        proto = onnx.load(str(src / f), load_external_data=False)
         for t in proto.graph.initializer:
             for e in t.external_data:
                 if e.key == "location":
-                    data.add(e.value)
+                    skip.add(f.parent / e.value)
+    return sorted(p.relative_to(src) for p in src.rglob("*")
+                  if p.is_file() and p.relative_to(src) not in skip)
+
+
+def _copy_others(src: Path, stage: Path, files: list[Path]) -> list[str]:
     copied = []
-    for p in sorted(src.iterdir()):
-        if p.name in data or p.suffix == ".onnx" or p.name == CONFIG:
-            continue
-        if p.is_dir():
-            shutil.copytree(p, stage / p.name)
-        else:
-            shutil.copy2(p, stage / p.name)
-        copied.append(p.name)
+    for rel in _other_files(src, files):
+        (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / rel, stage / rel)
+        copied.append(str(rel))
     return copied
 
 
@@ -283,7 +295,7 @@ def check_cache_config(cfg: dict, folder: Path, files: list[Path]) -> None:
 
     layers = _first(cfg, hfconfig.SIZE_KEYS["layers"] + hfconfig.DECODER_KEYS["layers"])
     for f in files:
-        proto = onnx.load(str(folder / f.name), load_external_data=False)
+        proto = onnx.load(str(folder / f), load_external_data=False)
         past = {}
         for v in proto.graph.input:
             m = re.fullmatch(r"past_key_values\.(\d+)\.(key|value)", v.name)

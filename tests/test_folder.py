@@ -124,3 +124,16 @@ def test_a_single_file_gets_the_config_beside_it_unless_one_is_there(tmp_path):
     before = (src / "config.json").read_bytes()
     lemon_onnx.expand(src / "model.onnx", src / "wide.onnx", width=2, verify=False)
     assert (src / "config.json").read_bytes() == before
+
+
+def test_a_transformers_js_folder_keeps_its_models_under_onnx(tmp_path):
+    src = make_folder(tmp_path)
+    (src / "onnx").mkdir()
+    (src / "model.onnx").rename(src / "onnx" / "model.onnx")
+    res = lemon_onnx.expand(src, tmp_path / "out", width=2, verify=False)
+    out = tmp_path / "out"
+    assert list(res.files) == ["onnx/model.onnx"]
+    assert (out / "onnx" / "model.onnx").is_file() and not (out / "model.onnx").exists()
+    assert json.loads((out / "config.json").read_text())["n_embd"] == 128
+    assert sorted(res.copied) == ["generation_config.json", "tokenizer.json"]
+    lemon_onnx.expand(src, out, depth=2, verify=False)  # its own earlier output is replaced
