@@ -57,10 +57,13 @@ class FolderResult:
     copied: list  # other files, copied unchanged
     config: dict | None  # the written config.json
     notes: list
+    #: an encoder-decoder's pipeline check (verify/seq2seq.py), None where none ran
+    pipeline: object = None
 
     @property
     def verified(self) -> bool:
-        return all(r.verified for r in self.files.values())
+        return all(r.verified for r in self.files.values()) and \
+            (self.pipeline is None or self.pipeline.passed)
 
     @property
     def plan(self):
@@ -77,6 +80,8 @@ class FolderResult:
         line = (f"wrote {self.output}/: {len(self.files)} model file(s), layers {s['layers']}->"
                 f"{t['layers']}, hidden {s['hidden']}->{t['hidden']}, ffn {s['ffn']}->"
                 f"{t['ffn']}, heads {s['heads']}->{t['heads']}; " + "; ".join(parts))
+        if self.pipeline is not None:
+            line += f"; {self.pipeline.summary()}"
         if self.config is not None:
             line += f"; config.json rewritten, {len(self.copied)} other file(s) copied"
         else:
@@ -216,6 +221,7 @@ def expand_folder(src, out, *, progress: Progress | bool = False, **options) -> 
                 results[str(f)] = expand(src / f, stage / f, progress=_child(progress),
                                          report=file_report, config_beside=False, **options)
             plans = _stack_plans(results)
+            pipeline = _pipeline(src, stage, results, options, report, progress)
             copied = _copy_others(src, stage, files)
             new_cfg, notes = None, []
             if cfg is not None:
@@ -230,7 +236,32 @@ def expand_folder(src, out, *, progress: Progress | bool = False, **options) -> 
         finally:
             with signals.deferred():
                 shutil.rmtree(stage, ignore_errors=True)
-        return FolderResult(dest, results, copied, new_cfg, notes)
+        return FolderResult(dest, results, copied, new_cfg, notes, pipeline)
+
+
+def _pipeline(src: Path, stage: Path, results: dict, options: dict, report, progress):
+    """An encoder-decoder folder is also checked as its runtime runs it: the encoder once,
+    the decoders without and with past, cached steps compared one by one
+    (``verify/seq2seq.py``).  A mismatch stops the folder (exit 1), nothing written."""
+    from .errors import MismatchError
+    from .expand import write_report
+    from .verify import seq2seq
+
+    if not options.get("verify", True) or not seq2seq.applies(src):
+        return None
+    with progress.stage("pipeline") as st:
+        rep = seq2seq.check(src, stage, provider=options.get("provider", "auto"),
+                            seed=options.get("seed", 0),
+                            approximate=any(not r.plan.exact for r in results.values()))
+        st.summary = rep.summary()
+    if report is not None:
+        write_report(rep, report if str(report) == "-" else
+                     Path(report).with_name(f"{Path(report).stem}.pipeline"
+                                            f"{Path(report).suffix}"))
+    if not rep.passed:
+        raise MismatchError("the expanded folder's encoder-decoder pipeline does not reproduce "
+                            "the source's; nothing was written.\n" + rep.format())
+    return rep
 
 
 def _child(progress: Progress) -> Progress:

@@ -103,10 +103,18 @@ class PipelineReport:
         return json.dumps(self.to_dict(), **kw)
 
 
+def _find(folder: Path, name: str) -> Path | None:
+    """The model file of that name, at the top of the folder or in onnx/ (Transformers.js)."""
+    for sub in (".", "onnx"):
+        if (folder / sub / name).is_file():
+            return folder / sub / name
+    return None
+
+
 def applies(folder) -> bool:
     """Whether the folder holds an encoder and a decoder this check can run."""
     f = Path(folder)
-    return (f / ENCODER).is_file() and any((f / n).is_file() for n in (DECODER, MERGED))
+    return _find(f, ENCODER) is not None and any(_find(f, n) for n in (DECODER, MERGED))
 
 
 class _Pipeline:
@@ -116,18 +124,20 @@ class _Pipeline:
         from .runtime import make_session
 
         self.folder = folder
-        self.sessions = {}
+        self.sessions, self.paths = {}, {}
         for name in (ENCODER, DECODER, WITH_PAST, MERGED):
-            if (folder / name).is_file():
-                self.sessions[name], self.provider = make_session(
-                    str(folder / name), provider, label=str(folder / name))
+            path = _find(folder, name)
+            if path is not None:
+                self.paths[name] = path
+                self.sessions[name], self.provider = make_session(str(path), provider,
+                                                                  label=str(path))
 
     def run(self, name: str, feeds: dict) -> dict:
         from .runtime import run_session
 
         sess = self.sessions[name]
         return run_session(sess, {i.name: feeds[i.name] for i in sess.get_inputs()},
-                           str(self.folder / name))
+                           str(self.paths[name]))
 
     def inputs(self, name: str) -> list:
         return self.sessions[name].get_inputs()
@@ -194,16 +204,16 @@ def check(src_dir, out_dir, *, provider: str = "auto", seed: int = 0,
     notes = [f"batch {batch}, {n_enc} encoder tokens (the last row padded), a prefix of "
              f"{n_dec} decoder tokens, then {steps} cached step(s); each step's token is the "
              "source's greedy choice"]
-    enc_feeds = synthesize_inputs(str(src / ENCODER), seed=seed, cases=((batch, n_enc),))[0]
+    enc_feeds = synthesize_inputs(str(a.paths[ENCODER]), seed=seed, cases=((batch, n_enc),))[0]
     mask = enc_feeds.get("attention_mask")  # synthesised with the last row padded
-    big_plan = read_plan(as_ir(str(out / ENCODER))[0], notes)
+    big_plan = read_plan(as_ir(str(b.paths[ENCODER]))[0], notes)
     enc_a, enc_b = a.run(ENCODER, enc_feeds), b.run(ENCODER, enc_feeds)
     for name, ref in enc_a.items():
         rows.append(_compare("encoder", name, ref, enc_b[name],
                              (big_plan.get("outputs") or {}).get(name), rtol, False))
     hidden_a, hidden_b = next(iter(enc_a.values())), next(iter(enc_b.values()))
     dec_name = DECODER if DECODER in a.sessions else MERGED
-    vocab = describe(as_ir(str(src / ENCODER))[0]).vocab
+    vocab = describe(as_ir(str(a.paths[ENCODER]))[0]).vocab
     rng = np.random.default_rng([int(seed), 17])
     ids = rng.integers(0, vocab, size=(batch, n_dec)).astype(np.int64)
     common = {"encoder_attention_mask": mask if mask is not None else
