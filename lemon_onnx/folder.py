@@ -75,11 +75,18 @@ class FolderResult:
             v = r.verification
             parts.append(f"{name} " + (f"verified ({v.summary()})" if v is not None
                                        else "NOT verified (--no-verify)"))
-        p = self.plan
-        s, t = p.step_source, p.target
-        line = (f"wrote {self.output}/: {len(self.files)} model file(s), layers {s['layers']}->"
-                f"{t['layers']}, hidden {s['hidden']}->{t['hidden']}, ffn {s['ffn']}->"
-                f"{t['ffn']}, heads {s['heads']}->{t['heads']}; " + "; ".join(parts))
+        stacks = {}
+        for name, r in self.files.items():  # an encoder-decoder: each stack's sizes
+            stacks.setdefault(stack_of(Path(name).name), r.plan)
+        sizes = []
+        for stack, p in stacks.items():
+            s, t = p.step_source, p.target
+            sizes.append((f"{stack}: " if len(stacks) > 1 else "")
+                         + f"layers {s['layers']}->{t['layers']}, hidden {s['hidden']}->"
+                         f"{t['hidden']}, ffn {s['ffn']}->{t['ffn']}, heads {s['heads']}->"
+                         f"{t['heads']}")
+        line = (f"wrote {self.output}/: {len(self.files)} model file(s), " + "; ".join(sizes)
+                + "; " + "; ".join(parts))
         if self.pipeline is not None:
             line += f"; {self.pipeline.summary()}"
         if self.config is not None:
@@ -227,7 +234,12 @@ def expand_folder(src, out, *, progress: Progress | bool = False, **options) -> 
             if cfg is not None:
                 main = plans.get("model") or plans.get("encoder") or plans["decoder"]
                 dec = plans.get("decoder") if "encoder" in plans else None
-                new_cfg, notes = hfconfig.expanded_config(cfg, main, decoder_plan=dec)
+                from .components.head import UNTIED_NOTE
+
+                untied = any(n.startswith(UNTIED_NOTE) for r in results.values()
+                             for n in r.plan.notes)
+                new_cfg, notes = hfconfig.expanded_config(cfg, main, decoder_plan=dec,
+                                                          tie=False if untied else None)
                 check_cache_config(new_cfg, stage, files)
                 (stage / CONFIG).write_text(json.dumps(new_cfg, indent=2) + "\n")
             for n in notes:

@@ -40,6 +40,10 @@ class Head:
     segments: int = 1
 
 
+#: how the plan's notes begin when the widening untied a tied head (a folder's config.json
+#: then says tie_word_embeddings=false)
+UNTIED_NOTE = "The tied head was untied: "
+
 _VIEW_OPS = ("Identity", "Cast", "Dropout", "Gather", "Slice", "Squeeze", "Unsqueeze",
              "Reshape", "Flatten")
 

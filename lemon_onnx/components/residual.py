@@ -300,6 +300,12 @@ def widen(wp, b: Block, branch_in, stream_map) -> None:
             norm.widen(wp, out_norm, stream_map, tag=f"{t}.{tag}")
 
 
+def owned_off_stream(b: Block) -> list[str]:
+    """Nodes of the block that are not on a path from its input to its output: its
+    cross-attention's K and V, made from the encoder output (or read from cache inputs)."""
+    return list(b.cross_attention.memory_nodes) if b.cross_attention is not None else []
+
+
 def twin(dp, b: Block, mapping, tag: str) -> None:
     """The twin of ``b`` computes the identity: both its branches add exactly zero.  A branch
     whose output is normalised starts from zero fan-out (cancelling rows sum to zero only up to

@@ -101,6 +101,9 @@ class DepthPass(ir.passes.InPlacePass):
         self._snap = {}
         for b in blocks:
             inside = rec._branch_nodes(rec._values[b.input], rec._values[b.output])
+            # nodes off the stream that the block owns (a cross-attention's K and V from the
+            # encoder output): a twin gets its own
+            inside |= {rec._node(n) for n in residual.owned_off_stream(b)}
             self._snap[b.index] = [(n, list(n.inputs)) for n in self.graph if n in inside]
 
     def clone_block(self, rec: Recognizer, b, tag: str, new_input: ir.Value):

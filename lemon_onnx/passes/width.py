@@ -162,7 +162,7 @@ class WidthPass(ir.passes.InPlacePass):
         s_map, n_map = self.s_map, self.n_map
         reason = untie_reason(self.rec, desc)
         if reason is not None:
-            plan.notes.append("The tied head was untied: " + reason)
+            plan.notes.append(head.UNTIED_NOTE + reason)
         embedding.widen(self, desc.embeddings)
         # branches (and later the heads) read a norm output (pre-norm) or the stream
         branch_in = n_map if desc.layout == "pre-norm" else s_map
