@@ -244,8 +244,8 @@ def expand(model, out, width, depth, hidden, ffn, heads, layers, placement, dept
 
 
 @cli.command(epilog=EPILOG)
-@click.argument("small", type=click.Path(dir_okay=False))
-@click.argument("big", type=click.Path(dir_okay=False))
+@click.argument("small", type=click.Path())
+@click.argument("big", type=click.Path())
 @click.option("--inputs", type=click.Path(dir_okay=False),
               help="Inputs as .npz (keys <input> or case<k>/<input>); default: synthesised.")
 @click.option("--save-inputs", type=click.Path(dir_okay=False), help="Keep the inputs used (.npz).")
@@ -267,7 +267,11 @@ def expand(model, out, width, depth, hidden, ffn, heads, layers, placement, dept
 @guarded
 def verify(small, big, inputs, save_inputs, atol, rtol, provider, layerwise, blockwise, float64,
            report, seed, quiet, verbose):
-    """Check that BIG computes the same outputs as SMALL (exit 0 same, 1 not equivalent)."""
+    """Check that BIG computes the same outputs as SMALL (exit 0 same, 1 not equivalent).
+
+    SMALL and BIG may be export folders: each model file is compared with its namesake (a
+    merged decoder branch by branch), and an encoder-decoder is also run as its runtime runs
+    it, step by step (the pipeline check)."""
     from .expand import write_report
     from .verify import verify as run_verify
 

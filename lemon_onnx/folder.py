@@ -379,3 +379,80 @@ def _commit(stage: Path, dest: Path) -> None:
         stage.mkdir()  # for the caller's cleanup
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclasses.dataclass
+class FolderReport:
+    """``verify`` of two export folders: one report per model file, and the pipeline check
+    of an encoder-decoder."""
+
+    files: dict  # file -> VerifyReport (a merged decoder's: a BranchesReport)
+    pipeline: object = None
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.files.values()) and \
+            (self.pipeline is None or self.pipeline.passed)
+
+    @property
+    def provider_used(self) -> str:
+        return next(iter(self.files.values())).provider_used
+
+    def summary(self) -> str:
+        parts = [f"{n}: {r.summary()}" for n, r in self.files.items()]
+        if self.pipeline is not None:
+            parts.append(self.pipeline.summary())
+        return "; ".join(parts)
+
+    def format(self) -> str:
+        text = [f"{'PASS' if self.passed else 'FAIL'}: {len(self.files)} model file(s)"
+                + (" and the encoder-decoder pipeline" if self.pipeline is not None else "")]
+        for n, r in self.files.items():
+            text.append(f"{n}:\n{r.format()}")
+        if self.pipeline is not None:
+            text.append(self.pipeline.format())
+        return "\n".join(text)
+
+    def to_json(self, **kw) -> str:
+        kw.setdefault("indent", 2)
+        return json.dumps({"passed": self.passed,
+                           "files": {n: json.loads(r.to_json()) for n, r in self.files.items()},
+                           "pipeline": None if self.pipeline is None
+                           else self.pipeline.to_dict()}, **kw)
+
+
+def verify_folder(small, big, **options) -> FolderReport:
+    """``verify`` for export folders: each model file of ``big`` against the file of the same
+    name in ``small`` (``verify.verify``'s ``options``), then an encoder-decoder's pipeline."""
+    from .verify import seq2seq, verify
+
+    small, big = Path(small), Path(big)
+    if not big.is_dir():
+        raise InputError(f"{small} is a folder but {big} is not: give two export folders, or "
+                         "two model files.")
+    files = model_files(small)
+    missing = [str(f) for f in files if not (big / f).is_file()]
+    if missing:
+        raise InputError(f"{big} lacks {', '.join(missing)}, which {small} has.",
+                         hint="Compare a folder with its own expansion (lemon-onnx expand DIR).")
+    reports = {str(f): verify(small / f, big / f, **options) for f in files}
+    pipeline = None
+    if seq2seq.applies(small):
+        pipeline = seq2seq.check(small, big, provider=options.get("provider", "auto"),
+                                 seed=options.get("seed", 0),
+                                 approximate=_approximate(big, files))
+    return FolderReport(reports, pipeline)
+
+
+def _approximate(folder: Path, files: list) -> bool:
+    """Whether any file's recorded plan says the expansion is approximate by design."""
+    import onnx
+
+    from .plan import PLAN_KEY
+
+    for f in files:
+        proto = onnx.load(str(folder / f), load_external_data=False)
+        for p in proto.metadata_props:
+            if p.key == PLAN_KEY and json.loads(p.value).get("exact") is False:
+                return True
+    return False

@@ -41,7 +41,7 @@ import onnx
 from .errors import InternalError, UnsupportedModelError
 
 __all__ = ["BranchesReport", "MergedDecoder", "Split", "describe", "expand_merged", "find_if",
-           "is_merged", "merge", "split"]
+           "is_merged", "merge", "split", "verify_merged"]
 
 
 class MergedDecoder(UnsupportedModelError):
@@ -460,3 +460,24 @@ def _check_merge(merged_path: Path, branches: dict, cond: str, seed: int) -> str
                                     f"expanded decoder it was built from computes (output "
                                     f"{n}).")
     return "each branch equals its expanded standalone decoder"
+
+
+def verify_merged(small, big, **options) -> BranchesReport:
+    """``verify`` for two merged decoders: each branch of ``big`` against the same branch of
+    ``small`` (the branches carry the merged file's plan, which maps both's inputs);
+    ``options`` are ``verify.verify``'s."""
+    from .verify import verify
+
+    a, b = split(onnx.load(str(small))), split(onnx.load(str(big)))
+    labels = _labels(a)
+    reports = {}
+    with tempfile.TemporaryDirectory(prefix=".lemon-merged.") as tmp:
+        for which in ("else_branch", "then_branch"):
+            paths = []
+            for tag, parts in (("small", a), ("big", b)):
+                path = Path(tmp) / f"{tag}_{which}.onnx"
+                model = getattr(parts, which.replace("_branch", "_model"))
+                onnx.save(model, str(path), save_as_external_data=model.ByteSize() > (1 << 30))
+                paths.append(path)
+            reports[labels[which]] = verify(*paths, **options)
+    return BranchesReport(reports)

@@ -51,10 +51,22 @@ def verify(small_path, big_path, *, inputs=None, atol: float | None = None,
     if float64 not in FLOAT64_MODES:
         raise InputError(f"unknown float64 mode {float64!r}.", hint="Use auto, on or off.")
 
+    if isinstance(small_path, (str, os.PathLike)) and Path(small_path).is_dir():
+        from ..folder import verify_folder  # export folders: every file, then the pipeline
+
+        return verify_folder(small_path, big_path, atol=atol, rtol=rtol, provider=provider,
+                             layerwise=layerwise, seed=seed, float64=float64,
+                             blockwise=blockwise)
     cache: dict = {}
     t = time.perf_counter()
     small_ir, _ = as_ir(small_path)
     big_ir, _ = as_ir(big_path)
+    from ..merged import is_merged, verify_merged
+
+    if is_merged(small_ir) and is_merged(big_ir):  # merged decoders: branch by branch
+        return verify_merged(small_path, big_path, inputs=inputs, atol=atol, rtol=rtol,
+                             provider=provider, layerwise=layerwise, seed=seed,
+                             float64=float64, blockwise=blockwise)
     _check_order(small_path, big_path, small_ir, big_ir)
     plan = read_plan(big_ir, notes)
     dtype = first_float_dtype(small_ir)
