@@ -339,6 +339,12 @@ def format_description(d, path: str = "") -> str:
         lines.append("  head: none")
     lines.append("  outputs: " + ", ".join(f"{o['name']} {o['shape']} ({o['kind']})"
                                           for o in d.outputs))
+    if d.caches:
+        first = d.caches[0]
+        heads = "no head axis (one KV head)" if first.heads_axis is None else \
+            f"KV heads on axis {first.heads_axis}"
+        lines.append(f"  KV cache: {len(d.caches)} tensors ({first.input} -> {first.output}, "
+                     f"...), past on axis {first.axis}, {heads}")
     counts: dict = {}
     for lit in d.size_literals:
         counts[(lit.label, lit.value)] = counts.get((lit.label, lit.value), 0) + 1

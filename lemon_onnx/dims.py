@@ -1000,10 +1000,16 @@ class AxisAnalysis:
             return
         for k, o in enumerate(node.outputs):
             ax = [list(a) for a in x]
-            ax[axis] = self._fresh_from_inferred(o, axis, "split")
+            e = el[k] if el and k < len(el) else UNK
+            if e.kind == "lit" and e.value >= 1:
+                # the part's size is the literal itself (an inferred dim may be a symbol that
+                # stands for another size elsewhere: GPT-J's sin/cos halves)
+                ax[axis] = [] if e.value == 1 else [Atom(e.value, origin="split")]
+            else:
+                ax[axis] = self._fresh_from_inferred(o, axis, "split")
             self.axes[o] = ax
-            if el and k < len(el) and el[k].kind == "lit":
-                self.lit(el[k], ax[axis], node)
+            if e.kind == "lit":
+                self.lit(e, ax[axis], node)
 
     def op_Slice(self, node: ir.Node) -> None:
         data = node.inputs[0]

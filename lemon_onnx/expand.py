@@ -148,6 +148,10 @@ def _prepare(src, *, width: float | None, depth: float | None, hidden: int | Non
             plan.outputs[o["name"]] = {"compare": "whole"}
     plan.blocks = {str(i): i for i in range(desc.num_layers)}
     plan.layer_sources = list(range(desc.num_layers))
+    if desc.caches and plan.target["layers"] != plan.source["layers"]:
+        from .components.cache import naming
+
+        naming(desc.caches)  # refused now if the cache names cannot follow the new layers
     return model, rec, desc, plan
 
 
@@ -156,7 +160,7 @@ def _rewrite(model, rec, desc, plan: Plan, progress: Progress) -> None:
     from .passes.width import expand_width
     from .recognize import Recognizer
 
-    maps, stats = None, {}
+    maps, stats, depth_stats = None, {}, {}
     with progress.stage("width") as st:
         if plan.widens:
             stats = expand_width(rec, desc, plan)
@@ -177,9 +181,17 @@ def _rewrite(model, rec, desc, plan: Plan, progress: Progress) -> None:
                 # depth pass reads (head_dim, the heads/kv ratio) did not change.
                 rec = Recognizer(model)
                 desc_now = rec.run()
-            expand_depth(model, rec, desc_now, plan, maps)
+            depth_stats = expand_depth(model, rec, desc_now, plan, maps)
             st.summary = (f"depth: {plan.source['layers']}->{plan.target['layers']} layers "
                           f"({plan.depth_placement}, {plan.depth_init})")
+    if desc.caches:  # how verification feeds and compares the caches
+        from .components.cache import plan_maps
+
+        kv = (maps or {}).get("kv")
+        plan_maps(plan, desc.caches, depth_stats.get("renamed", {}),
+                  depth_stats.get("twin_caches", []),
+                  [int(i) for i in kv.unit_src] if kv is not None and kv.N_units != kv.n_units
+                  else None)
     # initializers the passes replaced (copied before they diverged) and left unused
     RemoveUnusedNodesPass()(model)
     _check_unique_names(model)

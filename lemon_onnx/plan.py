@@ -32,6 +32,9 @@ class Plan:
     noise_scale: float = 0.5  # lemon_math.NOISE_SCALE
     source_sha256: str = ""
     outputs: dict = dataclasses.field(default_factory=dict)  # name -> {"compare": ...}
+    #: expanded-model input name -> how to feed it from the source's inputs (a KV cache:
+    #: {"from": source input, "axis": k, "index": [...], "zeros": bool}); absent: same name
+    inputs: dict = dataclasses.field(default_factory=dict)
     blocks: dict = dataclasses.field(default_factory=dict)  # "src index" -> target index
     #: for each layer of the expanded model, in order, the source block it was made from (a
     #: twin names its source); relative to the original model in a chain; empty when unknown
@@ -332,17 +335,55 @@ def chained(previous: dict | None, step: Plan) -> Plan:
                               if before and all(j < len(before) for j in step.layer_sources)
                               else [])
     prev_out = previous.get("outputs") or {}
-    composed.outputs = {name: _compose_map(prev_out.get(name), m)
-                        for name, m in step.outputs.items()}
+    composed.outputs = {}
+    for name in prev_out or step.outputs:  # the original model's outputs
+        first = prev_out.get(name) or {"compare": "whole"}
+        middle = first.get("name", name)
+        composed.outputs[name] = _compose_map(first, step.outputs.get(middle))
+    prev_in = previous.get("inputs") or {}
+    composed.inputs = {}
+    for name in list(step.inputs) + [n for n in prev_in if n not in step.inputs]:
+        second = step.inputs.get(name) or {"from": name}
+        first = prev_in.get(second["from"]) or {"from": second["from"]}
+        composed.inputs[name] = _compose_feed(first, second)
     return composed
 
 
-def _compose_map(first: dict | None, second: dict) -> dict:
+def _compose_map(first: dict, second: dict | None) -> dict:
     """Original -> middle -> final output maps: the original coordinates stay first at every
-    step, so a prefix of a prefix is the shorter prefix."""
-    first = first or {"compare": "whole"}
-    if first.get("compare") != "prefix":
-        return dict(second)
-    if second.get("compare") == "prefix" and second.get("axis", -1) != first.get("axis", -1):
-        raise PlanError(f"cannot compose output maps {first} and {second} (different axes)")
-    return dict(first)
+    step, so a prefix of a prefix is the shorter prefix; KV heads taken twice are taken by
+    the composed index; a renamed output keeps its last name."""
+    second = second or {"compare": "whole"}
+    kind1, kind2 = first.get("compare", "whole"), second.get("compare", "whole")
+    if kind1 == "prefix":
+        if kind2 == "prefix" and second.get("axis", -1) != first.get("axis", -1):
+            raise PlanError(f"cannot compose output maps {first} and {second} (different axes)")
+        out = {k: v for k, v in first.items() if k != "name"}
+    elif kind1 == "take" or kind2 == "take":
+        out = {"compare": "take", **_compose_take(first, second)}
+    else:
+        out = {k: v for k, v in second.items() if k != "name"}
+    if "name" in second or "name" in first:
+        out["name"] = second.get("name", first.get("name"))
+    return out
+
+
+def _compose_take(first: dict, second: dict) -> dict:
+    """Indices along one axis, original -> middle (``first``) then middle -> final
+    (``second``): final[j] = middle[i2[j]] = original[i1[i2[j]]]."""
+    i1, i2 = first.get("index"), second.get("index")
+    axis = first.get("axis", second.get("axis"))
+    if i1 is not None and i2 is not None and first.get("axis") != second.get("axis"):
+        raise PlanError(f"cannot compose maps {first} and {second} (different axes)")
+    index = [i1[j] for j in i2] if i1 is not None and i2 is not None else (i2 if i1 is None
+                                                                           else i1)
+    return {"axis": axis, "index": list(index)} if index is not None else {}
+
+
+def _compose_feed(first: dict, second: dict) -> dict:
+    """Input maps (``plan.inputs``), original -> middle -> final: the final input comes from
+    the original input the middle one came from, taken by both maps, zero if either is."""
+    out = {"from": first["from"], **_compose_take(first, second)}
+    if first.get("zeros") or second.get("zeros"):
+        out["zeros"] = True
+    return out

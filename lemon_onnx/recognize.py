@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from . import dims
-from .components import embedding, head as head_c, linear, norm, residual
+from .components import cache, embedding, head as head_c, linear, norm, residual
 from .components.attention import Attention
 from .components.embedding import Embeddings
 from .components.head import Head
@@ -73,7 +73,7 @@ class ModelDescription:
     final_norm: Norm | None
     head: Head
     inputs: list
-    outputs: list  # [{name, shape, kind}] kind: hidden | logits | other
+    outputs: list  # [{name, shape, kind}] kind: hidden | logits | cache | other
     size_literals: list
     shared_initializers: dict  # name -> number of consuming nodes (exporter dedup)
     unrecognised: list
@@ -83,6 +83,8 @@ class ModelDescription:
     lemon_plan: dict | None = None  # present when the model was expanded by lemon-onnx
     extra_heads: list = dataclasses.field(default_factory=list)  # poolers, second classifiers
     blockers: list = dataclasses.field(default_factory=list)  # why expand must refuse
+    #: the KV cache of a decoder exported for generation: one slot per cache input/output
+    caches: list = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -140,6 +142,10 @@ class Recognizer(GraphIndex):
         desc.extra_heads = extra
         desc.blockers = self._blockers(blocks, [head] + extra)
         desc.unrecognised += desc.blockers
+        desc.caches = cache.match(self, blocks)  # a decoder's KV cache (components/cache.py)
+        for o in desc.outputs:
+            if any(o["name"] == s.output for s in desc.caches):
+                o["kind"] = "cache"
         return desc
 
     def _blockers(self, blocks, heads) -> list[str]:

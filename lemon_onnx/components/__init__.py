@@ -29,6 +29,8 @@ Modules, in the order recognition runs them:
                norms on branch outputs
 ``head``       LM heads (tied or not), MLM heads, classifiers (with an inner dense layer,
                pooling over tokens, a pooler norm, concatenated cls + mean), extra heads
+``cache``      a decoder's KV cache (graph input -> Concat with the new keys or values ->
+               graph output): its owner layer, a twin's own cache, renumbering
 
 Whatever no component claims is refused by the width pass's closed-world check (a constant or
 operator that carries a size the plan changes), so a new architecture is refused with the

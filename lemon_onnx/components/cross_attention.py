@@ -119,7 +119,19 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> CrossAttention:
             f"Block {idx}: the cross-attention projects one of its keys and values from the "
             "memory and reads the other from a graph input; lemon-onnx expects both one way.")
     if k is not None:
+        if k is v:
+            raise UnsupportedModelError(
+                f"Block {idx}: the cross-attention's keys and values come out of one fused "
+                f"projection ({k.node}); lemon-onnx widens separate K and V projections only.")
         mk, mv = back_pass(ctx._values[k.input]), back_pass(ctx._values[v.input])
+        if not mk.is_graph_input():
+            raise UnsupportedModelError(
+                f"Block {idx}: the cross-attention's keys and values are projected from "
+                f"{mk.name}, which is computed in this graph, not given as a graph input (the "
+                "encoder's output, as optimum's decoder files take it); lemon-onnx does not "
+                "know that value's layout at the new width.",
+                hint="Export the encoder and the decoder as separate files (optimum's "
+                     "text2text-generation tasks).")
         if mk is not mv:
             raise UnsupportedModelError(
                 f"Block {idx}: the cross-attention's K and V projections read different values "

@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from .. import lemon_math as lm
 from ..errors import PlanError
-from ..components import norm, residual
+from ..components import cache, norm, residual
 from ..components.linear import Linear
 from ..recognize import Recognizer
 from ..tensors import LAZY_BYTES, _apply, _lazy, _read, _write
@@ -101,17 +101,24 @@ class DepthPass(ir.passes.InPlacePass):
         self._snap = {}
         for b in blocks:
             inside = rec._branch_nodes(rec._values[b.input], rec._values[b.output])
+            # a KV cache's way in and out (a twin layer gets its own: components/cache.py)
+            inside |= {rec._node(n) for s in self._caches(b) for n in s.nodes}
             # nodes off the stream that the block owns (a cross-attention's K and V from the
             # encoder output): a twin gets its own
             inside |= {rec._node(n) for n in residual.owned_off_stream(b)}
             self._snap[b.index] = [(n, list(n.inputs)) for n in self.graph if n in inside]
 
-    def clone_block(self, rec: Recognizer, b, tag: str, new_input: ir.Value):
-        """Copy the block's nodes (and float initializers) reading ``new_input``."""
+    def _caches(self, b) -> list:
+        return [s for s in self.desc.caches if s.block == b.index]
+
+    def clone_block(self, rec: Recognizer, b, tag: str, new_input: ir.Value,
+                    seed: dict | None = None):
+        """Copy the block's nodes (and float initializers) reading ``new_input`` (and the
+        values of ``seed`` in place of its keys: a twin's own cache inputs)."""
         vals = rec._values
         x = vals[b.input]
         snap = self._snap[b.index]
-        mapping: dict[ir.Value, ir.Value] = {x: new_input}
+        mapping: dict[ir.Value, ir.Value] = {x: new_input, **(seed or {})}
         new_nodes = []
         for n, inputs in snap:
             ins = []
@@ -175,6 +182,7 @@ class DepthPass(ir.passes.InPlacePass):
         post = desc.layout == "post-norm"
         plan.blocks = {}
         prev_norm = None  # post-norm: (gamma value, beta value, nodes) of the previous block's last norm
+        twins: dict = {}  # (source block, copy) -> the twin's own caches
         for pos, (src, copy_no) in enumerate(order):
             b = blocks[src]
             if copy_no == 0:
@@ -186,7 +194,9 @@ class DepthPass(ir.passes.InPlacePass):
                 continue
             tag = f"twin{copy_no}_b{src}"
             inp = prev_out
-            new_nodes, mapping = self.clone_block(rec, b, tag, inp)
+            seed = cache.twin_inputs(self, self._caches(b), tag)
+            new_nodes, mapping = self.clone_block(rec, b, tag, inp, seed)
+            twins[(src, copy_no)] = cache.twin_outputs(self, self._caches(b), mapping)
             out_new = mapping[vals[b.output]]
             # consumers of the previous output now read the twin's output
             consumers = [(u.node, u.idx) for u in list(inp.uses())
@@ -205,6 +215,7 @@ class DepthPass(ir.passes.InPlacePass):
             if post:
                 prev_norm = norm.twin_post_norm(self, b, mapping, prev_norm)
             prev_out = out_new
+        renamed = cache.renumber(self, desc.caches, twins, order) if desc.caches else {}
         self.graph.sort()
         keep_together(self.graph, self.copies.values())
         # a source block's hidden state is reproduced at the end of the run of twins that
@@ -228,7 +239,9 @@ class DepthPass(ir.passes.InPlacePass):
             plan.notes.append(" and ".join(silent) + " in the twin blocks start with all-zero "
                               f"output weights ({why}): their input weights get no gradient "
                               "until those rows move.")
-        return {"order": order}
+        return {"order": order, "renamed": renamed,
+                "twin_caches": [(slot, renamed.get(i, i), renamed.get(o, o))
+                                for made in twins.values() for slot, i, o in made]}
 
     def _weight(self, mapping, lin: Linear) -> ir.Value:
         return mapping[self._rec._values[lin.weight]]

@@ -177,7 +177,7 @@ class WidthPass(ir.passes.InPlacePass):
         n_lit = self.rewrite_literals()
         self.fix_shapes()
         self.stats = {"tied_head": tied, "new_initializers": n_new, "literals": n_lit,
-                      "maps": {"q": self.q_map, "ffn": self.ffn_map}}
+                      "maps": {"q": self.q_map, "ffn": self.ffn_map, "kv": self.kv_map}}
         return ir.passes.PassResult(model, modified=True)
 
     # ------------------------------------------------------------------ closed world
@@ -208,6 +208,7 @@ class WidthPass(ir.passes.InPlacePass):
                               f"could not tie it to the {size} axis or to anything else, e.g. "
                               f"because it is reshaped by sizes computed at run time; read by "
                               f"{users})")
+        missed += self._changed_inputs()
         missed += self._unmodelled_ops()
         missed += self._disagreements()
         if missed:
@@ -217,6 +218,23 @@ class WidthPass(ir.passes.InPlacePass):
                 + ("; ..." if len(missed) > 5 else "") + ". Nothing was written.",
                 hint="This architecture has a component lemon-onnx does not support yet; "
                      "report it with the model's `lemon-onnx inspect --json` output.")
+
+    def _changed_inputs(self) -> list:
+        """Graph inputs with an axis of a size the plan changes: what a runtime must feed
+        them is known only for a recognised KV cache (the source's, KV heads repeated)."""
+        g = self.rec.graph
+        caches = {s.input for s in self.desc.caches}
+        found = []
+        for v in g.inputs:
+            if v.name in g.initializers or v.name in caches:
+                continue
+            ch = self._changed(v)
+            if ch:
+                k, atoms = ch[0]
+                found.append(f"graph input {v.name} (shape {list(v.shape or [])}, axis {k} "
+                             f"carries {'*'.join(a.role or str(a.size) for a in atoms)}; "
+                             "no rule says what to feed it once that axis grows)")
+        return found
 
     def _disagreements(self) -> list:
         """Claimed constants whose new shape (the rule's) differs from what the axis analysis
@@ -343,6 +361,15 @@ class WidthPass(ir.passes.InPlacePass):
         per_tensor: dict[tuple, list] = defaultdict(list)
         for lu in rec.ax.literals:
             new = self.literal_value(lu)
+            was = dims.size_of(lu.atoms)
+            if new != lu.value and was != lu.value:
+                # the shape reasoning tied the literal to atoms of another size: recomputing
+                # it from them would write a size that was never there
+                raise PlanError(f"the size literal {lu.value} at {lu.ref[1]} (read by {lu.op} "
+                                f"{lu.node}) was tied to axes of size {was}; lemon-onnx cannot "
+                                "tell what it becomes.",
+                                hint="Report the model with its `lemon-onnx inspect --json` "
+                                     "output.")
             per_tensor[lu.ref[:2]].append((lu, new))
         changed = 0
         for ref, items in per_tensor.items():
@@ -417,16 +444,16 @@ class WidthPass(ir.passes.InPlacePass):
 
     # ------------------------------------------------------------------ shapes
     def fix_shapes(self) -> None:
-        """Drop stale inferred shapes; recompute the declared shapes of graph outputs and
-        inputs (a decoder's encoder output and caches) from their atoms."""
+        """Drop stale inferred shapes; recompute the declared shapes of the graph's outputs
+        and inputs (a KV cache's head axis, a decoder's encoder output) from their atoms."""
         g = self.rec.graph
         outs = set(g.outputs)
         for n in g:
             for o in n.outputs:
                 if o not in outs:
                     o.shape = None
-        inits = set(g.initializers.values())
-        for o in list(g.outputs) + [v for v in g.inputs if v not in inits]:
+        inits = set(g.initializers)
+        for o in list(g.outputs) + [v for v in g.inputs if v.name not in inits]:
             ax = self.rec.ax.get(o)
             if ax is None or o.shape is None:
                 continue

@@ -17,7 +17,10 @@ Inputs
     cannot be recognised), attention masks of ones with trailing padding in the last row (never
     an all-zero row), token type ids half 0 / half 1 (only values below the row count of the
     token-type table), position ids ``arange``, float inputs (pixel values) standard normal.
-    Dynamic axes take two (batch, sequence) cases: (2, 7) and (3, 11).  Or the user's own
+    Dynamic axes take two (batch, sequence) cases: (2, 7) and (3, 11), read from where the
+    inputs go (the token ids' axes; a KV cache's joined axis is the past: 0, an empty cache;
+    a dim declared as a sum is the sum of its terms); position ids follow the mask (running
+    count of attended tokens minus one) where there is one.  Or the user's own
     ``.npz``: keys ``<input name>`` (one case) or ``case<k>/<input name>`` (several cases; the
     fixtures' ``case<k>/in/<input name>`` layout is read too).  ``save_inputs`` writes the
     ``case<k>/<input name>`` layout.
@@ -26,8 +29,18 @@ Which outputs are compared, and how
     By name.  The big model's ``metadata_props["lemon.plan"]`` (JSON, written by ``expand``)
     may map an output: ``{"compare": "prefix", "axis": -1, "size": d}`` compares
     ``big[..., :d]`` with the small output, ``{"compare": "whole"}`` (or no entry) compares whole
-    arrays, which must have the same shape.  An output whose shapes differ without a prefix map is
+    arrays, which must have the same shape; ``{"compare": "take", "axis": k, "index": [...]}``
+    (a KV cache) compares the big output whole with the small one taken along axis k by the
+    index (big head j is source head index[j]); ``"name"`` names the big model's output when it
+    differs (a cache renumbered with its layer).  An output whose shapes differ without a map is
     never sliced silently: it fails, and the report says why.
+
+Cached decoding (``decoding.py``)
+    For a source with a KV cache: the first case as prefix, then ``decoding.STEPS`` steps of
+    one token, each model fed its own returned cache (float64 copies too); logits and the
+    source's caches compared at every step.  The expanded model's inputs come from the
+    source's through ``plan["inputs"]`` (a cache of the layer it belongs to, KV heads taken;
+    a twin layer's: zeros of that shape).
 
 Providers
     ``auto``: CUDA when onnxruntime-gpu is installed *and* a session really runs on the GPU
@@ -56,7 +69,8 @@ floats are the strings ``"inf"``, ``"-inf"``, ``"nan"``::
         {"shapes": {input_name: [int, ...]},
          "outputs": [                     # one per output of the small model
            {"name": str, "shape_small": [int], "shape_big": [int] | null,
-            "compared": "whole" | "prefix:<d>" | "prefix:<d>@axis<k>" | "not compared",
+            "compared": "whole" | "prefix:<d>" | "prefix:<d>@axis<k>" | "kv-map@axis<k>"
+                        | "not compared",     # kv-map: the source's KV heads taken by the map
             "max_abs": float, "mean_abs": float, "max_rel": float,  # |big - small|, dtype
             "nan_small": int, "nan_big": int, "inf_small": int, "inf_big": int,
             "min_atol": float, "min_rtol": float,
@@ -72,7 +86,14 @@ floats are the strings ``"inf"``, ``"-inf"``, ``"nan"``::
             "alg_rel": float|null,        # alg_max_abs / ref_max
             "alg_passed": bool|null,
             "nonfinite_mismatch": int,    # NaN/Inf in one model only
-            "caught_by": "float64"|"<dtype>"|"float64+<dtype>"|"shape"|null}]}],
+            "caught_by": "float64"|"<dtype>"|"float64+<dtype>"|"shape"|"cache"|null}]}],
+      "decoding": null | {                # null: the source has no KV cache
+        "ran": bool, "why": str|null,     # why it did not run (blockwise, unknown roles, ...)
+        "float64": bool,                  # the float64 level ran for the steps
+        "steps": [{"step": int,           # 0: the prefix (the first case)
+                   "tokens": int,         # new tokens at this step
+                   "attended": int|null,  # the attention mask's length (past + new)
+                   "outputs": [ ... as in a case ... ]}]},
       "first_divergent_block": int | null,
       "layerwise": null | [               # null unless layerwise=True and recognition worked
         {"block": int, "big_block": int, "value_small": str, "value_big": str,

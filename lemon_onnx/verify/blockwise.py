@@ -245,11 +245,17 @@ def run_segments(path, proto, desc, cases, provider: str, wanted, fallback_elem:
 
 def compare_blockwise(small_path, big_path, small_ir, big_ir, plan: dict, cases,
                       provider: str, rule: cmp.Rule, notes: list, cache: dict,
-                      float64: str = "auto"):
+                      float64: str = "auto", big_cases=None, chains=None):
     """Both models block by block, in their dtype and (``float64``: auto | on | off) in
-    float64.  Returns (report cases, layerwise rows, first divergent block, provider used,
-    largest segment bytes, the float64 level's description, the rule applied)."""
+    float64 (``big_cases``: the big model's inputs where the plan maps some: a KV cache;
+    ``chains``: {"small": decoding.Chain, "big": ...} run after the first case, each step a
+    pass through every segment).  Returns (report cases, layerwise rows, first divergent
+    block, provider used, largest segment bytes, the float64 level's description, the rule
+    applied, the decoding runs or None: {side: (first case's outputs, (steps, why they
+    stopped))} for "small", "big", and "small64", "big64" when the float64 level ran)."""
     import onnx
+
+    feeds = {"small": cases, "big": big_cases or cases}
 
     ds, db = describe(small_ir, cache), describe(big_ir, cache)
     bmap = plan.get("blocks") or {str(i): i for i in range(len(ds.blocks))}
@@ -266,11 +272,20 @@ def compare_blockwise(small_path, big_path, small_ir, big_ir, plan: dict, cases,
              ("big", big_path, db, [p[3] for p in pairs]))
     for side, path, desc, names in sides:
         proto = onnx.load(str(path), load_external_data=False)
-        runs[side], used, seg_bytes = run_segments(path, proto, desc, cases, provider, names,
-                                                   elem)
+        runs[side], used, seg_bytes = run_segments(path, proto, desc, feeds[side], provider,
+                                                   names, elem)
         largest = max(largest, seg_bytes)
         del proto
-    level, runs64 = _float64_runs(float64, sides, cases, used, elem, largest, rule, notes)
+    level, runs64 = _float64_runs(float64, sides, feeds, used, elem, largest, rule, notes)
+    decoded = None
+    if chains:
+        forced = "cuda" if used == CUDA else "cpu"
+        decoded = {}
+        for side, path, desc, names in sides:
+            decoded[side] = _decode(path, desc, chains[side], runs[side], forced, elem, False)
+            if runs64:
+                decoded[side + "64"] = _decode(path, desc, chains[side], runs64[side], forced,
+                                               elem, True)
     if runs64 is None and rule.mode == "relative":  # no float64 runs: the fallback bound
         rule = cmp.Rule("fallback", rule.dtype, rule.atol, rule.rtol)
 
@@ -280,11 +295,14 @@ def compare_blockwise(small_path, big_path, small_ir, big_ir, plan: dict, cases,
     out_maps = plan.get("outputs") or {}
     report_cases = []
     for k, case in enumerate(cases):
-        outs = [cmp.compare_output(n, runs["small"][n][k],
-                                   runs["big"].get(n, [None] * len(cases))[k],
-                                   out_maps.get(n), rule, small64=f64("small", n, k),
-                                   big64=f64("big", n, k))
-                for n in small_outputs]
+        outs = []
+        for n in small_outputs:
+            m = out_maps.get(n)
+            nb = cmp.big_name(n, m)
+            outs.append(cmp.compare_output(n, runs["small"][n][k],
+                                           runs["big"].get(nb, [None] * len(cases))[k], m,
+                                           rule, small64=f64("small", n, k),
+                                           big64=f64("big", nb, k)))
         report_cases.append({"shapes": {n: list(a.shape) for n, a in case.items()},
                              "outputs": outs})
     rows, first = [], None
@@ -305,12 +323,28 @@ def compare_blockwise(small_path, big_path, small_ir, big_ir, plan: dict, cases,
             first = i
     notes.append(f"blockwise: {len(ds.blocks)} + {len(db.blocks)} blocks run one segment at a "
                  f"time (largest segment's weights {largest / 1e9:.2f} GB)")
-    return report_cases, rows, first, used, largest, level, rule
+    return report_cases, rows, first, used, largest, level, rule, decoded
 
 
-def _float64_runs(mode: str, sides, cases, provider, elem, largest: int, rule: cmp.Rule,
-                  notes: list):
-    """The float64 level, segment by segment: (level description, {side: runs} or None)."""
+def _decode(path, desc, chain, runs: dict, provider: str, elem: int, float64: bool):
+    """A decoding chain (decoding.py) segment by segment: each step one pass through every
+    segment, fed the cache the step before returned.  (first case's outputs, (steps, why))."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    first = {n: v[0] for n, v in runs.items()}
+
+    def run(f: dict) -> dict:
+        got, _, _ = run_segments(path, proto, desc, [f], provider, [], elem, float64=float64)
+        return {n: v[0] for n, v in got.items()}
+
+    return first, chain.run(run, first, widen=float64)
+
+
+def _float64_runs(mode: str, sides, cases: dict, provider, elem, largest: int,
+                  rule: cmp.Rule, notes: list):
+    """The float64 level, segment by segment (``cases``: each side's inputs): (level
+    description, {side: runs} or None)."""
     import onnx
 
     level = float64_level(rule)
@@ -330,8 +364,8 @@ def _float64_runs(mode: str, sides, cases, provider, elem, largest: int, rule: c
     try:
         for side, path, desc, names in sides:
             proto = onnx.load(str(path), load_external_data=False)
-            runs64[side], used, _ = run_segments(path, proto, desc, cases, forced, names, elem,
-                                                 float64=True)
+            runs64[side], used, _ = run_segments(path, proto, desc, cases[side], forced, names,
+                                                 elem, float64=True)
             del proto
     except RuntimeFailure as exc:
         level["why"] = _one_line(exc.message, 300)

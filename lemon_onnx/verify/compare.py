@@ -197,9 +197,9 @@ def map_big(name: str, small_shape: list, big: np.ndarray, mapping: dict | None)
         sl[ax] = slice(0, size)
         label = f"prefix:{size}" if ax == nd - 1 else f"prefix:{size}@axis{ax}"
         return np.asarray(big)[tuple(sl)], label
-    if kind != "whole":
+    if kind not in ("whole", "take"):  # take: the small side was taken (take_small)
         return None, (f"the plan's output map for {name!r} has an unknown compare mode "
-                      f"{kind!r} (expected 'whole' or 'prefix')")
+                      f"{kind!r} (expected 'whole', 'prefix' or 'take')")
     if ss != sb:
         if len(ss) == len(sb) and ss[:-1] == sb[:-1] and sb[-1] > ss[-1]:
             return None, (f"shapes differ: {ss} (small) vs {sb} (big). The big model's last "
@@ -207,7 +207,30 @@ def map_big(name: str, small_shape: list, big: np.ndarray, mapping: dict | None)
                           f"{name!r}, so it is not compared (never sliced silently); models "
                           "expanded by lemon-onnx carry that map")
         return None, f"shapes differ: {ss} (small) vs {sb} (big)"
+    if kind == "take":
+        return np.asarray(big), f"kv-map@axis{int(mapping.get('axis', 0)) % max(len(ss), 1)}"
     return np.asarray(big), "whole"
+
+
+def take_small(small: np.ndarray | None, mapping: dict | None):
+    """A ``take`` map (a KV cache: the expanded model's KV head j is the source's head
+    ``index[j]``) applied to a source output, so that it compares whole with the big one."""
+    if small is None or (mapping or {}).get("compare") != "take":
+        return small
+    a = np.asarray(small)
+    axis = int(mapping.get("axis", 0))
+    if not -a.ndim <= axis < a.ndim:
+        return a
+    index = np.asarray(mapping.get("index") or [], dtype=np.int64)
+    if index.size and (index.min() < 0 or index.max() >= a.shape[axis]):
+        return a  # the shapes then differ, and the comparison says so
+    return np.take(a, index, axis=axis)
+
+
+def big_name(name: str, mapping: dict | None) -> str:
+    """The name of the big model's output that the plan compares with source output ``name``
+    (a KV cache follows its layer to the layer's new number)."""
+    return (mapping or {}).get("name", name)
 
 
 def _finite_max_abs(a: np.ndarray, mask: np.ndarray) -> float:
@@ -218,11 +241,13 @@ def compare_output(name: str, small: np.ndarray, big: np.ndarray | None, mapping
                    rule: Rule, *, small64: np.ndarray | None = None,
                    big64: np.ndarray | None = None) -> OutputReport:
     """Both levels for one output of one case (``small64``/``big64``: the float64 runs)."""
+    small, small64 = take_small(small, mapping), take_small(small64, mapping)
     ss = list(np.shape(small))
     if big is None:
         return OutputReport(name=name, shape_small=ss, shape_big=None, compared="not compared",
                             passed=False, elements=int(np.size(small)), caught_by="shape",
-                            message=f"the big model has no output named {name!r}")
+                            message=f"the big model has no output named "
+                                    f"{big_name(name, mapping)!r}")
     big_m, label = map_big(name, ss, big, mapping)
     if big_m is None:
         return _not_compared(name, ss, list(np.shape(big)), label)

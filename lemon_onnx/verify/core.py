@@ -11,9 +11,11 @@ from typing import Mapping
 from ..errors import InputError, LemonError, RuntimeFailure
 from ..estimate import available_memory as _available_memory
 from . import compare as cmp
-from .inputs import DEFAULT_CASES, _conform, _synthesize, load_inputs, save_inputs_npz
+from .decoding import chains, check, lengths, returns_of
+from .inputs import (DEFAULT_CASES, _conform, _synthesize, load_inputs, roles_from_graph,
+                     save_inputs_npz)
 from .layerwise import block_pairs, layerwise_rows
-from .models import as_ir, describe, first_float_dtype, read_plan
+from .models import as_ir, big_feeds, describe, first_float_dtype, read_plan
 from .precision import float64_bytes, float64_level, run_float64
 from .report import VerifyReport
 from .runtime import CUDA, _one_line, available_providers, make_session, prepare, run_session
@@ -81,9 +83,11 @@ def verify(small_path, big_path, *, inputs=None, atol: float | None = None,
                      f"{cmp.ROUNDED_ULPS} epsilons): " + "; ".join(plan["rounded"]))
 
     cases, source = _inputs(inputs, small_ir, big_ir, small_path, seed, notes, cache)
+    # the big model's inputs: the same, except the caches the plan maps (decoding.py)
+    big_cases = [big_feeds(plan, c, big_ir) for c in cases]
     inits_b = set(big_ir.graph.initializers)
     big_only = [v.name for v in big_ir.graph.inputs
-                if v.name not in inits_b and v.name not in cases[0]]
+                if v.name not in inits_b and v.name not in big_cases[0]]
     if big_only:
         raise InputError(f"{big_path} has input(s) {', '.join(big_only)} that {small_path} "
                          "does not have, so the two cannot be fed the same inputs.",
@@ -94,17 +98,20 @@ def verify(small_path, big_path, *, inputs=None, atol: float | None = None,
 
     if blockwise is None:
         blockwise = _too_big_for_memory(small_path, big_path, notes)
+    dec = _decoding_setup(small_ir, big_ir, cases[0], seed, cache)
     if blockwise:
-        return _verify_blockwise(small_path, big_path, small_ir, big_ir, plan, cases, source,
-                                 provider, rule, dtype, notes, cache, timings, t_start, float64)
+        return _verify_blockwise(small_path, big_path, small_ir, big_ir, plan, cases,
+                                 big_cases, source, provider, rule, dtype, notes, cache,
+                                 timings, t_start, float64, dec)
 
     pairs = block_pairs(small_ir, big_ir, plan, notes, cache) if layerwise else None
     # the model's own dtype: one session at a time keeps peak memory at the larger model
-    ref, small_outputs, used = _run_model(small_path, small_ir, cases, provider, "small",
-                                          timings)
+    ref, small_outputs, used, small_steps = _run_model(small_path, small_ir, cases, provider,
+                                                       "small", timings, dec.small)
     forced = "cuda" if used == CUDA else "cpu"  # "auto" may end on the CPU: same for both
     try:
-        got, big_outputs, used_big = _run_model(big_path, big_ir, cases, forced, "big", timings)
+        got, big_outputs, used_big, big_steps = _run_model(big_path, big_ir, big_cases, forced,
+                                                           "big", timings, dec.big)
     except RuntimeFailure as exc:
         raise _explain_big_failure(exc, small_ir, big_ir, small_path, big_path, cache) from None
     if provider == "auto" and used != CUDA and CUDA in available_providers():
@@ -115,8 +122,9 @@ def verify(small_path, big_path, *, inputs=None, atol: float | None = None,
     t = time.perf_counter()
     want_small = list(small_outputs) + sorted({p[2] for p in pairs or []})
     want_big = list(big_outputs) + sorted({p[3] for p in pairs or []})
-    levels_f64, ref64, got64 = _float64_level(float64, small_path, big_path, small_ir, big_ir,
-                                              cases, want_small, want_big, forced, rule, notes)
+    levels_f64, ref64, got64, steps64 = _float64_level(
+        float64, small_path, big_path, small_ir, big_ir, cases, big_cases, want_small,
+        want_big, forced, rule, notes, dec)
     timings["float64"] = time.perf_counter() - t
     if ref64 is None and rule.mode == "relative":
         rule = cmp.Rule("fallback", dtype, rule.atol, rule.rtol)
@@ -125,23 +133,29 @@ def verify(small_path, big_path, *, inputs=None, atol: float | None = None,
     out_maps = plan.get("outputs") or {}
     report_cases = []
     for k, (case, r, g) in enumerate(zip(cases, ref, got)):
-        outs = [cmp.compare_output(n, r[n], g.get(n), out_maps.get(n), rule,
+        outs = [cmp.compare_output(n, r[n], g.get(cmp.big_name(n, out_maps.get(n))),
+                                   out_maps.get(n), rule,
                                    small64=ref64[k].get(n) if ref64 else None,
-                                   big64=got64[k].get(n) if got64 else None)
+                                   big64=(got64[k].get(cmp.big_name(n, out_maps.get(n)))
+                                          if got64 else None))
                 for n in small_outputs]
         report_cases.append({"shapes": {n: list(a.shape) for n, a in case.items()},
                              "outputs": outs})
-    extra = [n for n in big_outputs if n not in small_outputs]
+    compared = {cmp.big_name(n, out_maps.get(n)) for n in small_outputs}
+    extra = [n for n in big_outputs if n not in compared]
     if extra:
         notes.append(f"outputs only in the big model, not compared: {', '.join(extra)}")
+    decoding_report = _decoding_report(dec, ref, got, small_steps, big_steps, ref64, got64,
+                                       steps64, small_outputs, out_maps, rule, notes)
     timings["compare"] = time.perf_counter() - t
-    passed = all(o.passed for c in report_cases for o in c["outputs"])
+    passed = all(o.passed for c in report_cases for o in c["outputs"]) and \
+        all(o.passed for st in (decoding_report or {}).get("steps", []) for o in st["outputs"])
 
     rows, first = None, None
     if pairs is not None:
         t = time.perf_counter()
         rows, first = layerwise_rows(small_path, big_path, small_ir, big_ir, pairs, cases,
-                                     forced, rule, ref64, got64, plan)
+                                     forced, rule, ref64, got64, plan, big_cases)
         timings["layerwise"] = time.perf_counter() - t
         if first is not None and passed:
             notes.append(f"the outputs match but block {first}'s hidden state diverges")
@@ -156,7 +170,7 @@ def verify(small_path, big_path, *, inputs=None, atol: float | None = None,
                         first_divergent_block=first, layerwise=rows,
                         seconds=time.perf_counter() - t_start, notes=notes,
                         small=str(small_path), big=str(big_path), timings=timings,
-                        levels=levels)
+                        levels=levels, decoding=decoding_report)
 
 
 #: whole-model verification holds the larger model about this many times (weights and
@@ -190,16 +204,31 @@ def _too_big_for_memory(small_path, big_path, notes: list) -> bool:
     return True
 
 
-def _verify_blockwise(small_path, big_path, small_ir, big_ir, plan, cases, source, provider,
-                      rule, dtype, notes, cache, timings, t_start, float64) -> VerifyReport:
+def _verify_blockwise(small_path, big_path, small_ir, big_ir, plan, cases, big_cases, source,
+                      provider, rule, dtype, notes, cache, timings, t_start, float64,
+                      dec) -> VerifyReport:
     from .blockwise import compare_blockwise
 
     t = time.perf_counter()
-    report_cases, rows, first, used, _, level_f64, rule = compare_blockwise(
+    chains = {"small": dec.small, "big": dec.big} if dec.small is not None else None
+    report_cases, rows, first, used, _, level_f64, rule, decoded = compare_blockwise(
         small_path, big_path, small_ir, big_ir, plan, cases, provider, rule, notes, cache,
-        float64)
+        float64, big_cases, chains)
     timings["blockwise"] = time.perf_counter() - t
-    passed = all(o.passed for c in report_cases for o in c["outputs"])
+    ref = got = steps64 = ref64 = got64 = None
+    small_steps = big_steps = (None, None)
+    if decoded:
+        (ref0, small_steps), (got0, big_steps) = decoded["small"], decoded["big"]
+        ref, got = [ref0], [got0]
+        if "small64" in decoded:
+            (r64, s64), (g64, b64) = decoded["small64"], decoded["big64"]
+            ref64, got64, steps64 = [r64], [g64], (s64, b64)
+    out_maps = plan.get("outputs") or {}
+    decoding_report = _decoding_report(dec, ref, got, small_steps, big_steps, ref64, got64,
+                                       steps64, [v.name for v in small_ir.graph.outputs],
+                                       out_maps, rule, notes)
+    passed = all(o.passed for c in report_cases for o in c["outputs"]) and \
+        all(o.passed for st in (decoding_report or {}).get("steps", []) for o in st["outputs"])
     if first is not None and passed:
         notes.append(f"the outputs match but block {first}'s hidden state diverges")
     notes.insert(0, f"inputs: {source}, {len(cases)} case(s)")
@@ -212,7 +241,7 @@ def _verify_blockwise(small_path, big_path, small_ir, big_ir, plan, cases, sourc
                         first_divergent_block=first, layerwise=rows,
                         seconds=time.perf_counter() - t_start, notes=notes,
                         small=str(small_path), big=str(big_path), timings=timings,
-                        levels=levels)
+                        levels=levels, decoding=decoding_report)
 
 
 def _rule(dtype: str, atol, rtol, *, approximate: bool, notes: list) -> cmp.Rule:
@@ -254,8 +283,10 @@ def _inputs(inputs, small_ir, big_ir, small_path, seed, notes, cache):
     return cases, source
 
 
-def _run_model(path, ir_model, cases, provider, which, timings):
-    """Run the model file as it is (plus bfloat16 casts); returns (outputs, names, provider)."""
+def _run_model(path, ir_model, cases, provider, which, timings, chain=None):
+    """Run the model file as it is (plus bfloat16 casts); returns (outputs, names, provider,
+    (decoding steps, why they stopped)) with ``chain`` (decoding.py) run after the first
+    case, on the same session."""
     label = str(path)
     t = time.perf_counter()
     src, fetch = prepare(path, ir_model)
@@ -265,16 +296,72 @@ def _run_model(path, ir_model, cases, provider, which, timings):
     t = time.perf_counter()
     out = [run_session(sess, c, label, fetch) for c in cases]
     timings[f"run_{which}"] = time.perf_counter() - t
-    return out, list(fetch), used
+    steps = (None, None)
+    if chain is not None:
+        t = time.perf_counter()
+        steps = chain.run(lambda f: run_session(sess, f, label, fetch), out[0])
+        timings[f"decode_{which}"] = time.perf_counter() - t
+    return out, list(fetch), used, steps
 
 
-def _float64_level(mode, small_path, big_path, small_ir, big_ir, cases, want_small, want_big,
-                   provider, rule, notes):
-    """Run both float64 copies; returns (level description, small runs, big runs)."""
+@dataclasses.dataclass
+class _Decoding:
+    small: object = None  # decoding.Chain, or None: no check
+    big: object = None
+    sizes: list = dataclasses.field(default_factory=list)
+    why: str | None = None  # why a model with a cache gets no check
+
+
+def _decoding_setup(small_ir, big_ir, prefix: dict, seed: int, cache: dict) -> _Decoding:
+    """The decoding chains of both models (decoding.py), when the source has a KV cache."""
+    if not returns_of(small_ir):
+        return _Decoding()
+    try:
+        desc = describe(small_ir, cache)
+        roles = roles_from_graph(small_ir, desc)
+    except Exception as exc:  # the check needs the inputs' roles
+        return _Decoding(why="the source model was not recognised, so its inputs' roles are "
+                             f"unknown ({_one_line(str(exc), 200)})")
+    small, big, why = chains(small_ir, big_ir, prefix, roles, desc.vocab, seed)
+    if small is None:
+        return _Decoding(why=why)
+    return _Decoding(small, big, lengths(prefix, roles, len(small.steps)))
+
+
+def _decoding_report(dec: _Decoding, ref, got, small_steps, big_steps, ref64, got64, steps64,
+                     outputs, out_maps, rule, notes) -> dict | None:
+    """The cached-decoding check, step by step (step 0: the prefix, the first case)."""
+    if dec.small is None:
+        if dec.why is None:
+            return None
+        notes.append(f"cached decoding not checked: {dec.why}")
+        return {"ran": False, "why": dec.why, "steps": []}
+    s_runs, s_err = small_steps
+    if s_err is not None:  # the source cannot decode with its own cache: no check
+        notes.append(f"cached decoding not checked: the source stopped at {s_err}")
+        return {"ran": False, "why": f"the source stopped at {s_err}", "steps": []}
+    b_runs, b_err = big_steps
+    s64 = b64 = None
+    if steps64 is not None:
+        (s64_runs, s64_err), (b64_runs, b64_err) = steps64
+        if s64_err is None:
+            s64 = [ref64[0]] + s64_runs
+            b64 = [got64[0]] + b64_runs
+        else:
+            notes.append(f"cached decoding: the float64 level stopped at {s64_err}")
+    steps = check([ref[0]] + s_runs, [got[0]] + b_runs, s64, b64, outputs, out_maps, rule,
+                  dec.sizes, b_err)
+    return {"ran": True, "why": None, "steps": steps, "float64": s64 is not None}
+
+
+def _float64_level(mode, small_path, big_path, small_ir, big_ir, cases, big_cases, want_small,
+                   want_big, provider, rule, notes, dec):
+    """Run both float64 copies; returns (level description, small runs, big runs, the
+    decoding chains' float64 steps or None)."""
     level = float64_level(rule)
     if mode == "off":
         level["why"] = "turned off (float64=off)"
-        return level, None, None
+        return level, None, None, None
     need = max(float64_bytes(small_ir), float64_bytes(big_ir))
     avail = _available_memory()
     if mode == "auto" and avail is not None and need > FLOAT64_MEMORY_SHARE * avail:
@@ -282,21 +369,26 @@ def _float64_level(mode, small_path, big_path, small_ir, big_ir, cases, want_sma
                         f"{avail / 1e9:.1f} GB of memory is available")
         notes.append(f"float64 level skipped: {level['why']}; the {rule.dtype} level uses the "
                      "fallback bound (verify --float64 on forces it)")
-        return level, None, None
+        return level, None, None, None
     try:
-        s64 = run_float64(small_path, cases, want_small, provider, label=str(small_path))
-        b64 = run_float64(big_path, cases, want_big, provider, label=str(big_path))
+        s64 = run_float64(small_path, cases, want_small, provider, label=str(small_path),
+                          chain=dec.small)
+        b64 = run_float64(big_path, big_cases, want_big, provider, label=str(big_path),
+                          chain=dec.big)
     except RuntimeFailure as exc:
         level["why"] = _one_line(exc.message, 300)
         notes.append(f"float64 level skipped: {level['why']}")
-        return level, None, None
+        return level, None, None, None
     level.update(ran=True, engine=s64.engine if s64.engine == b64.engine
                  else f"{s64.engine} (small), {b64.engine} (big)",
                  provider=b64.provider)
     for run in (s64, b64):
         if run.note:
             notes.append(run.note)
-    return level, s64.outputs, b64.outputs
+    steps64 = None
+    if dec.small is not None:
+        steps64 = ((s64.chain or [], s64.chain_error), (b64.chain or [], b64.chain_error))
+    return level, s64.outputs, b64.outputs, steps64
 
 
 def _check_order(small_path, big_path, small_ir, big_ir) -> None:

@@ -52,9 +52,13 @@ def roles_from_graph(ir_model, desc) -> dict:
         if name and name in g.initializers:
             tables[g.initializers[name]] = role
     inits = set(g.initializers)
+    caches = {s.input for s in getattr(desc, "caches", None) or []}
     roles = {}
     for v in g.inputs:
         if v.name in inits or v.dtype is None:
+            continue
+        if v.name in caches:
+            roles[v.name] = "cache"
             continue
         if v.dtype.is_floating_point():
             roles[v.name] = "float"
@@ -78,7 +82,7 @@ def roles_from_graph(ir_model, desc) -> dict:
                 roles[v.name] = role
                 break
         else:
-            roles[v.name] = "mask"
+            roles[v.name] = "position" if _position_values(v) else "mask"
     return roles
 
 
@@ -99,9 +103,10 @@ def _role_by_name(name: str, dtype: np.dtype) -> str:
     return "other"
 
 
-def _dim_values(ir_model, b: int, s: int) -> dict:
-    """Symbolic dim name -> size, shared by all inputs."""
-    sizes: dict = {}
+def _dim_values(ir_model, b: int, s: int, known: dict | None = None) -> dict:
+    """Symbolic dim name -> size, shared by all inputs; ``known``: sizes read from the graph
+    (``graph_dims``), which names never override; a dim that is a sum of others is the sum."""
+    sizes: dict = dict(known or {})
     order = 0
     for v in ir_model.graph.inputs:
         if v.shape is None:
@@ -110,19 +115,163 @@ def _dim_values(ir_model, b: int, s: int) -> dict:
             if isinstance(d, int):
                 continue
             key = getattr(d, "value", None)
-            if key is None or key in sizes:
+            if key is None or key in sizes or _sum_terms(key):
                 continue
             k = key.lower()
-            if "past" in k:
-                sizes[key] = 0
-            elif "batch" in k:
+            if "batch" in k:
                 sizes[key] = b
             elif any(t in k for t in ("seq", "len", "token", "time", "position", "total")):
                 sizes[key] = s
             else:
                 sizes[key] = b if (ax == 0 and order == 0) else s
                 order += 1
+    return _with_sums(ir_model, sizes)
+
+
+_TERM = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _sum_terms(key: str) -> list | None:
+    """``past_sequence_length + sequence_length`` -> its terms; None for a plain name."""
+    if "+" not in key:
+        return None
+    terms = [t.strip() for t in key.split("+")]
+    return terms if all(_TERM.match(t) or t.isdigit() for t in terms) else None
+
+
+def _with_sums(ir_model, sizes: dict) -> dict:
+    """Dims declared as sums of other dims (optimum's attention mask over past + current
+    tokens) get the sum of their terms' sizes; a term no input declares on its own counts as
+    the sequence it stands beside, never guessed from its name: such a sum is left out."""
+    for v in ir_model.graph.inputs:
+        for d in (v.shape.dims if v.shape is not None else ()):
+            key = getattr(d, "value", None)
+            terms = _sum_terms(key) if isinstance(key, str) else None
+            if not terms or key in sizes:
+                continue
+            vals = [int(t) if t.isdigit() else sizes.get(t) for t in terms]
+            if all(x is not None for x in vals):
+                sizes[key] = sum(vals)
     return sizes
+
+
+def _position_values(v) -> bool:
+    """Positions the walk above does not see: values that pick rows of a table computed from
+    constants alone (GPT-J's sin/cos rows, by GatherElements on a tiled table), shifted by a
+    constant first (OPT's offset of 2), or that become rotary angles (``_feeds_angles``)."""
+    if _feeds_angles(v):
+        return True
+    frontier, seen = [v], set()
+    while frontier:
+        x = frontier.pop()
+        for use in x.uses():
+            n = use.node
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            if n.op_type in ("Gather", "GatherElements") and use.idx == 1:
+                if _from_constants(n.inputs[0]):
+                    return True
+            elif (n.op_type in _INDEX_CARRIERS | {"Tile"} and use.idx == 0) or \
+                    _constant_offset(n):
+                frontier.extend(n.outputs)
+    return False
+
+
+def _from_constants(v, limit: int = 64) -> bool:
+    """Whether ``v`` is computed from constants alone (a table tiled or expanded), reading no
+    graph input's values (their shapes may size it)."""
+    stack, seen = [v], set()
+    while stack and len(seen) < limit:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        p = x.producer()
+        if p is None:
+            if x.is_graph_input():
+                return False
+            continue
+        if p.op_type == "Shape":
+            continue
+        stack.extend(p.inputs)
+    return not stack
+
+
+def _constant_offset(n) -> bool:
+    """An index plus or minus a constant (OPT's positions start at 2) is still an index."""
+    from ..graph import is_const
+
+    return n.op_type in ("Add", "Sub") and len(n.inputs) == 2 and \
+        sum(is_const(i) for i in n.inputs) == 1
+
+
+#: what rotary embeddings do to positions before their Sin and Cos (angles = positions times
+#: inverse frequencies), and layout ops; a CumSum is not among them (positions computed from
+#: the mask are the mask's business)
+_ANGLE_OPS = {"Cast", "Unsqueeze", "Squeeze", "Reshape", "Expand", "Transpose", "Identity",
+              "Concat", "MatMul", "Mul", "Div", "Add", "Sub", "Gather", "Slice", "Flatten"}
+
+
+def _feeds_angles(v, limit: int = 12) -> bool:
+    """Whether an integer input's values become rotary angles: they reach a Sin or Cos through
+    arithmetic and layout ops only (the position ids of rotary models)."""
+    frontier, seen = [v], set()
+    for _ in range(limit):
+        nxt = []
+        for x in frontier:
+            for n in x.consumers():
+                if id(n) in seen:
+                    continue
+                seen.add(id(n))
+                if n.op_type in ("Sin", "Cos"):
+                    return True
+                if n.op_type in _ANGLE_OPS and not (n.op_type == "Gather" and
+                                                    n.inputs[1] is x):
+                    nxt.extend(n.outputs)
+        frontier = nxt
+    return False
+
+
+def graph_dims(ir_model, roles: dict, cache: dict | None, b: int, s: int,
+               past: int = 0) -> dict:
+    """Symbolic dims read from where the inputs' values go: the token ids' axes are the batch
+    and the sequence; a KV cache's joined axis is the past (``past`` tokens: 0, an empty
+    cache, for the plain runs; role "cache", zeros) and its first axis the batch.  ``cache``:
+    recognition's (``models.describe``)."""
+    try:
+        desc = describe(ir_model, cache)
+    except Exception:  # not recognised: no structure to read the dims from
+        desc = None
+    sizes: dict = {}
+
+    def put(v, axis: int, size: int) -> None:
+        if v.shape is not None and -len(v.shape) <= axis < len(v.shape):
+            key = getattr(v.shape[axis], "value", None)
+            if isinstance(key, str) and key not in sizes:
+                sizes[key] = size
+
+    by_name = {v.name: v for v in ir_model.graph.inputs}
+    for name, role in roles.items():
+        v = by_name.get(name)
+        if v is not None and role == "ids" and v.shape is not None and len(v.shape) == 2:
+            put(v, 0, b)
+            put(v, 1, s)
+    for slot in getattr(desc, "caches", None) or []:
+        v = by_name.get(slot.input)
+        if v is not None:
+            put(v, slot.axis, past)
+            put(v, 0, b)
+    return sizes
+
+
+def positions_from_mask(mask: np.ndarray, length: int) -> np.ndarray:
+    """Position ids as generation derives them from the attention mask: the running count of
+    attended tokens minus one (1 where the mask is 0), the last ``length`` of them."""
+    m = np.asarray(mask).astype(np.int64)
+    pos = np.cumsum(m, axis=-1) - 1
+    pos[m == 0] = 1
+    return pos[..., -length:] if length <= pos.shape[-1] else pos
 
 
 def _synthesize(ir_model, *, seed: int, vocab: int | None, cases,
@@ -162,7 +311,8 @@ def _synthesize(ir_model, *, seed: int, vocab: int | None, cases,
     out = []
     for k, (b, s) in enumerate(cases):
         rng = np.random.default_rng([int(seed), k])
-        sizes = _dim_values(ir_model, int(b), int(s))
+        sizes = _dim_values(ir_model, int(b), int(s),
+                            graph_dims(ir_model, roles, cache, int(b), int(s)))
         feeds = {}
         for v, npdt, role in specs:
             shape = []
@@ -193,8 +343,23 @@ def _synthesize(ir_model, *, seed: int, vocab: int | None, cases,
             else:
                 a = np.zeros(shape)
             feeds[v.name] = np.ascontiguousarray(a.astype(npdt))
+        _positions_from_masks(feeds, specs)
         out.append(feeds)
     return out, notes
+
+
+def _positions_from_masks(feeds: dict, specs: list) -> None:
+    """Position ids follow the attention mask when there is one of rank 2 (generation's rule,
+    ``positions_from_mask``), so that they agree with its padding and its past tokens."""
+    masks = [v.name for v, _, role in specs if role == "mask" and feeds[v.name].ndim == 2]
+    if len(masks) != 1:
+        return
+    mask = feeds[masks[0]]
+    for v, npdt, role in specs:
+        a = feeds[v.name]
+        if role == "position" and a.ndim == 2 and a.shape[0] == mask.shape[0] \
+                and a.shape[1] <= mask.shape[1]:
+            feeds[v.name] = positions_from_mask(mask, a.shape[1]).astype(npdt)
 
 
 def synthesize_inputs(model_path_or_proto, *, seed: int = 0, vocab: int | None = None,

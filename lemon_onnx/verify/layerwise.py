@@ -47,8 +47,9 @@ def block_pairs(small_ir, big_ir, plan: dict, notes: list, cache: dict | None = 
 
 
 def layerwise_rows(small_path, big_path, small_ir, big_ir, pairs, cases, provider: str,
-                   rule: cmp.Rule, ref64, got64, plan: dict):
-    """One row per block pair (worst over cases) and the first divergent small block."""
+                   rule: cmp.Rule, ref64, got64, plan: dict, big_cases=None):
+    """One row per block pair (worst over cases) and the first divergent small block
+    (``big_cases``: the big model's inputs, where the plan maps some: a KV cache)."""
     import onnx
 
     if not pairs:
@@ -57,15 +58,16 @@ def layerwise_rows(small_path, big_path, small_ir, big_ir, pairs, cases, provide
             "bfloat16": onnx.TensorProto.BFLOAT16,
             "float64": onnx.TensorProto.DOUBLE}[first_float_dtype(small_ir)]
     results = {}
-    for side, path, ir_model, names in (("small", small_path, small_ir, {p[2] for p in pairs}),
-                                        ("big", big_path, big_ir, {p[3] for p in pairs})):
+    for side, path, ir_model, names, feeds in (
+            ("small", small_path, small_ir, {p[2] for p in pairs}, cases),
+            ("big", big_path, big_ir, {p[3] for p in pairs}, big_cases or cases)):
         names = sorted(names)
         data, fetch = prepare(path, ir_model, names, elem)
         label = f"{path} (with block outputs added)"
         sess, _ = make_session(data, provider, label=label,
                                external_data_dir=Path(path).resolve().parent)
         fetch = {n: fetch[n] for n in names}
-        results[side] = [run_session(sess, f, label, fetch) for f in cases]
+        results[side] = [run_session(sess, f, label, fetch) for f in feeds]
         del sess
     hidden = int((plan.get("source") or {}).get("hidden") or 0)
     rows, first = [], None

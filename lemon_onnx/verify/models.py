@@ -72,3 +72,31 @@ def describe(ir_model, cache: dict | None = None):
     return result
 
 
+
+
+def big_feeds(plan: dict, case: dict, big_ir) -> dict:
+    """The big model's inputs for one case of the small model's: an input the plan maps (a KV
+    cache, ``plan["inputs"]``) comes from the source's input it names, its KV heads taken as
+    the map repeats them (a twin layer's: zeros of that shape); any other input by its name.
+    Inputs neither gives are left out (the caller says which are missing)."""
+    import numpy as np
+
+    maps = plan.get("inputs") or {}
+    inits = set(big_ir.graph.initializers)
+    out = {}
+    for v in big_ir.graph.inputs:
+        if v.name in inits:
+            continue
+        m = maps.get(v.name)
+        if m is None:
+            if v.name in case:
+                out[v.name] = case[v.name]
+            continue
+        src = case.get(m.get("from"))
+        if src is None:
+            continue
+        a = np.asarray(src)
+        if m.get("index") is not None:
+            a = np.take(a, np.asarray(m["index"], dtype=np.int64), axis=int(m.get("axis", 0)))
+        out[v.name] = np.zeros_like(a) if m.get("zeros") else np.ascontiguousarray(a)
+    return out

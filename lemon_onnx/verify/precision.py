@@ -113,6 +113,9 @@ class Float64Run:
     engine: str  # "onnxruntime" | "onnx.reference"
     provider: str | None  # the ONNX Runtime provider, for engine "onnxruntime"
     note: str | None = None  # why the reference evaluator was needed
+    #: a decoding chain's steps after the first case (decoding.py), and why it stopped
+    chain: list | None = None
+    chain_error: str | None = None
 
 
 def float64_feeds(cases: Sequence[dict]) -> list[dict]:
@@ -128,9 +131,10 @@ def float64_level(rule) -> dict:
 
 
 def run_float64(path: str | os.PathLike, cases: Sequence[dict], fetch: Sequence[str],
-                provider: str, *, label: str) -> Float64Run:
+                provider: str, *, label: str, chain=None) -> Float64Run:
     """Run the float64 copy of the model at ``path`` on ``cases`` (float inputs widened) and
-    return the values named in ``fetch`` (graph outputs or intermediate values)."""
+    return the values named in ``fetch`` (graph outputs or intermediate values).  ``chain``:
+    a ``decoding.Chain`` run after the first case, fed the float64 copy's own cache."""
     model = io.load(path)
     known = {v.name: v for v in model.graph.inputs}
     for node in model.graph:
@@ -159,12 +163,17 @@ def run_float64(path: str | os.PathLike, cases: Sequence[dict], fetch: Sequence[
             why = _one_line(exc.message, 300)
             sess = None
         if sess is not None:
-            results = [run_session(sess, f, f"{label} (float64 copy)", {n: n for n in fetch})
-                       for f in feeds]
-            return Float64Run(results, "onnxruntime", used)
-        return Float64Run(_reference(model, feeds, fetch, label), "onnx.reference", None,
-                          note=f"ONNX Runtime cannot run {label} in float64 ({why}); onnx's "
-                               "reference evaluator computed the float64 outputs")
+            def run(f):
+                return run_session(sess, f, f"{label} (float64 copy)", {n: n for n in fetch})
+            result = Float64Run([run(f) for f in feeds], "onnxruntime", used)
+        else:
+            run = _reference(model, fetch, label)
+            result = Float64Run([run(f) for f in feeds], "onnx.reference", None,
+                                note=f"ONNX Runtime cannot run {label} in float64 ({why}); "
+                                     "onnx's reference evaluator computed the float64 outputs")
+        if chain is not None and result.outputs:
+            result.chain, result.chain_error = chain.run(run, result.outputs[0], widen=True)
+        return result
 
 
 def _reference_fixes() -> list:
@@ -198,18 +207,26 @@ def _reference_fixes() -> list:
     return [Erf, GatherElements]
 
 
-def _reference(model: ir.Model, feeds: list, fetch: Sequence[str], label: str) -> list:
+def _reference(model: ir.Model, fetch: Sequence[str], label: str):
+    """onnx's reference evaluator on the float64 copy: a function feeds -> {name: array}."""
     from onnx.reference import ReferenceEvaluator
+
+    def failed(exc):  # an op neither engine computes in float64
+        return RuntimeFailure(f"neither ONNX Runtime nor onnx's reference evaluator can run "
+                              f"{label} in float64: {_one_line(exc, 300)}")
 
     proto = ir.to_proto(model)  # lazy float64 tensors are computed here
     try:
         ev = ReferenceEvaluator(proto, new_ops=_reference_fixes())
-        inputs = [i.name for i in proto.graph.input]
-        results = []
-        for f in feeds:
+    except Exception as exc:
+        raise failed(exc) from None
+    inputs = [i.name for i in proto.graph.input]
+
+    def run(f: dict) -> dict:
+        try:
             out = ev.run(list(fetch), {n: f[n] for n in inputs if n in f})
-            results.append(dict(zip(fetch, out)))
-        return results
-    except Exception as exc:  # an op neither engine computes in float64
-        raise RuntimeFailure(f"neither ONNX Runtime nor onnx's reference evaluator can run "
-                             f"{label} in float64: {_one_line(exc, 300)}") from None
+        except Exception as exc:
+            raise failed(exc) from None
+        return dict(zip(fetch, out))
+
+    return run

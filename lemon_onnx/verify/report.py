@@ -65,16 +65,25 @@ class VerifyReport:
     big: str = ""
     timings: dict = dataclasses.field(default_factory=dict)
     levels: dict = dataclasses.field(default_factory=dict)
+    #: the cached-decoding check of a decoder with a KV cache (decoding.py), None without one:
+    #: {"ran", "why", "float64", "steps": [{"step", "tokens", "attended", "outputs"}]}
+    decoding: dict | None = None
     schema_version: int = SCHEMA_VERSION
 
-    # -- worst numbers over all cases, handy for one-line summaries
+    # -- worst numbers over all cases (and decoding steps), handy for one-line summaries
+    def rows(self) -> list:
+        """Every output comparison: the cases', then the decoding steps'."""
+        steps = (self.decoding or {}).get("steps") or []
+        return [o for c in self.cases for o in c["outputs"]] + \
+            [o for st in steps for o in st["outputs"]]
+
     @property
     def max_abs(self) -> float:
         """Largest |expanded - source| over outputs and cases, both in the model's dtype."""
-        return max((o.max_abs for c in self.cases for o in c["outputs"]), default=0.0)
+        return max((o.max_abs for o in self.rows()), default=0.0)
 
     def _worst(self, field: str):
-        vals = [getattr(o, field) for c in self.cases for o in c["outputs"]]
+        vals = [getattr(o, field) for o in self.rows()]
         vals = [v for v in vals if v is not None]
         return max(vals) if vals else None
 
@@ -89,13 +98,13 @@ class VerifyReport:
         return self._worst("alg_rel")
 
     def failed_outputs(self) -> list:
-        return sorted({o.name for c in self.cases for o in c["outputs"] if not o.passed})
+        return sorted({o.name for o in self.rows() if not o.passed})
 
     def caught_by(self) -> list:
-        """The levels that failed (``float64``, the dtype, ``shape``), in order of appearance."""
+        """The levels that failed (``float64``, the dtype, ``shape``, ``cache``), in order of
+        appearance."""
         seen: list = []
-        rows = [o for c in self.cases for o in c["outputs"]]
-        for o in rows:
+        for o in self.rows():
             for part in (o.caught_by or "").split("+"):
                 if part and part not in seen:
                     seen.append(part)
@@ -112,6 +121,14 @@ class VerifyReport:
             allowed = (self.levels.get("float64") or {}).get("rtol")
             parts.append(f"float64 difference {_g(self.max_alg_rel)} relative"
                          + (f" (allowed {allowed:.1e})" if allowed else ""))
+        dec = self.decoding or {}
+        if dec.get("ran"):
+            steps = dec.get("steps") or []
+            bad = [st["step"] for st in steps if not all(o.passed for o in st["outputs"])]
+            parts.append(f"cached decoding {len(steps) - 1} steps "
+                         + (f"FAIL from step {bad[0]}" if bad else "ok"))
+        elif dec:
+            parts.append("cached decoding not checked")
         if not self.passed and self.caught_by():
             parts.append("caught by " + " and ".join(self.caught_by()))
         return ", ".join(parts)
@@ -158,6 +175,7 @@ class VerifyReport:
                 lines.append(_row(o.name, o, fixed))
                 if o.message:
                     lines.append(f"      {o.message}")
+        lines += _decoding_lines(self.decoding, head, fixed)
         if self.layerwise is not None:
             lines.append("  layerwise (hidden state leaving each block, worst over cases):")
             lines.append(head.replace("output  ", "block   ", 1))
@@ -182,6 +200,40 @@ _LEGEND_FIXED = ("max_abs/mean_abs/max_rel of |big - small|, min_atol (min_rtol)
                  "atol (rtol) with which every element passes at the given rtol (atol), "
                  "nan s/b and inf s/b = NaN and Inf counts in small/big, f64 rel = "
                  "|big64 - small64| / max|small64| (reported only)")
+
+
+def _decoding_lines(dec: dict | None, head: str, fixed: bool) -> list:
+    """The cached-decoding check, one block per step: every output that is not a cache, and
+    the caches in one row (the worst of them; the JSON report has each)."""
+    if not dec:
+        return []
+    if not dec.get("ran"):
+        return [f"  cached decoding: not checked ({dec.get('why')})"]
+    lines = ["  cached decoding: the first case as prefix, then one token per step, each model "
+             "fed the cache it returned" + ("" if dec.get("float64") else
+                                            " (float64 level: not run)")]
+    from .compare import aggregate
+
+    for st in dec.get("steps") or []:
+        where = "prefix" if st["step"] == 0 else f"step {st['step']}"
+        lines.append(f"  {where}: {st.get('tokens')} new token(s), {st.get('attended')} "
+                     "attended")
+        lines.append(head)
+        caches = [o for o in st["outputs"] if o.compared.startswith("kv-map")]
+        said: set = set()  # a step that stopped says why once
+        for o in st["outputs"]:
+            if o in caches:
+                continue
+            lines.append(_row(o.name, o, fixed))
+            if o.message and o.message not in said:
+                said.add(o.message)
+                lines.append(f"      {o.message}")
+        if caches:
+            worst = aggregate(caches)
+            lines.append(_row(f"caches ({len(caches)})", worst, fixed))
+            if worst.message and worst.message not in said:
+                lines.append(f"      {worst.message}")
+    return lines
 
 
 class _Obj:

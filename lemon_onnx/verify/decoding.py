@@ -1,0 +1,159 @@
+"""Cached decoding: a decoder with a KV cache is checked the way it is used (design.md,
+verification standard).
+
+The prefix is the first input case (an empty cache: past length 0, unless the user's inputs
+hold one); then ``STEPS`` steps of one new token each, every step fed the cache the model
+itself returned at the step before: the source its own, the expanded model its own, each in
+its dtype and, for the float64 level, in float64.  The attention mask grows by one attended
+token per step and the position ids are derived from it (``inputs.positions_from_mask``); the
+new token ids are drawn within the vocabulary, the same for both models.  Every step's
+outputs (the logits, and each source cache against its layer's in the expanded model through
+the KV-head map, ``plan["outputs"]``) are compared by the same two-level rule as the plain
+runs and reported step by step.
+
+Which output returns which cache input is read from each model's own graph
+(``components/cache.find_joins``: the Concat that appends the new tokens), never from names.
+An expanded model that does not return a cache it takes, or cannot take back what it
+returned, fails the step (exit 1): its cache is broken.  When the source itself cannot run
+its own cache, the check is reported as not run, with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ..errors import RuntimeFailure
+from . import compare as cmp
+from .inputs import positions_from_mask
+from .runtime import _one_line
+
+#: decoding steps after the prefix (the standard asks for at least two)
+STEPS = 3
+
+__all__ = ["STEPS", "Chain", "chains", "check", "lengths", "returns_of"]
+
+
+@dataclasses.dataclass
+class Chain:
+    """One model's decoding: the inputs each step adds (token ids, mask, positions) and which
+    output returns the cache each cache input takes."""
+
+    steps: list  # [{input name: array}] for steps 1..n (the cache inputs excluded)
+    returns: dict  # cache input name -> the output that returns it
+    takes: list  # every input the model feeds from its own outputs
+
+    def run(self, run_fn, first: dict, widen: bool = False) -> tuple[list, str | None]:
+        """Steps 1..n after the prefix whose outputs are ``first`` (``run_fn(feeds) ->
+        {output: array}``): (outputs per step, why the chain stopped or None)."""
+        outs, prev = [], first
+        for k, new in enumerate(self.steps, start=1):
+            lost = [n for n in self.takes if self.returns.get(n) not in prev]
+            if lost:
+                return outs, (f"step {k}: no output of the model returns the cache its "
+                              f"input(s) {', '.join(lost[:4])}{' ...' if len(lost) > 4 else ''} "
+                              "take (the Concat that appends the new tokens' keys or values, "
+                              "then only a Cast or Identity), so it cannot go on decoding from "
+                              "its own cache")
+            feeds = dict(new)
+            for name in self.takes:
+                feeds[name] = prev[self.returns[name]]
+            if widen:
+                feeds = {n: (a.astype(np.float64) if np.asarray(a).dtype.kind == "f" else a)
+                         for n, a in feeds.items()}
+            try:
+                prev = run_fn(feeds)
+            except RuntimeFailure as exc:
+                return outs, (f"step {k}: the model cannot run on the cache it returned "
+                              f"({_one_line(exc.message, 300)})")
+            outs.append(prev)
+        return outs, None
+
+
+def _graph_inputs(ir_model) -> list:
+    inits = set(ir_model.graph.initializers)
+    return [v.name for v in ir_model.graph.inputs if v.name not in inits]
+
+
+def returns_of(ir_model) -> dict:
+    """{cache input: the output that returns it}, from the graph's structure."""
+    from ..components.cache import find_joins
+
+    return {v.name: out.name for v, _cat, out, _nodes in find_joins(ir_model.graph)}
+
+
+def chains(small_ir, big_ir, prefix: dict, roles: dict, vocab: int | None, seed: int,
+           steps: int = STEPS):
+    """(small chain, big chain, None), or (None, None, why the check does not apply)."""
+    small_returns = returns_of(small_ir)
+    if not small_returns:
+        return None, None, None  # no KV cache: nothing to decode with
+    ids = [n for n, r in roles.items() if r == "ids"]
+    masks = [n for n, r in roles.items() if r == "mask"]
+    positions = [n for n, r in roles.items() if r == "position"]
+    per_step = set(ids) | set(masks) | set(positions)
+    others = [n for n in _graph_inputs(small_ir) if n not in per_step and n not in small_returns]
+    if len(ids) != 1 or len(masks) > 1 or others:
+        why = (f"the inputs {', '.join(others)} have no rule for a decoding step" if others else
+               "the token ids and the attention mask could not be told apart")
+        return None, None, why
+    ids_name, b = ids[0], np.asarray(prefix[ids[0]]).shape[0]
+    rng = np.random.default_rng([int(seed), 17])
+    mask = np.asarray(prefix[masks[0]]) if masks else None
+    new_steps = []
+    for _ in range(steps):
+        feeds = {ids_name: rng.integers(0, vocab or 2, size=(b, 1)).astype(prefix[ids_name].dtype)}
+        if mask is not None:
+            mask = np.concatenate([mask, np.ones((b, 1), dtype=mask.dtype)], axis=-1)
+            feeds[masks[0]] = mask
+            for p in positions:
+                feeds[p] = positions_from_mask(mask, 1).astype(np.asarray(prefix[p]).dtype)
+        else:
+            for p in positions:
+                last = np.asarray(prefix[p])[:, -1:] + len(new_steps) + 1
+                feeds[p] = last.astype(np.asarray(prefix[p]).dtype)
+        new_steps.append(feeds)
+    small = Chain(new_steps, small_returns, sorted(small_returns))
+    big_takes = [n for n in _graph_inputs(big_ir) if n not in per_step]
+    big = Chain(new_steps, returns_of(big_ir), big_takes)
+    return small, big, None
+
+
+def lengths(prefix: dict, roles: dict, steps: int) -> list:
+    """(tokens the step adds, tokens attended in all) per step, 0 the prefix; the total is
+    the mask's length (None without a mask)."""
+    ids = next((n for n, r in roles.items() if r == "ids"), None)
+    mask = next((n for n, r in roles.items() if r == "mask"), None)
+    s = int(np.shape(prefix[ids])[-1]) if ids in prefix else None
+    total = int(np.shape(prefix[mask])[-1]) if mask in prefix else None
+    return [(s if k == 0 else 1, None if total is None else total + k) for k in range(steps + 1)]
+
+
+def check(small_runs: list, big_runs: list, small64: list | None, big64: list | None,
+          outputs: list, out_maps: dict, rule: cmp.Rule, sizes: list,
+          why_big: str | None) -> list:
+    """One entry per step (0: the prefix): {"step", "tokens", "attended", "outputs":
+    [OutputReport]} by the two-level rule; a step the expanded model did not reach fails
+    with ``why_big``."""
+    steps = []
+    for k, ref in enumerate(small_runs):
+        got = big_runs[k] if k < len(big_runs) else None
+        tokens, attended = sizes[k] if k < len(sizes) else (None, None)
+        entry = {"step": k, "tokens": tokens, "attended": attended, "outputs": []}
+        if got is None:
+            for name in outputs:
+                rep = cmp._not_compared(name, list(np.shape(ref[name])), None,
+                                        why_big or "the expanded model stopped decoding")
+                rep.caught_by = "cache"
+                entry["outputs"].append(rep)
+        else:
+            for name in outputs:
+                m = out_maps.get(name)
+                entry["outputs"].append(cmp.compare_output(
+                    name, ref[name], got.get(cmp.big_name(name, m)), m, rule,
+                    small64=small64[k].get(name) if small64 and k < len(small64) else None,
+                    big64=(big64[k].get(cmp.big_name(name, m))
+                           if big64 and k < len(big64) else None)))
+        steps.append(entry)
+    return steps
