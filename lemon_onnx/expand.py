@@ -165,6 +165,11 @@ def _rewrite(model, rec, desc, plan: Plan, progress: Progress) -> None:
         if plan.widens:
             stats = expand_width(rec, desc, plan)
             maps = stats.pop("maps")
+            for name, layout in stats.pop("output_layouts").items():
+                plan.outputs[name]["layout"] = layout  # what an encoder's decoder reads
+            from .components.cross_attention import plan_maps as memory_maps
+
+            memory_maps(plan, desc, maps["memory"])
             s, t = plan.source, plan.target
             st.summary = (f"width: hidden {s['hidden']}->{t['hidden']}, ffn {s['ffn']}->"
                           f"{t['ffn']}, heads {s['heads']}->{t['heads']} (stream form "

@@ -249,8 +249,15 @@ def merge(then_model: onnx.ModelProto, else_model: onnx.ModelProto, *, cond: str
         c.CopyFrom(t)
         c.name = new
         shared.append(c)
-    outputs = [o for o in like.graph.output]
+    # the outputs as the branch that computes all of them declares them (after a depth
+    # expansion: more layers than the source's merged file has)
+    full = max(models.values(), key=lambda m: len(m.graph.output))
+    outputs = list(full.graph.output)
     out_names = [o.name for o in outputs]
+    missing = [o.name for m in models.values() for o in m.graph.output if o.name not in out_names]
+    if missing:
+        raise InternalError(f"the expanded branches of the merged decoder return different "
+                            f"outputs ({', '.join(missing[:4])} in one only).")
     branches = {}
     for which, m in models.items():
         g = m.graph
@@ -264,18 +271,17 @@ def merge(then_model: onnx.ModelProto, else_model: onnx.ModelProto, *, cond: str
             nodes.append(c)
         own = {o.name: o for o in g.output}
         holders = set(placeholders.get(which, []))
-        full = {o.name: o for o in (else_model if which == "then_branch" else then_model
-                                    ).graph.output}
+        decl = {o.name: o for o in outputs}
         outs = []
-        for k, name in enumerate(out_names):
+        for name in out_names:
             if name in own:
                 outs.append(own[name])
-            elif name in holders and name in full:
-                nodes.append(_placeholder_node(full[name], len(nodes) + 1))
+            elif holders:  # the cached branch: a placeholder, at the new sizes
+                nodes.append(_placeholder_node(decl[name], len(nodes) + 1))
                 outs.append(onnx.helper.make_tensor_value_info(
-                    name, full[name].type.tensor_type.elem_type,
+                    name, decl[name].type.tensor_type.elem_type,
                     [d.dim_value if d.HasField("dim_value") else d.dim_param
-                     for d in full[name].type.tensor_type.shape.dim]))
+                     for d in decl[name].type.tensor_type.shape.dim]))
             else:
                 raise InternalError(f"the expanded {which} of the merged decoder lacks the "
                                     f"output {name}.")
@@ -284,11 +290,7 @@ def merge(then_model: onnx.ModelProto, else_model: onnx.ModelProto, *, cond: str
         src_branch = next(a.g for a in src_if.attribute if a.name == which)
         branches[which] = onnx.helper.make_graph(nodes, src_branch.name, [], outs,
                                                  initializer=small)
-    # the If's outputs are declared as the branch without a cache declares them
-    full_out = {o.name: o for o in models["else_branch"].graph.output}
-    full_out.update({o.name: o for o in models["then_branch"].graph.output
-                     if o.name not in full_out})
-    declared = [full_out.get(o.name, o) for o in outputs]
+    declared = outputs  # the If's outputs, as the branch that computes them all declares them
     ins, seen = [], set()
     for m in (models["else_branch"], models["then_branch"]):
         for i in m.graph.input:

@@ -20,7 +20,7 @@ import dataclasses
 
 import onnx_ir as ir
 
-from ..errors import UnsupportedModelError
+from ..errors import PlanError, UnsupportedModelError
 from ..graph import back_pass, nm, scalar_scaled
 from . import attention, linear
 from .branch import linears_reading, out_linear
@@ -164,6 +164,11 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> CrossAttention:
 def widen(wp, a: CrossAttention, branch_in, stream_map, *, tag: str, prescale=None) -> None:
     """q from the branch input, k and v from the memory's layout (the encoder's output map,
     ``wp.memory_map``), the output projection to the stream."""
+    src = wp.plan.source
+    if (a.heads, a.kv_heads) != (src["heads"], src["kv_heads"]):
+        raise PlanError(f"{tag}: the cross-attention has {a.heads} heads ({a.kv_heads} KV), the "
+                        f"self-attention {src['heads']} ({src['kv_heads']} KV); lemon-onnx plans "
+                        "one head count per stack.")
     linear.widen(wp, a.q, branch_in, wp.q_map, tag=f"{tag}.q")
     if a.k is not None:
         linear.widen(wp, a.k, wp.memory_map, wp.kv_map, tag=f"{tag}.k")
@@ -177,3 +182,17 @@ def twin(dp, a: CrossAttention, mapping, init: str, tag: str) -> None:
     dp.zero_branch(a.out, mapping, init, unit="head",
                    fanin=[x for x in (a.q, a.k, a.v) if x], tag=tag + ".xattn")
 
+
+
+def memory_inputs(desc) -> list[str]:
+    """The graph inputs the cross-attentions read as their memory (the encoder's output)."""
+    return sorted({b.cross_attention.memory for b in desc.blocks
+                   if b.cross_attention is not None and b.cross_attention.memory})
+
+
+def plan_maps(plan, desc, memory_map) -> None:
+    """How verification feeds a decoder's encoder output: the source's, laid out in the
+    encoder's output layout (``memory_map``'s source index; -1 a zero slot)."""
+    for name in memory_inputs(desc):
+        plan.inputs[name] = {"from": name, "axis": -1,
+                             "index": [int(i) for i in memory_map.src_index]}
