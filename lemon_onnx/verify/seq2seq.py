@@ -218,8 +218,12 @@ def check(src_dir, out_dir, *, provider: str = "auto", seed: int = 0,
     ids = rng.integers(0, vocab, size=(batch, n_dec)).astype(np.int64)
     common = {"encoder_attention_mask": mask if mask is not None else
               np.ones((batch, n_enc), np.int64)}
-    runs = [(DECODER, False)] if DECODER in a.sessions else []
-    if MERGED in a.sessions:
+    lacking = [n for n in a.sessions if n not in b.sessions]
+    for name in lacking:  # a file the source folder runs and the expanded one lacks
+        rows.append(Row(f"{name} (missing in {out})", "logits", float("inf"), 0.0,
+                        float("inf"), rtol, False))
+    runs = [(DECODER, False)] if DECODER in a.sessions and DECODER in b.sessions else []
+    if MERGED in a.sessions and MERGED in b.sessions:
         runs.append((MERGED, True))
     for first, merged in runs:
         label = "merged, " if merged else ""
@@ -234,7 +238,7 @@ def check(src_dir, out_dir, *, provider: str = "auto", seed: int = 0,
         rows.append(_compare(f"{label}decoder, {n_dec} tokens, no past", "logits",
                              out_a["logits"], out_b["logits"], None, rtol, True))
         step_model = MERGED if merged else WITH_PAST
-        if step_model not in a.sessions or steps <= 0:
+        if step_model not in a.sessions or step_model not in b.sessions or steps <= 0:
             continue
         enc_cache_a = {k: v for k, v in out_a.items() if k.startswith("present.")}
         enc_cache_b = {k: v for k, v in out_b.items() if k.startswith("present.")}
