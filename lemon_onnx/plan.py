@@ -177,7 +177,8 @@ def _targets(desc, req: dict) -> tuple[dict, str]:
                        vary=_given(req, ("heads", "width", "hidden")))
     # the residual stream's form
     integer = hidden % d == 0
-    post = desc.layout == "post-norm" or desc.embeddings.norm is not None
+    post = desc.layout == "post-norm" or desc.embeddings.norm is not None or \
+        desc.embeddings.token_norm is not None
     if post and not integer:
         why = ("a Post-LN model" if desc.layout == "post-norm"
                else "a LayerNorm on the embeddings")
