@@ -53,6 +53,13 @@ class ExpandResult:
     plan: Plan  # as recorded in the output's metadata (composed over a chain of expansions)
     verification: VerifyReport | None  # None with verify=False
     notes: list[str]  # what changed beyond the sizes: untied head, approximate depth, ...
+    #: this step's own plan, relative to its input (``plan`` itself unless the input was an
+    #: expanded model): what a folder's config.json is rewritten by
+    step: Plan | None = None
+
+    @property
+    def step_plan(self) -> Plan:
+        return self.step or self.plan
 
     @property
     def verified(self) -> bool:
@@ -333,7 +340,7 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
             if config_note:
                 progress.note(config_note)
         return ExpandResult(output=dest, plan=recorded, verification=vreport,
-                            notes=list(recorded.notes))
+                            notes=list(recorded.notes), step=plan)
 
 
 def _config_beside(src: Path, dest: Path, plan: Plan, staging: "Staging") -> str | None:

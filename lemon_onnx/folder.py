@@ -77,7 +77,7 @@ class FolderResult:
                                        else "NOT verified (--no-verify)"))
         stacks = {}
         for name, r in self.files.items():  # an encoder-decoder: each stack's sizes
-            stacks.setdefault(stack_of(Path(name).name), r.plan)
+            stacks.setdefault(stack_of(Path(name).name), r.step_plan)
         sizes = []
         for stack, p in stacks.items():
             s, t = p.step_source, p.target
@@ -287,7 +287,7 @@ def _stack_plans(results: dict) -> dict:
     first: dict[str, str] = {}
     for name, r in results.items():
         stack = stack_of(Path(name).name)
-        p = json.loads(r.plan.to_json())
+        p = json.loads(r.step_plan.to_json())  # relative to this step's input
         if stack not in plans:
             plans[stack], first[stack] = p, name
             continue
@@ -303,7 +303,28 @@ def _stack_plans(results: dict) -> dict:
     if len(set(hidden.values())) > 1:
         raise UnsupportedModelError(f"the stacks of this folder would get different hidden "
                                     f"sizes ({hidden}); nothing was written.")
+    _check_memory_layout(results, plans)
     return plans
+
+
+def _check_memory_layout(results: dict, plans: dict) -> None:
+    """A decoder's cross-attention reads the encoder's output in the layout its fan-in was
+    widened for (the plan's ``memory`` input map); the encoder must write that layout (its
+    hidden output's ``layout``), or the pair would compute something else."""
+    enc = plans.get("encoder")
+    if enc is None:
+        return
+    layouts = [m["layout"] for m in (enc.get("outputs") or {}).values() if "layout" in m]
+    for name, r in results.items():
+        if stack_of(Path(name).name) != "decoder":
+            continue
+        for inp, m in (json.loads(r.step_plan.to_json()).get("inputs") or {}).items():
+            if m.get("memory") and layouts and m.get("index") not in layouts:
+                raise UnsupportedModelError(
+                    f"{name}'s cross-attention reads {inp} in another layout than the encoder "
+                    "writes its output in (e.g. a pre-norm decoder beside an encoder without a "
+                    "final norm), so the expanded pair would not compute the same; nothing "
+                    "was written.", hint="Report this folder with inspect DIR --json.")
 
 
 def _other_files(src: Path, files: list[Path]) -> list[Path]:

@@ -392,7 +392,10 @@ def expand_merged(src, out, *, progress=None, report=None, **options):
             expanded[which] = onnx.load(str(out_b))
         merged = merge(expanded["then_branch"], expanded["else_branch"], cond=parts.cond,
                        placeholders=parts.placeholders, like=like)
-        plan = _merged_plan(results, io.source_hash(src))
+        sha = io.source_hash(src)
+        names = {w: {i.name for i in m.graph.input} for w, m in expanded.items()}
+        plan = _merged_plan({w: r.plan for w, r in results.items()}, sha, names)
+        step = _merged_plan({w: r.step_plan for w, r in results.items()}, sha, names)
         del merged.metadata_props[:]
         for p in like.metadata_props:
             if p.key != PLAN_KEY:
@@ -417,13 +420,15 @@ def expand_merged(src, out, *, progress=None, report=None, **options):
                                       merge_check=check)
     notes = list(dict.fromkeys(n for r in results.values() for n in r.notes))
     return ExpandResult(output=dest, plan=Plan.from_json(plan.to_json()),
-                        verification=verification, notes=notes)
+                        verification=verification, notes=notes,
+                        step=Plan.from_json(step.to_json()))
 
 
-def _merged_plan(results: dict, sha: str):
-    """The plan recorded in the merged file: the branches' (which agree on every size and the
-    layer order; checked), with the inputs and outputs of both."""
-    plans = {w: r.plan for w, r in results.items()}
+def _merged_plan(plans: dict, sha: str, inputs: dict):
+    """The plan of the merged file: the branches' (which agree on every size and the layer
+    order; checked), with the outputs of both and each input's map from the branch that
+    takes it (``inputs``: each branch's input names; a branch's plan composed over a chain
+    still carries the other branch's earlier maps)."""
     a, b = plans["else_branch"], plans["then_branch"]
     for key in ("source", "target", "layer_sources", "stream_form"):
         if getattr(a, key) != getattr(b, key):
@@ -431,8 +436,8 @@ def _merged_plan(results: dict, sha: str):
                                 f"differently ({key}: {getattr(a, key)} vs {getattr(b, key)}).")
     plan = dataclasses.replace(a, outputs={**b.outputs, **a.outputs},
                                notes=list(dict.fromkeys(a.notes + b.notes)))
-    if hasattr(a, "inputs"):
-        plan.inputs = {**getattr(b, "inputs", {}), **getattr(a, "inputs", {})}
+    plan.inputs = {k: m for w, p in plans.items() for k, m in p.inputs.items()
+                   if k in inputs[w]}
     plan.source_sha256 = sha
     return plan
 
