@@ -1,7 +1,7 @@
 """Decoders exported for generation with a KV cache (optimum's text-generation-with-past):
-every ``*-gen`` folder of ``models/optimum`` (``models/export_optimum.py``) expands at width
-1.5 (2 where the layout has no fractional form) and depth 2, verifies (plain runs with an
-empty cache, then cached decoding step by step), and optimum's own client,
+every ``*-gen`` folder of ``models/optimum`` (``models/export_optimum.py``) expands as a
+folder at width 1.5 (2 where the layout has no fractional form) and depth 2, verifies (plain
+runs with an empty cache, then cached decoding step by step), and optimum's own client,
 ``ORTModelForCausalLM``, generates the same 24 greedy tokens from the expanded folder as
 from the source folder, with first-step logits within 1e-3 relative.  A model whose cache is
 broken fails verification with exit 1.
@@ -67,44 +67,9 @@ def _require_optimum_python() -> None:
 
 
 # --------------------------------------------------------------------------- the folder
-#: the size keys families' configs use (replaced by the folder support's config rewriting)
-_SIZE_KEYS = {
-    "hidden": ("hidden_size", "n_embd", "d_model", "word_embed_proj_dim"),
-    "heads": ("num_attention_heads", "n_head", "n_heads", "num_heads"),
-    "kv_heads": ("num_key_value_heads",),
-    "layers": ("num_hidden_layers", "n_layer", "n_layers", "num_layers"),
-    "ffn": ("intermediate_size", "ffn_dim", "n_inner"),
-    "head_dim": ("head_dim",),
-}
-
-
-def config_for(cfg: dict, plan) -> dict:
-    """The source's config.json with the expanded sizes under the family's own keys (only
-    keys that held the source's size change: OPT's word_embed_proj_dim is the hidden size
-    here, GPT-2's n_inner None stays the default 4 x hidden); per-layer lists follow the new
-    layer order (a twin has its source layer's kind)."""
-    from lemon_onnx.passes.depth import plan_depth
-
-    source, target = plan.source, plan.target
-    out = dict(cfg)
-    for size, keys in _SIZE_KEYS.items():
-        for k in keys:
-            if out.get(k) is not None and out[k] == source[size]:
-                out[k] = target[size]
-    if out.get("num_kv_heads") == source["heads"] and not out.get("multi_query"):
-        out["num_kv_heads"] = target["kv_heads"]  # Falcon without multi-query
-    if target["layers"] != source["layers"]:
-        order = plan_depth(source["layers"], target["layers"], plan.depth_placement)
-        for key in ("layer_types", "attention_layers"):  # one entry per layer
-            if isinstance(out.get(key), list) and len(out[key]) == source["layers"]:
-                out[key] = [cfg[key][src] for src, _copy in order]
-        if "attention_types" in out and "attention_layers" in out:  # GPT-Neo's pattern
-            out["attention_types"] = [[out["attention_layers"], 1]]
-    return out
-
-
 def _expand(src: Path, out: Path, report: Path):
-    """Width 1.5, or 2 where the plan refuses a fractional width for this layout."""
+    """The export folder expanded as a folder (config.json rewritten, the rest copied) at
+    width 1.5, or 2 where the plan refuses a fractional width for this layout."""
     try:
         return lemon_onnx.expand(src, out, width=1.5, depth=2, report=report), 1.5
     except PlanError:
@@ -113,29 +78,22 @@ def _expand(src: Path, out: Path, report: Path):
 
 @pytest.fixture(scope="module")
 def expanded(tmp_path_factory):
-    """name -> {"result", "width", "folder"} or {"refused": (exit code, message)}."""
+    """name -> {"result" (model.onnx's), "width", "folder", "report"} or {"refused": (exit
+    code, message)}."""
     if not GEN:
         pytest.skip("no optimum text-generation folders (models/export_optimum.py)")
     root = tmp_path_factory.mktemp("gen")
     done = {}
     for e in GEN:
-        src = OPTIMUM / e["folder"]
         folder = root / e["name"]
-        folder.mkdir()
         try:
-            result, width = _expand(src / "model.onnx", folder / "model.onnx",
-                                    root / f"{e['name']}.report.json")
+            result, width = _expand(OPTIMUM / e["folder"], folder, root / "report.json")
         except LemonError as exc:
             done[e["name"]] = {"refused": (exc.exit_code, exc.message)}
             continue
-        cfg = json.loads((src / "config.json").read_text())
-        p = result.plan
-        (folder / "config.json").write_text(json.dumps(config_for(cfg, p)))
-        for f in src.iterdir():
-            if f.suffix == ".json" and f.name != "config.json":
-                (folder / f.name).write_bytes(f.read_bytes())
-        done[e["name"]] = {"result": result, "width": width, "folder": folder,
-                           "report": json.loads((root / f"{e['name']}.report.json").read_text())}
+        done[e["name"]] = {"result": result.files["model.onnx"], "width": width,
+                           "folder": folder,
+                           "report": json.loads((root / "report.model.json").read_text())}
     return done
 
 
@@ -182,7 +140,7 @@ def test_every_layer_has_its_own_cache_in_layer_order(expanded, name):
     if "refused" in got:  # a recognition gap (PENDING), asserted above
         pytest.skip(f"{name} is refused: {got['refused'][1][:120]}")
     res = got["result"]
-    model = onnx.load(str(res.output), load_external_data=False)
+    model = onnx.load(str(got["folder"] / "model.onnx"), load_external_data=False)
     import onnx_ir as ir
 
     joins = find_joins(ir.serde.deserialize_model(model).graph)
@@ -297,7 +255,7 @@ def test_broken_cache_fails_with_exit_1(expanded, tmp_path, kind):
     name = "llama-gen"
     if name not in expanded or "refused" in expanded[name]:
         pytest.skip("llama-gen not expanded")
-    big = _broken(expanded[name]["result"].output, kind, tmp_path / f"{kind}.onnx")
+    big = _broken(expanded[name]["folder"] / "model.onnx", kind, tmp_path / f"{kind}.onnx")
     report = tmp_path / "report.json"
     run = subprocess.run([sys.executable, "-m", "lemon_onnx", "verify",
                           str(OPTIMUM / name / "model.onnx"), str(big), "--report", str(report)],
@@ -318,8 +276,8 @@ def test_verify_a_decoder_pair_reports_each_step(expanded, tmp_path):
     name = "gpt2-gen"
     if name not in expanded or "refused" in expanded[name]:
         pytest.skip("gpt2-gen not expanded")
-    rep = lemon_onnx.verify(OPTIMUM / name / "model.onnx", expanded[name]["result"].output,
-                            float64="off")
+    rep = lemon_onnx.verify(OPTIMUM / name / "model.onnx",
+                            expanded[name]["folder"] / "model.onnx", float64="off")
     assert rep.passed and rep.decoding["ran"] and not rep.decoding["float64"]
     text = rep.format()
     for k in range(1, len(rep.decoding["steps"])):
@@ -388,7 +346,7 @@ def test_blockwise_verification_decodes_segment_by_segment(expanded):
     name = "llama-gen"
     if name not in expanded or "refused" in expanded[name]:
         pytest.skip("llama-gen not expanded")
-    big = expanded[name]["result"].output
+    big = expanded[name]["folder"] / "model.onnx"
     whole = lemon_onnx.verify(OPTIMUM / name / "model.onnx", big)
     parts = lemon_onnx.verify(OPTIMUM / name / "model.onnx", big, blockwise=True)
     assert parts.passed and parts.decoding["ran"] and parts.decoding["float64"]

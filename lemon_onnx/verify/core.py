@@ -148,8 +148,7 @@ def verify(small_path, big_path, *, inputs=None, atol: float | None = None,
     decoding_report = _decoding_report(dec, ref, got, small_steps, big_steps, ref64, got64,
                                        steps64, small_outputs, out_maps, rule, notes)
     timings["compare"] = time.perf_counter() - t
-    passed = all(o.passed for c in report_cases for o in c["outputs"]) and \
-        all(o.passed for st in (decoding_report or {}).get("steps", []) for o in st["outputs"])
+    passed = _all_passed(report_cases, decoding_report)
 
     rows, first = None, None
     if pairs is not None:
@@ -227,8 +226,7 @@ def _verify_blockwise(small_path, big_path, small_ir, big_ir, plan, cases, big_c
     decoding_report = _decoding_report(dec, ref, got, small_steps, big_steps, ref64, got64,
                                        steps64, [v.name for v in small_ir.graph.outputs],
                                        out_maps, rule, notes)
-    passed = all(o.passed for c in report_cases for o in c["outputs"]) and \
-        all(o.passed for st in (decoding_report or {}).get("steps", []) for o in st["outputs"])
+    passed = _all_passed(report_cases, decoding_report)
     if first is not None and passed:
         notes.append(f"the outputs match but block {first}'s hidden state diverges")
     notes.insert(0, f"inputs: {source}, {len(cases)} case(s)")
@@ -330,6 +328,12 @@ def _decoding_setup(small_ir, big_ir, prefix: dict, seed: int, cache: dict,
         return _Decoding(why=why)
     growing = {n: r for n, r in roles.items() if n not in fixed}  # an encoder's mask stays
     return _Decoding(small, big, lengths(prefix, growing, len(small.steps)))
+
+
+def _all_passed(report_cases: list, decoding_report: dict | None) -> bool:
+    """Every output of every case, and of every decoding step, passed."""
+    steps = (decoding_report or {}).get("steps") or []
+    return all(o.passed for c in list(report_cases) + steps for o in c["outputs"])
 
 
 def _decoding_report(dec: _Decoding, ref, got, small_steps, big_steps, ref64, got64, steps64,

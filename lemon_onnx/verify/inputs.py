@@ -158,24 +158,36 @@ def _with_sums(ir_model, sizes: dict) -> dict:
 
 
 def _position_values(v) -> bool:
-    """Positions the walk above does not see: values that pick rows of a table computed from
-    constants alone (GPT-J's sin/cos rows, by GatherElements on a tiled table), shifted by a
-    constant first (OPT's offset of 2), or that become rotary angles (``_feeds_angles``)."""
-    if _feeds_angles(v):
-        return True
+    """Positions the walk above does not see: values that become rotary angles (they reach a
+    Sin or Cos through arithmetic and layout ops only), or that pick rows of a table computed
+    from constants alone (GPT-J's sin/cos rows, by GatherElements on a tiled table), perhaps
+    shifted by a constant first (OPT's offset of 2)."""
+    def angles(n, idx):
+        return n.op_type in _ANGLE_OPS and not (n.op_type == "Gather" and idx == 1)
+
+    def carries(n, idx):
+        return (n.op_type in _INDEX_CARRIERS | {"Tile"} and idx == 0) or _constant_offset(n)
+
+    def picks_rows(n, idx):
+        return n.op_type in ("Gather", "GatherElements") and idx == 1 and \
+            _from_constants(n.inputs[0])
+
+    return _reaches(v, angles, lambda n, idx: n.op_type in ("Sin", "Cos")) or \
+        _reaches(v, carries, picks_rows)
+
+
+def _reaches(v, through, target, limit: int = 64) -> bool:
+    """Whether a walk from ``v`` along its uses, through nodes ``through(node, input index)``
+    accepts, comes to a node ``target(node, input index)`` accepts."""
     frontier, seen = [v], set()
-    while frontier:
+    while frontier and len(seen) < limit:
         x = frontier.pop()
         for use in x.uses():
             n = use.node
-            if id(n) in seen:
-                continue
-            seen.add(id(n))
-            if n.op_type in ("Gather", "GatherElements") and use.idx == 1:
-                if _from_constants(n.inputs[0]):
-                    return True
-            elif (n.op_type in _INDEX_CARRIERS | {"Tile"} and use.idx == 0) or \
-                    _constant_offset(n):
+            if target(n, use.idx):
+                return True
+            if id(n) not in seen and through(n, use.idx):
+                seen.add(id(n))
                 frontier.extend(n.outputs)
     return False
 
@@ -213,26 +225,6 @@ def _constant_offset(n) -> bool:
 #: the mask are the mask's business)
 _ANGLE_OPS = {"Cast", "Unsqueeze", "Squeeze", "Reshape", "Expand", "Transpose", "Identity",
               "Concat", "MatMul", "Mul", "Div", "Add", "Sub", "Gather", "Slice", "Flatten"}
-
-
-def _feeds_angles(v, limit: int = 12) -> bool:
-    """Whether an integer input's values become rotary angles: they reach a Sin or Cos through
-    arithmetic and layout ops only (the position ids of rotary models)."""
-    frontier, seen = [v], set()
-    for _ in range(limit):
-        nxt = []
-        for x in frontier:
-            for n in x.consumers():
-                if id(n) in seen:
-                    continue
-                seen.add(id(n))
-                if n.op_type in ("Sin", "Cos"):
-                    return True
-                if n.op_type in _ANGLE_OPS and not (n.op_type == "Gather" and
-                                                    n.inputs[1] is x):
-                    nxt.extend(n.outputs)
-        frontier = nxt
-    return False
 
 
 def graph_dims(ir_model, roles: dict, cache: dict | None, b: int, s: int,
