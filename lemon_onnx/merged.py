@@ -84,7 +84,7 @@ def describe(path) -> dict:
     with tempfile.TemporaryDirectory(prefix=".lemon-merged.") as tmp:
         for which, label in _labels(parts).items():
             p = Path(tmp) / f"{which}.onnx"
-            onnx.save(getattr(parts, which.replace("_branch", "_model")), str(p))
+            onnx.save(parts.model(which), str(p))
             try:
                 out[label] = recognize(load(p))
             except LemonError as exc:
@@ -119,6 +119,10 @@ class Split:
     else_model: onnx.ModelProto
     #: names of outputs a branch fills with a placeholder (an empty constant), per branch
     placeholders: dict
+
+    def model(self, which: str) -> onnx.ModelProto:
+        """The standalone model of "then_branch" or "else_branch"."""
+        return {"then_branch": self.then_model, "else_branch": self.else_model}[which]
 
 
 def _refs(graph: onnx.GraphProto) -> set:
@@ -348,9 +352,9 @@ class BranchesReport:
         return "\n".join(f"{k}:\n{r.format()}" for k, r in self.branches.items())
 
 
-#: what each branch is, read from the graph: the branch that reads more graph inputs takes
-#: the cache (a label for reports only; nothing depends on it)
 def _labels(s: Split) -> dict:
+    """What each branch is, read from the graph: the branch that reads more graph inputs
+    takes the cache (a label for reports only; nothing depends on it)."""
     n_then, n_else = len(s.then_model.graph.input), len(s.else_model.graph.input)
     if n_then == n_else:
         return {"then_branch": "then branch", "else_branch": "else branch"}
@@ -483,7 +487,7 @@ def verify_merged(small, big, **options) -> BranchesReport:
             paths = []
             for tag, parts in (("small", a), ("big", b)):
                 path = Path(tmp) / f"{tag}_{which}.onnx"
-                model = getattr(parts, which.replace("_branch", "_model"))
+                model = parts.model(which)
                 onnx.save(model, str(path), save_as_external_data=model.ByteSize() > (1 << 30))
                 paths.append(path)
             reports[labels[which]] = verify(*paths, **options)

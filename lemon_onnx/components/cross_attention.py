@@ -139,10 +139,6 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> CrossAttention:
         memory = mk
         for lin in (k, v):
             mem_nodes |= ctx._branch_nodes(memory, ctx._values[lin.output])
-        if ctx.depends_on(memory, x):
-            raise UnsupportedModelError(
-                f"Block {idx}: the cross-attention's memory {memory.name} is computed from the "
-                "decoder stream.")
     heads_l, kv_l, hd_leaves, heads, head_dim, kv_heads = attention.read_heads(
         ctx, None, score, q_t, k_t, k, k, idx)
     if not heads or not head_dim or heads * head_dim != q.out_features:
@@ -161,7 +157,7 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> CrossAttention:
                           [n.name for n in sorted(mem_nodes, key=lambda n: ctx.order.get(n, 0))])
 
 
-def widen(wp, a: CrossAttention, branch_in, stream_map, *, tag: str, prescale=None) -> None:
+def widen(wp, a: CrossAttention, branch_in, stream_map, *, tag: str) -> None:
     """q from the branch input, k and v from the memory's layout (the encoder's output map,
     ``wp.memory_map``), the output projection to the stream."""
     src = wp.plan.source
@@ -173,7 +169,7 @@ def widen(wp, a: CrossAttention, branch_in, stream_map, *, tag: str, prescale=No
     if a.k is not None:
         linear.widen(wp, a.k, wp.memory_map, wp.kv_map, tag=f"{tag}.k")
         linear.widen(wp, a.v, wp.memory_map, wp.kv_map, tag=f"{tag}.v")
-    linear.widen(wp, a.out, wp.q_map, stream_map, tag=f"{tag}.o", prescale=prescale)
+    linear.widen(wp, a.out, wp.q_map, stream_map, tag=f"{tag}.o")
 
 
 def twin(dp, a: CrossAttention, mapping, init: str, tag: str) -> None:
@@ -181,7 +177,6 @@ def twin(dp, a: CrossAttention, mapping, init: str, tag: str) -> None:
     (pairs of heads made equal through their q, k and v fan-in), or are zero."""
     dp.zero_branch(a.out, mapping, init, unit="head",
                    fanin=[x for x in (a.q, a.k, a.v) if x], tag=tag + ".xattn")
-
 
 
 def memory_inputs(desc) -> list[str]:
