@@ -343,8 +343,14 @@ def format_description(d, path: str = "") -> str:
         first = d.caches[0]
         heads = "no head axis (one KV head)" if first.heads_axis is None else \
             f"KV heads on axis {first.heads_axis}"
-        lines.append(f"  KV cache: {len(d.caches)} tensors ({first.input} -> {first.output}, "
-                     f"...), past on axis {first.axis}, {heads}")
+        joined = [c for c in d.caches if c.concat]
+        halves = len(d.caches) - len(joined)
+        where = (f"{first.input} -> {first.output}" if first.concat else
+                 f"{'returned as ' + first.output if first.output else 'read from ' + first.input}")
+        lines.append(f"  KV cache: {len(d.caches)} tensors ({where}, ...), "
+                     + (f"past on axis {first.axis}, " if joined else "")
+                     + heads + (f"; {halves} of them an encoder-decoder's (only returned, or "
+                                "only read: the encoder cache)" if halves else ""))
     counts: dict = {}
     for lit in d.size_literals:
         counts[(lit.label, lit.value)] = counts.get((lit.label, lit.value), 0) + 1
