@@ -304,7 +304,10 @@ def format_description(d, path: str = "") -> str:
              f"patch conv {e.patch_conv}" if e.patch_conv else None,
              f"conv stem {', '.join(c[0] for c in e.stem)}" if e.stem else None,
              f"extra tokens {', '.join(e.extra_tokens)}" if e.extra_tokens else None,
-             f"norm ({e.norm.kind})" if e.norm else None]
+             f"position parts {', '.join(e.position_parts)}" if e.position_parts else None,
+             f"norm ({e.norm.kind})" if e.norm else None,
+             f"projection {e.projection.weight} [{e.projection.in_features}->"
+             f"{e.projection.out_features}]" if e.projection else None]
     lines.append("  embeddings: " + ", ".join(p for p in parts if p))
     for b in d.blocks:
         a, m = b.attention, b.mlp
@@ -337,6 +340,10 @@ def format_description(d, path: str = "") -> str:
                      f"{h.linear.out_features}]{extra}, tie {h.tie or 'no'}")
     else:
         lines.append("  head: none")
+    for x in d.extra_heads:
+        if x.kind == "norm":
+            lines.append(f"  extra head: {x.pool_norms[0].kind} on the final stream, its output "
+                         f"{x.pool_norms[0].output}")
     lines.append("  outputs: " + ", ".join(f"{o['name']} {o['shape']} ({o['kind']})"
                                           for o in d.outputs))
     if d.caches:

@@ -197,8 +197,12 @@ Axis = list  # list[Atom]
 class Elem:
     """One element of a small integer tensor that may hold sizes.
 
-    kind "lit": a literal stored in the graph (``ref`` says where); kind "dim": the runtime
-    size of an axis (``atoms``), e.g. from Shape; kind "unk": anything else.
+    kind "lit": a literal stored in the graph (``ref`` says where); kind "fixed": a number
+    computed from constants alone (DINOv2's int(num_patches ** 0.5) as Pow and Cast of float
+    constants), which no expansion changes; kind "dim": the runtime
+    size of an axis (``atoms``), e.g. from Shape; kind "dim+": such a size plus a literal
+    ``value`` (torch.chunk's ceiling division, traced as ``(n + k - 1) // k``); kind "unk":
+    anything else.
     """
 
     kind: str
@@ -274,6 +278,11 @@ class AxisAnalysis:
         #: (node, value, axis): Slices along ``axis`` with bounds computed at run time; exact
         #: under expansion only if that axis keeps its size (where it is cut is unknown)
         self.runtime_cuts: list[tuple] = []
+        #: (node, atoms): sizes computed from constants alone (``Elem`` kind "fixed") that a
+        #: Reshape splits these atoms by; exact only if the atoms keep their sizes
+        self.fixed_sizes: list[tuple] = []
+        #: values computed from constants alone by ``_fold``: small numpy arrays
+        self._folded: dict = {}
         self._syms: dict[str, Atom] = {}
         self._saved: dict = {}
 
@@ -381,8 +390,52 @@ class AxisAnalysis:
                 self.reduce(node)
             else:
                 self.unhandled.append(node)
+            if op in _FOLD:
+                self._fold(node)
         finally:
             self.elems.update(saved)
+
+    def _const_array(self, v: ir.Value | None) -> np.ndarray | None:
+        """A small constant's values: an initializer, a Constant node, or folded."""
+        if v is None:
+            return None
+        if v in self._folded:
+            return self._folded[v]
+        t = v.const_value
+        p = v.producer()
+        if t is None and p is not None and p.op_type == "Constant" and "value" in p.attributes:
+            t = p.attributes["value"].value
+        if t is None or t.size > 16:
+            return None
+        try:
+            return np.asarray(t.numpy())
+        except Exception:  # pragma: no cover - unreadable constant
+            return None
+
+    def _fold(self, node: ir.Node) -> None:
+        """Arithmetic on constants alone (no graph input, no Shape): the result is a number
+        no expansion changes; integer results become ``fixed`` elements."""
+        out = node.outputs[0] if node.outputs else None
+        if out is None or any(e.kind != "unk" for e in self.elems.get(out) or []):
+            return
+        args = [self._const_array(v) for v in node.inputs]
+        if not args or any(a is None for a in args):
+            return
+        try:
+            if node.op_type == "Cast":
+                res = args[0].astype(ir.DataType(node.attributes["to"].value).numpy())
+            elif node.op_type == "Div" and all(a.dtype.kind in "iu" for a in args):
+                res = np.trunc(np.true_divide(*args)).astype(args[0].dtype)
+            else:
+                with np.errstate(all="raise"):
+                    res = np.asarray(_FOLD[node.op_type](*args)).astype(args[0].dtype)
+        except Exception:  # noqa: BLE001 - not foldable: the value stays unknown
+            return
+        if res.size > 16:
+            return
+        self._folded[out] = res
+        if res.dtype.kind in "iu" and res.ndim <= 1:
+            self.elems[out] = [Elem("fixed", int(x)) for x in res.reshape(-1)]
 
     def _axis_op(self, node: ir.Node) -> None:
         """Remember the axis an element-mixing op works along (its attribute, or CumSum's
@@ -461,8 +514,27 @@ class AxisAnalysis:
                     else:
                         res.append(UNK)
                 self.elems[node.outputs[0]] = res
+        if node.op_type == "Add" and len(node.inputs) == 2:
+            self._add_elems(node)
         if node.op_type == "Where" and len(node.inputs) == 3:
             self._where_elems(node)
+
+    def _add_elems(self, node: ir.Node) -> None:
+        """A run-time size plus a literal (``dim+``): only a division by a literal can make a
+        size of it again (``op_Div``)."""
+        ea, eb = self.elems.get(node.inputs[0]), self.elems.get(node.inputs[1])
+        if not ea or not eb or len(ea) != len(eb):
+            return
+        res = []
+        for x, y in zip(ea, eb):
+            dim, lit = (x, y) if x.kind == "dim" else (y, x)
+            if dim.kind == "dim" and lit.kind == "lit" and lit.value >= 0:
+                res.append(dim if lit.value == 0 else
+                           Elem("dim+", value=lit.value, atoms=list(dim.atoms)))
+            else:
+                res.append(UNK)
+        if any(e.kind != "unk" for e in res):
+            self.elems[node.outputs[0]] = res
 
     def _where_elems(self, node: ir.Node) -> None:
         """Exporters write ``Where(Equal(shape, -1), ones, shape)`` before an Expand: the
@@ -482,6 +554,10 @@ class AxisAnalysis:
             n = eb[0].value
             res = []
             for x in ea:
+                if x.kind == "dim+" and x.value < n:
+                    # (dim + c) // n with 0 <= c < n is dim // n wherever n divides dim:
+                    # below, the axis becomes (n, dim/n), so it divides at every new size
+                    x = Elem("dim", atoms=x.atoms)
                 sz = size_of(x.atoms) if x.kind == "dim" else None
                 lv = leaves(x.atoms) if x.kind == "dim" else []
                 ends = [k for k in (0, -1) if lv and lv[k].size == n] if len(lv) > 1 else []
@@ -771,13 +847,14 @@ class AxisAnalysis:
         # resolve 0 (copy input dim) entries first
         entries: list[tuple[str, object, Elem]] = []
         for k, e in enumerate(el):
-            if e.kind == "lit" and e.value == 0 and not allowzero:
+            known = e.kind in ("lit", "fixed")
+            if known and e.value == 0 and not allowzero:
                 if k >= len(x):
                     return None
                 entries.append(("atoms", list(x[k]), e))
-            elif e.kind == "lit" and e.value == -1:
+            elif known and e.value == -1:
                 entries.append(("infer", None, e))
-            elif e.kind == "lit":
+            elif known:
                 entries.append(("lit", e.value, e))
             elif e.kind == "dim":
                 entries.append(("atoms", list(e.atoms), e))
@@ -863,7 +940,10 @@ class AxisAnalysis:
         elif seq:
             return None
         for _, e, got in pending:
-            self.lit(e, got, node)
+            if e.kind == "fixed":
+                self.fixed_sizes.append((node, list(got)))
+            else:
+                self.lit(e, got, node)
         return [list(r) for r in result]  # type: ignore[arg-type]
 
     def op_Expand(self, node: ir.Node) -> None:
@@ -1080,10 +1160,44 @@ class AxisAnalysis:
                             self.unexplained_lit(lit, node)
             elif s.kind == "lit" and s.value == 0 and e_.kind == "dim":
                 out[ax] = list(e_.atoms)
+            elif (part := self._parts_slice(x[ax], s, e_)) is not None:
+                out[ax] = part
             else:  # a bound computed at run time
                 self.runtime_cuts.append((node, data, ax))
                 out[ax] = self._fresh_from_inferred(node.outputs[0], ax, "slice")
         self.axes[node.outputs[0]] = out
+
+    @staticmethod
+    def _parts_slice(axis: Axis, start: Elem, end: Elem) -> Axis | None:
+        """Bounds that are whole multiples a*P, b*P of a run-time size P that ends the sliced
+        axis, (count, P) row-major: torch.chunk as TorchScript traces it (P the axis's size
+        divided by the count, the bounds P times literal factors).  The slice takes parts a
+        to b whatever P becomes: its output axis is P (b = a + 1) or (b - a, P); None where
+        the bounds are not such multiples."""
+        xl = leaves(axis)
+        part = None
+        mult = []
+        for e in (start, end):
+            if e.kind == "lit" and e.value == 0:
+                mult.append(0)
+                continue
+            if e.kind != "dim":
+                return None
+            el = leaves(e.atoms)
+            # literal factors (a Mul by a literal) are fresh atoms; the rest is P
+            factors = [a for a in el if a.origin == "mul" and a.size is not None]
+            p = [a for a in el if a not in factors]
+            if not p or (part is not None and p != part):
+                return None
+            part = p
+            mult.append(int(np.prod([a.size for a in factors])) if factors else 1)
+        if part is None or len(xl) <= len(part) or xl[-len(part):] != part:
+            return None
+        count = size_of(xl[:-len(part)])
+        a, b = mult
+        if count is None or not 0 <= a < b <= count:
+            return None
+        return list(part) if b - a == 1 else [Atom(b - a, origin="parts")] + list(part)
 
     def _cut_in_two(self, node: ir.Node, data: ir.Value, axis: int, size: int) -> bool:
         """Whether ``data`` is cut in two halves along ``axis``: this Slice takes one half and
@@ -1183,7 +1297,9 @@ class AxisAnalysis:
         x, w = self.get(node.inputs[0]), self.get(node.inputs[1])
         if x is None or w is None:
             return
-        self.try_unify(x[1], w[1], f"Conv {node.name}")  # group=1 assumed for unification
+        if size_of(x[1]) is not None:  # a symbolic channel axis (optimum's pixel_values) is
+            # the weight's, which the input synthesis reads; group=1 assumed for unification
+            self.try_unify(x[1], w[1], f"Conv {node.name}")
         out = self.fresh_axes_from_shape(node.outputs[0], "conv")
         if out is None:
             return
@@ -1324,6 +1440,9 @@ _UNARY = {
     "Mish", "Elu", "Selu", "LeakyRelu", "FastGelu", "BiasGelu", "QuickGelu", "Trilu", "Round",
     "Floor", "Ceil", "Sign", "HardSwish", "Celu", "ThresholdedRelu", "Clip", "CumSum",
 }
+#: arithmetic ``_fold`` evaluates on constants alone
+_FOLD = {"Pow": np.power, "Sqrt": np.sqrt, "Mul": np.multiply, "Div": np.true_divide,
+         "Add": np.add, "Sub": np.subtract, "Floor": np.floor, "Ceil": np.ceil, "Cast": None}
 _BINARY = {
     "Add", "Sub", "Mul", "Div", "Pow", "Equal", "Less", "LessOrEqual", "Greater",
     "GreaterOrEqual", "And", "Or", "Xor", "Max", "Min", "Mod", "Where", "BitShift", "PRelu",

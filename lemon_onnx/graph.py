@@ -16,6 +16,8 @@ from onnx_ir.passes.common import NameFixPass, ShapeInferencePass
 from . import dims
 
 _PASS = {"Identity", "Dropout", "Cast"}
+#: operators whose output depends on their input's shape, never on its values
+_SHAPE_ONLY = {"Shape", "Size"}
 
 
 def const_source(v: ir.Value | None) -> tuple[ir.Value | None, list[ir.Node]]:
@@ -186,20 +188,9 @@ class GraphIndex:
     # ----------------------------------------------------------------- basic finders
     def ancestors(self, v: ir.Value) -> set:
         """Nodes that ``v`` is computed from (transitively)."""
-        if v in self._anc_cache:
-            return self._anc_cache[v]
-        seen: set = set()
-        stack = [v.producer()] if v.producer() is not None else []
-        while stack:
-            n = stack.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            for i in n.inputs:
-                if i is not None and i.producer() is not None:
-                    stack.append(i.producer())
-        self._anc_cache[v] = seen
-        return seen
+        if v not in self._anc_cache:
+            self._anc_cache[v] = _walk_back(v, data=False)
+        return self._anc_cache[v]
 
     def depends_on(self, v: ir.Value, src: ir.Value) -> bool:
         """Whether ``v`` is computed from ``src`` (or is it)."""
@@ -218,40 +209,63 @@ class GraphIndex:
         reached = self._reached(n, v)
         return n in self.ancestors(v) if reached is None else reached
 
-    def _reached(self, key, v: ir.Value) -> bool | None:
+    def data_depends_on(self, v: ir.Value, src: ir.Value) -> bool:
+        """Whether the *values* of ``v`` are computed from those of ``src``: like
+        ``depends_on``, but a path through an operator that reads only its input's shape
+        (Shape, Size) does not count.  transformers' SDPA attention, as exported, scales q
+        and k by sqrt(1/sqrt(head_dim)) with head_dim read from q's shape: k's values do not
+        come from the q projection, though k's scale is computed from q's shape."""
+        if v is src:
+            return True
+        key = src.producer() if src.producer() is not None else src
+        reached = self._reached(key, v, data=True)
+        if reached is not None:
+            return reached
+        anc = data_ancestors(v)  # the graph is not in order: walk
+        if key is not src:
+            return key in anc
+        return any(src in n.inputs for n in anc if n.op_type not in _SHAPE_ONLY)
+
+    def _reached(self, key, v: ir.Value, data: bool = False) -> bool | None:
         """The bit test: whether ``key`` (a node, or a value no node produces) is in ``v``'s
-        reach set; None where either came after the index was built (walk instead)."""
-        a = self._reach_bits().get(v)
+        reach set (its data reach set with ``data``); None where either came after the index
+        was built (walk instead)."""
+        a = self._reach_bits()[1 if data else 0].get(v)
         b = self._bit.get(key)
         return None if a is None or b is None else bool(a >> b & 1)
 
-    def _reach_bits(self) -> dict:
+    def _reach_bits(self) -> tuple[dict, dict]:
         """For each value, the set of nodes and source values (inputs, initializers) it is
         computed from, as the bits of one integer, in one walk in graph order: ``depends_on``
-        is then a bit test instead of a walk per call (recognition asks thousands of times)."""
+        is then a bit test instead of a walk per call (recognition asks thousands of times).
+        Beside it the data reach set, which a shape-only operator does not pass on."""
         if not hasattr(self, "_reach"):
             self._bit: dict = {}
             reach: dict = {}
+            data: dict = {}
 
-            def of(x: ir.Value) -> int:
-                r = reach.get(x)
+            def of(x: ir.Value, table: dict) -> int:
+                r = table.get(x)
                 if r is None:  # a graph input, an initializer or a value from outside
                     if x.producer() is not None:  # not in graph order: no bits, walk instead
                         raise _Unsorted
-                    r = reach[x] = 1 << self._bit.setdefault(x, len(self._bit))
+                    r = reach[x] = data[x] = 1 << self._bit.setdefault(x, len(self._bit))
                 return r
 
             try:
                 for n in self.graph:
-                    mine = 1 << self._bit.setdefault(n, len(self._bit))
+                    mine = mine_data = 1 << self._bit.setdefault(n, len(self._bit))
                     for i in n.inputs:
                         if i is not None:
-                            mine |= of(i)
+                            mine |= of(i, reach)
+                            if n.op_type not in _SHAPE_ONLY:
+                                mine_data |= of(i, data)
                     for o in n.outputs:
                         reach[o] = mine
+                        data[o] = mine_data
             except _Unsorted:
-                reach = {}
-            self._reach = reach
+                reach, data = {}, {}
+            self._reach = (reach, data)
         return self._reach
 
     def leaves(self, v: ir.Value, axis: int = -1) -> list:
@@ -278,6 +292,21 @@ class GraphIndex:
     def reaches_scores(self, v: ir.Value) -> bool:
         return any(self.depends_on(x, v) for x in self.score_inputs())
 
+    def attention_values(self) -> list[ir.Value]:
+        """The values the attention probabilities weigh: the other input of every MatMul
+        that reads a Softmax's output, computed once."""
+        if not hasattr(self, "_attention_values"):
+            probs = {n.outputs[0] for n in self.graph if n.op_type == "Softmax"}
+            self._attention_values = [n.inputs[1] for n in self.graph
+                                      if n.op_type == "MatMul" and n.inputs[0] in probs]
+        return self._attention_values
+
+    def reaches_heads(self, v: ir.Value) -> bool:
+        """Whether ``v`` reaches the attention per head: its scores or the values they weigh
+        (DeBERTa's q and v biases added after the split into heads)."""
+        return self.reaches_scores(v) or any(self.depends_on(x, v)
+                                             for x in self.attention_values())
+
     def unnamed_axes(self, v: ir.Value) -> list[int]:
         """Axes of ``v`` whose atoms no component named (all of them where the shape
         reasoning has no axes for ``v``)."""
@@ -303,6 +332,28 @@ class GraphIndex:
                 stack.extend(c for c in o.consumers()
                              if c not in seen and self.computes(c, branch_out))
         return seen
+
+
+def data_ancestors(v: ir.Value) -> set:
+    """Nodes whose outputs' values ``v``'s values are computed from: the ancestors, except
+    behind an operator that reads only its input's shape (that operator is included, what
+    it reads is not)."""
+    return _walk_back(v, data=True)
+
+
+def _walk_back(v: ir.Value, data: bool) -> set:
+    """The nodes ``v`` is computed from (``data``: not through a shape-only operator)."""
+    seen: set = set()
+    stack = [v.producer()] if v.producer() is not None else []
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if not data or n.op_type not in _SHAPE_ONLY:
+            stack.extend(i.producer() for i in n.inputs
+                         if i is not None and i.producer() is not None)
+    return seen
 
 
 def shape_of(v: ir.Value) -> list:

@@ -18,7 +18,9 @@ What changes, under the keys the family's own config uses:
 - encoder-decoder configs keep one layer count per stack: ``decoder_plan`` gives the decoder's;
 - per-layer lists (``layer_types``, ``no_rope_layers``, ...: a list with one entry per source
   layer) follow the new layer order, each new layer taking its source block's entry; lists
-  of layer *indices* (``INDEX_LIST_KEYS``) are mapped to the new positions; ``max_window_layers``
+  of layer *indices* (``INDEX_LIST_KEYS``) are mapped to the new positions; per-layer lists
+  written as [pattern, repeat] pairs (GPT-Neo's ``attention_types``) are re-laid one entry per
+  layer; ``max_window_layers``
   (the first N layers attend fully) is recounted;
 - the norms' epsilon of a fractional width: every norm over the stream has epsilon x s,
   s = k*d/D (lemon-math.md, "Norm layers"); the config gets the exact product;
@@ -177,7 +179,10 @@ def _per_layer(cfg: dict, out: dict, plan: dict, notes: list[str]) -> None:
                 old = {i % L for i in v}
                 out[k] = [p for p, s in enumerate(order) if s in old]
             continue
-        if len(v) == L and (k in PER_LAYER_KEYS or "layer" in k):
+        runs = _run_length(v)
+        if runs is not None and len(runs) == L:  # GPT-Neo: [[["global", "local"], 2]]
+            out[k] = [[[runs[s]], 1] for s in order]
+        elif len(v) == L and (k in PER_LAYER_KEYS or "layer" in k):
             out[k] = [v[s] for s in order]
         elif "layer" in k and v:
             notes.append(f"config key {k} is a list of {len(v)} entries that mentions layers "
@@ -193,6 +198,15 @@ def _per_layer(cfg: dict, out: dict, plan: dict, notes: list[str]) -> None:
                 f"layer order (sources {order}) those layers are not all first.",
                 hint="Use --placement interleave or uniform, which keep the layers in order.")
         out["max_window_layers"] = n
+
+
+def _run_length(v: list) -> list | None:
+    """A per-layer list written as [pattern, repeat] pairs (GPT-Neo's ``attention_types``),
+    expanded; None when ``v`` is not of that form."""
+    if not v or not all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], list)
+                        and isinstance(e[1], int) and not isinstance(e[1], bool) for e in v):
+        return None
+    return [x for pattern, n in v for _ in range(n) for x in pattern]
 
 
 def _epsilon(cfg: dict, out: dict, plan: dict, notes: list[str]) -> None:

@@ -140,7 +140,7 @@ class Recognizer(GraphIndex):
         head, extra = head_c.match(self, head_in, emb)
         desc = self.describe(emb, blocks, final_norm, head, layout)
         desc.extra_heads = extra
-        desc.blockers = self._blockers(blocks, [head] + extra)
+        desc.blockers = self._blockers(emb, blocks, [head] + extra)
         desc.unrecognised += desc.blockers
         desc.caches = cache.match(self, blocks)  # a decoder's KV cache (components/cache.py)
         for o in desc.outputs:
@@ -148,10 +148,10 @@ class Recognizer(GraphIndex):
                 o["kind"] = "cache"
         return desc
 
-    def _blockers(self, blocks, heads) -> list[str]:
+    def _blockers(self, emb, blocks, heads) -> list[str]:
         """Linear layers that are neither in a block nor a head: expanding around them would
         break them, so ``expand`` refuses (``inspect`` lists them)."""
-        known = set()
+        known = {emb.projection.node} if emb.projection is not None else set()
         for b in blocks:
             a, m = b.attention, b.mlp
             known |= {l.node for l in (a.q, a.k, a.v, a.qkv, a.out, m.up, m.gate, m.down) if l}
@@ -168,7 +168,10 @@ class Recognizer(GraphIndex):
         g = self.graph
         hid = embedding.hidden_leaves(self, emb)
         for a in hid:
-            a.role = "hidden"
+            # a graph that reshapes the attention's output to the stream's own width (CLIP:
+            # ``reshape(hidden_states.shape)``) ties the stream to heads x head_dim: those
+            # atoms keep their names, and the plan keeps hidden = heads x head_dim
+            a.role = a.role or "hidden"
         if emb.token:
             for a in dims.leaves(self.ax.axes[self._values[emb.token]][0]):
                 a.role = a.role or "vocab"

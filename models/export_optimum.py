@@ -176,6 +176,32 @@ ENTRIES = {
                  "ORTModelForImageClassification"),
     "dinov2-cls": ("Dinov2Config", dict(IMAGE, mlp_ratio=2), "Dinov2ForImageClassification",
                    "image-classification", "ORTModelForImageClassification"),
+    # ---- encoders beyond the family matrix, each for a dialect it brought ------------------
+    # DeBERTa without relative attention: a padding mask multiplies the embedding LayerNorm's
+    # output, q and v biases are added after the split into heads
+    "deberta-features": ("DebertaConfig", dict(TEXT), "DebertaModel", "feature-extraction",
+                         "ORTModelForFeatureExtraction"),
+    # rotary positions: the only gathered table beside the tokens is the 2-row token-type one
+    "roformer-features": ("RoFormerConfig", dict(TEXT, embedding_size=64), "RoFormerModel",
+                          "feature-extraction", "ORTModelForFeatureExtraction"),
+    # the attention output reshaped to the stream's own shape; pooler_output a LayerNorm on cls
+    "clip-vision-features": ("CLIPVisionConfig", dict(IMAGE), "CLIPVisionModel",
+                             "feature-extraction", "ORTModelForFeatureExtraction"),
+    # last_hidden_state declared with a static token count the graph computes at run time
+    "dinov2-features": ("Dinov2Config", dict(IMAGE, mlp_ratio=2), "Dinov2Model",
+                        "feature-extraction", "ORTModelForFeatureExtraction"),
+    # embedding_size < hidden_size (ELECTRA's default): a projection from the embeddings to
+    # the stream, and the generator's MLM head back to the embedding width, tied
+    "electra-mlm": ("ElectraConfig", dict(TEXT, embedding_size=32), "ElectraForMaskedLM",
+                    "fill-mask", "ORTModelForMaskedLM"),
+    # the same projection, and one layer's weights shared by every layer
+    "albert-cls": ("AlbertConfig", dict(TEXT, embedding_size=32, num_labels=3),
+                   "AlbertForSequenceClassification", "text-classification",
+                   "ORTModelForSequenceClassification"),
+    # a rectangular image, 4 channels, and two heads (class and distillation) averaged
+    "deit-distilled-cls": ("DeiTConfig", dict(IMAGE, image_size=(32, 48), num_channels=4),
+                           "DeiTForImageClassificationWithTeacher", "image-classification",
+                           "ORTModelForImageClassification"),
 }
 
 
@@ -202,9 +228,10 @@ def save_preprocessor(name: str, model, src: Path) -> None:
     model's size, built offline), which the folder form must copy to its output."""
     cfg = model.config
     if hasattr(cfg, "image_size"):
-        size = cfg.image_size
-        proc = tf.BitImageProcessor(size={"shortest_edge": size},
-                                    crop_size={"height": size, "width": size})
+        h, w = cfg.image_size if isinstance(cfg.image_size, (list, tuple)) else \
+            (cfg.image_size, cfg.image_size)
+        proc = tf.BitImageProcessor(size={"shortest_edge": min(h, w)},
+                                    crop_size={"height": h, "width": w})
         proc.save_pretrained(src)
         return
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -33,7 +33,7 @@ REFUSED = {
     # the axis analysis does not model on a growing axis (the TorchScript export slices)
     ("falcon", "dy18"): "GatherND",
     # disentangled attention: Q and K weights also project the relative position embeddings
-    ("deberta_v2", "ts17"): "neither part of a block nor a head",
+    ("deberta_v2", "ts17"): "could not tell the Q, K and V projections apart",
     ("deberta_v2", "dy18"): "could not tell the Q, K and V projections apart",
     # raw audio through a convolutional feature encoder, positions from a grouped Conv
     ("wav2vec2", "ts17"): "No token embedding",
@@ -41,10 +41,9 @@ REFUSED = {
     # TorchScript writes q/k/v cut points computed at run time (dynamo writes constants)
     ("gpt_neox", "ts17"): "computed at run time",
     ("phi3", "ts17"): "computed at run time",
-    ("mpt", "ts17"): "computed at run time",
-    # TorchScript traces the position-table interpolation with sizes computed at run time
+    # TorchScript traces the relative position table's interpolation and index with sizes
+    # computed at run time (ScatterND)
     ("beit", "ts17"): "could not tie it",
-    ("dinov2", "ts17"): "could not tie it",
 }
 
 

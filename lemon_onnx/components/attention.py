@@ -57,7 +57,9 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> Attention:
     attn_op, score, q_t, k_t, v_t = find_scores(ctx, ordered, idx)
 
     def reaches(lin_out: ir.Value, target: ir.Value) -> bool:
-        return ctx.depends_on(target, lin_out)
+        # by values: a scale computed from q's shape (SDPA's sqrt(scale) on q and on k)
+        # does not make k a function of q
+        return ctx.data_depends_on(target, lin_out)
 
     q = k = v = qkv = None
     split_node = None
@@ -445,7 +447,13 @@ def _head_tables(dp) -> bool:
         for v in rec.constants():  # initializers and Constant nodes (MPT's ALiBi table)
             if v.name in weights or not v.uses():
                 continue
-            roles = {a.role for ax in rec.ax.axes.get(v) or [] for a in dims.leaves(ax)}
+            # an axis of heads alone (heads with head_dim on one axis is a width: CLIP ties
+            # the stream to heads x head_dim)
+            roles = set()
+            for ax in rec.ax.axes.get(v) or []:
+                on_axis = {a.role for a in dims.leaves(ax)}
+                if "head_dim" not in on_axis:
+                    roles |= on_axis
             # a table the shape reasoning could not tie to anything, with an axis of the
             # head count, counts too (BEiT's interpolated bias table in a TorchScript export)
             t = const_tensor(v)
@@ -453,7 +461,7 @@ def _head_tables(dp) -> bool:
                 not any(u.node.op_type in ("Conv", "MatMul", "Gemm", "Gather")
                         for u in v.uses()) and \
                 any(t.shape[k] == dp.desc.heads for k in rec.unnamed_axes(v))
-            if (roles & {"heads", "kv_heads"} or untied) and rec.reaches_scores(v):
+            if (roles & {"heads", "kv_heads"} or untied) and rec.reaches_heads(v):
                 found = True
                 break
         dp._head_tables = found
@@ -478,7 +486,7 @@ def widen_head_tables(wp) -> None:
         role = atoms[0].role if atoms else None
         if role not in counts or any(wp.new_size(a) != a.size for a in atoms[1:]):
             continue
-        if not rec.reaches_scores(v):
+        if not rec.reaches_heads(v):
             continue
         n, N = counts[role]
         unit = int(np.prod([a.size for a in atoms[1:]])) if atoms[1:] else 1

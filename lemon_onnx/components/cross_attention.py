@@ -58,12 +58,10 @@ def keys_off_stream(ctx, x: ir.Value, branch_out: ir.Value) -> bool:
         return False
     try:
         _op, _score, _q, k_t, v_t = attention.find_scores(ctx, ordered, -1)
-        sources = [_source(ctx, t, -1, "") for t in (k_t, v_t)]
     except UnsupportedModelError:
         return False
-    # the data path only: a Reshape's shape may well be read off the stream (the batch size)
-    return all(lin is None or not ctx.depends_on(ctx._values[lin.input], x)
-               for lin, _inp, _nodes in sources)
+    # by values: a Reshape's shape may well be read off the stream (the batch size)
+    return not ctx.data_depends_on(k_t, x) and not ctx.data_depends_on(v_t, x)
 
 
 def _source(ctx, t: ir.Value, idx: int, what: str):

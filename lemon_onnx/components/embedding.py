@@ -20,6 +20,7 @@ from .. import dims, lemon_math as lm
 from ..errors import PlanError, UnsupportedModelError
 from ..graph import back_pass, back_view, const_shape, const_source, is_const, nm
 from ..tensors import _read
+from .linear import Linear
 from .norm import Norm
 
 
@@ -46,7 +47,15 @@ class Embeddings:
     #: every constant [1, n, hidden] token put before the sequence (cls, DeiT's distillation
     #: token, registers), in graph order; ``cls_token`` is the first
     extra_tokens: list = dataclasses.field(default_factory=list)
+    #: pieces of a position table that reach the stream through reshapes, transposes and
+    #: interpolation along the other axes (DINOv2 as TorchScript traces it: the patch
+    #: positions resampled to the image's grid, the class position beside them), in order
+    position_parts: list = dataclasses.field(default_factory=list)
     norm: Norm | None = None  # a norm applied to the embeddings (its output is the stream)
+    #: a linear layer from the embeddings to the stream (ELECTRA's embeddings_project,
+    #: ALBERT's embedding_hidden_mapping_in, where embedding_size != hidden_size): the tables,
+    #: and a norm before it, keep their width; only its output side grows
+    projection: Linear | None = None
     output: str = ""
     #: a norm on the token embedding alone, before the other tables are added
     #: (BlenderbotSmall's decoder): its output is not the stream, but a LayerNorm output the
@@ -123,15 +132,38 @@ def _conv_stem(ctx, emb: Embeddings) -> None:
             a.role = a.role or "hidden"  # stem channels grow with the stream (replicated)
 
 
-def hidden_leaves(ctx, emb: Embeddings) -> list:
+def embedding_leaves(ctx, emb: Embeddings) -> list:
+    """The atoms of the embeddings' width (the token table's, or the patch Conv's channels)."""
     if emb.token:
         return dims.leaves(ctx.ax.axes[ctx._values[emb.token]][1])
     return dims.leaves(ctx.ax.axes[ctx._values[emb.patch_weight]][0])
 
 
+def hidden_leaves(ctx, emb: Embeddings) -> list:
+    """The atoms of the stream's width: the embeddings', or a projection's output."""
+    if emb.projection is not None:
+        return ctx.leaves(ctx._values[emb.projection.output])
+    return embedding_leaves(ctx, emb)
+
+
+def match_projection(ctx, emb: Embeddings, stream: ir.Value) -> None:
+    """A linear layer whose output is the stream's start and whose input is computed from
+    the token table (or the patch Conv) without passing another linear layer."""
+    lin = next((l for l in ctx.linears.values() if l.output == stream.name), None)
+    if lin is None:
+        return
+    x = ctx._values[lin.input]
+    src = ctx._node(emb.token_node).outputs[0] if emb.token else \
+        ctx._node(emb.patch_conv).outputs[0]
+    if ctx.depends_on(x, src) and not any(ctx.computes(ctx._node(l.node), x)
+                                          for l in ctx.linears.values()):
+        emb.projection = lin
+
+
 def match_extras(ctx, emb: Embeddings) -> None:
-    """Position / token-type tables and ViT cls token: constants added onto the stream."""
-    hid = set(hidden_leaves(ctx, emb))
+    """Position / token-type tables and ViT cls token: constants added onto the embeddings
+    (before a projection to the stream, where there is one)."""
+    hid = set(embedding_leaves(ctx, emb))
     stream = ctx._values[emb.output] if emb.output else None
     if stream is None:
         return
@@ -159,6 +191,7 @@ def match_extras(ctx, emb: Embeddings) -> None:
                 elif n.op_type in ("Concat", "Expand") and t.name not in emb.extra_tokens:
                     emb.extra_tokens.append(t.name)
                     emb.cls_token = emb.cls_token or t.name
+    _position_parts(ctx, emb, anc, hid)
     _label_tables(ctx, emb)
     if emb.token_node and emb.norm is None:
         tok = ctx._node(emb.token_node).outputs[0]
@@ -167,6 +200,45 @@ def match_extras(ctx, emb: Embeddings) -> None:
                   and ctx.depends_on(stream, v) and v is not stream]
         if len(inside) == 1:
             emb.token_norm = inside[0]
+
+
+#: operators a position table may pass on its way to the stream that act on every hidden
+#: channel alone and linearly (a view, a cast, interpolation along the other axes)
+_PER_CHANNEL = ("Reshape", "Transpose", "Cast", "Identity", "Unsqueeze", "Squeeze", "Resize",
+                "Slice", "Concat", "Expand")
+
+
+def _position_parts(ctx, emb: Embeddings, anc: set, hid: set) -> None:
+    """Float tables with a hidden last axis that are added onto the stream through per-channel
+    linear operators only: widened along that axis in the stream form like a position table
+    (the stream form's extra slots, copies, means or zeros, pass through such operators).
+    Where an operator on the way moves the hidden axis (a Resize along it), the axis analysis
+    has not tied the table to the hidden atoms and the closed world refuses it."""
+    known = {emb.position, emb.token_type, *emb.extra_tokens, *(t for t, _ in emb.tables)}
+    for n in sorted(anc, key=lambda n: ctx.order[n]):
+        if n.op_type != "Add":
+            continue
+        stack = [i for i in n.inputs if i is not None and const_source(i)[0] is None]
+        seen: set = set()
+        while stack:
+            v = stack.pop()
+            p = v.producer()
+            if p is None or p in seen or p.op_type not in _PER_CHANNEL:
+                continue
+            seen.add(p)
+            data = p.inputs if p.op_type == "Concat" else p.inputs[:1]
+            for i in data:
+                t = const_source(i)[0] if i is not None else None
+                if t is None:
+                    if i is not None:
+                        stack.append(i)
+                    continue
+                shape, axes = const_shape(t), ctx.ax.axes.get(t)
+                if t.name in known or not shape or len(shape) < 2 or not axes or \
+                        not set(dims.leaves(axes[-1])) <= hid or not dims.leaves(axes[-1]):
+                    continue
+                emb.position_parts.append(t.name)
+                known.add(t.name)
 
 
 def _label_tables(ctx, emb: Embeddings) -> None:
@@ -237,11 +309,18 @@ def _constant_node_value(v: ir.Value):
 
 def widen(wp, emb: Embeddings) -> None:
     """Every table and constant that writes the stream, along its hidden axis in the stream
-    form (the token table is left to the head when the head shares it)."""
+    form (the token table is left to the head when the head shares it); with a projection to
+    the stream, only the projection's output side."""
+    if emb.projection is not None:
+        from . import linear
+
+        linear.widen(wp, emb.projection, None, wp.s_map, tag="emb.proj")
+        return
     if emb.token:
         wp.stream_axis(wp.node(emb.token_node), 0, "tok:emb", 1)
     tables = [name for name, _ in emb.tables]
-    for name in dict.fromkeys(tables + [emb.position, emb.token_type] + emb.extra_tokens):
+    for name in dict.fromkeys(tables + [emb.position, emb.token_type] + emb.extra_tokens
+                              + emb.position_parts):
         if name:
             wp.embedding_param(name, -1, f"emb:{name}")
     if emb.patch_conv:

@@ -18,7 +18,7 @@ import onnx_ir as ir
 from .. import lemon_math as lm
 from ..errors import PlanError
 from ..graph import back_pass, back_view, const_array, is_const, nm, scalar_scaled
-from . import linear, norm
+from . import embedding, linear, norm
 from .embedding import Embeddings
 from .linear import Linear
 from .norm import Norm
@@ -26,7 +26,7 @@ from .norm import Norm
 
 @dataclasses.dataclass
 class Head:
-    kind: str  # lm | classifier | mlm | none
+    kind: str  # lm | classifier | mlm | norm (a norm alone, its output a graph output) | none
     linear: Linear | None
     transform: Linear | None = None
     transform_activation: str | None = None
@@ -38,6 +38,10 @@ class Head:
     #: copies of the stream side by side on the first linear's input (DINOv2: cls token and
     #: the patches' mean concatenated)
     segments: int = 1
+    #: the MLM transform maps the stream back to the embeddings' width (ELECTRA's generator
+    #: where embedding_size < hidden_size): its output, its norm and the decoder keep their
+    #: sizes, and a tie with the token table stays as it is
+    narrow: bool = False
 
 
 #: how the plan's notes begin when the widening untied a tied head (a folder's config.json
@@ -60,8 +64,9 @@ def match(ctx, x: ir.Value, emb: Embeddings) -> tuple[Head, list]:
             paths[lin.node] = (lin, path)
     readers = sorted((lin for lin, _ in paths.values()),
                      key=lambda l: ctx.order[ctx._node(l.node)])
+    norm_heads = _norm_heads(ctx, x, [n for _, (norms, _) in paths.values() for n in norms])
     if not readers:
-        return Head("none", None, reads=nm(x)), []
+        return Head("none", None, reads=nm(x)), norm_heads
     tok = ctx._values[emb.token] if emb.token else None
     vocab = tok.const_value.shape[0] if tok is not None else None
     heads = []
@@ -71,6 +76,9 @@ def match(ctx, x: ir.Value, emb: Embeddings) -> tuple[Head, list]:
                  if lin is not r and ctx.depends_on(node.inputs[0], ctx._values[r.output])]
         if vocab is not None and len(after) == 1 and after[0].out_features == vocab:
             h = _mlm_head(ctx, r, after[0], x, tok)
+            # only past a projection is the embedding width not the stream's
+            h.narrow = emb.projection is not None and not set(
+                ctx.leaves(ctx._values[r.output])) <= set(embedding.hidden_leaves(ctx, emb))
         elif vocab is not None and r.out_features == vocab:
             h = Head("lm", r, reads=nm(x), tie=_tie(ctx, r, tok))
         elif len(after) == 1 and _elementwise_between(ctx, r, after[0]):
@@ -82,7 +90,23 @@ def match(ctx, x: ir.Value, emb: Embeddings) -> tuple[Head, list]:
         h.pool_norms, h.segments = norms, segments
         heads.append(h)
     main = next((h for h in heads if h.kind in ("lm", "mlm")), heads[-1])
-    return main, [h for h in heads if h is not main]
+    return main, [h for h in heads if h is not main] + norm_heads
+
+
+def _norm_heads(ctx, x: ir.Value, claimed: list) -> list:
+    """Norms over tokens picked from the final stream whose output is a graph output, with no
+    linear after them (CLIP's vision tower: post_layernorm on the cls token gives
+    ``pooler_output``): each is a head of kind ``norm``."""
+    outs = {back_view(o) for o in ctx.graph.outputs}
+    found = []
+    for v, nrm in ctx.norms.items():
+        if nrm.output != v.name or v not in outs or nrm in claimed or \
+                ctx._values[nrm.input] is x:
+            continue
+        path = stream_path(ctx, v, x)
+        if path is not None and path[0] == [nrm] and path[1] == 1:
+            found.append(Head("norm", None, reads=nm(x), pool_norms=[nrm]))
+    return found
 
 
 #: ops on a head's path that act on each element alone (activations, dropout, casts), and
@@ -213,11 +237,11 @@ def untie_reason(rec, desc) -> str | None:
     the tie needs would change that output."""
     head = desc.head
     head_norm = head.transform_norm if head.kind == "mlm" else desc.final_norm
-    if head.tie and head.kind == "lm" and head_norm is None:
+    if head.tie and head.kind == "lm" and head_norm is None and not head.narrow:
         return ("no norm sits between the residual stream and the head (a Post-LN model), so "
                 "nothing can share out the copies of the stream that the tied table would "
                 "add up.")
-    if head.tie and head_norm is not None:
+    if head.tie and head_norm is not None and not head.narrow:
         nv = rec._values[head_norm.output]
         if any(back_view(o) is nv for o in rec.graph.outputs):
             return ("the norm that feeds it is also a graph output, so rescaling its gamma "
@@ -239,6 +263,11 @@ def widen(wp, desc, head_in, *, untie: bool) -> str | None:
     if desc.final_norm is not None:
         norm.widen(wp, desc.final_norm, wp.s_map, tag="final", tied=tied and head.kind == "lm")
     branch_in = head_in
+    if head.kind == "mlm" and head.narrow:  # back to the embeddings' width, which stays
+        linear.widen(wp, head.transform, head_in, None, tag="head.transform")
+        for i, extra in enumerate(desc.extra_heads):
+            _widen_untied(wp, desc, extra, branch_in, f"head{i + 1}")
+        return head.tie
     if head.kind == "mlm":
         tr = head.transform
         circ = lm.UnitMap(wp.d, wp.D, 1)
@@ -275,6 +304,8 @@ def _widen_untied(wp, desc, h: Head, layout, tag: str) -> None:
             continue
         norm.widen(wp, nrm, layout, tag=f"{tag}.pool{k}")
         layout = lm.norm_output_map(layout)
+    if first is None:  # a norm head: its output (a graph output) keeps the norm's layout
+        return
     inner = None
     if first is not h.linear:  # inner dense layer: replicate its units (elementwise activation)
         inner = lm.UnitMap(first.out_features, first.out_features * wp.D // wp.d) \

@@ -91,7 +91,6 @@ def widen(wp, m: MLP, branch_in, stream_map, *, tag: str, prescale=None) -> None
 
 
 def twin(dp, m: MLP, mapping, init: str, tag: str) -> None:
-    if m.fused_gate_up:
-        init = "zero"  # pairing units would have to pair both halves; not implemented
+    # a fused [gate | up] projection has its units paired in each half
     dp.zero_branch(m.down, mapping, init, unit="ffn",
                    fanin=[x for x in (m.up, m.gate) if x], tag=tag + ".mlp")

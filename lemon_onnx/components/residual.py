@@ -16,12 +16,12 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from .. import lemon_math as lm
+from .. import dims, lemon_math as lm
 from ..errors import UnsupportedModelError
 from ..graph import back_pass, back_view, const_source, is_const, nm
 from ..errors import PlanError
 from ..tensors import _read, _write
-from . import attention, cross_attention, mlp, norm
+from . import attention, cross_attention, embedding, mlp, norm
 from .attention import Attention
 from .cross_attention import CrossAttention
 from .embedding import Embeddings
@@ -109,8 +109,9 @@ def match_blocks(ctx, emb: Embeddings, residuals):
     first = residuals[0]
     stream = back_view(first[1])
     emb.output = nm(stream)
-    # a norm whose output is the stream start (embedding LayerNorm)
-    p = ctx.norms.get(stream)
+    embedding.match_projection(ctx, emb, stream)
+    # a norm whose output is the stream start (embedding LayerNorm), perhaps scaled per token
+    p = ctx.norms.get(stream) or ctx.norms.get(_token_scaled(ctx, stream))
     if p is not None:
         emb.norm = p
     chain = []
@@ -170,6 +171,21 @@ def match_blocks(ctx, emb: Embeddings, residuals):
         blocks.append(_sequential_block(ctx, len(blocks), a, m, layout))
         i += 2
     return blocks, cur, layout
+
+
+def _token_scaled(ctx, v: ir.Value) -> ir.Value | None:
+    """``x`` where ``v`` = x * m with one factor per token (m's last axis has size 1:
+    DeBERTa's padding mask on the embeddings), else None.  Such a factor acts on every hidden
+    unit of a token alike, so it keeps any stream form."""
+    p = v.producer()
+    if p is None or p.op_type != "Mul" or len(p.inputs) != 2:
+        return None
+    for x, m in (p.inputs, reversed(p.inputs)):
+        m_axes, x_axes = ctx.ax.get(m), ctx.ax.get(x)
+        if m_axes and x_axes and dims.size_of(m_axes[-1]) == 1 and \
+                dims.size_of(x_axes[-1]) != 1:
+            return x
+    return None
 
 
 def _view_back(v: ir.Value, res_by_skip: dict) -> ir.Value:

@@ -120,9 +120,15 @@ class DepthPass(ir.passes.InPlacePass):
         snap = self._snap[b.index]
         mapping: dict[ir.Value, ir.Value] = {x: new_input, **(seed or {})}
         new_nodes = []
+        inside = {n for n, _ in snap}
         for n, inputs in snap:
             ins = []
             for v in inputs:
+                while v is not None and v.producer() is not None and v not in mapping and \
+                        v.producer().op_type == "Identity" and v.producer() not in inside:
+                    # a weight shared by several layers, read through an Identity the
+                    # exporter put outside the block (ALBERT): the twin gets its own copy
+                    v = v.producer().inputs[0]
                 if v is None:
                     ins.append(None)
                 elif v in mapping:
@@ -299,9 +305,9 @@ class DepthPass(ir.passes.InPlacePass):
         for f in fanin:
             if gqa and f is not fanin[0]:
                 continue  # paired q heads share their KV head already; K and V stay
-            if f.out_features not in (len(fanin_src), 3 * len(fanin_src)):
-                continue
-            parts = f.out_features // len(fanin_src)  # 3: a fused qkv, pair each third
+            parts = f.out_features // len(fanin_src)
+            if f.out_features % len(fanin_src) or parts not in (1, 2, 3):
+                continue  # 3: a fused q|k|v, 2: a fused gate|up; pair units in each part
             axis = 1 if f.weight_layout == "in,out" else 0
             _derive(self._weight(mapping, f),
                     lambda a, axis=axis, parts=parts: _take_units(a, fanin_src, axis, parts))

@@ -299,7 +299,7 @@ class WidthPass(ir.passes.InPlacePass):
         if self.d != self.D and v.shape[-1] == self.d and len(v.shape) - 1 in unnamed:
             return "hidden"
         if s["heads"] != tg["heads"] and any(v.shape[k] == s["heads"] for k in unnamed) \
-                and self.rec.reaches_scores(v):
+                and self.rec.reaches_heads(v):
             return "heads"
         return None
 
@@ -339,6 +339,11 @@ class WidthPass(ir.passes.InPlacePass):
                          f"{bad} of {x.name}, which carries "
                          f"{'*'.join(a.role or str(a.size) for a in ch[bad])}: not exact once that "
                          "axis grows")
+        for node, atoms in self.rec.ax.fixed_sizes:
+            if any(self.new_size(a) != a.size for a in dims.leaves(atoms)):
+                found.append(f"operator {node.op_type} {node.name} splits "
+                             f"{'*'.join(a.role or str(a.size) for a in dims.leaves(atoms))} "
+                             "by a size computed from constants, which does not grow with it")
         for node, x, axis in self.rec.ax.runtime_cuts:
             ch = dict(self._changed(x))
             if axis in ch:
@@ -477,12 +482,10 @@ class WidthPass(ir.passes.InPlacePass):
             dims_ = []
             for k, a in enumerate(ax):
                 old = o.shape[k]
-                if isinstance(old, int):
-                    n = 1
-                    for atom in dims.leaves(a):
-                        n *= self.new_size(atom)
-                    dims_.append(n)
-                else:
+                sizes = [self.new_size(atom) for atom in dims.leaves(a)]
+                if isinstance(old, int) and None not in sizes:
+                    dims_.append(int(np.prod(sizes, dtype=np.int64)))
+                else:  # a size computed at run time (declared static by the exporter): kept
                     dims_.append(old)
             o.shape = ir.Shape(dims_)
 

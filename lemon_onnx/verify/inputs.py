@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -65,20 +67,7 @@ def roles_from_graph(ir_model, desc) -> dict:
         if v.dtype.is_floating_point():
             roles[v.name] = "float"
             continue
-        found, frontier, seen = set(), [v], set()
-        while frontier:
-            x = frontier.pop()
-            for use in x.uses():
-                n = use.node
-                if id(n) in seen:
-                    continue
-                seen.add(id(n))
-                if n.op_type == "Gather" and use.idx == 1:
-                    table, _ = const_source(n.inputs[0])
-                    if table is not None:
-                        found.add(tables.get(table, "position"))
-                elif n.op_type in _INDEX_CARRIERS and use.idx == 0:
-                    frontier.extend(n.outputs)
+        found = {tables.get(t, "position") for t in _gathered_tables(v)}
         for role in ("ids", "token_type", "position"):
             if role in found:
                 roles[v.name] = role
@@ -86,6 +75,189 @@ def roles_from_graph(ir_model, desc) -> dict:
         else:
             roles[v.name] = "position" if _position_values(v) else "mask"
     return roles
+
+
+@dataclasses.dataclass
+class ImageInput:
+    """What the graph says about an input its patch convolution reads: its channel count and,
+    per spatial axis, the patches the embeddings hold positions for (None where no constant
+    fixes them: any size fits) and the convolutions' (kernel, stride, padding, dilation)."""
+
+    name: str
+    channels: int
+    grid: tuple | None
+    convs: list  # per Conv in order: [(kernel, stride, pads total, dilation) per spatial axis]
+    how: str
+
+    def dims(self, s: int) -> dict[int, int]:
+        """Axis -> size: channels, and the smallest spatial size that gives the grid (a square
+        grid of ceil(sqrt(s)) patches a side where the graph fixes none)."""
+        rank = len(self.convs[0])
+        grid = self.grid or (math.ceil(s ** (1 / rank)),) * rank
+        out = {1: self.channels}
+        for k in range(rank):
+            n = grid[k]
+            for conv in reversed(self.convs):  # out = (in + pads - dil*(kernel-1) - 1)//stride + 1
+                kernel, stride, pads, dil = conv[k]
+                n = max(1, (n - 1) * stride + dil * (kernel - 1) + 1 - pads)
+            out[2 + k] = n
+        return out
+
+
+def image_inputs(ir_model, desc) -> dict[str, ImageInput]:
+    """Image (or other signal) inputs read by the recognised patch convolution, sized from the
+    graph, never from names: channels from the first Conv's weight (its input channels per
+    group times the groups); the number of patches from the embeddings' constants: the rows of
+    the [..., n, hidden] constants added onto the tokens (a position table, or its pieces
+    where it is interpolated: DINOv2) less the rows of those concatenated with them (cls and
+    distillation tokens); the patches laid out in the most nearly square grid, each side
+    through the convolutions' arithmetic back to pixels."""
+    from ..graph import back_pass, const_shape, const_source, data_ancestors
+
+    emb = desc.embeddings
+    if not emb.patch_conv or not emb.patch_weight:
+        return {}
+    g = ir_model.graph
+    nodes = {n.name: n for n in g}
+    chain = [nodes.get(c[0]) for c in emb.stem] + [nodes.get(emb.patch_conv)]
+    if any(c is None for c in chain):
+        return {}
+    x = back_pass(chain[0].inputs[0])
+    w_first = const_shape(const_source(chain[0].inputs[1])[0])
+    w_last = const_shape(const_source(chain[-1].inputs[1])[0])
+    if not x.is_graph_input() or not w_first or not w_last or len(w_first) < 3:
+        return {}
+    group = chain[0].attributes["group"].value if "group" in chain[0].attributes else 1
+    rank = len(w_first) - 2
+    convs = [_conv_arith(c, rank) for c in chain]
+    if any(c is None for c in convs):
+        return {}
+    patches, how = _patch_count(g, x, emb.output, int(w_last[0]))
+    grid = _grid(patches, rank) if patches else None
+    return {x.name: ImageInput(x.name, int(w_first[1]) * int(group), grid, convs, how)}
+
+
+def _conv_arith(node, rank: int) -> list | None:
+    """(kernel, stride, pads total, dilation) per spatial axis of a Conv; None for padding
+    the graph leaves to the runtime (auto_pad SAME_*), which is still sized by stride 1."""
+    a = node.attributes
+    w = node.inputs[1].shape if node.inputs[1] is not None else None
+    kernel = list(a["kernel_shape"].value) if "kernel_shape" in a else \
+        ([int(d) for d in list(w)[2:]] if w is not None and all(isinstance(d, int)
+                                                                for d in list(w)[2:]) else None)
+    if kernel is None or len(kernel) != rank:
+        return None
+    strides = list(a["strides"].value) if "strides" in a else [1] * rank
+    dil = list(a["dilations"].value) if "dilations" in a else [1] * rank
+    pads = list(a["pads"].value) if "pads" in a else [0] * (2 * rank)
+    auto = a["auto_pad"].value if "auto_pad" in a else "NOTSET"
+    if auto not in ("NOTSET", "VALID"):
+        return None
+    return [(int(kernel[k]), int(strides[k]), int(pads[k] + pads[rank + k]), int(dil[k]))
+            for k in range(rank)]
+
+
+def _patch_count(g, x, output: str, hidden: int) -> tuple[int | None, str]:
+    """(patches, how it was read): positions added onto the tokens less the tokens
+    concatenated with the patches, counted in rows of [..., n, hidden] float constants
+    among the data ancestors of the embeddings' output; None where nothing fixes it."""
+    from ..graph import const_shape, const_source, data_ancestors
+
+    out = next((o for n in g for o in n.outputs if o.name == output), None)
+    if out is None:
+        return None, "the embeddings' output was not found"
+    order = {n: i for i, n in enumerate(g)}
+    anc = sorted(data_ancestors(out) | ({out.producer()} if out.producer() else set()),
+                 key=lambda n: order.get(n, 0))
+    from_x: set = set()  # values computed from the image's values
+    for n in anc:
+        if n.op_type not in ("Shape", "Size") and any(
+                i is x or i in from_x for i in n.inputs if i is not None):
+            from_x.update(n.outputs)
+
+    def rows(v, min_rank: int) -> int:
+        """Rows of the hidden-wide float constants ``v``'s values come from (a token
+        concatenated may be a bare [hidden] vector: CLIP's class embedding)."""
+        vals = [v] + [i for n in data_ancestors(v) if n.op_type not in ("Shape", "Size")
+                      for i in n.inputs if i is not None]
+        total, seen = 0, set()
+        for i in vals:
+            c = const_source(i)[0]
+            t = c.const_value if c is not None else None
+            if c is None or c in seen:
+                continue
+            seen.add(c)
+            shape = const_shape(c)
+            dtype = t.dtype if t is not None else c.dtype
+            if shape and len(shape) >= min_rank and shape[-1] == hidden and dtype is not None and \
+                    dtype.is_floating_point():
+                total += int(np.prod(shape[:-1]))
+        return total
+
+    positions = tokens = 0
+    for n in anc:
+        if not any(o in from_x for o in n.outputs):
+            continue
+        others = [i for i in n.inputs if i is not None and i not in from_x and i is not x]
+        if n.op_type == "Add":  # a [hidden] vector added (a bias) is no position
+            positions += sum(rows(i, 2) for i in others)
+        elif n.op_type == "Concat":
+            tokens += sum(rows(i, 1) for i in others)
+    if positions == 0:
+        return None, "no position table fixes the number of patches"
+    if positions <= tokens:
+        return None, (f"the positions ({positions}) do not outnumber the extra tokens "
+                      f"({tokens})")
+    return positions - tokens, (f"{positions} positions less {tokens} extra token(s)")
+
+
+def _grid(n: int, rank: int) -> tuple:
+    """``n`` as a product of ``rank`` factors, as nearly equal as divisors allow (largest
+    last)."""
+    sides = []
+    for k in range(rank, 1, -1):
+        side = max(d for d in range(1, int(round(n ** (1 / k))) + 1) if n % d == 0)
+        sides.append(side)
+        n //= side
+    return tuple(sides + [n])
+
+
+def _gathered_tables(v) -> list:
+    """The constant tables ``v``'s values index (Gather indices, through layout-only ops)."""
+    from ..graph import const_source
+
+    found, frontier, seen = [], [v], set()
+    while frontier:
+        x = frontier.pop()
+        for use in x.uses():
+            n = use.node
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            if n.op_type == "Gather" and use.idx == 1:
+                table, _ = const_source(n.inputs[0])
+                if table is not None:
+                    found.append(table)
+            elif n.op_type in _INDEX_CARRIERS and use.idx == 0:
+                frontier.extend(n.outputs)
+    return found
+
+
+def index_bounds(ir_model) -> dict[str, int]:
+    """Integer input -> the fewest rows among the tables its values index: every value drawn
+    for it stays below (a token-type table of 2 rows that recognition could not tell from a
+    position table, RoFormer's; LayoutLM's)."""
+    from ..graph import const_shape
+
+    bounds = {}
+    for v in ir_model.graph.inputs:
+        if v.dtype is None or v.dtype.is_floating_point():
+            continue
+        rows = [shape[0] for shape in map(const_shape, _gathered_tables(v))
+                if shape and isinstance(shape[0], int)]
+        if rows:
+            bounds[v.name] = min(rows)
+    return bounds
 
 
 def _role_by_name(name: str, dtype: np.dtype) -> str:
@@ -288,12 +460,19 @@ def _synthesize(ir_model, *, seed: int, vocab: int | None, cases,
                              "represent.", hint="Pass your own inputs with --inputs FILE.npz."
                              ) from None
         specs.append((v, npdt))
+    images: dict = {}
     try:
-        roles = roles_from_graph(ir_model, describe(ir_model, cache))
+        desc = describe(ir_model, cache)
+        roles = roles_from_graph(ir_model, desc)
+        images = image_inputs(ir_model, desc)
     except Exception as exc:  # not recognised: names are all there is, and we say so
         roles = {v.name: _role_by_name(v.name, npdt) for v, npdt in specs}
         notes.append("input roles guessed from their names (the model was not recognised: "
                      f"{_one_line(str(exc) or type(exc).__name__, 200)})")
+    for im in images.values():
+        notes.append(f"{im.name}: {im.channels} channel(s) from the patch Conv's weight; "
+                     + (f"a {'x'.join(map(str, im.grid))} patch grid ({im.how})" if im.grid
+                        else f"any patch grid fits ({im.how}): a square one"))
     specs = [(v, npdt, roles.get(v.name, "other")) for v, npdt in specs]
     tt_rows = None
     if any(r in ("ids", "token_type") for _, _, r in specs):
@@ -304,6 +483,7 @@ def _synthesize(ir_model, *, seed: int, vocab: int | None, cases,
                 vocab = FALLBACK_VOCAB
                 notes.append(f"vocabulary size not recognised ({why or 'no token embedding'}); "
                              f"token ids drawn from [0, {FALLBACK_VOCAB})")
+    bounds = index_bounds(ir_model)
     out = []
     for k, (b, s) in enumerate(cases):
         rng = np.random.default_rng([int(seed), k])
@@ -312,9 +492,12 @@ def _synthesize(ir_model, *, seed: int, vocab: int | None, cases,
         feeds = {}
         for v, npdt, role in specs:
             shape = []
+            fixed = images[v.name].dims(int(s)) if v.name in images else {}
             for ax, d in enumerate(v.shape.dims):
                 if isinstance(d, int):
                     shape.append(d)
+                elif ax in fixed:
+                    shape.append(fixed[ax])
                 else:
                     key = getattr(d, "value", None)
                     shape.append(sizes[key] if key in sizes else (b if ax == 0 else s))
@@ -340,6 +523,9 @@ def _synthesize(ir_model, *, seed: int, vocab: int | None, cases,
                 a = np.zeros(shape)
             feeds[v.name] = np.ascontiguousarray(a.astype(npdt))
         _positions_from_masks(feeds, specs)
+        for name, rows in bounds.items():  # last: no value may index past its table
+            if name in feeds:
+                feeds[name] = np.ascontiguousarray(np.mod(feeds[name], rows))
         out.append(feeds)
     return out, notes
 
