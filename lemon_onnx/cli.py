@@ -106,10 +106,36 @@ def inspect(model: str, as_json: bool, quiet: bool, verbose: bool) -> None:
         with progress.stage("load", level=2) as st:  # the description is the result
             m = load(model)
             st.summary = f"loaded {model}"
+        from .merged import describe, is_merged
+
+        if is_merged(m):  # a merged decoder: each branch is a decoder of its own
+            _inspect_branches(model, describe(model), as_json)
+            return
         with progress.stage("recognise", level=2) as st:
             desc = recognize(m)
             st.summary = f"recognised {desc.family}"
     click.echo(desc.to_json(indent=2) if as_json else format_description(desc, model))
+
+
+def _inspect_branches(model: str, branches: dict, as_json: bool) -> None:
+    """A merged decoder: each branch described (or why it cannot be expanded)."""
+    import json
+
+    if as_json:
+        click.echo(json.dumps({"merged_decoder": {
+            label: d if isinstance(d, str) else d.to_dict() for label, d in branches.items()}},
+            indent=2, default=str))
+    else:
+        click.echo(f"{model}: merged decoder (an If on a boolean input; each branch is a "
+                   "decoder, expanded on its own and merged back)")
+        for label, d in branches.items():
+            text = (f"{label}: cannot be expanded: {d}" if isinstance(d, str)
+                    else format_description(d, label))
+            click.echo("\n".join("  " + line for line in text.splitlines()))
+    refused = [label for label, d in branches.items() if isinstance(d, str)]
+    if refused:
+        raise UnsupportedModelError(f"the merged decoder's {' and '.join(refused)} branch "
+                                    "cannot be expanded, so expand would refuse it.")
 
 
 def _inspect_folder(folder: str, as_json: bool) -> None:
@@ -122,7 +148,10 @@ def _inspect_folder(folder: str, as_json: bool) -> None:
     if as_json:
         data = dict(info, files={n: {"stack": e["stack"], "refused": e.get("refused"),
                                      "description": e["description"].to_dict()
-                                     if "description" in e else None}
+                                     if "description" in e else None,
+                                     **({"branches": {k: d.to_dict() for k, d in
+                                                      e["branches"].items()}}
+                                        if "branches" in e else {})}
                                  for n, e in info["files"].items()})
         click.echo(json.dumps(data, indent=2, default=str))
     else:
@@ -130,7 +159,11 @@ def _inspect_folder(folder: str, as_json: bool) -> None:
                    f"{'' if info['config'] else ' (no config.json)'}, "
                    f"{len(info['files'])} model file(s)")
         for name, e in info["files"].items():
-            if "description" in e:
+            if "branches" in e:
+                for label, d in e["branches"].items():
+                    text = format_description(d, f"{name} [{e['stack']}, {label}]")
+                    click.echo("\n".join("  " + line for line in text.splitlines()))
+            elif "description" in e:
                 text = format_description(e["description"], f"{name} [{e['stack']}]")
                 click.echo("\n".join("  " + line for line in text.splitlines()))
             else:
@@ -211,7 +244,7 @@ def expand(model, out, width, depth, hidden, ffn, heads, layers, placement, dept
 
 
 @cli.command(epilog=EPILOG)
-@click.argument("small", type=click.Path(dir_okay=False))
+@click.argument("small", type=click.Path())
 @click.argument("big", type=click.Path())
 @click.option("--inputs", type=click.Path(dir_okay=False),
               help="Inputs as .npz (keys <input> or case<k>/<input>); default: synthesised.")
@@ -236,13 +269,17 @@ def verify(small, big, inputs, save_inputs, atol, rtol, provider, layerwise, blo
            report, seed, quiet, verbose):
     """Check that BIG computes the same outputs as SMALL (exit 0 same, 1 not equivalent).
 
-    With BIG a folder written by export-torch, SMALL is the expanded .onnx it came from:
-    transformers must load the folder strictly, its tensors must be the ones SMALL gives
-    (every element) and it must compute SMALL's outputs."""
+    SMALL and BIG may be export folders: each model file is compared with its namesake (a
+    merged decoder branch by branch), and an encoder-decoder is also run as its runtime runs
+    it, step by step (the pipeline check).
+
+    With SMALL an expanded .onnx file and BIG a folder written by export-torch: transformers
+    must load the folder strictly, its tensors must be the ones SMALL gives (every element)
+    and it must compute SMALL's outputs."""
     from .expand import write_report
     from .verify import verify as run_verify
 
-    if os.path.isdir(big):
+    if os.path.isdir(big) and not os.path.isdir(small):  # a hand-off folder
         _verify_folder(small, big, inputs, provider, float64, report, quiet, verbose)
         return
 
@@ -321,9 +358,15 @@ def format_description(d, path: str = "") -> str:
             "parallel" if b.topology == "parallel" else "",
             "layer scale" if b.attention_scale or b.mlp_scale else "",
             "norms on branch outputs" if b.attention_out_norm or b.mlp_out_norm else "") if x)
+        x = b.cross_attention
+        cross = "" if x is None else (
+            f"; cross-attention q {x.q.weight}, "
+            + (f"k {x.k.weight}, v {x.v.weight} (from {x.memory})" if x.k else
+               f"k/v from inputs {x.key_input}, {x.value_input}") + f", out {x.out.weight}")
         lines.append(f"  block {b.index}{f' ({extra})' if extra else ''}: attention ({dialect}) "
-                     f"{proj}, out {a.out.weight}; mlp {gate}{'gate|up' if m.fused_gate_up else 'up'}"
-                     f" {m.up.weight}, down {m.down.weight}")
+                     f"{proj}, out {a.out.weight}{cross}; mlp "
+                     f"{gate}{'gate|up' if m.fused_gate_up else 'up'} {m.up.weight}, down "
+                     f"{m.down.weight}")
     if d.final_norm:
         lines.append(f"  final norm: {d.final_norm.kind} (gamma {d.final_norm.gamma}, "
                      f"eps {d.final_norm.epsilon:g})")
@@ -344,8 +387,14 @@ def format_description(d, path: str = "") -> str:
         first = d.caches[0]
         heads = "no head axis (one KV head)" if first.heads_axis is None else \
             f"KV heads on axis {first.heads_axis}"
-        lines.append(f"  KV cache: {len(d.caches)} tensors ({first.input} -> {first.output}, "
-                     f"...), past on axis {first.axis}, {heads}")
+        joined = [c for c in d.caches if c.concat]
+        halves = len(d.caches) - len(joined)
+        where = (f"{first.input} -> {first.output}" if first.concat else
+                 f"{'returned as ' + first.output if first.output else 'read from ' + first.input}")
+        lines.append(f"  KV cache: {len(d.caches)} tensors ({where}, ...), "
+                     + (f"past on axis {first.axis}, " if joined else "")
+                     + heads + (f"; {halves} of them an encoder-decoder's (only returned, or "
+                                "only read: the encoder cache)" if halves else ""))
     counts: dict = {}
     for lit in d.size_literals:
         counts[(lit.label, lit.value)] = counts.get((lit.label, lit.value), 0) + 1

@@ -53,6 +53,13 @@ class ExpandResult:
     plan: Plan  # as recorded in the output's metadata (composed over a chain of expansions)
     verification: VerifyReport | None  # None with verify=False
     notes: list[str]  # what changed beyond the sizes: untied head, approximate depth, ...
+    #: this step's own plan, relative to its input (``plan`` itself unless the input was an
+    #: expanded model): what a folder's config.json is rewritten by
+    step: Plan | None = None
+
+    @property
+    def step_plan(self) -> Plan:
+        return self.step or self.plan
 
     @property
     def verified(self) -> bool:
@@ -115,6 +122,10 @@ def _prepare(src, *, width: float | None, depth: float | None, hidden: int | Non
     with progress.stage("load") as st:
         model = io.load(src)
         st.summary = f"loaded {src}"
+    from .merged import MergedDecoder, is_merged
+
+    if is_merged(model):  # expanded through its two decoders (merged.py)
+        raise MergedDecoder(str(src))
     with progress.stage("recognise") as st:
         rec = Recognizer(model)
         desc = rec.run()
@@ -161,6 +172,11 @@ def _rewrite(model, rec, desc, plan: Plan, progress: Progress) -> None:
         if plan.widens:
             stats = expand_width(rec, desc, plan)
             maps = stats.pop("maps")
+            for name, layout in stats.pop("output_layouts").items():
+                plan.outputs[name]["layout"] = layout  # what an encoder's decoder reads
+            from .components.cross_attention import plan_maps as memory_maps
+
+            memory_maps(plan, desc, maps["memory"])
             s, t = plan.source, plan.target
             st.summary = (f"width: hidden {s['hidden']}->{t['hidden']}, ffn {s['ffn']}->"
                           f"{t['ffn']}, heads {s['heads']}->{t['heads']} (stream form "
@@ -260,10 +276,21 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
     with signals.handling(), contract_errors("expanding"), contextlib.closing(progress):
         _check_request(src, dest, (width, depth, hidden, ffn, heads, layers),
                        placement=placement, depth_init=depth_init, provider=provider)
-        model, rec, desc, plan = _prepare(
-            src, width=width, depth=depth, hidden=hidden, ffn=ffn, heads=heads, layers=layers,
-            placement=placement, depth_init=depth_init, seed=seed, keep_tie=keep_tie,
-            noise_scale=noise_scale, progress=progress)
+        from .merged import MergedDecoder, expand_merged
+
+        try:
+            model, rec, desc, plan = _prepare(
+                src, width=width, depth=depth, hidden=hidden, ffn=ffn, heads=heads,
+                layers=layers, placement=placement, depth_init=depth_init, seed=seed,
+                keep_tie=keep_tie, noise_scale=noise_scale, progress=progress)
+        except MergedDecoder:
+            return expand_merged(src, dest, progress=progress, report=report, width=width,
+                                 depth=depth, hidden=hidden, ffn=ffn, heads=heads,
+                                 layers=layers, placement=placement, depth_init=depth_init,
+                                 seed=seed, verify=verify, provider=provider, atol=atol,
+                                 rtol=rtol, inputs=inputs, layerwise=layerwise,
+                                 keep_tie=keep_tie, float64=float64, noise_scale=noise_scale,
+                                 blockwise=blockwise)
         with progress.stage("estimate") as st:  # exit 2 now when it cannot fit
             est = estimate.estimate(desc, plan, model, src=src, dest=dest)
             estimate.check(est, verify=verify, flags=_flags(width, depth, hidden, ffn, heads,
@@ -313,7 +340,7 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
             if config_note:
                 progress.note(config_note)
         return ExpandResult(output=dest, plan=recorded, verification=vreport,
-                            notes=list(recorded.notes))
+                            notes=list(recorded.notes), step=plan)
 
 
 def _config_beside(src: Path, dest: Path, plan: Plan, staging: "Staging") -> str | None:

@@ -57,10 +57,13 @@ class FolderResult:
     copied: list  # other files, copied unchanged
     config: dict | None  # the written config.json
     notes: list
+    #: an encoder-decoder's pipeline check (verify/seq2seq.py), None where none ran
+    pipeline: object = None
 
     @property
     def verified(self) -> bool:
-        return all(r.verified for r in self.files.values())
+        return all(r.verified for r in self.files.values()) and \
+            (self.pipeline is None or self.pipeline.passed)
 
     @property
     def plan(self):
@@ -72,11 +75,20 @@ class FolderResult:
             v = r.verification
             parts.append(f"{name} " + (f"verified ({v.summary()})" if v is not None
                                        else "NOT verified (--no-verify)"))
-        p = self.plan
-        s, t = p.step_source, p.target
-        line = (f"wrote {self.output}/: {len(self.files)} model file(s), layers {s['layers']}->"
-                f"{t['layers']}, hidden {s['hidden']}->{t['hidden']}, ffn {s['ffn']}->"
-                f"{t['ffn']}, heads {s['heads']}->{t['heads']}; " + "; ".join(parts))
+        stacks = {}
+        for name, r in self.files.items():  # an encoder-decoder: each stack's sizes
+            stacks.setdefault(stack_of(Path(name).name), r.step_plan)
+        sizes = []
+        for stack, p in stacks.items():
+            s, t = p.step_source, p.target
+            sizes.append((f"{stack}: " if len(stacks) > 1 else "")
+                         + f"layers {s['layers']}->{t['layers']}, hidden {s['hidden']}->"
+                         f"{t['hidden']}, ffn {s['ffn']}->{t['ffn']}, heads {s['heads']}->"
+                         f"{t['heads']}")
+        line = (f"wrote {self.output}/: {len(self.files)} model file(s), " + "; ".join(sizes)
+                + "; " + "; ".join(parts))
+        if self.pipeline is not None:
+            line += f"; {self.pipeline.summary()}"
         if self.config is not None:
             line += f"; config.json rewritten, {len(self.copied)} other file(s) copied"
         else:
@@ -129,6 +141,7 @@ def describe_folder(src) -> dict:
     expanded), its stack, the config's model_type, the files that would be copied."""
     from .errors import LemonError
     from .io import load
+    from .merged import describe, is_merged
     from .recognize import recognize
 
     src = Path(src)
@@ -139,7 +152,16 @@ def describe_folder(src) -> dict:
     for f in files:
         entry = {"stack": stack_of(f.name)}
         try:
-            entry["description"] = recognize(load(src / f))
+            model = load(src / f)
+            if is_merged(model):  # each branch is a decoder of its own
+                branches = describe(src / f)
+                refused = {k: d for k, d in branches.items() if isinstance(d, str)}
+                if refused:
+                    entry["refused"] = "; ".join(f"{k} branch: {d}" for k, d in refused.items())
+                else:
+                    entry["branches"] = branches
+            else:
+                entry["description"] = recognize(model)
         except LemonError as exc:
             entry["refused"] = exc.message
         out["files"][str(f)] = entry
@@ -206,12 +228,18 @@ def expand_folder(src, out, *, progress: Progress | bool = False, **options) -> 
                 results[str(f)] = expand(src / f, stage / f, progress=_child(progress),
                                          report=file_report, config_beside=False, **options)
             plans = _stack_plans(results)
+            pipeline = _pipeline(src, stage, results, options, report, progress)
             copied = _copy_others(src, stage, files)
             new_cfg, notes = None, []
             if cfg is not None:
                 main = plans.get("model") or plans.get("encoder") or plans["decoder"]
                 dec = plans.get("decoder") if "encoder" in plans else None
-                new_cfg, notes = hfconfig.expanded_config(cfg, main, decoder_plan=dec)
+                from .components.head import UNTIED_NOTE
+
+                untied = any(n.startswith(UNTIED_NOTE) for r in results.values()
+                             for n in r.plan.notes)
+                new_cfg, notes = hfconfig.expanded_config(cfg, main, decoder_plan=dec,
+                                                          tie=False if untied else None)
                 check_cache_config(new_cfg, stage, files)
                 (stage / CONFIG).write_text(json.dumps(new_cfg, indent=2) + "\n")
             for n in notes:
@@ -220,7 +248,32 @@ def expand_folder(src, out, *, progress: Progress | bool = False, **options) -> 
         finally:
             with signals.deferred():
                 shutil.rmtree(stage, ignore_errors=True)
-        return FolderResult(dest, results, copied, new_cfg, notes)
+        return FolderResult(dest, results, copied, new_cfg, notes, pipeline)
+
+
+def _pipeline(src: Path, stage: Path, results: dict, options: dict, report, progress):
+    """An encoder-decoder folder is also checked as its runtime runs it: the encoder once,
+    the decoders without and with past, cached steps compared one by one
+    (``verify/seq2seq.py``).  A mismatch stops the folder (exit 1), nothing written."""
+    from .errors import MismatchError
+    from .expand import write_report
+    from .verify import seq2seq
+
+    if not options.get("verify", True) or not seq2seq.applies(src):
+        return None
+    with progress.stage("pipeline") as st:
+        rep = seq2seq.check(src, stage, provider=options.get("provider", "auto"),
+                            seed=options.get("seed", 0),
+                            approximate=any(not r.plan.exact for r in results.values()))
+        st.summary = rep.summary()
+    if report is not None:
+        write_report(rep, report if str(report) == "-" else
+                     Path(report).with_name(f"{Path(report).stem}.pipeline"
+                                            f"{Path(report).suffix}"))
+    if not rep.passed:
+        raise MismatchError("the expanded folder's encoder-decoder pipeline does not reproduce "
+                            "the source's; nothing was written.\n" + rep.format())
+    return rep
 
 
 def _child(progress: Progress) -> Progress:
@@ -234,7 +287,7 @@ def _stack_plans(results: dict) -> dict:
     first: dict[str, str] = {}
     for name, r in results.items():
         stack = stack_of(Path(name).name)
-        p = json.loads(r.plan.to_json())
+        p = json.loads(r.step_plan.to_json())  # relative to this step's input
         if stack not in plans:
             plans[stack], first[stack] = p, name
             continue
@@ -250,7 +303,28 @@ def _stack_plans(results: dict) -> dict:
     if len(set(hidden.values())) > 1:
         raise UnsupportedModelError(f"the stacks of this folder would get different hidden "
                                     f"sizes ({hidden}); nothing was written.")
+    _check_memory_layout(results, plans)
     return plans
+
+
+def _check_memory_layout(results: dict, plans: dict) -> None:
+    """A decoder's cross-attention reads the encoder's output in the layout its fan-in was
+    widened for (the plan's ``memory`` input map); the encoder must write that layout (its
+    hidden output's ``layout``), or the pair would compute something else."""
+    enc = plans.get("encoder")
+    if enc is None:
+        return
+    layouts = [m["layout"] for m in (enc.get("outputs") or {}).values() if "layout" in m]
+    for name, r in results.items():
+        if stack_of(Path(name).name) != "decoder":
+            continue
+        for inp, m in (json.loads(r.step_plan.to_json()).get("inputs") or {}).items():
+            if m.get("memory") and layouts and m.get("index") not in layouts:
+                raise UnsupportedModelError(
+                    f"{name}'s cross-attention reads {inp} in another layout than the encoder "
+                    "writes its output in (e.g. a pre-norm decoder beside an encoder without a "
+                    "final norm), so the expanded pair would not compute the same; nothing "
+                    "was written.", hint="Report this folder with inspect DIR --json.")
 
 
 def _other_files(src: Path, files: list[Path]) -> list[Path]:
@@ -326,3 +400,80 @@ def _commit(stage: Path, dest: Path) -> None:
         stage.mkdir()  # for the caller's cleanup
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclasses.dataclass
+class FolderReport:
+    """``verify`` of two export folders: one report per model file, and the pipeline check
+    of an encoder-decoder."""
+
+    files: dict  # file -> VerifyReport (a merged decoder's: a BranchesReport)
+    pipeline: object = None
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.files.values()) and \
+            (self.pipeline is None or self.pipeline.passed)
+
+    @property
+    def provider_used(self) -> str:
+        return next(iter(self.files.values())).provider_used
+
+    def summary(self) -> str:
+        parts = [f"{n}: {r.summary()}" for n, r in self.files.items()]
+        if self.pipeline is not None:
+            parts.append(self.pipeline.summary())
+        return "; ".join(parts)
+
+    def format(self) -> str:
+        text = [f"{'PASS' if self.passed else 'FAIL'}: {len(self.files)} model file(s)"
+                + (" and the encoder-decoder pipeline" if self.pipeline is not None else "")]
+        for n, r in self.files.items():
+            text.append(f"{n}:\n{r.format()}")
+        if self.pipeline is not None:
+            text.append(self.pipeline.format())
+        return "\n".join(text)
+
+    def to_json(self, **kw) -> str:
+        kw.setdefault("indent", 2)
+        return json.dumps({"passed": self.passed,
+                           "files": {n: json.loads(r.to_json()) for n, r in self.files.items()},
+                           "pipeline": None if self.pipeline is None
+                           else self.pipeline.to_dict()}, **kw)
+
+
+def verify_folder(small, big, **options) -> FolderReport:
+    """``verify`` for export folders: each model file of ``big`` against the file of the same
+    name in ``small`` (``verify.verify``'s ``options``), then an encoder-decoder's pipeline."""
+    from .verify import seq2seq, verify
+
+    small, big = Path(small), Path(big)
+    if not big.is_dir():
+        raise InputError(f"{small} is a folder but {big} is not: give two export folders, or "
+                         "two model files.")
+    files = model_files(small)
+    missing = [str(f) for f in files if not (big / f).is_file()]
+    if missing:
+        raise InputError(f"{big} lacks {', '.join(missing)}, which {small} has.",
+                         hint="Compare a folder with its own expansion (lemon-onnx expand DIR).")
+    reports = {str(f): verify(small / f, big / f, **options) for f in files}
+    pipeline = None
+    if seq2seq.applies(small):
+        pipeline = seq2seq.check(small, big, provider=options.get("provider", "auto"),
+                                 seed=options.get("seed", 0),
+                                 approximate=_approximate(big, files))
+    return FolderReport(reports, pipeline)
+
+
+def _approximate(folder: Path, files: list) -> bool:
+    """Whether any file's recorded plan says the expansion is approximate by design."""
+    import onnx
+
+    from .plan import PLAN_KEY
+
+    for f in files:
+        proto = onnx.load(str(folder / f), load_external_data=False)
+        for p in proto.metadata_props:
+            if p.key == PLAN_KEY and json.loads(p.value).get("exact") is False:
+                return True
+    return False

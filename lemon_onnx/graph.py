@@ -80,6 +80,18 @@ def scalar_const(v: ir.Value | None) -> float | None:
     return float(arr.reshape(-1)[0])
 
 
+def scalar_scaled(node: ir.Node) -> ir.Value | None:
+    """The data input of a Mul (or Div) by a scalar constant, else None: the same factor on
+    every channel, so it holds in any layout (T5's tied head reads the stream times
+    d_model^-0.5; BART scales k by sqrt(scale))."""
+    if node.op_type not in ("Mul", "Div") or len(node.inputs) != 2:
+        return None
+    a, b = node.inputs
+    data, other = (b, a) if node.op_type == "Mul" and is_const(a) else (a, b)
+    arr = const_array(other)
+    return data if arr is not None and arr.size == 1 and not is_const(data) else None
+
+
 def skip_pass(v: ir.Value) -> ir.Value:
     """Follow Identity/Dropout/Cast forward when they are the only consumer."""
     while True:

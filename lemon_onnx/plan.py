@@ -177,7 +177,8 @@ def _targets(desc, req: dict) -> tuple[dict, str]:
                        vary=_given(req, ("heads", "width", "hidden")))
     # the residual stream's form
     integer = hidden % d == 0
-    post = desc.layout == "post-norm" or desc.embeddings.norm is not None
+    post = desc.layout == "post-norm" or desc.embeddings.norm is not None or \
+        desc.embeddings.token_norm is not None
     if post and not integer:
         why = ("a Post-LN model" if desc.layout == "post-norm"
                else "a LayerNorm on the embeddings")
@@ -359,6 +360,9 @@ def _compose_map(first: dict, second: dict | None) -> dict:
         if kind2 == "prefix" and second.get("axis", -1) != first.get("axis", -1):
             raise PlanError(f"cannot compose output maps {first} and {second} (different axes)")
         out = {k: v for k, v in first.items() if k != "name"}
+        if "layout" in first and "layout" in second:  # the final coordinates' sources
+            out["layout"] = _compose_take({"index": first["layout"]},
+                                          {"index": second["layout"]})["index"]
     elif kind1 == "take" or kind2 == "take":
         out = {"compare": "take", **_compose_take(first, second)}
     else:
@@ -375,8 +379,9 @@ def _compose_take(first: dict, second: dict) -> dict:
     axis = first.get("axis", second.get("axis"))
     if i1 is not None and i2 is not None and first.get("axis") != second.get("axis"):
         raise PlanError(f"cannot compose maps {first} and {second} (different axes)")
-    index = [i1[j] for j in i2] if i1 is not None and i2 is not None else (i2 if i1 is None
-                                                                           else i1)
+    # -1: a zero slot (a stream's leftover in the zero form) stays one
+    index = ([i1[j] if j >= 0 else -1 for j in i2] if i1 is not None and i2 is not None
+             else (i2 if i1 is None else i1))
     return {"axis": axis, "index": list(index)} if index is not None else {}
 
 
@@ -384,6 +389,7 @@ def _compose_feed(first: dict, second: dict) -> dict:
     """Input maps (``plan.inputs``), original -> middle -> final: the final input comes from
     the original input the middle one came from, taken by both maps, zero if either is."""
     out = {"from": first["from"], **_compose_take(first, second)}
-    if first.get("zeros") or second.get("zeros"):
-        out["zeros"] = True
+    for flag in ("zeros", "memory"):
+        if first.get(flag) or second.get(flag):
+            out[flag] = True
     return out

@@ -155,6 +155,9 @@ class Recognizer(GraphIndex):
         for b in blocks:
             a, m = b.attention, b.mlp
             known |= {l.node for l in (a.q, a.k, a.v, a.qkv, a.out, m.up, m.gate, m.down) if l}
+            x = b.cross_attention
+            if x is not None:
+                known |= {l.node for l in (x.q, x.k, x.v, x.out) if l}
         for h in heads:
             known |= {l.node for l in (h.linear, h.transform) if l}
         return [f"linear {lin.node} [{lin.in_features}->{lin.out_features}] (weight "

@@ -49,6 +49,14 @@ IMAGE = dict(hidden_size=64, num_attention_heads=4, intermediate_size=128, num_h
 
 GEN = "text-generation-with-past"
 S2S = "text2text-generation-with-past"
+#: T5's relatives and BART's (their configs share these keys)
+T5_LIKE = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+               vocab_size=V, relative_attention_num_buckets=8, relative_attention_max_distance=32,
+               decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+BART_LIKE = dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                 decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                 vocab_size=V, max_position_embeddings=128, pad_token_id=1, eos_token_id=2,
+                 decoder_start_token_id=2, forced_eos_token_id=None)
 
 #: name -> (config class, config kwargs, model class, optimum task, ORTModel class)
 ENTRIES = {
@@ -112,6 +120,41 @@ ENTRIES = {
                                     eos_token_id=2, decoder_start_token_id=2,
                                     forced_eos_token_id=None),
                  "BartForConditionalGeneration", S2S, "ORTModelForSeq2SeqLM"),
+    # T5 v1.1 / mT5: gated GELU, an untied head (no d_model^-0.5 before it), and stacks of
+    # different depths
+    "t5gated-s2s": ("T5Config", dict(T5_LIKE, num_layers=3, feed_forward_proj="gated-gelu",
+                                     tie_word_embeddings=False),
+                    "T5ForConditionalGeneration", S2S, "ORTModelForSeq2SeqLM"),
+    "mt5-s2s": ("MT5Config", dict(T5_LIKE), "MT5ForConditionalGeneration", S2S,
+                "ORTModelForSeq2SeqLM"),
+    # BART's relatives: mBART (pre-norm, a LayerNorm on the embeddings and after each stack),
+    # Marian (Post-LN, sinusoidal positions, scaled embeddings), Pegasus (pre-norm, sinusoidal)
+    "mbart-s2s": ("MBartConfig", dict(BART_LIKE, bos_token_id=0),
+                  "MBartForConditionalGeneration", S2S, "ORTModelForSeq2SeqLM"),
+    "marian-s2s": ("MarianConfig", dict(BART_LIKE, decoder_start_token_id=1), "MarianMTModel", S2S,
+                   "ORTModelForSeq2SeqLM"),
+    "pegasus-s2s": ("PegasusConfig", dict(BART_LIKE, pad_token_id=0, eos_token_id=1,
+                                          decoder_start_token_id=0),
+                    "PegasusForConditionalGeneration", S2S, "ORTModelForSeq2SeqLM"),
+    # more of BART's relatives: M2M100 (pre-norm, sinusoidal, scaled embeddings), Blenderbot
+    # (pre-norm), BlenderbotSmall (Post-LN, its decoder normalises the token embedding before
+    # adding positions), BigBird-Pegasus with full attention (pre-norm)
+    "m2m100-s2s": ("M2M100Config", dict(BART_LIKE), "M2M100ForConditionalGeneration", S2S,
+                   "ORTModelForSeq2SeqLM"),
+    "blenderbot-s2s": ("BlenderbotConfig", dict(BART_LIKE), "BlenderbotForConditionalGeneration",
+                       S2S, "ORTModelForSeq2SeqLM"),
+    "blenderbotsmall-s2s": ("BlenderbotSmallConfig", dict(BART_LIKE),
+                            "BlenderbotSmallForConditionalGeneration", S2S,
+                            "ORTModelForSeq2SeqLM"),
+    "bigbirdpegasus-s2s": ("BigBirdPegasusConfig", dict(BART_LIKE, attention_type="original_full"),
+                           "BigBirdPegasusForConditionalGeneration", S2S,
+                           "ORTModelForSeq2SeqLM"),
+    # LongT5: its encoder's local attention (blocks of tokens) is refused with the reason
+    "longt5-s2s": ("LongT5Config", dict(T5_LIKE, local_radius=4),
+                   "LongT5ForConditionalGeneration", S2S, "ORTModelForSeq2SeqLM"),
+    "bart3x2-s2s": ("BartConfig", dict(BART_LIKE, encoder_layers=3, decoder_ffn_dim=96,
+                                       bos_token_id=0),
+                    "BartForConditionalGeneration", S2S, "ORTModelForSeq2SeqLM"),
     # ---- encoders ---------------------------------------------------------------------
     "bert-features": ("BertConfig", dict(TEXT), "BertModel", "feature-extraction",
                       "ORTModelForFeatureExtraction"),

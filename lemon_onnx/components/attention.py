@@ -54,26 +54,7 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> Attention:
     ordered = sorted(nodes, key=lambda n: ctx.order.get(n, 0))  # never a set's whim
     out = out_linear(ctx, branch_out)
     ins = [l for l in linears_reading(ctx, x, nodes) if l is not out]
-    attn_op = next((n for n in ordered if n.op_type == "Attention"), None)
-    score = pv = None
-    if attn_op is None:
-        softmax = next((n for n in ordered if n.op_type == "Softmax"), None)
-        if softmax is None:
-            raise UnsupportedModelError(
-                f"Block {idx}: the first residual branch has no Softmax and no Attention op; "
-                "it is not a recognisable self-attention.")
-        for n in ordered:
-            if n.op_type == "MatMul" and not is_const(n.inputs[1]) and not is_const(n.inputs[0]):
-                if ctx.depends_on(n.inputs[0], softmax.outputs[0]):
-                    pv = n
-                elif ctx.depends_on(softmax.inputs[0], n.outputs[0]):
-                    score = n
-        if score is None or pv is None:
-            raise UnsupportedModelError(f"Block {idx}: attention found a Softmax but not the "
-                                        "Q.K^T and P.V MatMuls around it.")
-        q_t, k_t, v_t = score.inputs[0], score.inputs[1], pv.inputs[1]
-    else:
-        q_t, k_t, v_t = attn_op.inputs[0], attn_op.inputs[1], attn_op.inputs[2]
+    attn_op, score, q_t, k_t, v_t = find_scores(ctx, ordered, idx)
 
     def reaches(lin_out: ir.Value, target: ir.Value) -> bool:
         # by values: a scale computed from q's shape (SDPA's sqrt(scale) on q and on k)
@@ -109,52 +90,8 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> Attention:
                 f"Block {idx}: could not tell the Q, K and V projections apart "
                 f"({len(ins)} projections read the attention input, and each reaches more "
                 f"than one of the score's and the values' inputs).{why}")
-    # heads and head_dim from the atoms of the attention's axes
-    hd_leaves = ctx.leaves(q_t, -1)
-    if attn_op is not None and len(ctx.ax.get(q_t) or []) == 3:
-        qa = ctx.leaves(q_t, -1)
-        heads_l = _attr_heads(ctx, attn_op, "q_num_heads", qa)
-        hd_leaves = qa[len(heads_l):]
-        kv_l = _attr_heads(ctx, attn_op, "kv_num_heads", ctx.leaves(k_t, -1))
-    else:
-        so = (score.outputs[0] if score is not None else attn_op.outputs[0])
-        sax = ctx.ax.get(so) or []
-        heads_l = dims.leaves(sax[-3]) if len(sax) >= 4 else []
-        kax = ctx.ax.get(k_t) or []
-        kv_l = dims.leaves(kax[-3]) if len(kax) >= 4 else []
-        if len(sax) == 3:
-            # batch and heads merged on one axis (Bloom's baddbmm, DeBERTa's bmm): the heads
-            # are that axis's static atoms (the batch is dynamic)
-            heads_l = [a for a in dims.leaves(sax[0]) if a.size is not None]
-            kv_l = [a for a in dims.leaves(kax[0]) if a.size is not None] if len(kax) == 3 \
-                else []
-        if score is None and len(ctx.ax.get(q_t) or []) == 4:
-            heads_l = dims.leaves(ctx.ax.get(q_t)[1])
-        if attn_op is not None and len(kax) == 4:
-            kv_l = dims.leaves(kax[1])
-    # GQA: the K heads axis after repeat_kv is (kv_heads, groups); K before repeat is kv_heads
-    kproj = k or qkv
-    k_out = ctx.leaves(ctx._values[kproj.output], -1)
-    k_hd = [a for a in ctx.leaves(k_t, -1) if a not in kv_l]  # K's own head_dim atoms
-    kv_from_proj = [a for a in k_out if a not in hd_leaves and a not in k_hd]
-    if k is not None and kv_from_proj:
-        kv_l = kv_from_proj
-    unknown = [a for a in list(heads_l) + list(hd_leaves) if a.size is None]
-    if unknown:
-        raise UnsupportedModelError(
-            f"Block {idx}: the attention's head axes have sizes the shape reasoning cannot "
-            f"read ({q_t.name}: {ctx.ax.get(q_t)}), e.g. because q, k and v are cut apart with "
-            "bounds computed at run time.",
-            hint="Export with the dynamo exporter (torch.onnx.export(..., dynamo=True)), which "
-                 "writes these bounds as constants.")
-    heads = int(np.prod([a.size for a in heads_l])) if heads_l else 0
-    head_dim = int(np.prod([a.size for a in hd_leaves])) if hd_leaves else 0
-    # the K projection's width says how many KV heads there are (a single KV head has no
-    # atom of its own: size-1 axes vanish in the atom algebra)
-    if k is not None and head_dim and k.out_features % head_dim == 0:
-        kv_heads = k.out_features // head_dim
-    else:
-        kv_heads = int(np.prod([a.size for a in kv_l])) if kv_l else heads
+    heads_l, kv_l, hd_leaves, heads, head_dim, kv_heads = read_heads(
+        ctx, attn_op, score, q_t, k_t, k, k or qkv, idx)
     layout = None
     if qkv is not None:
         kv_heads, layout = _fused_layout(ctx, qkv, heads, head_dim, heads_l, kv_l, idx)
@@ -182,15 +119,99 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> Attention:
             fused[0].role = "qkv_width"
         for a in fused:  # what is left once heads and head_dim are named: the q/k/v parts
             a.role = a.role or "qkv_parts"
-    v_l = ctx.leaves(v_t, -1)
-    if len(v_l) == 1 and v_l[0].role is None:
-        v_l[0].role = "head_dim"
+    name_value_head_dim(ctx, v_t)
     q_norm = _projection_norm(ctx, q, nodes)
     k_norm = _projection_norm(ctx, k, nodes)
     expressed = "onnx-attention" if attn_op is not None else ("fused-qkv" if qkv else "decomposed")
     return Attention(expressed, heads, kv_heads, head_dim, q, k, v, qkv, split_node, out,
                      score.name if score is not None else attn_op.name, bool(rotary), layout,
                      q_norm, k_norm)
+
+
+def find_scores(ctx, ordered: list, idx: int):
+    """The attention inside a branch's nodes (in graph order): an ONNX ``Attention`` op, or
+    the Softmax between a Q.K^T MatMul and a P.V MatMul.  Returns (Attention op or None,
+    score MatMul or None, q, k, v): the values the scores and the weighted sum read."""
+    attn_op = next((n for n in ordered if n.op_type == "Attention"), None)
+    if attn_op is not None:
+        return attn_op, None, attn_op.inputs[0], attn_op.inputs[1], attn_op.inputs[2]
+    softmax = next((n for n in ordered if n.op_type == "Softmax"), None)
+    if softmax is None:
+        raise UnsupportedModelError(
+            f"Block {idx}: the first residual branch has no Softmax and no Attention op; "
+            "it is not a recognisable self-attention.")
+    score = pv = None
+    for n in ordered:
+        if n.op_type == "MatMul" and not is_const(n.inputs[1]) and not is_const(n.inputs[0]):
+            if ctx.depends_on(n.inputs[0], softmax.outputs[0]):
+                pv = n
+            elif ctx.depends_on(softmax.inputs[0], n.outputs[0]):
+                score = n
+    if score is None or pv is None:
+        raise UnsupportedModelError(f"Block {idx}: attention found a Softmax but not the "
+                                    "Q.K^T and P.V MatMuls around it.")
+    return None, score, score.inputs[0], score.inputs[1], pv.inputs[1]
+
+
+def read_heads(ctx, attn_op, score, q_t: ir.Value, k_t: ir.Value, k: Linear | None,
+               kproj: Linear | None, idx: int):
+    """Heads and head_dim from the atoms of the attention's axes: (query-head atoms, KV-head
+    atoms, head_dim atoms, heads, head_dim, KV heads).  ``k``: the K projection when it is
+    one of its own (its width counts the KV heads), ``kproj``: the projection K comes from
+    (a fused one included), None when K arrives from outside (a cache input)."""
+    hd_leaves = ctx.leaves(q_t, -1)
+    if attn_op is not None and len(ctx.ax.get(q_t) or []) == 3:
+        qa = ctx.leaves(q_t, -1)
+        heads_l = _attr_heads(ctx, attn_op, "q_num_heads", qa)
+        hd_leaves = qa[len(heads_l):]
+        kv_l = _attr_heads(ctx, attn_op, "kv_num_heads", ctx.leaves(k_t, -1))
+    else:
+        so = (score.outputs[0] if score is not None else attn_op.outputs[0])
+        sax = ctx.ax.get(so) or []
+        heads_l = dims.leaves(sax[-3]) if len(sax) >= 4 else []
+        kax = ctx.ax.get(k_t) or []
+        kv_l = dims.leaves(kax[-3]) if len(kax) >= 4 else []
+        if len(sax) == 3:
+            # batch and heads merged on one axis (Bloom's baddbmm, DeBERTa's bmm): the heads
+            # are that axis's static atoms (the batch is dynamic)
+            heads_l = [a for a in dims.leaves(sax[0]) if a.size is not None]
+            kv_l = [a for a in dims.leaves(kax[0]) if a.size is not None] if len(kax) == 3 \
+                else []
+        if score is None and len(ctx.ax.get(q_t) or []) == 4:
+            heads_l = dims.leaves(ctx.ax.get(q_t)[1])
+        if attn_op is not None and len(kax) == 4:
+            kv_l = dims.leaves(kax[1])
+    # GQA: the K heads axis after repeat_kv is (kv_heads, groups); K before repeat is kv_heads
+    if kproj is not None:
+        k_out = ctx.leaves(ctx._values[kproj.output], -1)
+        k_hd = [a for a in ctx.leaves(k_t, -1) if a not in kv_l]  # K's own head_dim atoms
+        kv_from_proj = [a for a in k_out if a not in hd_leaves and a not in k_hd]
+        if k is not None and kv_from_proj:
+            kv_l = kv_from_proj
+    unknown = [a for a in list(heads_l) + list(hd_leaves) if a.size is None]
+    if unknown:
+        raise UnsupportedModelError(
+            f"Block {idx}: the attention's head axes have sizes the shape reasoning cannot "
+            f"read ({q_t.name}: {ctx.ax.get(q_t)}), e.g. because q, k and v are cut apart with "
+            "bounds computed at run time.",
+            hint="Export with the dynamo exporter (torch.onnx.export(..., dynamo=True)), which "
+                 "writes these bounds as constants.")
+    heads = int(np.prod([a.size for a in heads_l])) if heads_l else 0
+    head_dim = int(np.prod([a.size for a in hd_leaves])) if hd_leaves else 0
+    # the K projection's width says how many KV heads there are (a single KV head has no
+    # atom of its own: size-1 axes vanish in the atom algebra)
+    if k is not None and head_dim and k.out_features % head_dim == 0:
+        kv_heads = k.out_features // head_dim
+    else:
+        kv_heads = int(np.prod([a.size for a in kv_l])) if kv_l else heads
+    return heads_l, kv_l, hd_leaves, heads, head_dim, kv_heads
+
+
+def name_value_head_dim(ctx, v_t: ir.Value) -> None:
+    """The last axis of the values the weighted sum reads is head_dim."""
+    v_l = ctx.leaves(v_t, -1)
+    if len(v_l) == 1 and v_l[0].role is None:
+        v_l[0].role = "head_dim"
 
 
 def _projection_norm(ctx, lin: Linear | None, nodes: set):

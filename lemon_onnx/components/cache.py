@@ -7,6 +7,14 @@ tokens, and whose joined value leaves the graph as an output (through the same k
 The attention whose scores read the joined keys (or whose weighted sum reads the joined
 values) owns it; which one tells the layer and whether it holds keys or values.
 
+An encoder-decoder's decoder files have caches that are only half of that (``_unjoined``):
+the decoder without past key values returns each layer's keys and values (self- and
+cross-attention) as graph outputs, views of its K and V projections, with no input to join;
+the decoder with past reads the cross-attention's keys and values from graph inputs (the
+encoder cache), which no output returns (they do not change).  Such a slot has only an output
+or only an input; it is owned by the block whose projection makes it or whose attention
+reads it, and twinned, renumbered and mapped like a joined one.
+
 widen: the cache's head axis carries the KV heads (or the heads, without grouped queries), so
 its declared shape grows with them (the width pass computes it from the atoms, like any
 output's); what a runtime feeds is the source's cache with each KV head repeated as the KV-head
@@ -38,18 +46,20 @@ _CARRIERS = ("Cast", "Identity", "CastLike")
 @dataclasses.dataclass
 class CacheSlot:
     """One cache tensor of one layer: the graph input it arrives in and the graph output that
-    returns it grown by the current tokens."""
+    returns it grown by the current tokens (an encoder-decoder's: only one of the two)."""
 
-    input: str  # graph input: the cache of past tokens
-    output: str  # graph output: past + current tokens
+    input: str | None  # graph input: the cache of past tokens (None: output only)
+    output: str | None  # graph output: past + current tokens (None: input only)
     kind: str  # "key" | "value"
     block: int  # the block whose attention reads it
-    concat: str  # the Concat that appends the current tokens
+    concat: str | None  # the Concat that appends the current tokens (None: not joined)
     axis: int  # the sequence axis of the cache tensor (the Concat's axis, non-negative)
     heads_axis: int | None  # the axis carrying the (KV) heads; None for one KV head
     #: nodes from the input to the Concat and from the Concat to the output (the Concat
     #: included), in graph order: what a twin layer clones for its own cache
     nodes: list = dataclasses.field(default_factory=list)
+    #: whose keys or values: the block's "self" attention or its "cross" attention
+    attention: str = "self"
 
 
 def _follow(v: ir.Value, limit: int = 8) -> list[ir.Node]:
@@ -164,7 +174,67 @@ def match(ctx, blocks: list) -> list[CacheSlot]:
         slots.append(CacheSlot(input=v.name, output=out.name, kind=kind, block=owner.index,
                                concat=cat.name, axis=axis, heads_axis=_heads_axis(ctx, fresh),
                                nodes=[n.name for n in sorted(nodes, key=ctx.order.get)]))
-    return sorted(slots, key=lambda s: (s.block, s.kind != "key"))
+    slots += _unjoined(ctx, blocks, {s.output for s in slots})
+    # within a layer, the order the source declares them in (runtimes pair by position)
+    place = {v.name: k for k, v in enumerate(list(ctx.graph.inputs) + list(ctx.graph.outputs))}
+    return sorted(slots, key=lambda s: (s.block, place.get(s.input or s.output, 0)))
+
+
+#: ops that carry keys or values to a graph output (or from a cache input) as views
+_VIEWS = ("Reshape", "Transpose", "Cast", "Identity", "Unsqueeze", "Squeeze")
+
+
+def _unjoined(ctx, blocks: list, joined: set) -> list[CacheSlot]:
+    """An encoder-decoder's half caches (module docstring): graph outputs that are views of a
+    K or V projection (its output reshaped into heads), and a cross-attention's graph inputs
+    of keys and values."""
+    outputs = {v for v in ctx.graph.outputs if v.name not in joined}
+    slots = []
+    for b in blocks:
+        x = b.cross_attention
+        sources = [(b.attention.k, "key", "self"), (b.attention.v, "value", "self")]
+        if x is not None:
+            sources += [(x.k, "key", "cross"), (x.v, "value", "cross")]
+        for lin, kind, which in sources:
+            if lin is None:
+                continue
+            for out, path in _views_to_outputs(ctx._values[lin.output], outputs):
+                slots.append(CacheSlot(input=None, output=out.name, kind=kind, block=b.index,
+                                       concat=None, axis=_sequence_axis(ctx, out),
+                                       heads_axis=_heads_axis(ctx, [out]),
+                                       nodes=[n.name for n in path], attention=which))
+        if x is not None and x.key_input:
+            for name, kind in ((x.key_input, "key"), (x.value_input, "value")):
+                v = ctx._values[name]
+                slots.append(CacheSlot(input=name, output=None, kind=kind, block=b.index,
+                                       concat=None, axis=_sequence_axis(ctx, v),
+                                       heads_axis=_heads_axis(ctx, [v]), attention="cross"))
+    return slots
+
+
+def _views_to_outputs(v: ir.Value, outputs: set) -> list:
+    """Graph outputs reached from ``v`` through view ops only: [(output, the ops)]."""
+    found, frontier = [], [(v, [])]
+    while frontier:
+        x, path = frontier.pop()
+        if x in outputs and path:
+            found.append((x, path))
+        for c in x.consumers():
+            if c.op_type in _VIEWS and c.domain in ("", "ai.onnx") and c.inputs[0] is x and \
+                    len(path) < 8:
+                frontier.append((c.outputs[0], path + [c]))
+    return found
+
+
+def _sequence_axis(ctx, v: ir.Value) -> int:
+    """The tokens axis of a cache tensor [batch, heads, tokens, head_dim]: the axis before
+    the last (head_dim), read from the atoms where they name it."""
+    axes = ctx.ax.get(v) or []
+    for k, axis in enumerate(axes[:-1]):
+        atoms = dims.leaves(axis)
+        if atoms and all(a.size is None for a in atoms) and k > 0:
+            return k
+    return max(len(axes) - 2, 0)
 
 
 def _heads_axis(ctx, fresh: list) -> int | None:
@@ -185,6 +255,8 @@ def twin_inputs(dp, slots: list, tag: str) -> dict:
     g = dp.graph
     seed = {}
     for s in slots:
+        if s.input is None:
+            continue
         src = dp._rec._values[s.input]
         new = ir.Value(name=f"{s.input}__{tag}", shape=src.shape, type=src.type)
         g.inputs.append(new)
@@ -199,15 +271,18 @@ def twin_outputs(dp, slots: list, mapping: dict) -> list:
     vals = dp._rec._values
     made = []
     for s in slots:
-        src_out = vals[s.output]
-        new_out = mapping.get(src_out)
-        new_in = mapping.get(vals[s.input])
-        if new_out is None or new_in is None:
+        new_in = mapping.get(vals[s.input]) if s.input else None
+        new_out = None
+        if s.output:
+            src_out = vals[s.output]
+            new_out = mapping.get(src_out)
+            if new_out is not None:
+                new_out.shape = src_out.shape
+                g.outputs.append(new_out)
+        if (s.input and new_in is None) or (s.output and new_out is None):
             raise PlanError(f"the twin of block {s.block} did not clone the cache {s.input} -> "
                             f"{s.output} (Concat {s.concat}).")
-        new_out.shape = src_out.shape
-        g.outputs.append(new_out)
-        made.append((s, new_in.name, new_out.name))
+        made.append((s, new_in.name if new_in else None, new_out.name if new_out else None))
     return made
 
 
@@ -230,8 +305,10 @@ def renumber(dp, slots: list, twins: dict, order: list) -> dict:
         else:
             entries = twins.get((src, copy), [])
         for s, name_in, name_out in entries:
-            new_in.append((vals[name_in], in_style(s.input, pos)))
-            new_out.append((vals[name_out], out_style(s.output, pos)))
+            if name_in:
+                new_in.append((vals[name_in], in_style(s.input, pos)))
+            if name_out:
+                new_out.append((vals[name_out], out_style(s.output, pos)))
     moving = {id(v) for v, _ in new_in + new_out}
     others = {v.name for v in g.inputs if id(v) not in moving} | {
         o.name for n in g for o in n.outputs if id(o) not in moving}
@@ -245,8 +322,10 @@ def renumber(dp, slots: list, twins: dict, order: list) -> dict:
         v.name = f"{v.name}__lemon_renumber"
     for v, new in new_in + new_out:
         v.name = new
-    _reorder(g.inputs, [v for v, _ in new_in])
-    _reorder(g.outputs, [v for v, _ in new_out])
+    if new_in:
+        _reorder(g.inputs, [v for v, _ in new_in])
+    if new_out:
+        _reorder(g.outputs, [v for v, _ in new_out])
     return {old[id(v)]: new for v, new in new_in + new_out}
 
 
@@ -262,8 +341,9 @@ def _reorder(seq, ordered: list) -> None:
 def naming(slots: list):
     """(input renamer, output renamer) for the cache tensors' own style; refused (exit 2)
     when no number in the names counts the layers.  Called before any rewriting."""
-    return (_style([(s.input, s.block) for s in slots]),
-            _style([(s.output, s.block) for s in slots]))
+    ins = [(s.input, s.block) for s in slots if s.input]
+    outs = [(s.output, s.block) for s in slots if s.output]
+    return (_style(ins) if ins else None), (_style(outs) if outs else None)
 
 
 _NUM = re.compile(r"(\d+)")
@@ -313,10 +393,13 @@ def plan_maps(plan, slots: list, renamed: dict, twins: list, kv_index: list | No
             feed.update(axis=s.heads_axis, index=list(kv_index))
         if new_out != s.output:
             m["name"] = new_out
-        plan.outputs[s.output] = m
-        if len(feed) > 1 or new_in != s.input:
+        if s.output:
+            plan.outputs[s.output] = m
+        if s.input and (len(feed) > 1 or new_in != s.input):
             plan.inputs[new_in] = feed
     for s, name_in, _name_out in twins:
+        if not name_in:
+            continue  # a twin's own output: only the expanded model has it
         feed = {"from": s.input, "zeros": True}
         if kv_index is not None and s.heads_axis is not None:
             feed.update(axis=s.heads_axis, index=list(kv_index))

@@ -57,6 +57,10 @@ class Embeddings:
     #: and a norm before it, keep their width; only its output side grows
     projection: Linear | None = None
     output: str = ""
+    #: a norm on the token embedding alone, before the other tables are added
+    #: (BlenderbotSmall's decoder): its output is not the stream, but a LayerNorm output the
+    #: stream adds up, so it has the stream's layout only at integer widths
+    token_norm: Norm | None = None
 
 
 def match(ctx) -> Embeddings:
@@ -189,6 +193,13 @@ def match_extras(ctx, emb: Embeddings) -> None:
                     emb.cls_token = emb.cls_token or t.name
     _position_parts(ctx, emb, anc, hid)
     _label_tables(ctx, emb)
+    if emb.token_node and emb.norm is None:
+        tok = ctx._node(emb.token_node).outputs[0]
+        inside = [nrm for v, nrm in ctx.norms.items()
+                  if ctx.depends_on(ctx._values[nrm.input], tok)
+                  and ctx.depends_on(stream, v) and v is not stream]
+        if len(inside) == 1:
+            emb.token_norm = inside[0]
 
 
 #: operators a position table may pass on its way to the stream that act on every hidden
@@ -320,10 +331,11 @@ def widen(wp, emb: Embeddings) -> None:
             wp.stream_axis(conv, 1, "patch:w", 0)
         if emb.patch_bias:
             wp.stream_axis(conv, 2, "patch:b", 0)
-    if emb.norm is not None:
-        from . import norm
+    for nrm, tag in ((emb.norm, "emb-norm"), (emb.token_norm, "tok-norm")):
+        if nrm is not None:
+            from . import norm
 
-        norm.widen(wp, emb.norm, lm.StreamMap(wp.d, wp.D, "copies"), tag="emb-norm")
+            norm.widen(wp, nrm, lm.StreamMap(wp.d, wp.D, "copies"), tag=tag)
 
 
 def _widen_stem(wp, emb: Embeddings) -> None:

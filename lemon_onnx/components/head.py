@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from .. import lemon_math as lm
 from ..errors import PlanError
-from ..graph import back_pass, back_view, const_array, is_const, nm
+from ..graph import back_pass, back_view, const_array, is_const, nm, scalar_scaled
 from . import embedding, linear, norm
 from .embedding import Embeddings
 from .linear import Linear
@@ -43,6 +43,10 @@ class Head:
     #: sizes, and a tie with the token table stays as it is
     narrow: bool = False
 
+
+#: how the plan's notes begin when the widening untied a tied head (a folder's config.json
+#: then says tie_word_embeddings=false)
+UNTIED_NOTE = "The tied head was untied: "
 
 _VIEW_OPS = ("Identity", "Cast", "Dropout", "Gather", "Slice", "Squeeze", "Unsqueeze",
              "Reshape", "Flatten")
@@ -129,6 +133,10 @@ def stream_path(ctx, v: ir.Value, x: ir.Value, depth: int = 0):
             continue
         if p.op_type in _VIEW_OPS and p.inputs:
             v = p.inputs[0]
+            continue
+        scaled = scalar_scaled(p)
+        if scaled is not None:  # T5's tied head reads the stream times d_model^-0.5
+            v = scaled
             continue
         if p.op_type == "ReduceMean" and not _reduces_last(ctx, p):
             v = p.inputs[0]
@@ -229,6 +237,10 @@ def untie_reason(rec, desc) -> str | None:
     the tie needs would change that output."""
     head = desc.head
     head_norm = head.transform_norm if head.kind == "mlm" else desc.final_norm
+    if head.tie and head.kind == "lm" and head_norm is None and not head.narrow:
+        return ("no norm sits between the residual stream and the head (a Post-LN model), so "
+                "nothing can share out the copies of the stream that the tied table would "
+                "add up.")
     if head.tie and head_norm is not None and not head.narrow:
         nv = rec._values[head_norm.output]
         if any(back_view(o) is nv for o in rec.graph.outputs):

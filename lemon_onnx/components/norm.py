@@ -226,8 +226,9 @@ def set_epsilon(wp, nrm: Norm, eps: float):
 
 def twin_post_norm(dp, b, mapping, prev_norm):
     """LEMON's Post-LN recipe: the previous block's last LayerNorm becomes the identity
-    affine and its gamma/beta move to the twin's last LayerNorm; the twin's first
-    LayerNorm is the identity affine too.  Returns the twin's last-norm record."""
+    affine and its gamma/beta move to the twin's last LayerNorm; the twin's other LayerNorms
+    (its first, and the one after cross-attention in a decoder block) are the identity affine
+    too.  Returns the twin's last-norm record."""
     vals = dp._rec._values
     last, first = b.mlp_post_norm, b.attention_post_norm
     if last is None or first is None or prev_norm is None:
@@ -245,9 +246,14 @@ def twin_post_norm(dp, b, mapping, prev_norm):
         _write(tg, orig_g)
     if tb is not None and orig_b is not None:
         _write(tb, orig_b)
-    for name, fill in ((first.gamma, 1.0), (first.beta, 0.0)):
-        if name:
-            _set_param(dp, mapping[vals[name]], first.nodes, mapping, fill)
+    # the twin's norms before its last (after self-attention, and after cross-attention in
+    # a decoder block) are identity affines: each sees a LayerNorm output plus zero
+    inner = [first] + ([b.cross_attention_post_norm]
+                       if getattr(b, "cross_attention_post_norm", None) else [])
+    for nrm in inner:
+        for name, fill in ((nrm.gamma, 1.0), (nrm.beta, 0.0)):
+            if name:
+                _set_param(dp, mapping[vals[name]], nrm.nodes, mapping, fill)
     return (tg, tb, last.nodes, mapping)
 
 

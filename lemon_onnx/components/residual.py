@@ -21,8 +21,9 @@ from ..errors import UnsupportedModelError
 from ..graph import back_pass, back_view, const_source, is_const, nm
 from ..errors import PlanError
 from ..tensors import _read, _write
-from . import attention, embedding, mlp, norm
+from . import attention, cross_attention, embedding, mlp, norm
 from .attention import Attention
+from .cross_attention import CrossAttention
 from .embedding import Embeddings
 from .branch import branch_tail, layer_scale, output_norm
 from .mlp import MLP
@@ -49,6 +50,12 @@ class Block:
     topology: str = "sequential"
     attention_out_norm: Norm | None = None  # a norm on the branch output (OLMo-2, Gemma-2)
     mlp_out_norm: Norm | None = None
+    #: a decoder block of an encoder-decoder: the cross-attention branch between the two
+    #: (its pre-norm, the attention, its residual Add, its post-norm)
+    cross_attention_norm: Norm | None = None
+    cross_attention: CrossAttention | None = None
+    cross_attention_residual: str | None = None
+    cross_attention_post_norm: Norm | None = None
 
 
 def match_residuals(ctx) -> list[tuple[ir.Node, ir.Value, list]]:
@@ -153,6 +160,13 @@ def match_blocks(ctx, emb: Embeddings, residuals):
                 f"Residual join {entry[0].name} (block {len(blocks)}) has one branch but no "
                 "second branch follows it on the main path: lemon-onnx expects an attention "
                 "branch followed by an MLP branch, or both joined side by side.")
+        if i + 2 < len(chain) and len(chain[i + 2][2]) == 1 and \
+                _is_cross(ctx, chain[i + 1], layout):
+            # a decoder block of an encoder-decoder: self-attention, cross-attention, MLP
+            a, x, m = entry, chain[i + 1], chain[i + 2]
+            blocks.append(_sequential_block(ctx, len(blocks), a, m, layout, cross=x))
+            i += 3
+            continue
         a, m = entry, chain[i + 1]
         blocks.append(_sequential_block(ctx, len(blocks), a, m, layout))
         i += 2
@@ -194,15 +208,32 @@ def _branch_input(ctx, stream: ir.Value, branch_out: ir.Value, layout: str):
     return nrm, (stream if nrm is None else ctx._values[nrm.output])
 
 
-def _sequential_block(ctx, idx: int, a, m, layout: str) -> Block:
+def _is_cross(ctx, entry, layout: str) -> bool:
+    """Whether a chain entry's branch is a cross-attention (keys from outside the stream)."""
+    _norm, x_in = _branch_input(ctx, entry[1], entry[2][0], layout)
+    return cross_attention.keys_off_stream(ctx, x_in, entry[2][0])
+
+
+def _sequential_block(ctx, idx: int, a, m, layout: str, cross=None) -> Block:
     a_norm, a_in = _branch_input(ctx, a[1], a[2][0], layout)
     m_norm, m_in = _branch_input(ctx, m[1], m[2][0], layout)
     att = attention.match(ctx, a_in, a[2][0], idx)
     ff = mlp.match(ctx, m_in, m[2][0], idx)
-    return Block(idx, a_norm, att, a[0].name, a[3], m_norm, ff, m[0].name, m[3], nm(a[5]),
-                 nm(m[4]), layer_scale(ctx, a[2][0]), layer_scale(ctx, m[2][0]),
-                 attention_out_norm=output_norm(ctx, a[2][0]),
-                 mlp_out_norm=output_norm(ctx, m[2][0]))
+    b = Block(idx, a_norm, att, a[0].name, a[3], m_norm, ff, m[0].name, m[3], nm(a[5]),
+              nm(m[4]), layer_scale(ctx, a[2][0]), layer_scale(ctx, m[2][0]),
+              attention_out_norm=output_norm(ctx, a[2][0]),
+              mlp_out_norm=output_norm(ctx, m[2][0]))
+    if cross is not None:
+        if layer_scale(ctx, cross[2][0]) or output_norm(ctx, cross[2][0]):
+            raise UnsupportedModelError(
+                f"Block {idx}: the cross-attention branch has a layer scale or a norm on its "
+                "output, which lemon-onnx does not widen yet.")
+        x_norm, x_in = _branch_input(ctx, cross[1], cross[2][0], layout)
+        b.cross_attention_norm = x_norm
+        b.cross_attention = cross_attention.match(ctx, x_in, cross[2][0], idx)
+        b.cross_attention_residual = cross[0].name
+        b.cross_attention_post_norm = cross[3]
+    return b
 
 
 def _parallel_block(ctx, idx: int, entry, layout: str) -> Block:
@@ -262,6 +293,12 @@ def widen(wp, b: Block, branch_in, stream_map) -> None:
                     prescale=widen_layer_scale(wp, b.attention_scale, f"{t}.ls1"))
     if b.attention_post_norm is not None:
         norm.widen(wp, b.attention_post_norm, stream_map, tag=f"{t}.ln1post")
+    if b.cross_attention is not None:
+        if b.cross_attention_norm is not None:
+            norm.widen(wp, b.cross_attention_norm, stream_map, tag=f"{t}.lnx")
+        cross_attention.widen(wp, b.cross_attention, branch_in, stream_map, tag=f"{t}.x")
+        if b.cross_attention_post_norm is not None:
+            norm.widen(wp, b.cross_attention_post_norm, stream_map, tag=f"{t}.lnxpost")
     if b.mlp_norm is not None and b.mlp_norm is not b.attention_norm:  # parallel: one shared
         norm.widen(wp, b.mlp_norm, stream_map, tag=f"{t}.ln2")
     mlp.widen(wp, b.mlp, branch_in, stream_map, tag=t,
@@ -279,6 +316,12 @@ def widen(wp, b: Block, branch_in, stream_map) -> None:
             norm.widen(wp, out_norm, stream_map, tag=f"{t}.{tag}")
 
 
+def owned_off_stream(b: Block) -> list[str]:
+    """Nodes of the block that are not on a path from its input to its output: its
+    cross-attention's K and V, made from the encoder output (or read from cache inputs)."""
+    return list(b.cross_attention.memory_nodes) if b.cross_attention is not None else []
+
+
 def twin(dp, b: Block, mapping, tag: str) -> None:
     """The twin of ``b`` computes the identity: both its branches add exactly zero.  A branch
     whose output is normalised starts from zero fan-out (cancelling rows sum to zero only up to
@@ -287,6 +330,8 @@ def twin(dp, b: Block, mapping, tag: str) -> None:
     init = dp.plan.depth_init or "cancel"
     attention.twin(dp, b.attention, mapping,
                    "zero" if b.attention_out_norm is not None else init, tag)
+    if b.cross_attention is not None:
+        cross_attention.twin(dp, b.cross_attention, mapping, init, tag)
     mlp.twin(dp, b.mlp, mapping, "zero" if b.mlp_out_norm is not None else init, tag)
     for out_norm in (b.attention_out_norm, b.mlp_out_norm):
         if out_norm is not None and out_norm.beta:

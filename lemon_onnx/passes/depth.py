@@ -103,6 +103,9 @@ class DepthPass(ir.passes.InPlacePass):
             inside = rec._branch_nodes(rec._values[b.input], rec._values[b.output])
             # a KV cache's way in and out (a twin layer gets its own: components/cache.py)
             inside |= {rec._node(n) for s in self._caches(b) for n in s.nodes}
+            # nodes off the stream that the block owns (a cross-attention's K and V from the
+            # encoder output): a twin gets its own
+            inside |= {rec._node(n) for n in residual.owned_off_stream(b)}
             self._snap[b.index] = [(n, list(n.inputs)) for n in self.graph if n in inside]
 
     def _caches(self, b) -> list:

@@ -18,8 +18,9 @@ import onnx_ir as ir
 from .. import dims, lemon_math as lm
 from ..errors import PlanError
 from ..components import attention, embedding, head, residual
+from ..components.cross_attention import memory_inputs
 from ..components.head import untie_reason
-from ..graph import const_source
+from ..graph import back_view, const_source
 from ..recognize import Recognizer
 from ..tensors import LAZY_BYTES, _apply, _lazy, _read, _with_axis, _write, _write_tensor
 
@@ -127,6 +128,9 @@ class WidthPass(ir.passes.InPlacePass):
         self.d, self.D = s["hidden"], t["hidden"]
         self.s_map = lm.StreamMap(self.d, self.D, plan.stream_form)
         self.n_map = lm.norm_output_map(self.s_map)
+        #: the layout of an encoder's output that a decoder's cross-attention reads: the
+        #: encoder's final norm output (pre-norm), or its stream (Post-LN, integer widths)
+        self.memory_map = self.n_map if desc.layout == "pre-norm" else self.s_map
         self.ffn_map = lm.UnitMap(s["ffn"], t["ffn"], 1)
         try:
             self.q_map, self.kv_map = lm.gqa_maps(s["heads"], s["kv_heads"], t["heads"],
@@ -159,7 +163,7 @@ class WidthPass(ir.passes.InPlacePass):
         s_map, n_map = self.s_map, self.n_map
         reason = untie_reason(self.rec, desc)
         if reason is not None:
-            plan.notes.append("The tied head was untied: " + reason)
+            plan.notes.append(head.UNTIED_NOTE + reason)
         embedding.widen(self, desc.embeddings)
         # branches (and later the heads) read a norm output (pre-norm) or the stream
         branch_in = n_map if desc.layout == "pre-norm" else s_map
@@ -174,8 +178,23 @@ class WidthPass(ir.passes.InPlacePass):
         n_lit = self.rewrite_literals()
         self.fix_shapes()
         self.stats = {"tied_head": tied, "new_initializers": n_new, "literals": n_lit,
-                      "maps": {"q": self.q_map, "ffn": self.ffn_map, "kv": self.kv_map}}
+                      "maps": {"q": self.q_map, "ffn": self.ffn_map, "kv": self.kv_map,
+                               "memory": self.memory_map},
+                      "output_layouts": self.output_layouts()}
         return ir.passes.PassResult(model, modified=True)
+
+    def output_layouts(self) -> dict:
+        """Each hidden-size output's layout (source index per coordinate, -1 a zero slot): a
+        final norm's output is in the norm output's form, the stream in the stream's.  An
+        encoder's output is what its decoder's cross-attention reads (``memory_map``)."""
+        final = self.values[self.desc.final_norm.output] if self.desc.final_norm else None
+        out = {}
+        for o in self.desc.outputs:
+            if o["kind"] == "hidden":
+                v = back_view(self.values[o["name"]])
+                m = self.n_map if final is not None and v is back_view(final) else self.s_map
+                out[o["name"]] = [int(i) for i in m.src_index]
+        return out
 
     # ------------------------------------------------------------------ closed world
     def check_closed_world(self) -> None:
@@ -218,9 +237,10 @@ class WidthPass(ir.passes.InPlacePass):
 
     def _changed_inputs(self) -> list:
         """Graph inputs with an axis of a size the plan changes: what a runtime must feed
-        them is known only for a recognised KV cache (the source's, KV heads repeated)."""
+        them is known only for a recognised KV cache (the source's, KV heads repeated) and a
+        decoder's encoder output (the encoder's, in its output layout: ``memory_map``)."""
         g = self.rec.graph
-        caches = {s.input for s in self.desc.caches}
+        caches = {s.input for s in self.desc.caches} | set(memory_inputs(self.desc))
         found = []
         for v in g.inputs:
             if v.name in g.initializers or v.name in caches:
@@ -447,7 +467,7 @@ class WidthPass(ir.passes.InPlacePass):
     # ------------------------------------------------------------------ shapes
     def fix_shapes(self) -> None:
         """Drop stale inferred shapes; recompute the declared shapes of the graph's outputs
-        and inputs (a KV cache's head axis) from their atoms."""
+        and inputs (a KV cache's head axis, a decoder's encoder output) from their atoms."""
         g = self.rec.graph
         outs = set(g.outputs)
         for n in g:

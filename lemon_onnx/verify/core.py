@@ -11,7 +11,7 @@ from typing import Mapping
 from ..errors import InputError, LemonError, RuntimeFailure
 from ..estimate import available_memory as _available_memory
 from . import compare as cmp
-from .decoding import chains, check, lengths, returns_of
+from .decoding import chains, check, fixed_inputs, lengths, returns_of
 from .inputs import (DEFAULT_CASES, _conform, _synthesize, load_inputs, roles_from_graph,
                      save_inputs_npz)
 from .layerwise import block_pairs, layerwise_rows
@@ -53,10 +53,22 @@ def verify(small_path, big_path, *, inputs=None, atol: float | None = None,
     if float64 not in FLOAT64_MODES:
         raise InputError(f"unknown float64 mode {float64!r}.", hint="Use auto, on or off.")
 
+    if isinstance(small_path, (str, os.PathLike)) and Path(small_path).is_dir():
+        from ..folder import verify_folder  # export folders: every file, then the pipeline
+
+        return verify_folder(small_path, big_path, atol=atol, rtol=rtol, provider=provider,
+                             layerwise=layerwise, seed=seed, float64=float64,
+                             blockwise=blockwise)
     cache: dict = {}
     t = time.perf_counter()
     small_ir, _ = as_ir(small_path)
     big_ir, _ = as_ir(big_path)
+    from ..merged import is_merged, verify_merged
+
+    if is_merged(small_ir) and is_merged(big_ir):  # merged decoders: branch by branch
+        return verify_merged(small_path, big_path, inputs=inputs, atol=atol, rtol=rtol,
+                             provider=provider, layerwise=layerwise, seed=seed,
+                             float64=float64, blockwise=blockwise)
     _check_order(small_path, big_path, small_ir, big_ir)
     plan = read_plan(big_ir, notes)
     dtype = first_float_dtype(small_ir)
@@ -86,7 +98,7 @@ def verify(small_path, big_path, *, inputs=None, atol: float | None = None,
 
     if blockwise is None:
         blockwise = _too_big_for_memory(small_path, big_path, notes)
-    dec = _decoding_setup(small_ir, big_ir, cases[0], seed, cache)
+    dec = _decoding_setup(small_ir, big_ir, cases[0], seed, cache, big_cases[0], plan)
     if blockwise:
         return _verify_blockwise(small_path, big_path, small_ir, big_ir, plan, cases,
                                  big_cases, source, provider, rule, dtype, notes, cache,
@@ -298,7 +310,8 @@ class _Decoding:
     why: str | None = None  # why a model with a cache gets no check
 
 
-def _decoding_setup(small_ir, big_ir, prefix: dict, seed: int, cache: dict) -> _Decoding:
+def _decoding_setup(small_ir, big_ir, prefix: dict, seed: int, cache: dict,
+                    big_prefix: dict | None = None, plan: dict | None = None) -> _Decoding:
     """The decoding chains of both models (decoding.py), when the source has a KV cache."""
     if not returns_of(small_ir):
         return _Decoding()
@@ -308,10 +321,13 @@ def _decoding_setup(small_ir, big_ir, prefix: dict, seed: int, cache: dict) -> _
     except Exception as exc:  # the check needs the inputs' roles
         return _Decoding(why="the source model was not recognised, so its inputs' roles are "
                              f"unknown ({_one_line(str(exc), 200)})")
-    small, big, why = chains(small_ir, big_ir, prefix, roles, desc.vocab, seed)
+    fixed = fixed_inputs(small_ir, desc, roles)
+    small, big, why = chains(small_ir, big_ir, prefix, roles, desc.vocab, seed,
+                             fixed=tuple(fixed), big_prefix=big_prefix, plan=plan)
     if small is None:
         return _Decoding(why=why)
-    return _Decoding(small, big, lengths(prefix, roles, len(small.steps)))
+    growing = {n: r for n, r in roles.items() if n not in fixed}  # an encoder's mask stays
+    return _Decoding(small, big, lengths(prefix, growing, len(small.steps)))
 
 
 def _all_passed(report_cases: list, decoding_report: dict | None) -> bool:

@@ -32,7 +32,7 @@ from .runtime import _one_line
 #: decoding steps after the prefix (the standard asks for at least two)
 STEPS = 3
 
-__all__ = ["STEPS", "Chain", "chains", "check", "lengths", "returns_of"]
+__all__ = ["STEPS", "Chain", "chains", "check", "fixed_inputs", "lengths", "returns_of"]
 
 
 @dataclasses.dataclass
@@ -43,6 +43,9 @@ class Chain:
     steps: list  # [{input name: array}] for steps 1..n (the cache inputs excluded)
     returns: dict  # cache input name -> the output that returns it
     takes: list  # every input the model feeds from its own outputs
+    #: inputs fed at every step as the prefix had them: an encoder-decoder's encoder side
+    #: (its output, its cache, its attention mask), which decoding does not change
+    fixed: dict = dataclasses.field(default_factory=dict)
 
     def run(self, run_fn, first: dict, widen: bool = False) -> tuple[list, str | None]:
         """Steps 1..n after the prefix whose outputs are ``first`` (``run_fn(feeds) ->
@@ -56,7 +59,7 @@ class Chain:
                               "take (the Concat that appends the new tokens' keys or values, "
                               "then only a Cast or Identity), so it cannot go on decoding from "
                               "its own cache")
-            feeds = dict(new)
+            feeds = {**self.fixed, **new}
             for name in self.takes:
                 feeds[name] = prev[self.returns[name]]
             if widen:
@@ -84,16 +87,21 @@ def returns_of(ir_model) -> dict:
 
 
 def chains(small_ir, big_ir, prefix: dict, roles: dict, vocab: int | None, seed: int,
-           steps: int = STEPS):
-    """(small chain, big chain, None), or (None, None, why the check does not apply)."""
+           steps: int = STEPS, fixed: tuple = (), big_prefix: dict | None = None,
+           plan: dict | None = None):
+    """(small chain, big chain, None), or (None, None, why the check does not apply).
+    ``fixed``: the source's inputs that keep their prefix values at every step (``fixed_inputs``);
+    the expanded model's are the inputs the plan feeds from them, from ``big_prefix``."""
     small_returns = returns_of(small_ir)
     if not small_returns:
         return None, None, None  # no KV cache: nothing to decode with
+    fixed = set(fixed)
     ids = [n for n, r in roles.items() if r == "ids"]
-    masks = [n for n, r in roles.items() if r == "mask"]
+    masks = [n for n, r in roles.items() if r == "mask" and n not in fixed]
     positions = [n for n, r in roles.items() if r == "position"]
     per_step = set(ids) | set(masks) | set(positions)
-    others = [n for n in _graph_inputs(small_ir) if n not in per_step and n not in small_returns]
+    others = [n for n in _graph_inputs(small_ir)
+              if n not in per_step and n not in small_returns and n not in fixed]
     if len(ids) != 1 or len(masks) > 1 or others:
         why = (f"the inputs {', '.join(others)} have no rule for a decoding step" if others else
                "the token ids and the attention mask could not be told apart")
@@ -114,10 +122,77 @@ def chains(small_ir, big_ir, prefix: dict, roles: dict, vocab: int | None, seed:
                 last = np.asarray(prefix[p])[:, -1:] + len(new_steps) + 1
                 feeds[p] = last.astype(np.asarray(prefix[p]).dtype)
         new_steps.append(feeds)
-    small = Chain(new_steps, small_returns, sorted(small_returns))
-    big_takes = [n for n in _graph_inputs(big_ir) if n not in per_step]
-    big = Chain(new_steps, returns_of(big_ir), big_takes)
+    small = Chain(new_steps, small_returns, sorted(small_returns),
+                  {n: prefix[n] for n in fixed if n in prefix})
+    maps = (plan or {}).get("inputs") or {}
+    big_fixed = {n for n in _graph_inputs(big_ir)
+                 if (maps[n].get("from") if n in maps else n) in fixed}
+    big_takes = [n for n in _graph_inputs(big_ir) if n not in per_step and n not in big_fixed]
+    big = Chain(new_steps, returns_of(big_ir), big_takes,
+                {n: (big_prefix or prefix)[n] for n in big_fixed if n in (big_prefix or prefix)})
     return small, big, None
+
+
+def fixed_inputs(ir_model, desc, roles: dict) -> list:
+    """The inputs decoding does not change, read from the structure: the memory that
+    cross-attentions project (the encoder's output), the encoder cache they read instead
+    (cache inputs no output returns), and an attention mask that reaches no self-attention's
+    scores (it masks the encoder's tokens)."""
+    from ..components.cross_attention import memory_inputs
+
+    fixed = set(memory_inputs(desc))
+    fixed |= {s.input for s in desc.caches if s.input and not s.concat}
+    nodes = {n.name: n for n in ir_model.graph}
+    selfs = set()
+    for b in desc.blocks:
+        score = nodes.get(b.attention.score_node)
+        if score is not None:
+            selfs |= _softmax_after(score)
+    crossing = any(b.cross_attention is not None for b in desc.blocks)
+    for name, role in roles.items():
+        if crossing and role == "mask" and selfs and \
+                not _reaches(_input(ir_model, name), selfs):
+            fixed.add(name)
+    return sorted(fixed)
+
+
+def _input(ir_model, name: str):
+    return next(v for v in ir_model.graph.inputs if v.name == name)
+
+
+def _softmax_after(node, limit: int = 16) -> set:
+    """The Softmax the scores of ``node`` flow into (through masks, casts, scales)."""
+    frontier, seen = [node], set()
+    for _ in range(limit):
+        nxt = []
+        for n in frontier:
+            for o in n.outputs:
+                for c in o.consumers():
+                    if c.op_type == "Softmax":
+                        return {c}
+                    if id(c) not in seen:
+                        seen.add(id(c))
+                        nxt.append(c)
+        frontier = nxt
+    return set()
+
+
+def _reaches(v, targets: set) -> bool:
+    """Whether the values of ``v`` reach one of the Softmax nodes ``targets`` as a term of
+    its scores: not through another Softmax (a mask of the encoder's tokens reaches every
+    later layer through the cross-attention's output), and not through its shape alone
+    (Shape, Size: the batch size is read off any input)."""
+    stack, seen = list(v.consumers()), set()
+    while stack:
+        n = stack.pop()
+        if n in targets:
+            return True
+        if id(n) in seen or n.op_type in ("Shape", "Size", "Softmax"):
+            continue
+        seen.add(id(n))
+        for o in n.outputs:
+            stack.extend(o.consumers())
+    return False
 
 
 def lengths(prefix: dict, roles: dict, steps: int) -> list:

@@ -54,7 +54,9 @@ def roles_from_graph(ir_model, desc) -> dict:
         if name and name in g.initializers:
             tables[g.initializers[name]] = role
     inits = set(g.initializers)
-    caches = {s.input for s in getattr(desc, "caches", None) or []}
+    # a joined cache holds the past (empty in the plain runs); an encoder-decoder's encoder
+    # cache, read but never returned, holds keys and values like any float input
+    caches = {s.input for s in getattr(desc, "caches", None) or [] if s.concat}
     roles = {}
     for v in g.inputs:
         if v.name in inits or v.dtype is None:
@@ -422,6 +424,8 @@ def graph_dims(ir_model, roles: dict, cache: dict | None, b: int, s: int,
             put(v, 0, b)
             put(v, 1, s)
     for slot in getattr(desc, "caches", None) or []:
+        if not slot.concat:  # not joined: its tokens are the encoder's, no past
+            continue
         v = by_name.get(slot.input)
         if v is not None:
             put(v, slot.axis, past)

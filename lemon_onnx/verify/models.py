@@ -74,11 +74,27 @@ def describe(ir_model, cache: dict | None = None):
 
 
 
+def take(a, index, axis: int):
+    """``a`` laid out along ``axis`` as ``index`` says: entry j is ``a``'s entry ``index[j]``,
+    or 0 where ``index[j]`` is -1 (a stream's leftover slot in the ``zero`` form:
+    ``lemon_math.StreamMap.src_index``)."""
+    import numpy as np
+
+    idx = np.asarray(index, dtype=np.int64)
+    out = np.take(a, np.maximum(idx, 0), axis=axis)
+    if (idx < 0).any():
+        shape = [1] * out.ndim
+        shape[axis] = -1
+        out = np.where((idx >= 0).reshape(shape), out, np.zeros((), dtype=out.dtype))
+    return out
+
+
 def big_feeds(plan: dict, case: dict, big_ir) -> dict:
     """The big model's inputs for one case of the small model's: an input the plan maps (a KV
     cache, ``plan["inputs"]``) comes from the source's input it names, its KV heads taken as
-    the map repeats them (a twin layer's: zeros of that shape); any other input by its name.
-    Inputs neither gives are left out (the caller says which are missing)."""
+    the map repeats them (a twin layer's: zeros of that shape), or laid out in a stream form
+    (a decoder's encoder output: ``take``); any other input by its name.  Inputs neither
+    gives are left out (the caller says which are missing)."""
     import numpy as np
 
     maps = plan.get("inputs") or {}
@@ -97,6 +113,6 @@ def big_feeds(plan: dict, case: dict, big_ir) -> dict:
             continue
         a = np.asarray(src)
         if m.get("index") is not None:
-            a = np.take(a, np.asarray(m["index"], dtype=np.int64), axis=int(m.get("axis", 0)))
+            a = take(a, m["index"], int(m.get("axis", 0)))
         out[v.name] = np.zeros_like(a) if m.get("zeros") else np.ascontiguousarray(a)
     return out

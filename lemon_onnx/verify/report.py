@@ -216,8 +216,10 @@ def _decoding_lines(dec: dict | None, head: str, fixed: bool) -> list:
 
     for st in dec.get("steps") or []:
         where = "prefix" if st["step"] == 0 else f"step {st['step']}"
-        lines.append(f"  {where}: {st.get('tokens')} new token(s), {st.get('attended')} "
-                     "attended")
+        attended = st.get("attended")  # None: no mask over the decoded tokens (a decoder
+        # that attends to an encoder: its mask covers the encoder's tokens)
+        lines.append(f"  {where}: {st.get('tokens')} new token(s)"
+                     + (f", {attended} attended" if attended is not None else ""))
         lines.append(head)
         caches = [o for o in st["outputs"] if o.compared.startswith("kv-map")]
         said: set = set()  # a step that stopped says why once
