@@ -4,6 +4,11 @@ from pathlib import Path
 
 import pytest
 
+# no network in tests: transformers and huggingface_hub never ask a hub (a path that does not
+# exist would otherwise be retried as a repository name for half a minute)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "models" / "fixtures"
 REAL = ROOT / "models" / "real"
