@@ -36,14 +36,6 @@ OPTIMUM = ROOT / "models" / "optimum"
 OPTIMUM_PY = ROOT / ".venv-optimum" / "bin" / "python"
 REQUIRED = os.environ.get("LEMON_REQUIRE_OPTIMUM") == "1"
 
-#: recognition gaps another branch closes (``recog``: SDPA's split scaling, TorchScript's
-#: chunk bounds and fused gate_up); until then these must be refused for that reason, never
-#: expanded wrongly; once they expand, every check below holds for them too
-PENDING = {"stablelm": "could not tell the Q, K and V projections apart",
-           "phi3": "gate_up",
-           "mpt": "computed at run time"}
-
-
 def _entries() -> list:
     path = OPTIMUM / "manifest.json"
     if not path.exists():
@@ -97,19 +89,10 @@ def expanded(tmp_path_factory):
     return done
 
 
-def _family(name: str) -> str:
-    return name.removesuffix("-gen")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_expands_and_verifies_with_cached_decoding(expanded, name):
     got = expanded[name]
-    fam = _family(name)
-    if fam in PENDING and "refused" in got:
-        code, message = got["refused"]
-        assert code == 2 and PENDING[fam] in message, (name, code, message)
-        return
     assert "refused" not in got, got.get("refused")
     res = got["result"]
     assert res.verified
@@ -137,8 +120,7 @@ def test_every_layer_has_its_own_cache_in_layer_order(expanded, name):
     returning (by structure) the input of the same number, declared with the expanded KV
     head count; a twin's cache comes from its own Concat."""
     got = expanded[name]
-    if "refused" in got:  # a recognition gap (PENDING), asserted above
-        pytest.skip(f"{name} is refused: {got['refused'][1][:120]}")
+    assert "refused" not in got, got.get("refused")
     res = got["result"]
     model = onnx.load(str(got["folder"] / "model.onnx"), load_external_data=False)
     import onnx_ir as ir
@@ -208,8 +190,7 @@ def generated(expanded):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_optimum_generates_the_same_tokens(expanded, generated, name):
-    if "refused" in expanded[name]:  # a recognition gap (PENDING), asserted above
-        pytest.skip(f"{name} is refused: {expanded[name]['refused'][1][:120]}")
+    assert "refused" not in expanded[name], expanded[name].get("refused")
     g = generated[name]
     if "src_error" in g:  # optimum 0.1.0 sizes some families' caches by the query heads
         pytest.skip(f"optimum cannot run the source folder itself: {g['src_error'][:200]}")
