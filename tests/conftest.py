@@ -86,3 +86,24 @@ def assert_equivalent(small, big, cases, bound=1e-4):
             assert err <= tol, f"{name}: max abs error {err:.3g} > {tol:.3g}"
             worst = max(worst, err)
     return worst
+
+
+@pytest.fixture
+def ci_log(record_property):
+    """``ci_log(line)``: a line for the end of the run's output (outcome counts of sweeps and
+    fuzz runs), printed by ``pytest_terminal_summary`` below; it travels with the test's
+    report, so it reaches the log from xdist's workers too, where ``print`` does not."""
+    return lambda line: record_property("ci_log", str(line))
+
+
+def pytest_terminal_summary(terminalreporter):
+    lines = []
+    for reports in terminalreporter.stats.values():
+        for rep in reports:
+            for key, value in getattr(rep, "user_properties", ()):
+                if key == "ci_log" and (rep.nodeid, value) not in lines:
+                    lines.append((rep.nodeid, value))
+    if lines:
+        terminalreporter.section("lemon-onnx figures")
+        for nodeid, value in lines:
+            terminalreporter.write_line(f"{nodeid}: {value}")

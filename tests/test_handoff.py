@@ -534,7 +534,7 @@ def _package(module):
     ("minilm", "ts17", {"width": 2, "depth": 2}),
     ("smollm2", "dy18", {"hidden": 768, "heads": 12, "layers": 45}),
 ])
-def test_real_models_hand_off(tmp_path, name, tag, kw):
+def test_real_models_hand_off(tmp_path, name, tag, kw, ci_log):
     torch = _torch()
     import transformers as tf
 
@@ -571,7 +571,7 @@ def test_real_models_hand_off(tmp_path, name, tag, kw):
         for n, err in errs.items():
             worst[n] = max(worst.get(n, 0.0), err)
     assert all(err <= 1e-5 for err in worst.values()), worst
-    print(f"{name}-{tag} {kw}: max relative difference {worst}; notes {res.notes}")
+    ci_log(f"{name}-{tag} {kw}: max relative difference {worst}; notes {res.notes}")
 
 
 def _readme_block(after: str) -> str:

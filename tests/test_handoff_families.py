@@ -47,7 +47,7 @@ CASES = [(e, w) for e in ENTRIES for w in WIDTHS]
 @pytest.mark.slow
 @pytest.mark.parametrize("entry,width", CASES, ids=[
     f"{e['file'].removesuffix('.onnx')}-w{w:g}" for e, w in CASES])
-def test_family_hands_off(tmp_path, entry, width):
+def test_family_hands_off(tmp_path, entry, width, ci_log):
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
     import transformers as tf
@@ -93,4 +93,4 @@ def test_family_hands_off(tmp_path, entry, width):
             err = float(np.max(np.abs(o.numpy() - r)) / max(1e-30, float(np.max(np.abs(r)))))
             worst[n] = max(worst.get(n, 0.0), err)
     assert worst and all(e <= 1e-5 for e in worst.values()), worst
-    print(f"{entry['file']} w{width:g}: {res.cls_name}, max relative difference {worst}")
+    ci_log(f"{entry['file']} w{width:g}: {res.cls_name}, max relative difference {worst}")
