@@ -86,19 +86,22 @@ def _feeds(sess) -> dict:
     return feeds
 
 
-def test_packed_attention_fixture_computes_the_same(tmp_path):
-    path = _packed_attention(tmp_path / "packed.onnx")
+def _packed_source(path):
+    """The packed-attention rewrite of the fixture, checked to compute what the fixture does
+    (a precondition of the tests below, not a test of lemon-onnx)."""
+    path = _packed_attention(path)
     onnx.checker.check_model(str(path))
     a = ort.InferenceSession(str(SRC), providers=["CPUExecutionProvider"])
     b = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = _feeds(a)
     for x, y in zip(a.run(None, feeds), b.run(None, feeds)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+    return path
 
 
 @pytest.mark.parametrize("width", [2, 1.5])
 def test_both_head_attributes_follow_the_plan(tmp_path, width):
-    path = _packed_attention(tmp_path / "packed.onnx")
+    path = _packed_source(tmp_path / "packed.onnx")
     desc = recognize(ir.load(str(path)))
     assert (desc.heads, desc.kv_heads) == (8, 4)
     out = tmp_path / "wide.onnx"

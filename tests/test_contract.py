@@ -239,13 +239,16 @@ def test_a_signal_during_the_commit_waits_and_the_run_completes(tmp_path, monkey
     calls = []
 
     def replace(a, b):
-        if os.path.dirname(b) == str(tmp_path) and not calls:  # the commit's first rename
+        # the commit's first rename (paths compared resolved: a symlinked temporary folder
+        # must not let the test pass without its signal)
+        if os.path.realpath(os.path.dirname(b)) == os.path.realpath(tmp_path) and not calls:
             os.kill(os.getpid(), signal.SIGINT)  # mid-commit: deferred, then ignored
             calls.append(b)
         return real(a, b)
 
     monkeypatch.setattr(expand_mod.os, "replace", replace)
     res = lemon_onnx.expand(GPT2, tmp_path / "x.onnx", depth=2, verify=False)
+    assert calls, "the signal was never sent: the commit's rename was not seen"
     assert res.output.exists()
     only(tmp_path, "x.onnx")
 
