@@ -276,9 +276,11 @@ def verify(small, big, inputs, save_inputs, atol, rtol, provider, layerwise, blo
     With SMALL an expanded .onnx file and BIG a folder written by export-torch: transformers
     must load the folder strictly, its tensors must be the ones SMALL gives (every element)
     and it must compute SMALL's outputs."""
-    from .expand import write_report
+    from .expand import check_file, write_report
     from .verify import verify as run_verify
 
+    check_file(report, "--report")  # before any work: files that could not be written
+    check_file(save_inputs, "--save-inputs")
     if os.path.isdir(big) and not os.path.isdir(small):  # a hand-off folder
         _verify_folder(small, big, inputs, provider, float64, report, quiet, verbose)
         return

@@ -76,6 +76,12 @@ class RuntimeFailure(LemonError):
     exit_code = 3
 
 
+class Float64Unavailable(RuntimeFailure):
+    """``--float64 on`` and the float64 level could not run (exit 3): neither ONNX Runtime nor
+    onnx's reference evaluator runs a float64 copy of a model, so the algebraic proof is
+    missing."""
+
+
 class InternalError(LemonError):
     """lemon-onnx produced an invalid graph, or failed in a way it did not foresee (exit 4).
 
