@@ -459,9 +459,22 @@ def export_torch_command(model, out, config, max_shard_size, no_verify, quiet, v
         click.echo(f"  note: {n}")
 
 
+def _quiet_libraries() -> None:
+    """Libraries' log records (onnx-ir's shape-inference warnings come with a traceback) do
+    not reach stderr beside the one-paragraph error: the command line has no handler for
+    them, so Python's last-resort handler would print them.  LEMON_ONNX_DEBUG keeps them."""
+    import logging
+
+    root = logging.getLogger()
+    if not os.environ.get("LEMON_ONNX_DEBUG") and not any(
+            isinstance(h, logging.NullHandler) for h in root.handlers):
+        root.addHandler(logging.NullHandler())
+
+
 def main(argv: list[str] | None = None) -> None:
     """The console script: signals handled from the first instruction to the exit."""
     signals.install()  # (lemon_onnx.__main__ did it already, before importing click)
+    _quiet_libraries()
     try:
         try:
             rc = cli.main(args=argv, prog_name="lemon-onnx", standalone_mode=False)

@@ -278,7 +278,8 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
     if progress.total is None:
         progress.total = 8 + 2 * bool(verify)  # the stages below
     src, dest = Path(src), Path(out)
-    with signals.handling(), contract_errors("expanding"), contextlib.closing(progress):
+    with signals.handling(), contract_errors("expanding", source=src), \
+            contextlib.closing(progress):
         _check_request(src, dest, (width, depth, hidden, ffn, heads, layers),
                        placement=placement, depth_init=depth_init, provider=provider)
         from .merged import MergedDecoder, expand_merged

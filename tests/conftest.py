@@ -86,3 +86,13 @@ def assert_equivalent(small, big, cases, bound=1e-4):
             assert err <= tol, f"{name}: max abs error {err:.3g} > {tol:.3g}"
             worst = max(worst, err)
     return worst
+
+
+#: test_fuzz.py's runs: tier -> (cases, {exit code: count}, {mutation: count})
+FUZZ_SUMMARY: dict = {}
+
+
+def pytest_terminal_summary(terminalreporter):
+    for tier, (n, outcomes, kinds) in FUZZ_SUMMARY.items():
+        terminalreporter.write_line(
+            f"fuzz ({tier}): {n} cases; exit codes {outcomes}; mutations {kinds}")
