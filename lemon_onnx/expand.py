@@ -473,7 +473,8 @@ def _flags(width, depth, hidden, ffn, heads, layers) -> str:
     """The sizes as the command line gave them: '--width 1000 --depth 100'."""
     given = (("width", width), ("depth", depth), ("hidden", hidden), ("ffn", ffn),
              ("heads", heads), ("layers", layers))
-    return " ".join(f"--{k} {v:g}" for k, v in given if v is not None) or "this expansion"
+    return " ".join(f"--{k} {v}" if isinstance(v, int) else f"--{k} {v:g}"
+                    for k, v in given if v is not None) or "this expansion"
 
 
 def _source_runs(src: Path, provider: str) -> str:
