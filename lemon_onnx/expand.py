@@ -126,6 +126,7 @@ def _prepare(src, *, width: float | None, depth: float | None, hidden: int | Non
 
     if is_merged(model):  # expanded through its two decoders (merged.py)
         raise MergedDecoder(str(src))
+    _check_inputs(model, src)
     with progress.stage("recognise") as st:
         rec = Recognizer(model)
         desc = rec.run()
@@ -160,6 +161,19 @@ def _prepare(src, *, width: float | None, depth: float | None, hidden: int | Non
 
         naming(desc.caches)  # refused now if the cache names cannot follow the new layers
     return model, rec, desc, plan
+
+
+def _check_inputs(model, src) -> None:
+    """A graph input declared with an axis of length 0 carries nothing to expand (found by
+    tests/test_fuzz.py: the axis analysis divided by it): refused (exit 2)."""
+    for v in model.graph.inputs:
+        if v.name in model.graph.initializers or v.shape is None:
+            continue
+        if any(isinstance(d, int) and d == 0 for d in v.shape.dims):
+            raise InputError(f"{src}: graph input {v.name} is declared with an axis of length "
+                             f"0 ([{', '.join(str(d) for d in v.shape.dims)}]), so the model computes on empty "
+                             "tensors.", hint="Re-export the model with the input's real "
+                                              "sizes (or symbolic ones).")
 
 
 def _rewrite(model, rec, desc, plan: Plan, progress: Progress) -> None:
