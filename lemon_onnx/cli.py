@@ -276,9 +276,11 @@ def verify(small, big, inputs, save_inputs, atol, rtol, provider, layerwise, blo
     With SMALL an expanded .onnx file and BIG a folder written by export-torch: transformers
     must load the folder strictly, its tensors must be the ones SMALL gives (every element)
     and it must compute SMALL's outputs."""
-    from .expand import write_report
+    from .expand import check_file, write_report
     from .verify import verify as run_verify
 
+    check_file(report, "--report")  # before any work: files that could not be written
+    check_file(save_inputs, "--save-inputs")
     if os.path.isdir(big) and not os.path.isdir(small):  # a hand-off folder
         _verify_folder(small, big, inputs, provider, float64, report, quiet, verbose)
         return
@@ -457,9 +459,22 @@ def export_torch_command(model, out, config, max_shard_size, no_verify, quiet, v
         click.echo(f"  note: {n}")
 
 
+def _quiet_libraries() -> None:
+    """Libraries' log records (onnx-ir's shape-inference warnings come with a traceback) do
+    not reach stderr beside the one-paragraph error: the command line has no handler for
+    them, so Python's last-resort handler would print them.  LEMON_ONNX_DEBUG keeps them."""
+    import logging
+
+    root = logging.getLogger()
+    if not os.environ.get("LEMON_ONNX_DEBUG") and not any(
+            isinstance(h, logging.NullHandler) for h in root.handlers):
+        root.addHandler(logging.NullHandler())
+
+
 def main(argv: list[str] | None = None) -> None:
     """The console script: signals handled from the first instruction to the exit."""
     signals.install()  # (lemon_onnx.__main__ did it already, before importing click)
+    _quiet_libraries()
     try:
         try:
             rc = cli.main(args=argv, prog_name="lemon-onnx", standalone_mode=False)

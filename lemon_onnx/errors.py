@@ -76,6 +76,12 @@ class RuntimeFailure(LemonError):
     exit_code = 3
 
 
+class Float64Unavailable(RuntimeFailure):
+    """``--float64 on`` and the float64 level could not run (exit 3): neither ONNX Runtime nor
+    onnx's reference evaluator runs a float64 copy of a model, so the algebraic proof is
+    missing."""
+
+
 class InternalError(LemonError):
     """lemon-onnx produced an invalid graph, or failed in a way it did not foresee (exit 4).
 
@@ -142,14 +148,37 @@ def as_contract_error(exc: BaseException, *, signal_received: int | None = None,
 
 
 @contextlib.contextmanager
-def contract_errors(doing: str):
-    """Every failure inside leaves as an exception with an ``exit_code``."""
+def contract_errors(doing: str, source=None):
+    """Every failure inside leaves as an exception with an ``exit_code``.  ``source``: the
+    model file being processed; a failure that would be lemon-onnx's bug (exit 4) is the
+    input's (exit 2) when that file is not a valid ONNX model (``invalid_source``)."""
     try:
         yield
     except BaseException as exc:
         from .signals import received  # (signals imports this module)
 
         new = as_contract_error(exc, signal_received=received(), doing=doing)
+        if isinstance(new, InternalError) and source is not None:
+            blamed = invalid_source(source, new)
+            if blamed is not None:
+                raise blamed from None
         if new is exc:
             raise
         raise new from (exc if isinstance(new, InternalError) else None)
+
+
+def invalid_source(source, failure: "InternalError") -> "InputError | None":
+    """An ``InputError`` when ``source`` fails ``onnx.checker`` with its full check (strict
+    shape inference included): lemon-onnx stopped on a model that is not valid ONNX, which is
+    the input's problem, not a bug.  None when the source is valid (or cannot be checked)."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(source), full_check=True)
+        return None
+    except Exception as exc:  # ValidationError, InferenceError, ...: the model is invalid
+        problem = one_line(exc, 300)
+    return InputError(f"{source} is not a valid ONNX model (onnx.checker: {problem}); "
+                      f"lemon-onnx stopped on it ({one_line(failure.message, 200)}). Nothing "
+                      "was written.", hint="Re-export the model, or check it with "
+                                           "onnx.checker.check_model(path, full_check=True).")

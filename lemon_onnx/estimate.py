@@ -10,13 +10,17 @@ time, and whether verification fits in memory whole or must go block by block.
    count over the source's; everything else (embeddings, head, final norm) scales with the
    hidden size, plus one more vocabulary table when a tied head may be untied.
 2. Peak memory of the expansion: the graph (about ``GRAPH_FACTOR`` times the model file
-   without its weights, grown with the layer count), the save's bytes in flight, and the
-   largest new tensor ``TENSOR_COPIES`` times (its float64 working copy and the result).
+   without its weights, inline or external, grown with the layer count), the weights stored
+   inside the model file (``INLINE_COPIES`` times: the parsed protobuf holds them), the
+   save's bytes in flight (a single-file output: ``SINGLE_FILE_COPIES`` times the output),
+   and the largest new tensor ``TENSOR_COPIES`` times (its float64
+   working copy and the result).
 3. Time: ``SECONDS_PER_GB`` per GB written (measured by ``benchmarks/bench_scale.py``) plus
    recognition.
 4. Verification: a whole-model check holds each model's weights in ONNX Runtime (prepacked
-   copies included, ``RUNTIME_FACTOR``); block by block it holds one block (or the
-   embeddings and head) at a time (``blockwise_bytes``).
+   copies included, ``RUNTIME_FACTOR``), and its float64 level a float64 copy at a time
+   (``FLOAT64_FACTOR``, ``FLOAT64_REFERENCE_FACTOR``: ``verify_peak_bytes``); block by block
+   it holds one block (or the embeddings and head) at a time (``blockwise_bytes``).
 
 ``check`` refuses (``ResourceError``, exit 2) with the figures when the output does not fit
 on the destination's file system or the expansion not in the available memory.
@@ -34,10 +38,18 @@ from .errors import ResourceError
 GB = 1e9
 #: memory of the in-memory graph per byte of model file without weights (onnx-ir objects)
 GRAPH_FACTOR = 40
+#: inline weights (inside the .onnx file) are held about this many times: the parsed
+#: protobuf and onnx-ir's tensors over it
+INLINE_COPIES = 1
+#: a single-file output (below ``io.EXTERNAL_DATA_THRESHOLD``) is held about this many times
+#: while it is saved: the computed tensors, the protobuf and its serialised bytes
+SINGLE_FILE_COPIES = 3
 #: the largest new tensor is held about this many times while it is computed
 TENSOR_COPIES = 4
+#: fixed cost of ONNX Runtime itself (its import and sessions' arenas), on top of BASE_BYTES
+RUNTIME_BASE_BYTES = int(0.05 * GB)
 #: fixed cost of the interpreter, numpy, onnx and onnx-ir
-BASE_BYTES = int(0.25 * GB)
+BASE_BYTES = int(0.13 * GB)
 #: measured seconds per GB written and the fixed start-up (bench_scale.py --sizes-only on
 #: 2 cores: 1.6 to 1.9 s/GB beyond about 1.5 s, more on a busy machine); a planning figure,
 #: not a promise
@@ -45,6 +57,14 @@ SECONDS_PER_GB = 2.0
 START_SECONDS = 1.5
 #: ONNX Runtime holds a model's weights and, for MatMul, prepacked copies
 RUNTIME_FACTOR = 2.0
+#: the float64 level holds about this many times the larger model's float32 weights (the
+#: widened tensors, the protobuf or file ONNX Runtime reads, the session's copy); in onnx's
+#: reference evaluator (ops ONNX Runtime has no double kernel for) the arrays once more
+FLOAT64_FACTOR = 6
+FLOAT64_REFERENCE_FACTOR = 10
+REFERENCE_OPS = ("Erf", "Conv", "RotaryEmbedding")
+#: verify/core.py runs the float64 level (auto) when its weights fit in this share
+FLOAT64_MEMORY_SHARE = 0.4
 #: share of the available memory a whole-model verification may use before it goes blockwise
 VERIFY_MEMORY_SHARE = 0.8
 
@@ -59,6 +79,9 @@ class Estimate:
     verify_block_bytes: int  # block by block
     free_disk: int | None
     available_memory: int | None
+    #: a whole-model verification with its float64 level (where that level runs); reported,
+    #: not a reason to refuse (verify skips the float64 level, or goes block by block, first)
+    verify_peak_bytes: int = 0
 
     @property
     def blockwise(self) -> bool:
@@ -68,7 +91,9 @@ class Estimate:
 
     def summary(self) -> str:
         text = (f"estimate: writes {_gb(self.output_bytes)}, peak memory "
-                f"{_gb(self.peak_bytes)}, about {self.seconds:.0f} s")
+                f"{_gb(self.peak_bytes)}"
+                + (f" ({_gb(self.verify_peak_bytes)} to verify)" if self.verify_peak_bytes
+                   else "") + f", about {self.seconds:.0f} s")
         if self.free_disk is not None and self.available_memory is not None:
             text += (f" (free: {_gb(self.free_disk)} disk, {_gb(self.available_memory)} "
                      "memory)")
@@ -125,9 +150,30 @@ def _block_tensors(desc) -> set:
     return names
 
 
+def inline_weight_bytes(model) -> int:
+    """Bytes of the initializers stored inside the model file (not as external data)."""
+    import onnx_ir as ir
+
+    total = 0
+    for g in (model.graph, *model.graph.subgraphs()):
+        for v in g.initializers.values():
+            t = v.const_value
+            if t is not None and not isinstance(t, ir.ExternalTensor):
+                total += t.nbytes
+    return total
+
+
+def graph_size(src, inline: int) -> int:
+    """The model file's bytes without its weights: the graph itself (nodes, names,
+    attributes), whether the weights are inline or external data."""
+    p = Path(src)
+    size = p.stat().st_size if p.is_file() else 0
+    return max(size - inline, 0)
+
+
 def estimate(desc, plan, model, *, src: str | os.PathLike, dest: str | os.PathLike) -> Estimate:
     """The figures for expanding ``model`` (recognised as ``desc``) by ``plan`` into ``dest``."""
-    from .io import MAX_IN_FLIGHT_BYTES
+    from .io import EXTERNAL_DATA_THRESHOLD, MAX_IN_FLIGHT_BYTES
 
     s, t = plan.source, plan.target
     in_blocks = _block_tensors(desc)
@@ -159,18 +205,30 @@ def estimate(desc, plan, model, *, src: str | os.PathLike, dest: str | os.PathLi
     out_bytes = int((other_bytes + vocab_bytes) * widen + per_block * t["layers"])
     largest = int(max(largest_other * widen,
                       itemsize * t["hidden"] * max(t["ffn"], t["heads"] * t["head_dim"])))
-    graph_file = Path(src).stat().st_size if Path(src).exists() else 0
-    graph_bytes = GRAPH_FACTOR * graph_file * t["layers"] / max(s["layers"], 1)
-    peak = int(BASE_BYTES + graph_bytes + min(MAX_IN_FLIGHT_BYTES, out_bytes)
+    inline = inline_weight_bytes(model)
+    graph_bytes = GRAPH_FACTOR * graph_size(src, inline) * t["layers"] / max(s["layers"], 1)
+    # a single-file save holds the whole output as a protobuf; external data streams
+    saving = min(MAX_IN_FLIGHT_BYTES, out_bytes) if out_bytes > EXTERNAL_DATA_THRESHOLD \
+        else SINGLE_FILE_COPIES * out_bytes
+    peak = int(BASE_BYTES + graph_bytes + INLINE_COPIES * inline + saving
                + TENSOR_COPIES * largest)
     seconds = START_SECONDS + SECONDS_PER_GB * out_bytes / GB
     src_bytes = other_bytes + block_bytes
     whole = int(RUNTIME_FACTOR * max(out_bytes, src_bytes) + BASE_BYTES)
+    # the float64 level (verify/core.py runs it when the float64 weights fit in its share of
+    # the memory): a float64 copy at a time, in ONNX Runtime or onnx's reference evaluator
+    reference = any(n.op_type in REFERENCE_OPS for n in model.graph.all_nodes())
+    mem = available_memory()
+    larger = max(out_bytes, src_bytes)
+    f64 = 0
+    if mem is None or 2 * larger <= FLOAT64_MEMORY_SHARE * mem:
+        f64 = (FLOAT64_REFERENCE_FACTOR if reference else FLOAT64_FACTOR) * larger
+    verify_peak = int(max(whole, f64 + BASE_BYTES) + RUNTIME_BASE_BYTES)
     blockwise = int(2 * max(per_block, largest_other * widen) + 1 * GB)
     return Estimate(output_bytes=out_bytes, peak_bytes=peak, seconds=seconds,
                     largest_tensor_bytes=largest, verify_whole_bytes=whole,
                     verify_block_bytes=blockwise, free_disk=free_disk(dest),
-                    available_memory=available_memory())
+                    available_memory=mem, verify_peak_bytes=verify_peak)
 
 
 def check(est: Estimate, *, verify: bool, flags: str) -> None:

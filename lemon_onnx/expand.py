@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from . import estimate, io, signals
-from .errors import (InputError, InternalError, MismatchError, PlanError, RuntimeFailure,
-                     UnsupportedModelError, contract_errors, one_line)
+from .errors import (Float64Unavailable, InputError, InternalError, MismatchError, PlanError,
+                     RuntimeFailure, UnsupportedModelError, contract_errors, one_line)
 from .plan import PLAN_KEY, Plan, chained, make_plan
 from .progress import Progress
 
@@ -126,6 +126,7 @@ def _prepare(src, *, width: float | None, depth: float | None, hidden: int | Non
 
     if is_merged(model):  # expanded through its two decoders (merged.py)
         raise MergedDecoder(str(src))
+    _check_inputs(model, src)
     with progress.stage("recognise") as st:
         rec = Recognizer(model)
         desc = rec.run()
@@ -160,6 +161,19 @@ def _prepare(src, *, width: float | None, depth: float | None, hidden: int | Non
 
         naming(desc.caches)  # refused now if the cache names cannot follow the new layers
     return model, rec, desc, plan
+
+
+def _check_inputs(model, src) -> None:
+    """A graph input declared with an axis of length 0 carries nothing to expand (found by
+    tests/test_fuzz.py: the axis analysis divided by it): refused (exit 2)."""
+    for v in model.graph.inputs:
+        if v.name in model.graph.initializers or v.shape is None:
+            continue
+        if any(isinstance(d, int) and d == 0 for d in v.shape.dims):
+            raise InputError(f"{src}: graph input {v.name} is declared with an axis of length "
+                             f"0 ([{', '.join(str(d) for d in v.shape.dims)}]), so the model computes on empty "
+                             "tensors.", hint="Re-export the model with the input's real "
+                                              "sizes (or symbolic ones).")
 
 
 def _rewrite(model, rec, desc, plan: Plan, progress: Progress) -> None:
@@ -234,7 +248,8 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
            layerwise: bool = False, keep_tie: bool = False,
            report: str | os.PathLike | None = None, float64: str = "auto",
            noise_scale: float | None = None, blockwise: bool | None = None,
-           progress: Progress | bool = False, config_beside: bool = True) -> ExpandResult:
+           progress: Progress | bool = False, config_beside: bool = True,
+           names_as: tuple | None = None) -> ExpandResult:
     """Expand ``src`` into ``out``; nothing exists at ``out`` unless it passed.
 
     Sizes: ``width`` (a factor for hidden, FFN and heads) or ``hidden``/``ffn``/``heads``;
@@ -257,7 +272,11 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
     file is expanded with these options and one seed, config.json is rewritten and the other
     files are copied; the result is a ``FolderResult``.  A single file with a config.json
     beside it gets the rewritten config beside ``out`` (``config_beside``), unless a
-    config.json is already there."""
+    config.json is already there.  ``names_as``: the (source, output) paths the report
+    names, where ``src`` and ``out`` are temporaries (a folder's files, a merged decoder's
+    branches); by default ``src`` and ``out``."""
+    check_sizes(width=width, depth=depth, hidden=hidden, ffn=ffn, heads=heads, layers=layers)
+    check_output_paths(out, report)
     if Path(src).is_dir():  # an export folder: every .onnx in it, config.json rewritten
         from .folder import expand_folder
 
@@ -273,7 +292,8 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
     if progress.total is None:
         progress.total = 8 + 2 * bool(verify)  # the stages below
     src, dest = Path(src), Path(out)
-    with signals.handling(), contract_errors("expanding"), contextlib.closing(progress):
+    with signals.handling(), contract_errors("expanding", source=src), \
+            contextlib.closing(progress):
         _check_request(src, dest, (width, depth, hidden, ffn, heads, layers),
                        placement=placement, depth_init=depth_init, provider=provider)
         from .merged import MergedDecoder, expand_merged
@@ -325,6 +345,7 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
                                       float64=float64, blockwise=blockwise)
                     st.summary = (f"verified on {vreport.provider_used}: "
                                   f"{'PASS' if vreport.passed else 'FAIL'}")
+                vreport.small, vreport.big = (str(x) for x in (names_as or (src, dest)))
                 if report is not None:
                     write_report(vreport, report)
                 if not vreport.passed:
@@ -337,6 +358,10 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
             with progress.stage("commit") as st:
                 staging.commit()
                 st.summary = f"committed {dest}"
+            if staging.created:
+                progress.note(f"created the output's folder {staging.created[0]}"
+                              + (f" (and {len(staging.created) - 1} inside it)"
+                                 if len(staging.created) > 1 else ""))
             if config_note:
                 progress.note(config_note)
         return ExpandResult(output=dest, plan=recorded, verification=vreport,
@@ -381,11 +406,89 @@ def _check_request(src: Path, dest: Path, sizes: tuple, *, placement: str, depth
                          hint=f"Give a file name, e.g. {dest / 'expanded.onnx'}.")
 
 
+#: factors above this are refused before any work (no Transformer is grown 100x in one step;
+#: the estimate would refuse them later anyway, after loading and recognising the model)
+MAX_FACTOR = 64.0
+#: explicit sizes above this are refused the same way
+MAX_SIZE = 1 << 20
+
+
+def check_sizes(*, width=None, depth=None, hidden=None, ffn=None, heads=None,
+                layers=None) -> None:
+    """Refuse (exit 2) sizes no expansion can have, before anything is read: factors that are
+    not finite positive numbers or are absurdly large, explicit sizes that are not positive
+    integers or are absurdly large."""
+    import math
+    import numbers
+
+    for name, value in (("width", width), ("depth", depth)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise InputError(f"--{name} must be a number, not {value!r}.")
+        if not math.isfinite(value):
+            raise InputError(f"--{name} {value} is not a finite number.",
+                             hint=f"Give a factor such as --{name} 1.5 or --{name} 2.")
+        if value <= 0:
+            raise InputError(f"--{name} {value:g} is not a positive factor: lossless expansion "
+                             "only grows a model.",
+                             hint=f"Give a factor above 1, such as --{name} 1.5 or --{name} 2.")
+        if value > MAX_FACTOR:
+            raise PlanError(f"--{name} {value:g} is beyond what lemon-onnx accepts (factors up "
+                            f"to {MAX_FACTOR:g}): the expanded model would be about "
+                            f"{value if name == 'depth' else value * value:.3g} times the size "
+                            "of the source.",
+                            hint="Grow the model in steps that fit your machine, e.g. "
+                                 f"--{name} 2.")
+    for name, value in (("hidden", hidden), ("ffn", ffn), ("heads", heads),
+                        ("layers", layers)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            if isinstance(value, numbers.Real) and math.isfinite(value) \
+                    and float(value).is_integer():
+                value = int(value)
+            else:
+                raise InputError(f"--{name} must be a whole number, not {value!r}.")
+        if value <= 0:
+            raise InputError(f"--{name} {value} is not a positive size.")
+        if value > MAX_SIZE:
+            raise PlanError(f"--{name} {value} is beyond what lemon-onnx accepts (sizes up to "
+                            f"{MAX_SIZE}).", hint="Choose a size your machine can hold.")
+
+
+def check_output_paths(out, report=None) -> None:
+    """Refuse (exit 2) before any work a report path that cannot be written (``check_file``)
+    or that is the output itself.  A missing folder of ``out`` is created when the output is
+    committed (``Staging``, ``output_folder``) and said on stderr."""
+    check_file(report, "--report")
+    if report is not None and str(report) != "-" and out is not None \
+            and Path(out).resolve() == Path(report).resolve():
+        raise InputError(f"the report path {report} is the output path.",
+                         hint="Give the report another name.")
+
+
+def check_file(path, what: str) -> None:
+    """A file to be written later (``-``: stdout): refused now (exit 2) when it is a folder
+    or its folder does not exist, so that no work is lost to a path that cannot be written."""
+    if path is None or str(path) == "-":
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{what} {p} is a directory; nothing was done.",
+                         hint=f"Give a file name, e.g. {p / 'report.json'}.")
+    if not p.resolve().parent.is_dir():
+        raise InputError(f"{what} {p}: its folder {p.resolve().parent} does not exist; "
+                         "nothing was done.",
+                         hint=f"Create the folder first, or give {what} another path.")
+
+
 def _flags(width, depth, hidden, ffn, heads, layers) -> str:
     """The sizes as the command line gave them: '--width 1000 --depth 100'."""
     given = (("width", width), ("depth", depth), ("hidden", hidden), ("ffn", ffn),
              ("heads", heads), ("layers", layers))
-    return " ".join(f"--{k} {v:g}" for k, v in given if v is not None) or "this expansion"
+    return " ".join(f"--{k} {v}" if isinstance(v, int) else f"--{k} {v:g}"
+                    for k, v in given if v is not None) or "this expansion"
 
 
 def _source_runs(src: Path, provider: str) -> str:
@@ -425,6 +528,8 @@ def _verify(src: Path, tmp: Path, *, inputs, atol: float | None, rtol: float | N
     try:
         return run_verify(src, tmp, inputs=inputs, atol=atol, rtol=rtol, provider=provider,
                           layerwise=layerwise, seed=seed, float64=float64, blockwise=blockwise)
+    except Float64Unavailable:
+        raise  # --float64 on, and the float64 level cannot run: exit 3 as it is
     except RuntimeFailure as failure:
         try:
             run_verify(src, src, inputs=inputs, provider=provider, seed=seed, float64="off",
@@ -474,14 +579,16 @@ class Staging:
     def __init__(self, dest: Path):
         self.dest = dest.resolve()
         self.dir: Path | None = None
+        self.created: list[Path] = []  # folders made for the output (removed unless committed)
+        self.committed = False
 
     @property
     def path(self) -> Path:
         return self.dir / self.dest.name
 
     def __enter__(self) -> "Staging":
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
         with signals.deferred():
+            self.created = make_folders(self.dest.parent)
             self.dir = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.",
                                              dir=self.dest.parent))
         return self
@@ -497,6 +604,7 @@ class Staging:
                 for p in files:
                     os.replace(p, self.dest.parent / p.name)
                     done.append(self.dest.parent / p.name)
+                self.committed = True
             except OSError:
                 for p in done:
                     p.unlink(missing_ok=True)
@@ -504,4 +612,45 @@ class Staging:
 
     def __exit__(self, *exc) -> None:
         with signals.deferred():
-            shutil.rmtree(self.dir, ignore_errors=True)
+            if self.dir is not None:
+                shutil.rmtree(self.dir, ignore_errors=True)
+            if not self.committed:
+                remove_folders(self.created)
+
+
+def make_folders(folder: Path) -> list[Path]:
+    """``mkdir -p folder``; returns the folders it created, outermost first."""
+    folder = Path(folder).resolve()
+    missing = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing[::-1]
+
+
+@contextlib.contextmanager
+def output_folder(folder: Path, progress: Progress | None = None):
+    """``folder`` created if missing for the time of the block; removed again (when empty)
+    if the block fails, and said on stderr (``progress``) if it succeeds."""
+    with signals.deferred():
+        created = make_folders(folder)
+    try:
+        yield created
+    except BaseException:
+        with signals.deferred():
+            remove_folders(created)
+        raise
+    if created and progress is not None:
+        progress.note(f"created the output's folder {created[0]}"
+                      + (f" (and {len(created) - 1} inside it)" if len(created) > 1 else ""))
+
+
+def remove_folders(created: list[Path]) -> None:
+    """Undo ``make_folders`` where the folders are still empty (innermost first)."""
+    for p in reversed(created):
+        try:
+            p.rmdir()
+        except OSError:
+            break

@@ -195,7 +195,7 @@ def _check_output(src: Path, dest: Path, files: list[Path]) -> None:
 def expand_folder(src, out, *, progress: Progress | bool = False, **options) -> FolderResult:
     """Expand every model file of the export folder ``src`` into the folder ``out`` (the
     keyword options are ``expand.expand``'s); nothing is at ``out`` unless all verified."""
-    from .expand import expand
+    from .expand import output_folder
 
     if not isinstance(progress, Progress):
         progress = Progress(1 if progress else 0)
@@ -211,44 +211,52 @@ def expand_folder(src, out, *, progress: Progress | bool = False, **options) -> 
         files = model_files(src)
         _check_output(src, dest, files)
         cfg = read_config(src)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with signals.deferred():
-            stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(stage, 0o777 & ~umask)  # a folder as mkdir makes it, not mkdtemp's 0700
-        try:
-            results = {}
-            for f in files:
-                progress.log(f"{f}:")
-                file_report = None if report is None else (
-                    report if str(report) == "-" else
-                    Path(report).with_name(f"{Path(report).stem}.{f.stem}{Path(report).suffix}"))
-                (stage / f).parent.mkdir(exist_ok=True)
-                results[str(f)] = expand(src / f, stage / f, progress=_child(progress),
-                                         report=file_report, config_beside=False, **options)
-            plans = _stack_plans(results)
-            pipeline = _pipeline(src, stage, results, options, report, progress)
-            copied = _copy_others(src, stage, files)
-            new_cfg, notes = None, []
-            if cfg is not None:
-                main = plans.get("model") or plans.get("encoder") or plans["decoder"]
-                dec = plans.get("decoder") if "encoder" in plans else None
-                from .components.head import UNTIED_NOTE
+        with output_folder(dest.resolve().parent, progress):
+            return _expand_folder(src, dest, files, cfg, report, options, progress)
 
-                untied = any(n.startswith(UNTIED_NOTE) for r in results.values()
-                             for n in r.plan.notes)
-                new_cfg, notes = hfconfig.expanded_config(cfg, main, decoder_plan=dec,
-                                                          tie=False if untied else None)
-                check_cache_config(new_cfg, stage, files)
-                (stage / CONFIG).write_text(json.dumps(new_cfg, indent=2) + "\n")
-            for n in notes:
-                progress.note(n)
-            _commit(stage, dest)
-        finally:
-            with signals.deferred():
-                shutil.rmtree(stage, ignore_errors=True)
-        return FolderResult(dest, results, copied, new_cfg, notes, pipeline)
+
+def _expand_folder(src: Path, dest: Path, files: list, cfg, report, options: dict,
+                   progress: Progress) -> FolderResult:
+    from .expand import expand
+
+    with signals.deferred():
+        stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(stage, 0o777 & ~umask)  # a folder as mkdir makes it, not mkdtemp's 0700
+    try:
+        results = {}
+        for f in files:
+            progress.log(f"{f}:")
+            file_report = None if report is None else (
+                report if str(report) == "-" else
+                Path(report).with_name(f"{Path(report).stem}.{f.stem}{Path(report).suffix}"))
+            (stage / f).parent.mkdir(exist_ok=True)
+            results[str(f)] = expand(src / f, stage / f, progress=_child(progress),
+                                     report=file_report, config_beside=False,
+                                     names_as=(src / f, dest / f), **options)
+        plans = _stack_plans(results)
+        pipeline = _pipeline(src, stage, results, options, report, progress)
+        copied = _copy_others(src, stage, files)
+        new_cfg, notes = None, []
+        if cfg is not None:
+            main = plans.get("model") or plans.get("encoder") or plans["decoder"]
+            dec = plans.get("decoder") if "encoder" in plans else None
+            from .components.head import UNTIED_NOTE
+
+            untied = any(n.startswith(UNTIED_NOTE) for r in results.values()
+                         for n in r.plan.notes)
+            new_cfg, notes = hfconfig.expanded_config(cfg, main, decoder_plan=dec,
+                                                      tie=False if untied else None)
+            check_cache_config(new_cfg, stage, files)
+            (stage / CONFIG).write_text(json.dumps(new_cfg, indent=2) + "\n")
+        for n in notes:
+            progress.note(n)
+        _commit(stage, dest)
+    finally:
+        with signals.deferred():
+            shutil.rmtree(stage, ignore_errors=True)
+    return FolderResult(dest, results, copied, new_cfg, notes, pipeline)
 
 
 def _pipeline(src: Path, stage: Path, results: dict, options: dict, report, progress):

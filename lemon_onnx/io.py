@@ -65,18 +65,99 @@ def load(path: str | os.PathLike) -> ir.Model:
     return model
 
 
-def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
-    missing = set()
-    for t in proto.graph.initializer:
+def _external_tensors(g: onnx.GraphProto):
+    """Every tensor of ``g`` and its subgraphs stored as external data."""
+    for t in g.initializer:
         if t.data_location == onnx.TensorProto.EXTERNAL:
-            loc = {e.key: e.value for e in t.external_data}.get("location")
-            if loc and not (path.parent / loc).exists():
-                missing.add(loc)
+            yield t
+    for n in g.node:
+        for a in n.attribute:
+            for t in ([a.t] if a.HasField("t") else []) + list(a.tensors):
+                if t.data_location == onnx.TensorProto.EXTERNAL:
+                    yield t
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _external_tensors(sub)
+
+
+def _nbytes(t: onnx.TensorProto) -> int | None:
+    """Bytes of an external tensor's data, from its dims and type (None: not fixed-size)."""
+    import math
+
+    import numpy as np
+
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except Exception:  # strings, 4-bit types: no fixed item size to check against
+        return None
+    if t.data_type in (onnx.TensorProto.STRING,) or itemsize == 0:
+        return None
+    return math.prod(t.dims) * itemsize
+
+
+def external_location_problem(folder: Path, loc: str) -> str | None:
+    """Why the external data ``location`` may not be read, or None: it must name a file inside
+    the model's folder (relative, no ``..`` leading out, no symbolic link pointing out)."""
+    if not loc:
+        return "has no location"
+    if "\0" in loc:
+        return "has a NUL byte in its location"
+    if os.path.isabs(loc) or loc.startswith(("/", "\\")) or (len(loc) > 1 and loc[1] == ":"):
+        return f"names the absolute path {loc!r}"
+    base = os.path.realpath(folder)
+    if os.path.normpath(loc).replace("\\", "/").split("/")[0] == "..":
+        return f"names {loc!r}, outside the model's folder"
+    target = os.path.realpath(os.path.join(base, loc))
+    if os.path.commonpath([base, target]) != base:
+        return (f"names {loc!r}, which leads outside the model's folder (to {target}, through "
+                "a symbolic link)")
+    return None
+
+
+def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    """External data must be files beside the model, inside its folder: a location that is
+    absolute, leads out with ``..`` or through a symbolic link is refused (exit 2) before
+    anything (onnx-ir, ONNX Runtime) reads it."""
+    missing, outside, short = set(), {}, []
+    sizes: dict = {}
+    for t in _external_tensors(proto.graph):
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        problem = external_location_problem(path.parent, loc)
+        if problem is not None:
+            outside.setdefault(loc, (t.name, problem))
+            continue
+        if not (path.parent / loc).is_file():
+            missing.add(loc)
+            continue
+        if loc not in sizes:
+            sizes[loc] = (path.parent / loc).stat().st_size
+        try:
+            offset = int(info.get("offset") or 0)
+            length = int(info["length"]) if info.get("length") else _nbytes(t)
+        except ValueError:
+            offset, length = -1, None
+        if offset < 0 or (length is not None and (length < 0 or offset + length > sizes[loc])):
+            short.append((t.name, loc, offset, length))
+    if outside:
+        loc, (name, problem) = next(iter(outside.items()))
+        more = f" (and {len(outside) - 1} other location(s))" if len(outside) > 1 else ""
+        raise InputError(
+            f"{path}: the external data of tensor {name!r} {problem}{more}; lemon-onnx reads "
+            "external data only from files inside the model's folder, and nothing was read.",
+            hint="Keep the model's .data file(s) in its folder and name them by a relative "
+                 "path (onnx.save_model(..., save_as_external_data=True) does).")
     if missing:
         raise InputError(
             f"{path} refers to external weight files that are not beside it: "
             f"{', '.join(sorted(missing))}.",
             hint="Copy the model's .data file(s) into the same folder as the .onnx file.")
+    if short:
+        name, loc, offset, length = short[0]
+        more = f" (and {len(short) - 1} other tensor(s))" if len(short) > 1 else ""
+        raise InputError(
+            f"{path}: tensor {name!r} lies at bytes {offset}..{offset + (length or 0)} of "
+            f"{loc}, which has {sizes[loc]} bytes{more}: the data file is truncated or belongs "
+            "to another model.", hint="Copy the model's complete .data file(s) beside it.")
 
 
 def source_hash(path: str | os.PathLike) -> str:

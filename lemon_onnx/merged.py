@@ -367,15 +367,22 @@ def expand_merged(src, out, *, progress=None, report=None, **options):
     """Expand a merged decoder through its two branches (module docstring); ``options`` are
     ``expand.expand``'s.  Returns an ``ExpandResult`` whose verification is a
     ``BranchesReport``; nothing is written at ``out`` unless every step passed."""
-    from . import io
-    from .expand import ExpandResult, Staging, expand
-    from .plan import PLAN_KEY, Plan
+    from .expand import output_folder
     from .progress import Progress
 
     if not isinstance(progress, Progress):
         progress = Progress(1 if progress else 0)
     src, dest = Path(src), Path(out)
-    dest.resolve().parent.mkdir(parents=True, exist_ok=True)
+    with output_folder(dest.resolve().parent, progress):
+        return _expand_merged(src, dest, progress, report, options)
+
+
+def _expand_merged(src: Path, dest: Path, progress, report, options: dict):
+    from . import io
+    from .expand import ExpandResult, Staging, expand
+    from .plan import PLAN_KEY, Plan
+    from .progress import Progress
+
     like = onnx.load(str(src))
     parts = split(like)
     labels = _labels(parts)
@@ -392,7 +399,7 @@ def expand_merged(src, out, *, progress=None, report=None, **options):
                 Path(report).with_name(f"{Path(report).stem}.{which}{Path(report).suffix}"))
             results[which] = expand(src_b, out_b, progress=Progress(
                 progress.verbosity, stream=progress.stream, bar=progress.use_bar),
-                report=b_report, config_beside=False, **options)
+                report=b_report, config_beside=False, names_as=(src, dest), **options)
             expanded[which] = onnx.load(str(out_b))
         merged = merge(expanded["then_branch"], expanded["else_branch"], cond=parts.cond,
                        placeholders=parts.placeholders, like=like)
@@ -450,10 +457,10 @@ def _session(path: Path):
     """A CPU session with ONNX Runtime's graph optimizations off: they fuse a graph inside an
     If's branch otherwise than the same graph at the top (measured: 3.6e-7 apart on a BART
     decoder), and the merge check wants the graphs' own arithmetic, bit for bit."""
-    import onnxruntime as ort
+    from .verify.runtime import quiet_onnxruntime, session_options
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
+    ort = quiet_onnxruntime()
+    so = session_options(ort)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

@@ -22,10 +22,11 @@ def run_cli(*args):
 # --------------------------------------------------------------------------- estimate
 def test_absurd_expansion_is_refused_at_once_with_the_figures(tmp_path):
     out = tmp_path / "huge.onnx"
-    res = run_cli("expand", FIXTURES / "gpt2-ts17.onnx", "-o", out, "--width", "1000",
-                  "--depth", "100")
+    # (factors above 64 are refused before the model is read: tests/test_hostile.py)
+    res = run_cli("expand", FIXTURES / "gpt2-ts17.onnx", "-o", out, "--hidden", "1048576",
+                  "--layers", "1000")
     assert res.returncode == 2, res.stderr
-    assert "--width 1000 --depth 100 cannot be done on this machine" in res.stderr
+    assert "--hidden 1048576 --layers 1000 cannot be done on this machine" in res.stderr
     assert "TB" in res.stderr and "free" in res.stderr  # the figures, not just a refusal
     assert "Traceback" not in res.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary

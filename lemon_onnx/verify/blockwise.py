@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import RuntimeFailure
+from ..errors import Float64Unavailable, RuntimeFailure
 from ..estimate import available_memory
 from . import compare as cmp
 from .models import describe
@@ -369,6 +369,9 @@ def _float64_runs(mode: str, sides, cases: dict, provider, elem, largest: int,
             del proto
     except RuntimeFailure as exc:
         level["why"] = _one_line(exc.message, 300)
+        if mode == "on":
+            raise Float64Unavailable(f"the float64 level could not run (--float64 on): "
+                                     f"{level['why']}") from None
         notes.append(f"float64 level skipped: {level['why']}; the {rule.dtype} level uses the "
                      "fallback bound")
         return level, None

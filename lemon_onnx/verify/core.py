@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Mapping
 
-from ..errors import InputError, LemonError, RuntimeFailure
+from ..errors import Float64Unavailable, InputError, LemonError, RuntimeFailure
 from ..estimate import available_memory as _available_memory
 from . import compare as cmp
 from .decoding import chains, check, fixed_inputs, lengths, returns_of
@@ -385,6 +385,9 @@ def _float64_level(mode, small_path, big_path, small_ir, big_ir, cases, big_case
                           chain=dec.big)
     except RuntimeFailure as exc:
         level["why"] = _one_line(exc.message, 300)
+        if mode == "on":
+            raise Float64Unavailable(f"the float64 level could not run (--float64 on): "
+                                     f"{level['why']}") from None
         notes.append(f"float64 level skipped: {level['why']}")
         return level, None, None, None
     level.update(ran=True, engine=s64.engine if s64.engine == b64.engine

@@ -79,13 +79,21 @@ def _graphs(graph: ir.Graph):
 
 
 def to_float64(model: ir.Model) -> ir.Model:
-    """Widen ``model`` to float64 in place (rules in the module docstring); returns it."""
+    """Widen ``model`` to float64 in place (rules in the module docstring); returns it.
+
+    Tensors stored as external data that stay as they are (integers, booleans) are read into
+    memory: the copy is serialised or handed to onnx's reference evaluator without the
+    source's folder, so nothing in it may point at a file (whatever layout the model's
+    external data has: one file, one per tensor, small tensors outside too)."""
     double = int(ir.DataType.DOUBLE)
     floats = {int(t) for t in FLOAT_TYPES}
     for graph in _graphs(model.graph):
         for v in graph.initializers.values():
             if v.const_value is not None and v.const_value.dtype in FLOAT_TYPES:
                 v.const_value = _widen(v.const_value)
+            elif isinstance(v.const_value, ir.ExternalTensor):
+                t = v.const_value
+                v.const_value = ir.tensor(np.array(t.numpy()), dtype=t.dtype, name=t.name)
         values = list(graph.inputs) + list(graph.initializers.values())
         for node in graph:
             values.extend(node.outputs)

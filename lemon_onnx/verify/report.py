@@ -131,7 +131,18 @@ class VerifyReport:
             parts.append("cached decoding not checked")
         if not self.passed and self.caught_by():
             parts.append("caught by " + " and ".join(self.caught_by()))
+        missing = self.float64_missing()
+        if missing:
+            parts.append(f"NO float64 proof ({missing})")
         return ", ".join(parts)
+
+    def float64_missing(self) -> str | None:
+        """Why the float64 level (the algebraic proof) did not run, or None when it ran (or
+        a report without levels, as older callers build)."""
+        alg = self.levels.get("float64")
+        if not alg or alg.get("ran"):
+            return None
+        return alg.get("why") or "not run"
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -146,6 +157,9 @@ class VerifyReport:
         verdict = "PASS" if self.passed else "FAIL"
         alg = self.levels.get("float64") or {}
         dt = self.levels.get("dtype") or {}
+        missing = self.float64_missing()
+        if missing:
+            verdict += " (without the float64 proof: the float64 level did not run)"
         lines = [f"verify {self.small or '?'} -> {self.big or '?'}: {verdict}",
                  f"  provider {self.provider_used} (requested {self.provider_requested}), "
                  f"{self.dtype}, {self.seconds:.2f}s"]

@@ -15,6 +15,27 @@ def _one_line(msg: str, limit: int = 600) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+#: ONNX Runtime's own log lines (coloured ``[E:onnxruntime:...]`` on stderr) are silenced:
+#: what went wrong reaches the user inside lemon-onnx's one-paragraph message, from the
+#: exception ONNX Runtime raises (4: fatal only)
+ORT_LOG_SEVERITY = 4
+
+
+def quiet_onnxruntime():
+    """onnxruntime, its default logger silenced (``ORT_LOG_SEVERITY``)."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(ORT_LOG_SEVERITY)
+    return ort
+
+
+def session_options(ort):
+    """SessionOptions whose session and run logs are silenced like the default logger."""
+    so = ort.SessionOptions()
+    so.log_severity_level = ORT_LOG_SEVERITY
+    return so
+
+
 def _cuda_installed(ort) -> bool:
     return CUDA in ort.get_available_providers()
 
@@ -32,8 +53,7 @@ def make_session(path_or_bytes, provider: str = "auto", *, label: str | None = N
     data, handed to ONNX Runtime as they are (no protobuf holds their bytes).  Raises ``RuntimeFailure`` (exit 3) when CUDA is forced but
     unusable, or when ONNX Runtime cannot load the model.
     """
-    import onnxruntime as ort
-
+    ort = quiet_onnxruntime()
     if provider not in ("auto", "cuda", "cpu"):
         raise InputError(f"unknown provider {provider!r}.", hint="Use auto, cuda or cpu.")
     if label is None:
@@ -42,8 +62,7 @@ def make_session(path_or_bytes, provider: str = "auto", *, label: str | None = N
     model = str(path_or_bytes) if isinstance(path_or_bytes, os.PathLike) else path_or_bytes
 
     def options():
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
+        so = session_options(ort)
         if lean:
             so.enable_cpu_mem_arena = False
             so.enable_mem_pattern = False
@@ -109,12 +128,21 @@ def run_session(sess, feeds: dict, label: str, fetch: Mapping[str, str] | None =
         fetch = {o.name: o.name for o in sess.get_outputs()}
     names = list(fetch)
     try:
-        out = sess.run([fetch[n] for n in names], {n: feeds[n] for n in wanted})
+        out = sess.run([fetch[n] for n in names], {n: feeds[n] for n in wanted},
+                       _run_options())
     except Exception as exc:
         raise RuntimeFailure(f"ONNX Runtime could not run {label}: {_one_line(exc)}",
                              hint="Check the inputs' shapes and dtypes against the model's "
                                   "inputs.") from None
     return dict(zip(names, out))
+
+
+def _run_options():
+    import onnxruntime as ort
+
+    ro = ort.RunOptions()
+    ro.log_severity_level = ORT_LOG_SEVERITY
+    return ro
 
 
 _F32_SUFFIX = "__lemon_f32"
