@@ -492,9 +492,24 @@ def _flags(width, depth, hidden, ffn, heads, layers) -> str:
 
 
 def _source_runs(src: Path, provider: str) -> str:
+    """The provider ONNX Runtime loads the source on.  A source it cannot load is the
+    runtime's limit (exit 3) only if the source is a valid model: one that onnx.checker's
+    full check rejects is bad input (exit 2), with the checker's reason."""
+    import onnx
+
     from .verify import make_session
 
-    sess, used = make_session(src, provider, label=f"the source model {src}")
+    try:
+        sess, used = make_session(src, provider, label=f"the source model {src}")
+    except RuntimeFailure as failure:
+        try:
+            onnx.checker.check_model(str(src), full_check=True)
+        except Exception as exc:  # ValidationError, InferenceError, or a broken file
+            raise InputError(f"{src} is not a valid ONNX model: {one_line(exc)} (and ONNX "
+                             f"Runtime cannot load it: {failure.message})",
+                             hint="Fix or re-export the model; onnx.checker.check_model("
+                                  "path, full_check=True) shows the problem.") from None
+        raise
     del sess
     return used
 

@@ -148,6 +148,30 @@ def test_a_refused_expansion_leaves_no_folder_behind(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_invalid_source_is_bad_input_and_a_valid_one_the_runtime_cannot_load_exit_3(
+        tmp_path):
+    """A node that reads a tensor nobody makes: onnx.checker rejects the source, so it is
+    exit 2 with the checker's reason; an operator of a domain ONNX Runtime does not know is a
+    valid model this runtime cannot load: exit 3."""
+    m = onnx.load(str(BERT))
+    m.graph.node.append(onnx.helper.make_node("Identity", ["nobody_makes_this"], ["extra"]))
+    m.graph.output.append(onnx.helper.make_tensor_value_info("extra", onnx.TensorProto.FLOAT,
+                                                             None))
+    onnx.save(m, str(tmp_path / "dangling.onnx"))
+    res = run_cli("expand", tmp_path / "dangling.onnx", "-o", tmp_path / "o" / "x.onnx",
+                  "--width", "2")
+    one_paragraph(res, 2, "not a valid ONNX model", "nobody_makes_this")
+    m = onnx.load(str(BERT))
+    n = next(n for n in m.graph.node if n.op_type == "Softmax")
+    n.domain = "com.example.foreign"
+    m.opset_import.append(onnx.helper.make_opsetid("com.example.foreign", 1))
+    onnx.save(m, str(tmp_path / "foreign.onnx"))
+    res = run_cli("expand", tmp_path / "foreign.onnx", "-o", tmp_path / "o" / "x.onnx",
+                  "--width", "2")
+    one_paragraph(res, 3, "could not load")
+    assert not (tmp_path / "o").exists()
+
+
 def test_onnxruntime_log_lines_do_not_reach_stderr(tmp_path):
     ids = np.full((2, 5), 100000, dtype=np.int64)  # out of the vocabulary: Gather fails
     np.savez(tmp_path / "bad.npz", input_ids=ids, attention_mask=np.ones_like(ids),
