@@ -31,6 +31,9 @@ from lemon_onnx.errors import LemonError, PlanError
 from lemon_onnx.plan import Plan, chained
 from lemon_onnx.verify.inputs import _with_sums, positions_from_mask
 
+# the module's fixtures expand every folder once: its tests stay on one xdist worker
+pytestmark = pytest.mark.xdist_group("decoders")
+
 ROOT = Path(__file__).resolve().parent.parent
 OPTIMUM = ROOT / "models" / "optimum"
 OPTIMUM_PY = ROOT / ".venv-optimum" / "bin" / "python"

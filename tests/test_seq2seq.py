@@ -33,6 +33,9 @@ from lemon_onnx import merged
 from lemon_onnx.errors import LemonError
 from lemon_onnx.verify import seq2seq
 
+# the module's fixtures expand every folder once: its tests stay on one xdist worker
+pytestmark = pytest.mark.xdist_group("seq2seq")
+
 ROOT = Path(__file__).resolve().parent.parent
 OPTIMUM = ROOT / "models" / "optimum"
 OPTIMUM_PY = ROOT / ".venv-optimum" / "bin" / "python"
