@@ -86,3 +86,12 @@ def assert_equivalent(small, big, cases, bound=1e-4):
             assert err <= tol, f"{name}: max abs error {err:.3g} > {tol:.3g}"
             worst = max(worst, err)
     return worst
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The mutation fuzz's outcome counts (tests/mutants.py), so that they appear in CI logs."""
+    import sys
+
+    mutants = sys.modules.get("mutants")
+    for text in getattr(mutants, "REPORTS", []):
+        terminalreporter.write_line(text)
