@@ -6,7 +6,7 @@ before the down projection), ``heads`` (the attention heads before the out proje
 mutation acts on the last axis there, which is the axis that grows (hidden, ffn, heads *
 head_dim).  ``classify`` expands a mutant without verification and says what came of it:
 
-- ``refused``: exit 2, and the message names the inserted operator;
+- ``refused``: exit 2, and the message names an inserted node (type and name);
 - ``reproduced``: exit 0, and ONNX Runtime runs the expansion to the mutant's outputs;
 - ``wrong``: exit 0 with different outputs; ``broken``: exit 0 with a model ONNX Runtime cannot
   load or run; ``exit4``: an internal error; ``other``: any other exit, or exit 2 without the
@@ -393,7 +393,7 @@ def classify(mutant: Path, ops: set[str], out: Path, feeds: list[dict], width: f
     except LemonError as e:
         msg = str(e)
         if e.exit_code == 2:
-            named = any(op in msg for op in ops)
+            named = any(f"{op} mut_{op}_" in msg for op in ops)  # the inserted node
             return ("refused" if named else "other"), msg[:300]
         return ("exit4" if e.exit_code == 4 else "other"), f"exit {e.exit_code}: {msg[:300]}"
     except Exception as e:  # noqa: BLE001 - the command line reports these as exit 4

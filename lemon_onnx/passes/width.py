@@ -28,6 +28,8 @@ from ..tensors import LAZY_BYTES, _apply, _lazy, _read, _with_axis, _write, _wri
 __all__ = ["WidthPass", "WeightEditor", "expand_width", "untie_reason", "LAZY_BYTES"]
 
 NEW_SIZE_ROLES = ("hidden", "ffn", "heads", "kv_heads")
+#: the order in which the rules lay out the atoms of a head axis (outermost first)
+_HEAD_ORDER = {"kv_heads": 0, "heads": 0, "kv_groups": 1, "head_dim": 2}
 #: roles of fused axes that a component lays out itself, cuts included (Falcon's q|k|v rows,
 #: a fused projection's width, a fused gate|up)
 FUSED_ROLES = ("qkv_rows", "qkv_width", "qkv_parts", "gate_up_parts")
@@ -294,18 +296,52 @@ class WidthPass(ir.passes.InPlacePass):
                     # named keeps its size, so a rule that grows it places units the graph
                     # around it does not (a permutation, a piece, a padded axis)
                     predicted = int(np.prod([self.new_size(a) for a in atoms]))
+                    order = [_HEAD_ORDER.get((a.role or "").split("[")[0]) for a in atoms]
+                    order = [o for o in order if o is not None]
+                    if new[k] != old[k] and order != sorted(order):
+                        # the rules lay heads out before head_dim (KV heads before their
+                        # groups): an axis holding them in another order was permuted
+                        roles = "*".join(a.role or str(a.size) for a in atoms)
+                        by = self._makers_text(atoms, self._reorderers(atoms),
+                                               "its units were reordered by")
+                        found.append(f"constant {src.name} (shape {list(old)}): axis {k} holds "
+                                     f"{roles} in an order the rule {key.split(':')[0]} does "
+                                     f"not lay out{by}")
+                        break
                     if predicted != new[k]:
                         roles = "*".join(a.role or str(a.size) for a in atoms) or "1"
-                        made = [makers[dims.find(a)] for a in atoms if dims.find(a) in makers]
-                        by = (f"; that axis is cut or made by operator {made[0].op_type} "
-                              f"{made[0].name}, whose units lemon-onnx cannot place"
-                              if made else "")
+                        by = self._makers_text(atoms, makers, "that axis is cut or made by")
                         found.append(f"constant {src.name} (shape {list(old)}): the rule "
                                      f"{key.split(':')[0]} gives axis {k} size {new[k]}, but "
                                      f"the graph's other sizes on that axis ({roles}) give "
                                      f"{predicted}{by}")
                         break
         return found
+
+    def _reorderers(self, atoms) -> dict:
+        """Transposes that change the relative order of these atoms: {atom root: node}."""
+        mine = [dims.find(a) for a in atoms]
+        out = {}
+        for n in self.rec.graph:
+            if n.op_type != "Transpose" or not n.outputs:
+                continue
+            seqs = []
+            for v in (n.inputs[0], n.outputs[0]):
+                flat = [dims.find(a) for ax_ in self.rec.ax.axes.get(v) or [] for a in
+                        dims.leaves(ax_)]
+                seqs.append([a for a in flat if a in mine])
+            if len(seqs[0]) > 1 and seqs[0] != seqs[1]:
+                out.update({a: n for a in seqs[0]})
+        return out
+
+    def _makers_text(self, atoms, makers: dict, what: str) -> str:
+        """The operators that cut or made these atoms, latest in the graph first."""
+        made = list(dict.fromkeys(makers[dims.find(a)] for a in atoms if dims.find(a) in makers))
+        if not made:
+            return ""
+        pos = {n: i for i, n in enumerate(self.rec.graph)}
+        made.sort(key=lambda n: -pos.get(n, -1))
+        return f"; {what} " + ", ".join(f"operator {n.op_type} {n.name}" for n in made[:3])
 
     def _unattributed_hidden(self, v) -> str | None:
         """A float weight with an axis of a size the plan changes (hidden on its last axis; the
