@@ -281,6 +281,20 @@ class AxisAnalysis:
         #: (node, atoms): sizes computed from constants alone (``Elem`` kind "fixed") that a
         #: Reshape splits these atoms by; exact only if the atoms keep their sizes
         self.fixed_sizes: list[tuple] = []
+        #: (node, value, axis, cut): output axes a handler could not derive from its inputs
+        #: atoms (fresh atoms from the inferred shape): where each unit of such an axis came
+        #: from is unknown, so it must not carry a size the plan changes, and (for ops whose
+        #: output axis k is their inputs' axis k: Slice, Concat, Tile, Resize, Pad, Expand,
+        #: Split) neither may the inputs' axis k.  ``cut`` is (start, end, step) for a Slice
+        #: with literal bounds (a prefix of the original units keeps its place), else None
+        self.opaque: list[tuple] = []
+        #: (node, value, axes): reductions (Reduce*) and their reduced axes; over an axis the
+        #: plan changes they are exact only inside a recognised norm
+        self.reductions: list[tuple] = []
+        #: (node, atom): Reshapes that split an atom by a literal (its parts are the atom's)
+        self.reshape_splits: list[tuple] = []
+        #: (node, data, axis): Gathers of tensor data (not of shape vectors) along ``axis``
+        self.gathers: list[tuple] = []
         #: values computed from constants alone by ``_fold``: small numpy arrays
         self._folded: dict = {}
         self._syms: dict[str, Atom] = {}
@@ -313,7 +327,14 @@ class AxisAnalysis:
             if ax is None:
                 return None
             self.axes[value] = ax
+            if value.producer() is not None:
+                self._mark_opaque(value, range(len(ax)))
         return self.axes[value]
+
+    def _mark_opaque(self, value: ir.Value, ks, cut: tuple | None = None) -> None:
+        node = value.producer()
+        if node is not None:
+            self.opaque += [(node, value, k, cut) for k in ks]
 
     def try_unify(self, x: Axis, y: Axis, where: str) -> None:
         try:
@@ -349,6 +370,7 @@ class AxisAnalysis:
                     ax = self.fresh_axes_from_shape(out, node.op_type)
                     if ax is not None:
                         self.axes[out] = ax
+                        self._mark_opaque(out, range(len(ax)))
         return self
 
     def _init_const(self, v: ir.Value, const, ref: tuple) -> None:
@@ -446,6 +468,9 @@ class AxisAnalysis:
         if node.op_type == "CumSum":
             el = self.elems.get(node.inputs[1]) if len(node.inputs) > 1 else None
             axis = el[0].value if el and len(el) == 1 and el[0].kind == "lit" else None
+        elif node.op_type == "Trilu":  # keeps a triangle of the last two axes: positional
+            self.axis_ops.append((node, x, -2))
+            axis = -1
         else:
             attr = node.attributes.get("axis")
             axis = int(attr.value) if attr is not None else _AXIS_OPS[node.op_type]
@@ -592,7 +617,14 @@ class AxisAnalysis:
             axes = None if arr is None else arr.tolist()
         keep = node.attributes["keepdims"].value if "keepdims" in node.attributes else 1
         r = len(x)
+        noop = node.attributes["noop_with_empty_axes"].value \
+            if "noop_with_empty_axes" in node.attributes else 0
+        if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
+            axes = list(range(r))  # axes computed at run time: any of them
+        elif axes is None and noop:
+            axes = []
         axes = list(range(r)) if axes is None else [a % r for a in axes]
+        self.reductions.append((node, node.inputs[0], axes))
         out = []
         for k, a in enumerate(x):
             if k in axes:
@@ -629,6 +661,10 @@ class AxisAnalysis:
         if dax is None or iax is None:
             return
         axis %= len(dax)
+        if data not in self.elems:
+            # picks units along ``axis`` by index values: their order under expansion is
+            # unknown (a permutation, a selection), so that axis must keep its size
+            self.gathers.append((node, data, axis))
         self.axes[node.outputs[0]] = ([list(a) for a in dax[:axis]] + [list(a) for a in iax]
                                       + [list(a) for a in dax[axis + 1:]])
 
@@ -766,7 +802,13 @@ class AxisAnalysis:
             pos = hi
         return list(src_axes[axis]) if pos == size else None
 
-    def _fresh_from_inferred(self, value: ir.Value, k: int, origin: str) -> Axis:
+    def _fresh_from_inferred(self, value: ir.Value, k: int, origin: str,
+                             cut: tuple | None = None, broadcast: bool = False) -> Axis:
+        """A new axis for output axis ``k`` of ``value`` from its inferred shape, recorded as
+        opaque (the handler does not know where its units come from) unless ``broadcast``:
+        every unit is a copy of one (a size-1 axis expanded, a constant filled in)."""
+        if not broadcast:
+            self._mark_opaque(value, [k], cut)
         shape = value.shape
         if shape is not None and k < len(shape):
             d = shape[k]
@@ -800,7 +842,8 @@ class AxisAnalysis:
             if e.kind == "dim":
                 out.append(list(e.atoms))
             else:
-                ax = self._fresh_from_inferred(node.outputs[0], k, "constantofshape")
+                ax = self._fresh_from_inferred(node.outputs[0], k, "constantofshape",
+                                               broadcast=True)
                 if e.kind == "lit" and e.value not in (0, 1):
                     self.lit(e, ax, node)
                 out.append(ax)
@@ -835,6 +878,7 @@ class AxisAnalysis:
         ax = self.fresh_axes_from_shape(node.outputs[0], "reshape")
         if ax is not None:
             self.axes[node.outputs[0]] = ax
+            self._mark_opaque(node.outputs[0], range(len(ax)))
         el = self.elems.get(node.inputs[1]) or []
         for e in el:
             if e.kind == "lit" and e.value not in (0, -1, 1):
@@ -904,6 +948,7 @@ class AxisAnalysis:
                     need = target // prod
                     if target % prod or a.size % need:
                         return None
+                    self.reshape_splits.append((node, a))
                     if reverse:
                         rest, part = split_atom(a, [a.size // need, need])
                         seq.append(rest)
@@ -956,9 +1001,14 @@ class AxisAnalysis:
             if ax is not None:
                 # keep the input's atoms where sizes agree
                 off = len(ax) - len(x)
+                kept = set()
                 for k, a in enumerate(x):
                     if off + k >= 0 and size_of(a) == size_of(ax[off + k]) and size_of(a) != 1:
                         ax[off + k] = list(a)
+                        kept.add(off + k)
+                self._mark_opaque(node.outputs[0], [
+                    k for k in range(len(ax)) if k not in kept and k - off >= 0
+                    and size_of(x[k - off]) != 1])  # size-1 axes are broadcast
                 self.axes[node.outputs[0]] = ax
             return
         rank = max(len(x), len(el))
@@ -985,7 +1035,8 @@ class AxisAnalysis:
                     out.append(list(xa))
             else:
                 out.append(list(xa) if size_of(xa) != 1 else
-                           self._fresh_from_inferred(node.outputs[0], k, "expand"))
+                           self._fresh_from_inferred(node.outputs[0], k, "expand",
+                                                     broadcast=True))
         self.axes[node.outputs[0]] = out
 
     def op_Resize(self, node: ir.Node) -> None:
@@ -1019,7 +1070,8 @@ class AxisAnalysis:
             if e.kind == "lit" and e.value == 1:
                 out.append(list(a))
             else:
-                ax = self._fresh_from_inferred(node.outputs[0], k, "tile")
+                ax = self._fresh_from_inferred(node.outputs[0], k, "tile",
+                                               broadcast=size_of(a) == 1)
                 if e.kind == "lit":
                     rep = Atom(e.value, origin="tile")
                     self.lit(e, [rep], node)
@@ -1153,7 +1205,8 @@ class AxisAnalysis:
                         and self._cut_in_two(node, data, ax, size):
                     out[ax] = self._halve(node, x[ax], s, second=True, neg=True)
                     continue
-                out[ax] = self._fresh_from_inferred(node.outputs[0], ax, "slice")
+                out[ax] = self._fresh_from_inferred(node.outputs[0], ax, "slice",
+                                                    cut=(s.value, e_.value, step))
                 for lit in (s, e_):
                     if data not in self.elems and lit.value > 0 and lit.value < INT_BIG:
                         self.lit(lit, out[ax], node) if lit is e_ and lo == 0 else \
@@ -1252,6 +1305,7 @@ class AxisAnalysis:
                 ax[k] = list(a)
             else:
                 self.runtime_cuts.append((node, node.inputs[0], k))
+                self._mark_opaque(node.outputs[0], [k])
         self.axes[node.outputs[0]] = ax
 
     def op_MatMul(self, node: ir.Node) -> None:
@@ -1432,7 +1486,7 @@ _DOMAINS = ("", "ai.onnx", "com.microsoft")
 #: ops that combine the elements along one axis, with the default of their ``axis`` attribute
 #: (opset 13+; CumSum takes its axis as an input)
 _AXIS_OPS = {"CumSum": None, "Softmax": -1, "LogSoftmax": -1, "Hardmax": -1, "ArgMax": 0,
-             "ArgMin": 0, "TopK": -1, "LpNormalization": -1}
+             "ArgMin": 0, "TopK": -1, "LpNormalization": -1, "Trilu": None}
 
 _UNARY = {
     "Abs", "Neg", "Sqrt", "Reciprocal", "Exp", "Log", "Erf", "Tanh", "Sigmoid", "Relu", "Gelu",

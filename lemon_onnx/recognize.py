@@ -27,7 +27,7 @@ from .components.embedding import Embeddings
 from .components.head import Head
 from .components.linear import Linear
 from .components.mlp import MLP
-from .components.norm import Norm
+from .components.norm import NORM_OPS, Norm
 from .components.residual import Block
 from .errors import UnsupportedModelError
 from .graph import (GraphIndex, back_pass, back_view, const_array, const_source, is_const,
@@ -160,9 +160,20 @@ class Recognizer(GraphIndex):
                 known |= {l.node for l in (x.q, x.k, x.v, x.out) if l}
         for h in heads:
             known |= {l.node for l in (h.linear, h.transform) if l}
-        return [f"linear {lin.node} [{lin.in_features}->{lin.out_features}] (weight "
-                f"{lin.weight}) is neither part of a block nor a head reading the final stream"
-                for lin in self.linears.values() if lin.node not in known]
+        found = [f"linear {lin.node} [{lin.in_features}->{lin.out_features}] (weight "
+                 f"{lin.weight}) is neither part of a block nor a head reading the final stream"
+                 for lin in self.linears.values() if lin.node not in known]
+        if found and blocks:
+            # the chain of blocks stopped early: name what reads the stream where it stopped
+            # (an operator between two blocks that no component recognises)
+            last = self._values.get(blocks[-1].output)
+            ops = sorted({f"{u.node.op_type} {u.node.name}" for u in (last.uses() if last else [])
+                          if u.node.op_type not in NORM_OPS})
+            if ops:
+                found.insert(0, f"the stream leaving block {blocks[-1].index} "
+                                f"({blocks[-1].output}) is read by {', '.join(ops[:4])}, which "
+                                "no component recognises as the next block, a norm or the head")
+        return found
 
     def describe(self, emb, blocks, final_norm, head, layout) -> ModelDescription:
         g = self.graph

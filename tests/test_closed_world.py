@@ -121,3 +121,79 @@ def test_a_slice_ending_mid_axis_is_not_a_half(tmp_path):
         ["first_32"], {k: v for k, v in feeds.items()}) for p in (path, tmp_path / "wide.onnx")]
     assert runs[1][0].shape == runs[0][0].shape == (1, 4, 32)
     np.testing.assert_allclose(runs[1][0], runs[0][0], rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- mutation fuzz
+# Issue 23: one ordinary operator inserted inside block 0, on an axis the expansion grows
+# (the stream leaving the block, the MLP's hidden units, the attention heads), then
+# ``expand --no-verify``: refused naming the operator, or reproduced; never wrong outputs, a
+# model ONNX Runtime cannot run, or an internal error.  ``tests/mutants.py`` builds them.
+import random
+
+import mutants
+
+FAMILIES = ROOT / "models" / "families"
+#: (name, export, width): width 2 for BERT (Post-LN: integer factors only)
+MUTATION_MODELS = [("gpt2-ts17", FIXTURES / "gpt2-ts17.onnx", 1.5),
+                   ("llama-ts17", FIXTURES / "llama-ts17.onnx", 1.5),
+                   ("bert-ts17", FIXTURES / "bert-ts17.onnx", 2),
+                   ("vit-ts17", FIXTURES / "vit-ts17.onnx", 1.5)]
+#: family exports of the same kinds (generated, not committed: slow sweep only): Llama-like
+#: decoders, GPT-2-like decoders, BERT-like Post-LN encoders (integer widths), ViT-like
+MUTATION_FAMILIES = [(stem, FAMILIES / f"{stem}.onnx", 2 if stem.startswith("roberta") else 1.5)
+                     for stem in ("mistral-ts17", "qwen2-dy18", "opt-dy18", "roberta-ts17",
+                                  "deit-dy18") if (FAMILIES / f"{stem}.onnx").exists()]
+MUTATION_CASES = [(name, place, mut) for name, _, _ in MUTATION_MODELS
+                  for place in mutants.PLACES for mut in mutants.MUTATIONS]
+#: the fast tier's sample: a seeded choice of mutations, one per (model, place)
+FAST_SAMPLE = [(name, place, random.Random(f"{name}/{place}").choice(sorted(mutants.MUTATIONS)))
+               for name, _, _ in MUTATION_MODELS for place in mutants.PLACES] + [
+    ("llama-ts17", "mlp", "slice_reverse"), ("gpt2-ts17", "heads", "reducemean_add"),
+    ("vit-ts17", "mlp", "gather_perm"), ("bert-ts17", "mlp", "slice_half_twice"),
+    ("gpt2-ts17", "stream", "channel_scale")]
+
+
+def _mutation_outcomes(models, cases, tmp_path, seed: int = 0) -> list:
+    by_name = {name: (path, width) for name, path, width in models}
+    results = []
+    for name, place, mut in cases:
+        path, width = by_name[name]
+        dst = tmp_path / f"{name}-{place}-{mut}.onnx"
+        ops = mutants.make_mutant(path, place, mut, seed, dst)
+        out = tmp_path / f"{name}-{place}-{mut}.wide.onnx"
+        feeds = mutants.feeds_of(path.with_suffix(".npz"))
+        outcome, detail = mutants.classify(dst, ops, out, feeds, width)
+        results.append((name, place, mut, outcome, detail))
+        for p in (dst, out):
+            p.unlink(missing_ok=True)
+    return results
+
+
+def _report(title: str, results: list, ci_log) -> None:
+    ci_log(f"{title}: " + mutants.summary(results))  # in the run's summary (conftest.py)
+    bad = [r for r in results if r[3] in mutants.BAD]
+    assert not bad, "\n".join(f"{r[0]} {r[1]} {r[2]}: {r[3]}: {r[4]}" for r in bad)
+
+
+def test_mutants_are_refused_or_reproduced(tmp_path, ci_log):
+    """The fast tier's sample of the sweep below."""
+    _report("mutation sample", _mutation_outcomes(MUTATION_MODELS, FAST_SAMPLE, tmp_path),
+            ci_log)
+
+
+@pytest.mark.slow
+def test_mutation_sweep(tmp_path, ci_log):
+    """Every mutation in every place of the four committed fixtures."""
+    _report("mutation sweep (fixtures)", _mutation_outcomes(MUTATION_MODELS, MUTATION_CASES,
+                                                            tmp_path), ci_log)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not MUTATION_FAMILIES, reason="models/families not exported")
+def test_mutation_sweep_families(tmp_path, ci_log):
+    """The same over family-matrix exports of the same kinds (Llama-like, GPT-2-like,
+    BERT-like Post-LN at width 2, ViT-like; both exporters among them), with a second seed."""
+    cases = [(name, place, mut) for name, _, _ in MUTATION_FAMILIES
+             for place in mutants.PLACES for mut in mutants.MUTATIONS]
+    _report("mutation sweep (families)", _mutation_outcomes(MUTATION_FAMILIES, cases, tmp_path,
+                                                            seed=1), ci_log)

@@ -8,6 +8,7 @@ consumer needs the same result, and copied before they diverge otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import defaultdict
 from typing import Callable
@@ -27,6 +28,11 @@ from ..tensors import LAZY_BYTES, _apply, _lazy, _read, _with_axis, _write, _wri
 __all__ = ["WidthPass", "WeightEditor", "expand_width", "untie_reason", "LAZY_BYTES"]
 
 NEW_SIZE_ROLES = ("hidden", "ffn", "heads", "kv_heads")
+#: the order in which the rules lay out the atoms of a head axis (outermost first)
+_HEAD_ORDER = {"kv_heads": 0, "heads": 0, "kv_groups": 1, "head_dim": 2}
+#: roles of fused axes that a component lays out itself, cuts included (Falcon's q|k|v rows,
+#: a fused projection's width, a fused gate|up)
+FUSED_ROLES = ("qkv_rows", "qkv_width", "qkv_parts", "gate_up_parts")
 
 
 class WeightEditor:
@@ -259,6 +265,13 @@ class WidthPass(ir.passes.InPlacePass):
         rewritten from the atoms, so the two must agree, or the graph would not fit together
         (a size that is a sum, such as Falcon's heads + 2, has no atoms to grow)."""
         found = []
+        makers = {}  # atoms made by operators whose units lemon-onnx cannot place
+        for node, value, k, _cut in self.rec.ax.opaque:
+            for a in dims.leaves((self.rec.ax.axes.get(value) or [[]] * (k + 1))[k]):
+                makers.setdefault(dims.find(a), node)
+        for node, atom in self.rec.ax.reshape_splits:
+            for a in dims.leaves([atom]):
+                makers.setdefault(dims.find(a), node)
         for src, reqs in self.ed.requests.items():
             axes = self.rec.ax.axes.get(src)
             if not axes or src.shape is None:
@@ -270,18 +283,65 @@ class WidthPass(ir.passes.InPlacePass):
                 new = shape(old)
                 for k, axis in enumerate(axes):
                     atoms = dims.leaves(axis)
-                    if k >= len(new) or any(a.size is None or a.role in (None, "qkv_parts")
+                    if k >= len(new) or any(a.size is None or a.role == "qkv_parts"
                                             for a in atoms):
-                        continue  # an atom nothing named: the analysis cannot predict it
+                        continue  # the analysis cannot predict this axis
+                    if any(a.role is None for a in atoms) and (
+                            new[k] == old[k] or key.startswith("head")):
+                        # an unnamed atom on an axis kept; or a head's input (its linears
+                        # read the stream through pooling the analysis does not always
+                        # follow: the head component checks its own input)
+                        continue
+                    # an axis the rule grows must grow by its named atoms: an atom nothing
+                    # named keeps its size, so a rule that grows it places units the graph
+                    # around it does not (a permutation, a piece, a padded axis)
                     predicted = int(np.prod([self.new_size(a) for a in atoms]))
+                    order = [_HEAD_ORDER.get((a.role or "").split("[")[0]) for a in atoms]
+                    order = [o for o in order if o is not None]
+                    if new[k] != old[k] and order != sorted(order):
+                        # the rules lay heads out before head_dim (KV heads before their
+                        # groups): an axis holding them in another order was permuted
+                        roles = "*".join(a.role or str(a.size) for a in atoms)
+                        by = self._makers_text(atoms, self._reorderers(atoms),
+                                               "its units were reordered by")
+                        found.append(f"constant {src.name} (shape {list(old)}): axis {k} holds "
+                                     f"{roles} in an order the rule {key.split(':')[0]} does "
+                                     f"not lay out{by}")
+                        break
                     if predicted != new[k]:
                         roles = "*".join(a.role or str(a.size) for a in atoms) or "1"
+                        by = self._makers_text(atoms, makers, "that axis is cut or made by")
                         found.append(f"constant {src.name} (shape {list(old)}): the rule "
                                      f"{key.split(':')[0]} gives axis {k} size {new[k]}, but "
                                      f"the graph's other sizes on that axis ({roles}) give "
-                                     f"{predicted}")
+                                     f"{predicted}{by}")
                         break
         return found
+
+    def _reorderers(self, atoms) -> dict:
+        """Transposes that change the relative order of these atoms: {atom root: node}."""
+        mine = [dims.find(a) for a in atoms]
+        out = {}
+        for n in self.rec.graph:
+            if n.op_type != "Transpose" or not n.outputs:
+                continue
+            seqs = []
+            for v in (n.inputs[0], n.outputs[0]):
+                flat = [dims.find(a) for ax_ in self.rec.ax.axes.get(v) or [] for a in
+                        dims.leaves(ax_)]
+                seqs.append([a for a in flat if a in mine])
+            if len(seqs[0]) > 1 and seqs[0] != seqs[1]:
+                out.update({a: n for a in seqs[0]})
+        return out
+
+    def _makers_text(self, atoms, makers: dict, what: str) -> str:
+        """The operators that cut or made these atoms, latest in the graph first."""
+        made = list(dict.fromkeys(makers[dims.find(a)] for a in atoms if dims.find(a) in makers))
+        if not made:
+            return ""
+        pos = {n: i for i, n in enumerate(self.rec.graph)}
+        made.sort(key=lambda n: -pos.get(n, -1))
+        return f"; {what} " + ", ".join(f"operator {n.op_type} {n.name}" for n in made[:3])
 
     def _unattributed_hidden(self, v) -> str | None:
         """A float weight with an axis of a size the plan changes (hidden on its last axis; the
@@ -344,6 +404,7 @@ class WidthPass(ir.passes.InPlacePass):
                 found.append(f"operator {node.op_type} {node.name} splits "
                              f"{'*'.join(a.role or str(a.size) for a in dims.leaves(atoms))} "
                              "by a size computed from constants, which does not grow with it")
+        found += self._unplaced_units()
         for node, x, axis in self.rec.ax.runtime_cuts:
             ch = dict(self._changed(x))
             if axis in ch:
@@ -351,6 +412,183 @@ class WidthPass(ir.passes.InPlacePass):
                              f"which carries {'*'.join(a.role or str(a.size) for a in ch[axis])}, "
                              "at bounds computed at run time: where it cuts once that axis grows "
                              "is unknown")
+        return found
+
+    def _roles(self, axis_atoms) -> str:
+        return "*".join(a.role or str(a.size) for a in axis_atoms)
+
+    def _changed_axis(self, value, k: int):
+        """The atoms of axis ``k`` of ``value`` if the plan changes that axis, else None."""
+        for kk, atoms in self._changed(value) if value is not None else []:
+            if kk == k:
+                return atoms
+        return None
+
+    def _keeps_prefix(self, atoms, cut) -> bool:
+        """Whether a Slice [start:end:step] of an axis of these atoms reads the same source
+        units once the axis grows: a step of 1, non-negative bounds inside the source size,
+        and positions that stay in place (every unit map keeps the source units first, so
+        position p keeps its unit iff its row-major index lands on the same position)."""
+        lo, hi, step = cut
+        old = [a.size for a in atoms]
+        if step != 1 or lo < 0 or hi <= lo or None in old or hi > int(np.prod(old)):
+            return False
+        new = [self.new_size(a) for a in atoms]
+        pos = np.arange(lo, hi)
+        idx = np.unravel_index(pos, old)
+        return bool(np.array_equal(np.ravel_multi_index(idx, new), pos))
+
+    def _claimed_norm_nodes(self) -> set:
+        """Nodes of the norms the components widen (reached from the description)."""
+        from ..components.norm import Norm
+
+        names, seen = set(), set()
+
+        def walk(o):
+            if id(o) in seen:
+                return
+            seen.add(id(o))
+            if isinstance(o, Norm):
+                names.update(o.nodes)
+            elif dataclasses.is_dataclass(o) and not isinstance(o, type):
+                for f in dataclasses.fields(o):
+                    walk(getattr(o, f.name))
+            elif isinstance(o, (list, tuple)):
+                for x in o:
+                    walk(x)
+            elif isinstance(o, dict):
+                for x in o.values():
+                    walk(x)
+
+        walk(self.desc)
+        return names
+
+    def _fused_cutters(self) -> set:
+        """Split/Slice nodes that a component lays out itself: the fused QKV projection's
+        Split, and Slices whose bounds the components rewrite."""
+        names = {b.attention.split_node for b in self.desc.blocks
+                 if getattr(b.attention, "split_node", None)}
+        for src, reqs in self.ed.requests.items():
+            for direct, idx, key, _fn, _shape in reqs:
+                if direct.op_type == "Slice" and idx in (1, 2):
+                    names.add(direct.name)
+        h = self.desc.head
+        if h is not None and h.segments > 1:
+            # copies of the stream side by side on the head's input (DINOv2's cls token and
+            # patch mean): the head component lays the segments out
+            for lin in (h.transform, h.linear):
+                v = self.values.get(lin.input) if lin is not None else None
+                for _ in range(8):
+                    p = v.producer() if v is not None else None
+                    if p is None:
+                        break
+                    if p.op_type == "Concat":
+                        names.add(p.name)
+                        break
+                    if p.op_type not in ("Identity", "Cast", "Reshape", "Flatten", "Squeeze",
+                                         "Unsqueeze"):
+                        break
+                    v = p.inputs[0]
+        return names
+
+    def _unplaced_units(self) -> list:
+        """Unit order (issue 23): every operator that reads or writes an axis the plan grows
+        must say where each unit of that axis goes.  Elementwise ops, whole-axis moves and
+        reshapes along the atoms do; refused here: an output axis built from fresh atoms
+        (a Slice with a step or negative bounds, a Concat of pieces, Tile, Resize, Pad, an
+        unmodelled Reshape) that carries or reads a growing axis, a reduction over one outside
+        the norms the components widen, and a Split of one into parts no component lays out."""
+        ax = self.rec.ax
+        found, seen = [], set()
+        cutters = self._fused_cutters()
+
+        def add(node, msg):
+            if node.name not in seen:
+                seen.add(node.name)
+                found.append(f"operator {node.op_type} {node.name} {msg}")
+
+        def fused(v, k):  # an axis a component lays out itself (q|k|v rows, gate|up)
+            atoms = self._changed_axis(v, k) if v is not None else None
+            return atoms is not None and any(a.role in FUSED_ROLES for a in atoms)
+
+        for node, data, k in ax.gathers:
+            rank = len(ax.axes.get(data) or [])
+            atoms = self._changed_axis(data, k % rank) if rank else None
+            if atoms is not None and not fused(data, k % rank):
+                add(node, f"picks units along axis {k % rank} of {data.name}, which carries "
+                          f"{self._roles(atoms)}, by index: which units those are once that "
+                          "axis grows is not modelled")
+        for node, value, k, cut in ax.opaque:
+            if node.name in cutters or any(fused(v, k) for v in node.inputs[:1]
+                                           if len(ax.axes.get(v) or []) > k):
+                continue
+            atoms = self._changed_axis(value, k)
+            if atoms is not None:
+                add(node, f"makes axis {k} of {value.name}, which carries {self._roles(atoms)}, "
+                          "from units whose places lemon-onnx does not model")
+                continue
+            rank = len(ax.axes.get(value) or [])
+            ins = node.inputs if node.op_type == "Concat" else node.inputs[:1]
+            for v in ins:
+                if v is None or len(ax.axes.get(v) or []) != rank:
+                    continue
+                atoms = self._changed_axis(v, k)
+                if atoms is None:
+                    continue
+                if cut is not None and self._keeps_prefix(atoms, cut):
+                    continue
+                what = (f"cuts [{cut[0]}:{cut[1]}:{cut[2]}] out of" if cut is not None
+                        else "moves or mixes the units of")
+                add(node, f"{what} axis {k} of {v.name}, which carries {self._roles(atoms)}: "
+                          "where those units go once that axis grows is not modelled")
+        norms = None
+        for node, x, axes in ax.reductions:
+            bad = [k for k in axes if self._changed_axis(x, k) is not None]
+            if not bad:
+                continue
+            norms = self._claimed_norm_nodes() if norms is None else norms
+            if node.name not in norms:
+                add(node, f"reduces axis {bad[0]} of {x.name}, which carries "
+                          f"{self._roles(self._changed_axis(x, bad[0]))}: a reduction over "
+                          "replicated units changes (only the norms' are rescaled)")
+        claimed = set(self.ed.requests)
+        for node in self.rec.graph:
+            if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+                continue
+            # a contraction over a growing axis sums replicated units: exact only through
+            # a weight the rules rewrite (the input-side rule), not between two activations
+            ta = node.op_type == "Gemm" and "transA" in node.attributes and \
+                node.attributes["transA"].value
+            tb = node.op_type == "Gemm" and "transB" in node.attributes and \
+                node.attributes["transB"].value
+            a_, b_ = node.inputs[0], node.inputs[1]
+            ra, rb = len(ax.axes.get(a_) or []), len(ax.axes.get(b_) or [])
+            ka = (ra - 2 if ta else ra - 1) if ra else None
+            kb = (rb - 1 if tb else rb - 2) if rb >= 2 else (0 if rb == 1 else None)
+            for v, k, other in ((a_, ka, b_), (b_, kb, a_)):
+                atoms = self._changed_axis(v, k) if k is not None and k >= 0 else None
+                if atoms is not None and const_source(other)[0] not in claimed \
+                        and const_source(v)[0] not in claimed:
+                    add(node, f"contracts axis {k} of {v.name}, which carries "
+                              f"{self._roles(atoms)}, with a computed tensor: a sum over "
+                              "replicated units changes")
+                    break
+        for node in self.rec.graph:
+            if node.op_type != "Split" or node.name in cutters or not node.inputs:
+                continue
+            x = node.inputs[0]
+            rank = len(ax.axes.get(x) or [])
+            if not rank:
+                continue
+            axis = node.attributes["axis"].value % rank if "axis" in node.attributes else 0
+            atoms = self._changed_axis(x, axis)
+            if atoms is None:
+                continue
+            src = {dims.find(a) for a in atoms}
+            parts = [dims.leaves((ax.axes.get(o) or [[]] * rank)[axis]) for o in node.outputs]
+            if not all(p and {dims.find(a) for a in p} <= src for p in parts):
+                add(node, f"splits axis {axis} of {x.name}, which carries {self._roles(atoms)}, "
+                          "into parts that do not grow with it")
         return found
 
     # ------------------------------------------------------------------ literals
@@ -372,10 +610,18 @@ class WidthPass(ir.passes.InPlacePass):
         return atom.size
 
     def literal_value(self, lu: dims.LiteralUse) -> int:
-        n = 1
-        for a in dims.leaves(lu.atoms):
-            n *= self.new_size(a)
-        return n
+        atoms = dims.leaves(lu.atoms)
+        sizes = [self.new_size(a) for a in atoms]
+        if None in sizes:  # a size known only at run time among the literal's atoms
+            if all(n == a.size for n, a in zip(sizes, atoms)):
+                return lu.value  # none of them changes
+            raise PlanError(f"the size literal {lu.value} at {lu.ref[1]} (read by {lu.op} "
+                            f"{lu.node}) stands for "
+                            f"{'*'.join(a.role or str(a.size) for a in atoms)}, a product with "
+                            "a size known only at run time; lemon-onnx cannot tell what it "
+                            "becomes.", hint="Report the model with its `lemon-onnx inspect "
+                                             "--json` output.")
+        return int(np.prod(sizes, dtype=np.int64))
 
     def rewrite_literals(self) -> int:
         """Recompute every size literal from its atoms; copy constants whose uses diverge."""
