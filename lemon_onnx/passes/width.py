@@ -27,7 +27,6 @@ from ..tensors import LAZY_BYTES, _apply, _lazy, _read, _with_axis, _write, _wri
 
 __all__ = ["WidthPass", "WeightEditor", "expand_width", "untie_reason", "LAZY_BYTES"]
 
-NEW_SIZE_ROLES = ("hidden", "ffn", "heads", "kv_heads")
 #: the order in which the rules lay out the atoms of a head axis (outermost first)
 _HEAD_ORDER = {"kv_heads": 0, "heads": 0, "kv_groups": 1, "head_dim": 2}
 #: roles of fused axes that a component lays out itself, cuts included (Falcon's q|k|v rows,
