@@ -84,7 +84,14 @@ class WeightEditor:
                 if lazy_ok and shapes[key] is not None:
                     new_t = _lazy(orig, fns[key], shapes[key](tuple(orig.shape)), name)
                 else:
-                    new_t = ir.tensor(_apply(fns[key], _read(src)), name=name)
+                    try:
+                        new_t = ir.tensor(_apply(fns[key], _read(src)), name=name)
+                    except ValueError as exc:  # lemon_math: the tensor's shape is not the
+                        # size the recognised description gives it (an inconsistent source)
+                        raise PlanError(
+                            f"constant {src.name} (shape {list(_read(src).shape)}) does not "
+                            f"have the size its rule {key} expects: {exc}. Nothing was "
+                            "written.") from None
                 if in_place:
                     if orig is None:  # a Constant node: its attribute holds the value
                         _write(src, new_t.numpy())
