@@ -4,20 +4,32 @@
     pip install -e '.[test,payoff]'
     python benchmarks/training_payoff.py --out benchmarks/payoff [--quick]
 
-1. A byte-level GPT-2 (2 layers x 64) trains on the Python standard library's own source (a
-   sunk cost, as in LEMON: reported, not compared).
+For each architecture (a byte-level GPT-2, and a Llama-style model: RMSNorm, SwiGLU, GQA with 2
+KV heads, RoPE) and each seed (the seed sets the data order, the initialisations and the
+expansion's random splits):
+
+1. A 2 x 64 model trains on the Python standard library's own source (a sunk cost, as in
+   LEMON: reported, not compared).
 2. It is exported to ONNX (TorchScript, opset 17), expanded with lemon-onnx (width 2, depth 2:
    4 x 128; ``lemon-onnx verify``'s verdict is recorded), and handed off with export-torch
    (safetensors, config.json, lemon_schedule.json); transformers loads it and its validation
    loss must equal the small model's (relative 1e-4), or the run stops.
-3. The large architecture trains from scratch at a small sweep of learning rates (warmup, cosine
-   over the full horizon); the best final validation loss is the target.
-4. The handed-off model continues with lemon_schedule.json's advice: cosine over half the
-   scratch horizon with a 5% warmup, at the scratch-best learning rate and at half of it.
-Reported: the steps and the training wall time each large run needs to reach the target
-(results.json), and both curves (payoff.png, when matplotlib is installed).  Every large run
-sees the same batches in the same order.  Default sizes run in about 20 minutes on 2 idle CPU
-cores (wall times are also reported at the median step time, which discounts other processes).
+3. The large architecture (the hand-off's config.json) trains from scratch: a learning-rate
+   sweep on the first seed, its best rate on the others (warmup, cosine over the full
+   horizon); the best final validation loss is the seed's target.
+4. The handed-off model continues with lemon_schedule.json's schedule (cosine over half the
+   scratch horizon, 5% warmup) twice: plain, at the scratch-best rate; and with the schedule's
+   ``remedy`` (per-parameter rate factors, Adam warm start, its peak rate).
+Reported (results.json): per run the curves, the worst validation-loss rise in the first 200
+steps and overall, the steps (warm-start steps counted), training seconds and compute
+(6 x parameters x tokens) to the target; per architecture their mean and spread over the seeds.
+payoff.png (with matplotlib) shows every curve.  Every large run of a seed sees the same
+batches in the same order.  Default sizes (small 2000 steps, scratch 2000 at 3e-3 and 6e-3 on
+the first seed, expanded runs 1000): 28,000 large-model steps, 12,000 small-model steps and
+the evaluations, about 43 minutes on 2 idle cores at the first version's 0.07 s a large step
+(an estimate: this version's full run has not been timed).  With a 1000-step scratch run the
+small model (2000 steps) already ends below the scratch loss, so the target needs scratch
+steps at least equal to the small model's.
 """
 
 from __future__ import annotations
@@ -42,11 +54,16 @@ sys.path.insert(0, str(ROOT))
 from lemon_onnx import io  # noqa: E402
 from lemon_onnx.expand import expand_model  # noqa: E402
 from lemon_onnx.handoff import export_torch  # noqa: E402
-from lemon_onnx.handoff.schedule import lr_factor  # noqa: E402
+from lemon_onnx.handoff.schedule import (lr_factor, param_groups,  # noqa: E402
+                                         warm_start)
 from lemon_onnx.verify import verify  # noqa: E402
 
 
 # --------------------------------------------------------------------------- data
+#: warm-start batches are drawn at these step indices: no run trains on them
+WARM_START_OFFSET = 10_000_000
+
+
 def corpus(megabytes: float) -> tuple[np.ndarray, np.ndarray]:
     """The standard library's .py files as bytes, in a fixed order; the last 5% is validation."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -100,18 +117,55 @@ def gpt2_config(hidden: int, layers: int, heads: int, ctx: int):
                          attn_implementation="eager")
 
 
+def llama_config(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, ctx: int):
+    """Llama-style: RMSNorm, SwiGLU, grouped-query attention, RoPE; untied head."""
+    import transformers as tf
+
+    return tf.LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=ffn,
+                          num_hidden_layers=layers, num_attention_heads=heads,
+                          num_key_value_heads=kv_heads, max_position_embeddings=ctx,
+                          attention_dropout=0.0, bos_token_id=0, eos_token_id=0,
+                          tie_word_embeddings=False, use_cache=False,
+                          attn_implementation="eager")
+
+
+def small_model(arch: str, ctx: int):
+    """The 2 x 64 model of each architecture (the large one is what the hand-off writes)."""
+    import transformers as tf
+
+    if arch == "gpt2":
+        return tf.GPT2LMHeadModel(gpt2_config(64, 2, 4, ctx))
+    if arch == "llama":  # SwiGLU at 2/3 of GPT-2's 4x MLP width, rounded to 16; 2 KV heads
+        return tf.LlamaForCausalLM(llama_config(64, 2, 4, 2, 176, ctx))
+    raise SystemExit(f"unknown architecture {arch!r} (gpt2, llama)")
+
+
+ARCH_NAMES = {"gpt2": "byte-level GPT-2", "llama": "Llama-style (RMSNorm, SwiGLU, GQA, RoPE)"}
+
+
 def train(model, data: Batches, *, steps: int, peak_lr: float, horizon: int, warmup: int,
-          eval_every: int, label: str, log=print) -> dict:
+          eval_every: int, label: str, log=print, schedule=None, warm_start_steps: int = 0,
+          early_eval_every: int | None = None, early_steps: int = 200) -> dict:
     """AdamW with linear warmup and a cosine to 0 at ``horizon``; validation loss every
-    ``eval_every`` steps (step 0 included).  Wall time counts training steps only."""
-    opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.95),
-                            weight_decay=0.1)
-    curve = [(0, val_loss(model, data), 0.0)]
+    ``eval_every`` steps (every ``early_eval_every`` during the first ``early_steps``; step 0
+    included).  With ``schedule`` (lemon_schedule.json) the parameters take its per-parameter
+    learning-rate factors and Adam's statistics are filled on ``warm_start_steps`` batches at
+    learning rate 0 first (batches the run itself never sees).  Wall time counts training steps
+    and warm-start steps."""
+    groups = (param_groups(model, schedule, peak_lr) if schedule is not None else
+              [{"params": list(model.parameters()), "lr": peak_lr, "lemon_lr_factor": 1.0}])
+    opt = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.95), weight_decay=0.1)
     spent = 0.0
+    if warm_start_steps:
+        t0 = time.perf_counter()
+        warm_start(model, opt, (data(WARM_START_OFFSET + i) for i in range(warm_start_steps)),
+                   warm_start_steps)
+        spent += time.perf_counter() - t0
+    curve = [(0, val_loss(model, data), spent)]
     model.train()
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = peak_lr * lr_factor(step, horizon, warmup)
+            group["lr"] = peak_lr * group["lemon_lr_factor"] * lr_factor(step, horizon, warmup)
         t0 = time.perf_counter()
         x = data(step)
         loss = model(input_ids=x, labels=x).loss
@@ -120,12 +174,24 @@ def train(model, data: Batches, *, steps: int, peak_lr: float, horizon: int, war
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         spent += time.perf_counter() - t0
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
+        every = (early_eval_every if early_eval_every and step + 1 <= early_steps
+                 else eval_every)
+        if (step + 1) % every == 0 or step + 1 == steps:
             curve.append((step + 1, val_loss(model, data), spent))
     log(f"  {label}: val loss {curve[0][1]:.3f} -> {curve[-1][1]:.3f} in {steps} steps "
         f"({spent:.0f} s)")
     return {"label": label, "peak_lr": peak_lr, "horizon": horizon, "warmup": warmup,
-            "steps": steps, "curve": curve, "final": curve[-1][1], "seconds": spent}
+            "steps": steps, "warm_start_steps": warm_start_steps, "curve": curve,
+            "final": curve[-1][1], "seconds": spent}
+
+
+def rises(run: dict, early_steps: int = 200) -> dict:
+    """The worst validation loss relative to step 0's: within ``early_steps`` and overall."""
+    v0 = run["curve"][0][1]
+    early = max(v for s, v, _ in run["curve"] if s <= early_steps)
+    worst = max(v for _, v, _ in run["curve"])
+    return {"start": v0, "worst_first_steps": early, "rise_first_steps": early / v0 - 1,
+            "worst": worst, "rise_overall": worst / v0 - 1}
 
 
 def reach(run: dict, target: float) -> dict:
@@ -164,143 +230,261 @@ def export_onnx(model, path: Path, ctx: int) -> None:
 
 
 # --------------------------------------------------------------------------- main
+def n_params(model) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def flops(model, steps: int, tokens: int) -> float:
+    """6 x parameters x tokens per forward+backward step (attention's own terms left out)."""
+    return 6.0 * n_params(model) * tokens * steps
+
+
+def handoff(small, arch: str, seed: int, out: Path, ctx: int, log=print):
+    """small -> ONNX -> lemon-onnx expand (width 2, depth 2, ``seed``'s random splits) ->
+    verify -> export-torch -> transformers; stops unless it starts where the small one ended."""
+    import transformers as tf
+
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    export_onnx(small, out / "small.onnx", ctx)
+    model, plan, _ = expand_model(out / "small.onnx", width=2, depth=2, seed=seed)
+    io.save(model, out / "large.onnx")
+    del model
+    # verified separately so that its verdict is recorded, not fatal: the float32 outputs and
+    # the validation loss after the hand-off are what training depends on
+    vrep = verify(out / "small.onnx", out / "large.onnx", provider="cpu")
+    worst = max(o.max_abs for c in vrep.cases for o in c["outputs"])
+    small.config.to_json_file(out / "small_config.json")
+    if (out / "handoff").exists():
+        import shutil
+
+        shutil.rmtree(out / "handoff")
+    res = export_torch(out / "large.onnx", out / "handoff", config=out / "small_config.json")
+    large = tf.AutoModelForCausalLM.from_pretrained(out / "handoff",
+                                                    attn_implementation="eager")
+    info = {"verify_passed": vrep.passed, "verify_max_abs_error": worst,
+            "seconds": round(time.perf_counter() - t0, 1), "notes": res.notes,
+            "source": plan.source, "target": plan.target}
+    return large, res.schedule, info
+
+
+def mean_spread(xs: list) -> dict:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return {"mean": None, "min": None, "max": None, "std": None, "n": 0}
+    return {"mean": float(np.mean(xs)), "min": float(min(xs)), "max": float(max(xs)),
+            "std": float(np.std(xs)), "n": len(xs)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "payoff"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--archs", default="gpt2,llama")
+    ap.add_argument("--seeds", default="0,1,2",
+                    help="each seed: data order, initialisations, the expansion's random splits")
     ap.add_argument("--corpus-mb", type=float, default=8.0)
     ap.add_argument("--ctx", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--small-steps", type=int, default=6000)
+    ap.add_argument("--small-steps", type=int, default=2000)
     ap.add_argument("--small-lr", type=float, default=6e-3)
-    ap.add_argument("--scratch-steps", type=int, default=3000)
-    ap.add_argument("--scratch-lrs", default="1.5e-3,3e-3,6e-3")
-    ap.add_argument("--expanded-lr-factors", default="1,0.5",
-                    help="peak learning rates of the expanded runs, times the scratch-best")
+    ap.add_argument("--scratch-steps", type=int, default=2000)
+    ap.add_argument("--scratch-lrs", default="3e-3,6e-3",
+                    help="swept on the first seed of each architecture; the other seeds train "
+                         "from scratch at its best")
+    ap.add_argument("--baseline-lr-factor", type=float, default=1.0,
+                    help="the plain hand-off (no remedy), times the scratch-best rate")
+    ap.add_argument("--remedy-lr-factor", type=float, default=None,
+                    help="the hand-off with lemon_schedule.json's remedy, times the scratch-best "
+                         "rate (default: the schedule's remedy.peak_lr_relative_to_scratch_best)")
+    ap.add_argument("--warm-start-steps", type=int, default=None,
+                    help="default: the schedule's remedy.adam_warm_start_steps")
     ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--early-eval-every", type=int, default=25,
+                    help="evaluation interval during the first --early-steps steps")
+    ap.add_argument("--early-steps", type=int, default=200)
+    ap.add_argument("--max-rise", type=float, default=0.05,
+                    help="the no-spike bound checked (and asserted with --quick)")
     ap.add_argument("--val-windows", type=int, default=256)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="a smoke run of a minute or two")
+    ap.add_argument("--quick", action="store_true",
+                    help="CI: GPT-2, one seed, reduced sizes; asserts the no-spike property")
     args = ap.parse_args(argv)
     if args.quick:
-        args.small_steps, args.scratch_steps, args.scratch_lrs = 60, 40, "6e-3"
-        args.expanded_lr_factors, args.eval_every, args.val_windows = "0.5", 10, 32
+        args.archs, args.seeds = "gpt2", "0"
+        args.small_steps, args.scratch_steps, args.scratch_lrs = 400, 200, "3e-3"
+        args.eval_every, args.early_eval_every, args.val_windows = 20, 10, 64
+        args.early_steps = 100
         args.corpus_mb = 1.0
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    import transformers as tf
-
     t_all = time.perf_counter()
     train_b, val_b = corpus(args.corpus_mb)
-    data = Batches(train_b, val_b, args.batch, args.ctx, args.seed, args.val_windows)
+    tokens = args.batch * args.ctx
     print(f"corpus: {len(train_b) / 1e6:.1f} MB train, {len(val_b) / 1e6:.2f} MB validation "
           f"(the standard library's .py files); batch {args.batch} x {args.ctx} bytes; "
           f"{args.threads} threads")
-
-    # 1. the small model (sunk cost)
-    torch.manual_seed(args.seed)
-    small_cfg = gpt2_config(64, 2, 4, args.ctx)
-    small = tf.GPT2LMHeadModel(small_cfg)
-    print("small model 2 x 64:")
-    small_run = train(small, data, steps=args.small_steps, peak_lr=args.small_lr,
-                      horizon=args.small_steps, warmup=max(1, args.small_steps // 20),
-                      eval_every=max(args.eval_every, args.small_steps // 50), label="small")
-
-    # 2. ONNX -> lemon-onnx expand (verified) -> export-torch -> transformers
-    t0 = time.perf_counter()
-    export_onnx(small, out / "small.onnx", args.ctx)
-    # verified separately so that its verdict is recorded, not fatal: the float32 outputs and
-    # the validation loss after the hand-off are what training depends on
-    model, plan, _ = expand_model(out / "small.onnx", width=2, depth=2)
-    io.save(model, out / "large.onnx")
-    del model
-    vrep = verify(out / "small.onnx", out / "large.onnx", provider="cpu")
-    worst = max(o.max_abs for c in vrep.cases for o in c["outputs"])
-    small_cfg.to_json_file(out / "small_config.json")
-    res = export_torch(out / "large.onnx", out / "handoff", config=out / "small_config.json")
-    sched = res.schedule
-    large = tf.GPT2LMHeadModel.from_pretrained(out / "handoff", attn_implementation="eager")
-    t_handoff = time.perf_counter() - t0
-    v_small, v_large = val_loss(small, data), val_loss(large, data)
-    print(f"hand-off: {plan.source['layers']}x{plan.source['hidden']} -> "
-          f"{plan.target['layers']}x{plan.target['hidden']}, lemon-onnx verify "
-          f"{'PASS' if vrep.passed else 'FAIL'} (max abs error {worst:.1e}); val loss small "
-          f"{v_small:.4f}, handed-off large {v_large:.4f} ({t_handoff:.1f} s)")
-    if not math.isclose(v_small, v_large, rel_tol=1e-4):
-        raise SystemExit("the handed-off model does not start where the small model stopped")
-    state = {k: v.clone() for k, v in large.state_dict().items()}
-
-    # 3. the large architecture from scratch, a small learning-rate sweep
-    print("large model 4 x 128 from scratch:")
-    large_cfg = gpt2_config(128, 4, 8, args.ctx)
-    scratch = []
-    for lr in (float(x) for x in args.scratch_lrs.split(",")):
-        torch.manual_seed(args.seed)
-        m = tf.GPT2LMHeadModel(large_cfg)
-        scratch.append(train(m, data, steps=args.scratch_steps, peak_lr=lr,
-                             horizon=args.scratch_steps,
-                             warmup=max(1, round(args.scratch_steps * 0.05)),
-                             eval_every=args.eval_every, label=f"scratch lr {lr:g}"))
-    best = min(scratch, key=lambda r: r["final"])
-    target = best["final"]
-
-    # 4. the handed-off model with LEMON's schedule
-    horizon = max(1, round(args.scratch_steps * sched["decay"]["horizon_fraction_of_scratch"]))
-    warmup = max(1, round(horizon * sched["warmup"]["fraction_of_horizon"]))
-    print(f"handed-off large model, lemon_schedule.json: cosine over {horizon} steps, warmup "
-          f"{warmup}:")
-    expanded = []
-    for f in (float(x) for x in args.expanded_lr_factors.split(",")):
-        large.load_state_dict(state)
-        torch.manual_seed(args.seed)
-        expanded.append(train(large, data, steps=horizon, peak_lr=best["peak_lr"] * f,
-                              horizon=horizon, warmup=warmup, eval_every=args.eval_every,
-                              label=f"expanded lr {best['peak_lr'] * f:g}"))
-
-    # every large run has the same architecture and batch, so a step costs the same in each;
-    # the median step time over all of them discounts other processes' bursts on the machine
-    step_s = float(np.median([r["seconds"] / r["steps"] for r in scratch + expanded]))
-    summary = {"target_val_loss": target, "scratch_best_lr": best["peak_lr"],
-               "median_step_seconds": round(step_s, 4),
-               "scratch": {**reach(best, target), "steps_run": best["steps"],
-                           "seconds_run": round(best["seconds"], 1),
-                           "seconds_at_median_step": round(best["steps"] * step_s, 1)},
-               "expanded": []}
-    for r in expanded:
-        got = reach(r, target)
-        saved = (None if got["step"] is None else round(1 - got["step"] / best["steps"], 3))
-        summary["expanded"].append({
-            "peak_lr": r["peak_lr"], **got, "final": r["final"], "steps_saved_fraction": saved,
-            "seconds_at_median_step": None if got["step"] is None else round(got["step"] * step_s, 1)})
-    results = {
-        "command": "python benchmarks/training_payoff.py " + " ".join(argv or sys.argv[1:]),
-        "settings": vars(args), "torch_threads": torch.get_num_threads(),
-        "small": {**small_run, "sunk_cost": True},
-        "handoff": {"val_loss_small": v_small, "val_loss_handed_off": v_large,
-                    "verify_passed": vrep.passed, "verify_max_abs_error": worst,
-                    "verify_report": vrep.format(), "seconds": round(t_handoff, 1),
-                    "notes": res.notes},
-        "schedule": {"horizon": horizon, "warmup": warmup, "source": sched["source"]},
-        "scratch": scratch, "expanded": expanded, "summary": summary,
-        "total_seconds": round(time.perf_counter() - t_all, 1),
-    }
+    seeds = [int(x) for x in args.seeds.split(",")]
+    results = {"command": "python benchmarks/training_payoff.py " + " ".join(
+                   argv if argv is not None else sys.argv[1:]),
+               "settings": vars(args), "torch_threads": torch.get_num_threads(), "runs": []}
+    best_lr = {}
+    for arch in args.archs.split(","):
+        for i, seed in enumerate(seeds):
+            print(f"\n== {ARCH_NAMES.get(arch, arch)}, seed {seed}")
+            data = Batches(train_b, val_b, args.batch, args.ctx, seed, args.val_windows)
+            # 1. the small model (sunk cost)
+            torch.manual_seed(seed)
+            small = small_model(arch, args.ctx)
+            small_run = train(small, data, steps=args.small_steps, peak_lr=args.small_lr,
+                              horizon=args.small_steps, warmup=max(1, args.small_steps // 20),
+                              eval_every=max(args.eval_every, args.small_steps // 20),
+                              label="small 2 x 64")
+            small_run["flops"] = flops(small, args.small_steps, tokens)
+            # 2. ONNX -> lemon-onnx expand (verified) -> export-torch -> transformers
+            large, sched, info = handoff(small, arch, seed, out / f"work-{arch}-{seed}",
+                                         args.ctx)
+            v_small, v_large = val_loss(small, data), val_loss(large, data)
+            info.update(val_loss_small=v_small, val_loss_handed_off=v_large)
+            print(f"hand-off: {info['source']['layers']}x{info['source']['hidden']} -> "
+                  f"{info['target']['layers']}x{info['target']['hidden']}, lemon-onnx verify "
+                  f"{'PASS' if info['verify_passed'] else 'FAIL'} (max abs error "
+                  f"{info['verify_max_abs_error']:.1e}); val loss small {v_small:.4f}, "
+                  f"handed-off {v_large:.4f} ({info['seconds']} s)")
+            if not math.isclose(v_small, v_large, rel_tol=1e-4):
+                raise SystemExit("the handed-off model does not start where the small model "
+                                 "stopped")
+            state = {k: v.clone() for k, v in large.state_dict().items()}
+            # 3. the large architecture from scratch (the hand-off's own config.json)
+            lrs = ([float(x) for x in args.scratch_lrs.split(",")] if i == 0 else
+                   [best_lr[arch]])
+            scratch = []
+            for lr in lrs:
+                torch.manual_seed(seed)
+                m = type(large)(large.config)
+                scratch.append(train(m, data, steps=args.scratch_steps, peak_lr=lr,
+                                     horizon=args.scratch_steps,
+                                     warmup=max(1, round(args.scratch_steps * 0.05)),
+                                     eval_every=args.eval_every, label=f"scratch lr {lr:g}"))
+            best = min(scratch, key=lambda r: r["final"])
+            best_lr.setdefault(arch, best["peak_lr"])
+            target = best["final"]
+            # 4. the handed-off model: plain schedule advice, then with the remedy
+            horizon = max(1, round(args.scratch_steps *
+                                   sched["decay"]["horizon_fraction_of_scratch"]))
+            warmup = max(1, round(horizon * sched["warmup"]["fraction_of_horizon"]))
+            remedy = sched["remedy"]
+            rf = (remedy["peak_lr_relative_to_scratch_best"] if args.remedy_lr_factor is None
+                  else args.remedy_lr_factor)
+            ws = (remedy["adam_warm_start_steps"] if args.warm_start_steps is None
+                  else args.warm_start_steps)
+            variants = [("plain", best["peak_lr"] * args.baseline_lr_factor, None, 0),
+                        ("remedy", best["peak_lr"] * rf, sched, ws)]
+            expanded = []
+            for name, lr, use, n_ws in variants:
+                large.load_state_dict(state)
+                torch.manual_seed(seed)
+                r = train(large, data, steps=horizon, peak_lr=lr, horizon=horizon,
+                          warmup=warmup, eval_every=args.eval_every, schedule=use,
+                          warm_start_steps=n_ws, early_eval_every=args.early_eval_every,
+                          early_steps=args.early_steps, label=f"expanded, {name}, lr {lr:g}")
+                r["variant"] = name
+                got = reach(r, target)
+                updates = got["step"]
+                r["reach"] = got
+                r["rises"] = rises(r, args.early_steps)
+                # warm-start steps are forward+backward passes: counted as steps here
+                r["steps_to_target"] = None if updates is None else updates + n_ws
+                r["steps_saved_fraction"] = (None if updates is None else
+                                             1 - (updates + n_ws) / best["steps"])
+                r["flops_to_target"] = (None if updates is None else
+                                        flops(large, updates + n_ws, tokens))
+                expanded.append(r)
+                print(f"    worst rise in the first {args.early_steps} steps "
+                      f"{100 * r['rises']['rise_first_steps']:.1f}%, overall "
+                      f"{100 * r['rises']['rise_overall']:.1f}%; " +
+                      ("target not reached" if updates is None else
+                       f"target {target:.4f} at {updates} + {n_ws} warm-start steps "
+                       f"({100 * r['steps_saved_fraction']:.0f}% fewer than scratch's "
+                       f"{best['steps']})"))
+            step_s = float(np.median([r["seconds"] / (r["steps"] + r["warm_start_steps"])
+                                      for r in scratch + expanded]))
+            results["runs"].append({
+                "arch": arch, "seed": seed, "small": {**small_run, "sunk_cost": True},
+                "handoff": info, "scratch": scratch, "scratch_best_lr": best["peak_lr"],
+                "target_val_loss": target,
+                "scratch_reach": {**reach(best, target), "steps_run": best["steps"],
+                                  "flops": flops(large, best["steps"], tokens)},
+                "schedule": {"horizon": horizon, "warmup": warmup, "remedy": {
+                    k: v for k, v in remedy.items() if k != "lr_factors"},
+                    "lr_factors": remedy["lr_factors"]},
+                "expanded": expanded, "median_step_seconds": round(step_s, 4),
+                "params": {"small": n_params(small), "large": n_params(large)}})
+            (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    results["summary"] = summarize(results, args.early_steps, args.max_rise)
+    results["total_seconds"] = round(time.perf_counter() - t_all, 1)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(f"\ntarget (scratch-best final val loss, lr {best['peak_lr']:g}, {best['steps']} "
-          f"steps, {best['seconds']:.0f} s; {best['steps'] * step_s:.0f} s at the median step "
-          f"time {step_s:.3f} s): {target:.4f}")
-    for e in summary["expanded"]:
-        if e["step"] is None:
-            print(f"  expanded lr {e['peak_lr']:g}: did not reach it (final {e['final']:.4f})")
-        else:
-            print(f"  expanded lr {e['peak_lr']:g}: reached it at step {e['step']} "
-                  f"({e['seconds']} s of training, {e['seconds_at_median_step']} s at the median "
-                  f"step time), {100 * e['steps_saved_fraction']:.0f}% fewer steps; final "
-                  f"{e['final']:.4f}")
-    print(f"small model (sunk cost): {small_run['steps']} steps, {small_run['seconds']:.0f} s; "
-          f"total {results['total_seconds']:.0f} s")
+    report(results)
     plot(results, out / "payoff.png")
+    if args.quick:
+        bad = [(r["arch"], r["seed"], e["rises"]["rise_first_steps"])
+               for r in results["runs"] for e in r["expanded"] if e["variant"] == "remedy"
+               and e["rises"]["rise_first_steps"] > args.max_rise]
+        if bad:
+            print(f"FAIL: with the remedy the loss rose more than {100 * args.max_rise:g}%: {bad}")
+            return 1
     return 0
+
+
+def summarize(results: dict, early_steps: int, max_rise: float) -> dict:
+    out = {}
+    for arch in dict.fromkeys(r["arch"] for r in results["runs"]):
+        runs = [r for r in results["runs"] if r["arch"] == arch]
+        a = {"seeds": [r["seed"] for r in runs], "scratch_best_lr": runs[0]["scratch_best_lr"],
+             "target_val_loss": mean_spread([r["target_val_loss"] for r in runs]),
+             "scratch_steps": runs[0]["scratch_reach"]["steps_run"],
+             "scratch_seconds_to_target": mean_spread([r["scratch_reach"]["seconds"]
+                                                       for r in runs]),
+             "small_seconds_sunk": mean_spread([r["small"]["seconds"] for r in runs]),
+             "small_flops_sunk": runs[0]["small"]["flops"],
+             "scratch_flops": runs[0]["scratch_reach"]["flops"]}
+        for variant in ("plain", "remedy"):
+            es = [e for r in runs for e in r["expanded"] if e["variant"] == variant]
+            a[variant] = {
+                "peak_lr": [e["peak_lr"] for e in es],
+                "warm_start_steps": es[0]["warm_start_steps"],
+                "steps_to_target": mean_spread([e["steps_to_target"] for e in es]),
+                "reached": sum(e["steps_to_target"] is not None for e in es),
+                "steps_saved_fraction": mean_spread([e["steps_saved_fraction"] for e in es]),
+                "rise_first_steps": mean_spread([e["rises"]["rise_first_steps"] for e in es]),
+                "rise_overall": mean_spread([e["rises"]["rise_overall"] for e in es]),
+                "seconds_to_target": mean_spread([e["reach"]["seconds"] for e in es]),
+                "flops_to_target": mean_spread([e["flops_to_target"] for e in es]),
+                "final": mean_spread([e["final"] for e in es]),
+                "no_spike_all_seeds": all(e["rises"]["rise_first_steps"] <= max_rise
+                                          for e in es),
+            }
+        out[arch] = a
+    return out
+
+
+def report(results: dict) -> None:
+    for arch, a in results["summary"].items():
+        print(f"\n{ARCH_NAMES.get(arch, arch)}, seeds {a['seeds']}: scratch-best lr "
+              f"{a['scratch_best_lr']:g}, target {a['target_val_loss']['mean']:.4f} (mean), "
+              f"scratch {a['scratch_steps']} steps, {a['scratch_seconds_to_target']['mean']:.0f} "
+              f"s; small model (sunk) {a['small_seconds_sunk']['mean']:.0f} s")
+        for variant in ("plain", "remedy"):
+            v = a[variant]
+            sv, r1, ro = v["steps_saved_fraction"], v["rise_first_steps"], v["rise_overall"]
+            saved = ("not reached" if sv["mean"] is None else
+                     f"{100 * sv['mean']:.0f}% fewer steps (min {100 * sv['min']:.0f}%, max "
+                     f"{100 * sv['max']:.0f}%, {v['reached']}/{len(a['seeds'])} reached)")
+            tt = v["seconds_to_target"]["mean"]
+            print(f"  {variant:6s} lr {v['peak_lr'][0]:g}: worst rise first steps "
+                  f"{100 * r1['mean']:.1f}% (max {100 * r1['max']:.1f}%), overall "
+                  f"{100 * ro['mean']:.1f}% (max {100 * ro['max']:.1f}%); {saved}; "
+                  + ("" if tt is None else f"{tt:.0f} s to the target"))
 
 
 def plot(results: dict, path: Path) -> None:
@@ -312,27 +496,33 @@ def plot(results: dict, path: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    best = results["summary"]["scratch_best_lr"]
-    for r in results["scratch"]:
-        s, v = zip(*[(c[0], c[1]) for c in r["curve"]])
-        is_best = r["peak_lr"] == best
-        ax.plot(s, v, color="tab:gray", lw=2 if is_best else 1, alpha=1 if is_best else 0.4,
-                label=f"from scratch, lr {r['peak_lr']:g}" + (" (best)" if is_best else ""))
-    colors = ["tab:red", "tab:orange", "tab:purple"]
-    for r, col in zip(results["expanded"], colors):
-        s, v = zip(*[(c[0], c[1]) for c in r["curve"]])
-        ax.plot(s, v, color=col, lw=2, label=f"expanded by lemon-onnx, lr {r['peak_lr']:g}")
-    target = results["summary"]["target_val_loss"]
-    ax.axhline(target, color="black", ls=":", lw=1, label=f"scratch final {target:.3f}")
-    lo = min(min(c[1] for c in r["curve"]) for r in results["scratch"] + results["expanded"])
-    ax.set_ylim(lo - 0.05, max(lo + 1.5, target + 0.8))
-    ax.set_xlabel("training steps of the 4 x 128 model")
-    ax.set_ylabel("validation loss (nats / byte)")
-    ax.set_title("Byte-level GPT-2 on the Python stdlib: 2x64 expanded to 4x128 vs scratch",
-                 fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    archs = list(results["summary"])
+    fig, axes = plt.subplots(1, len(archs), figsize=(6.5 * len(archs), 4.4), dpi=110,
+                             squeeze=False)
+    colors = {"plain": "tab:red", "remedy": "tab:blue"}
+    for ax, arch in zip(axes[0], archs):
+        runs = [r for r in results["runs"] if r["arch"] == arch]
+        lo, hi = [], []
+        for j, r in enumerate(runs):
+            best = next(s for s in r["scratch"] if s["peak_lr"] == r["scratch_best_lr"])
+            s, v = zip(*[(c[0], c[1]) for c in best["curve"]])
+            ax.plot(s, v, color="tab:gray", lw=1.2, alpha=0.8,
+                    label=f"from scratch, lr {best['peak_lr']:g}" if j == 0 else None)
+            ax.axhline(r["target_val_loss"], color="black", ls=":", lw=0.8)
+            for e in r["expanded"]:
+                s, v = zip(*[(c[0], c[1]) for c in e["curve"]])
+                ax.plot(s, v, color=colors[e["variant"]], lw=1.2, alpha=0.85,
+                        label=(f"expanded, {'with the remedy' if e['variant'] == 'remedy' else 'plain'}, "
+                               f"lr {e['peak_lr']:g}" if j == 0 else None))
+                lo.append(min(v))
+                hi.append(max(v))
+        ax.set_ylim(min(lo) - 0.05, max(hi) + 0.1)
+        ax.set_xlabel("training steps of the 4 x 128 model")
+        ax.set_ylabel("validation loss (nats / byte)")
+        ax.set_title(f"{ARCH_NAMES.get(arch, arch)}: 2x64 expanded to 4x128, seeds "
+                     f"{[r['seed'] for r in runs]}", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     print(f"plot: {path}")

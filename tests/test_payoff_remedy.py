@@ -1,0 +1,151 @@
+"""The loss-spike remedy carried in lemon_schedule.json (``remedy``) and its helpers in
+``lemon_onnx.handoff.schedule``; the benchmark's ``--quick`` run asserts the no-spike bound."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lemon_onnx.handoff.schedule import (advice, load, lr_factors, param_groups, remedy,
+                                         warm_start)
+from conftest import ROOT
+
+PLAN = {"source": {"hidden": 64, "heads": 4, "head_dim": 16, "kv_heads": 2, "ffn": 176,
+                   "layers": 2},
+        "target": {"hidden": 128, "heads": 8, "head_dim": 16, "kv_heads": 4, "ffn": 528,
+                   "layers": 4}}
+
+
+def _t(name, shape, *keys):
+    return {"name": name, "shape": list(shape), "from": [{"key": k, "form": "transposed"}
+                                                         for k in keys]}
+
+
+def test_factors_follow_each_weights_input_axis():
+    tensors = [
+        _t("q", (128, 128), "blocks[0].attention.q.node@1"),          # reads hidden: 64/128
+        _t("o", (128, 128), "blocks[2].attention.out.node@1"),        # reads heads x head_dim
+        _t("down", (128, 528), "blocks[1].mlp.down.node@1"),          # reads ffn: 176/528
+        _t("up", (528, 128), "blocks[1].mlp.up.node@1"),
+        _t("emb", (256, 128), "embeddings.token"),                    # one-hot input: 1
+        _t("tied", (256, 128), "embeddings.token", "head.linear.node@1"),  # smallest: 1/2
+        _t("bias", (128,), "blocks[0].attention.out.bias"),           # vectors: 1
+        _t("qkv_b", (384,), "blocks[0].attention.qkv.bias"),
+    ]
+    f = lr_factors(PLAN, tensors)
+    assert f == {"q": 0.5, "o": 0.5, "down": round(176 / 528, 6), "up": 0.5, "tied": 0.5}
+    assert lr_factors(None, tensors) == {}
+    same = {"source": PLAN["source"], "target": dict(PLAN["source"], layers=4)}
+    assert lr_factors(same, tensors) == {}  # depth only: nothing is copied side by side
+    r = advice(PLAN, [], tensors)["remedy"]
+    assert r == remedy(PLAN, tensors) and r["lr_factors"] == f
+    assert r["adam_warm_start_steps"] > 0 and 0 < r["peak_lr_relative_to_scratch_best"] <= 1
+    json.dumps(r)
+
+
+def _tiny():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(11, 8)
+            self.a = torch.nn.Linear(8, 8)
+            self.head = torch.nn.Linear(8, 11, bias=False)
+            self.head.weight = self.emb.weight  # tied: one parameter, one group
+
+        def forward(self, input_ids, labels):
+            h = self.head(torch.tanh(self.a(self.emb(input_ids))))
+            loss = torch.nn.functional.cross_entropy(h[:, :-1].reshape(-1, 11),
+                                                     labels[:, 1:].reshape(-1))
+            return type("Out", (), {"loss": loss})()
+
+    return torch, Tiny()
+
+
+def test_param_groups_scale_the_rate_and_warm_start_moves_nothing(tmp_path):
+    torch, model = _tiny()
+    sched = {"remedy": {"lr_factors": {"a.weight": 0.5, "emb.weight": 0.25},
+                        "adam_warm_start_steps": 4}}
+    (tmp_path / "lemon_schedule.json").write_text(json.dumps(sched))
+    assert load(tmp_path) == load(tmp_path / "lemon_schedule.json") == sched
+    groups = param_groups(model, tmp_path, 1e-2, weight_decay=0.1)
+    got = {g["lemon_lr_factor"]: (g["lr"], sorted(id(p) for p in g["params"]))
+           for g in groups}
+    assert got == {1.0: (1e-2, [id(model.a.bias)]), 0.5: (5e-3, [id(model.a.weight)]),
+                   0.25: (2.5e-3, [id(model.emb.weight)])}
+    assert all(g["weight_decay"] == 0.1 for g in groups)
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 11, (3, 6), generator=gen) for _ in range(10)]
+    assert warm_start(model, opt, iter(batches), schedule=sched) == 4
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n  # lr 0: AdamW's decay is lr x wd = 0 as well
+    for p in model.parameters():
+        st = opt.state[p]
+        assert float(st["step"]) == 4 and float(st["exp_avg_sq"].sum()) > 0
+    assert [g["lr"] for g in opt.param_groups] == [1e-2, 5e-3, 2.5e-3]  # restored
+    # dict batches (a Trainer's data loader) and a loss function work too
+    assert warm_start(model, opt, [{"input_ids": b, "labels": b} for b in batches], 2) == 2
+    assert warm_start(model, opt, batches, 1,
+                      loss=lambda m, b: m(input_ids=b, labels=b).loss) == 1
+    assert float(opt.state[model.a.weight]["step"]) == 7
+    # the first real update is m/sqrt(v) of measured statistics, not a sign-sized step
+    loss = model(input_ids=batches[0], labels=batches[0]).loss
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    moved = (model.a.weight - before["a.weight"]).abs().max().item()
+    assert 0 < moved < 5e-3
+
+
+@pytest.mark.slow
+def test_the_quick_payoff_run_keeps_the_inherited_loss(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "training_payoff.py"),
+                        "--quick", "--out", str(tmp_path)], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    (run,) = res["runs"]
+    assert run["handoff"]["verify_passed"]
+    assert run["handoff"]["val_loss_handed_off"] == pytest.approx(
+        run["handoff"]["val_loss_small"], rel=1e-4)
+    rem = next(e for e in run["expanded"] if e["variant"] == "remedy")
+    assert rem["warm_start_steps"] > 0 and rem["rises"]["rise_first_steps"] <= 0.05
+    assert res["summary"]["gpt2"]["remedy"]["no_spike_all_seeds"]
+
+
+def test_a_trainer_keeps_the_factors_and_warm_starts(tmp_path):
+    torch = pytest.importorskip("torch")
+    tf = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from lemon_onnx.handoff.schedule import optimizer, trainer_callback
+
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=32, n_positions=8, n_embd=16,
+                                             n_layer=1, n_head=2, use_cache=False))
+    sched = {"remedy": {"lr_factors": {"transformer.h.0.mlp.c_fc.weight": 0.5},
+                        "adam_warm_start_steps": 3}}
+    gen = torch.Generator().manual_seed(0)
+    data = [{"input_ids": x, "labels": x} for x in torch.randint(0, 32, (12, 8), generator=gen)]
+    opt = optimizer(model, sched, 1e-3)
+    args = tf.TrainingArguments(str(tmp_path / "run"), max_steps=2, warmup_steps=0,
+                                lr_scheduler_type="constant", per_device_train_batch_size=2,
+                                report_to="none", save_strategy="no", use_cpu=True,
+                                max_grad_norm=1.0)
+    trainer = tf.Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None),
+                         callbacks=[trainer_callback(sched)])
+    trainer.train()
+    w = model.transformer.h[0].mlp.c_fc.weight
+    assert float(opt.state[w]["step"]) == 3 + 2  # warm start, then the two training steps
+    lrs = {g["lemon_lr_factor"]: g["lr"] for g in opt.param_groups}
+    assert lrs == {1.0: pytest.approx(1e-3), 0.5: pytest.approx(5e-4)}
