@@ -39,14 +39,23 @@ def measured(src: str, width, depth, dest: Path, verify: bool):
            str(dest), "-q"]
     cmd += ["--width", str(width)] if width else []
     cmd += ["--depth", str(depth)] if depth else []
-    cmd += [] if verify else ["--no-verify"]
+    report = dest.with_name("report.json")
+    cmd += ["--report", str(report)] if verify else ["--no-verify"]
     r = subprocess.run(cmd, capture_output=True, text=True,
                        cwd=Path(__file__).resolve().parents[1])
+    how = ""
+    if verify and report.exists():  # how the float64 level ran: the peak depends on it
+        import json
+
+        level = json.loads(report.read_text())["levels"]["float64"]
+        how = ("float64 " + ("by segments" if level.get("segments") else "whole")
+               if level["ran"] else f"no float64 ({level['why']})")
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))
     wall = re.search(r"Elapsed \(wall clock\) time.*: (\S+)", r.stderr).group(1)
     parts = [float(x) for x in wall.split(":")]
     seconds = sum(x * 60 ** i for i, x in enumerate(reversed(parts)))
-    return r.returncode, rss * 1024, seconds, r.stderr.splitlines()[0] if r.returncode else ""
+    return r.returncode, rss * 1024, seconds, (r.stderr.splitlines()[0] if r.returncode
+                                               else how)
 
 
 def main() -> None:

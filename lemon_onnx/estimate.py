@@ -55,15 +55,27 @@ BASE_BYTES = int(0.13 * GB)
 #: not a promise
 SECONDS_PER_GB = 2.0
 START_SECONDS = 1.5
-#: ONNX Runtime holds a model's weights and, for MatMul, prepacked copies
+#: ONNX Runtime holds a model's weights and, for MatMul, prepacked copies: the verification's
+#: blockwise decision counts this many times the larger model (an upper bound: going blockwise
+#: too early costs time, too late memory) ...
 RUNTIME_FACTOR = 2.0
+#: ... and the reported peak this many: measured 0.8x (GPT-2 medium w1.5 d2, 6.1 GB output,
+#: 4.9 GB peak) to 1.1x (SmolLM2 w2 d2, 3.9 GB output, 4.2 GB peak) for external data, which
+#: ONNX Runtime maps; inline weights are parsed and copied
+RUNTIME_EXPECTED_EXTERNAL = 1.0
+RUNTIME_EXPECTED_INLINE = 2.0
+#: the float64 level one segment at a time (verify/blockwise.py, and verify/core.py when the
+#: whole copies do not fit) holds about this many times the largest segment's weights in their
+#: dtype (float32: the float64 tensors, their serialised model and ONNX Runtime's copy)
+F64_SEGMENT_FACTOR = 6
 #: the float64 level holds about this many times the larger model's float32 weights (the
 #: widened tensors, the protobuf or file ONNX Runtime reads, the session's copy); in onnx's
 #: reference evaluator (ops ONNX Runtime has no double kernel for) the arrays once more
 FLOAT64_FACTOR = 6
 FLOAT64_REFERENCE_FACTOR = 10
 REFERENCE_OPS = ("Erf", "Conv", "RotaryEmbedding")
-#: verify/core.py runs the float64 level (auto) when its weights fit in this share
+#: verify/core.py runs the float64 level (auto) on the whole models when its weights fit in
+#: this share
 FLOAT64_MEMORY_SHARE = 0.4
 #: share of the available memory a whole-model verification may use before it goes blockwise
 VERIFY_MEMORY_SHARE = 0.8
@@ -215,16 +227,23 @@ def estimate(desc, plan, model, *, src: str | os.PathLike, dest: str | os.PathLi
     seconds = START_SECONDS + SECONDS_PER_GB * out_bytes / GB
     src_bytes = other_bytes + block_bytes
     whole = int(RUNTIME_FACTOR * max(out_bytes, src_bytes) + BASE_BYTES)
+    out_external = out_bytes > EXTERNAL_DATA_THRESHOLD
+    expected_whole = int(max(
+        (RUNTIME_EXPECTED_EXTERNAL if out_external else RUNTIME_EXPECTED_INLINE) * out_bytes,
+        (RUNTIME_EXPECTED_INLINE if inline else RUNTIME_EXPECTED_EXTERNAL) * src_bytes)
+        + BASE_BYTES)
     # the float64 level (verify/core.py runs it when the float64 weights fit in its share of
     # the memory): a float64 copy at a time, in ONNX Runtime or onnx's reference evaluator
     reference = any(n.op_type in REFERENCE_OPS for n in model.graph.all_nodes())
     mem = available_memory()
     larger = max(out_bytes, src_bytes)
-    f64 = 0
+    segment = max(per_block, largest_other * widen)
     if mem is None or 2 * larger <= FLOAT64_MEMORY_SHARE * mem:
         f64 = (FLOAT64_REFERENCE_FACTOR if reference else FLOAT64_FACTOR) * larger
-    verify_peak = int(max(whole, f64 + BASE_BYTES) + RUNTIME_BASE_BYTES)
-    blockwise = int(2 * max(per_block, largest_other * widen) + 1 * GB)
+    else:  # verify/core.py runs it one segment at a time
+        f64 = F64_SEGMENT_FACTOR * segment
+    verify_peak = int(max(expected_whole, f64 + BASE_BYTES) + RUNTIME_BASE_BYTES)
+    blockwise = int(2 * segment + 1 * GB)
     return Estimate(output_bytes=out_bytes, peak_bytes=peak, seconds=seconds,
                     largest_tensor_bytes=largest, verify_whole_bytes=whole,
                     verify_block_bytes=blockwise, free_disk=free_disk(dest),

@@ -222,22 +222,76 @@ def test_a_changed_weight_in_external_data_is_caught(tmp_path, src, threshold):
     assert res.returncode == 0 and "without the float64 proof" not in res.stdout, res.stdout
 
 
-def test_a_missing_float64_level_is_said_and_on_makes_it_exit_3(tmp_path):
-    """Block by block, the float64 level runs in ONNX Runtime only, which has no double Erf:
-    the proof is missing, the verdict line and the JSON say so, --float64 on is exit 3."""
+def test_blockwise_float64_runs_segments_onnxruntime_cannot_in_the_reference_evaluator(tmp_path):
+    """Block by block, BERT's GELU (Erf) has no double kernel in ONNX Runtime: those segments
+    run in onnx's reference evaluator, and the proof is there (the report names both engines)."""
     big = tmp_path / "big.onnx"
     assert run_cli("expand", BERT, "-o", big, "--width", "2", "-q").returncode == 0
     res = run_cli("verify", BERT, big, "--blockwise", "-q", "--report", tmp_path / "r.json")
     assert res.returncode == 0, res.stderr
-    assert "PASS (without the float64 proof" in res.stdout.splitlines()[0]
+    assert "without the float64 proof" not in res.stdout, res.stdout
+    level = json.loads((tmp_path / "r.json").read_text())["levels"]["float64"]
+    assert level["ran"] is True and "onnx.reference" in level["engine"], level
+    # and the level decides: one weight element of the expanded model off by 1e-3
+    changed = _changed_external(big, tmp_path / "ext", 1024)
+    res = run_cli("verify", BERT, changed, "--blockwise", "--report", tmp_path / "r2.json")
+    assert res.returncode == 1, res.stdout + res.stderr
+    rep = json.loads((tmp_path / "r2.json").read_text())
+    assert any("float64" in (o["caught_by"] or "") for c in rep["cases"] for o in c["outputs"])
+
+
+def test_a_missing_float64_level_is_said_and_on_makes_it_exit_3(tmp_path, monkeypatch):
+    """When no engine can run a float64 segment, the proof is missing: the verdict line and
+    the JSON say so, --float64 on is exit 3 and writes nothing."""
+    from click.testing import CliRunner
+
+    from lemon_onnx import cli as cli_mod
+    from lemon_onnx.errors import RuntimeFailure
+    from lemon_onnx.verify import blockwise
+
+    big = tmp_path / "big.onnx"
+    assert run_cli("expand", BERT, "-o", big, "--width", "2", "-q").returncode == 0
+
+    def neither(data, folder, label):
+        raise RuntimeFailure(f"neither ONNX Runtime nor onnx's reference evaluator can run "
+                             f"{label} in float64: Erf (simulated)")
+    monkeypatch.setattr(blockwise, "_reference_segment", neither)
+
+    def run(*args):
+        return CliRunner().invoke(cli_mod.cli, [str(a) for a in args])
+    res = run("verify", BERT, big, "--blockwise", "-q", "--report", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    assert "PASS (without the float64 proof" in res.output.splitlines()[0]
     level = json.loads((tmp_path / "r.json").read_text())["levels"]["float64"]
     assert level["ran"] is False and "Erf" in level["why"]
-    one_paragraph(run_cli("verify", BERT, big, "--blockwise", "--float64", "on"), 3,
-                  "float64 level could not run")
-    res = run_cli("expand", BERT, "-o", tmp_path / "again.onnx", "--width", "2",
-                  "--blockwise", "--float64", "on")
-    one_paragraph(res, 3, "float64 level could not run")
+    res = run("verify", BERT, big, "--blockwise", "--float64", "on")
+    assert res.exit_code == 3 and "float64 level could not run" in res.output, res.output
+    res = run("expand", BERT, "-o", tmp_path / "again.onnx", "--width", "2", "--blockwise",
+              "--float64", "on")
+    assert res.exit_code == 3 and "float64 level could not run" in res.output, res.output
     assert not (tmp_path / "again.onnx").exists()
-    res = run_cli("expand", BERT, "-o", tmp_path / "again.onnx", "--width", "2",
-                  "--blockwise")
-    assert res.returncode == 0 and "NO float64 proof" in res.stdout.splitlines()[-1]
+    res = run("expand", BERT, "-o", tmp_path / "again.onnx", "--width", "2", "--blockwise")
+    assert res.exit_code == 0 and "NO float64 proof" in res.output.splitlines()[-1], res.output
+
+
+def test_a_float64_copy_too_big_for_memory_runs_one_segment_at_a_time(tmp_path, monkeypatch):
+    """Whole-model verification whose float64 copies do not fit (simulated: the share they may
+    take is made tiny) runs the float64 level segment by segment: the same figures as the
+    whole copies, and a weight off by 1e-3 is still caught by it."""
+    import lemon_onnx
+    from lemon_onnx.verify import core
+
+    big = tmp_path / "big.onnx"
+    assert run_cli("expand", BERT, "-o", big, "--width", "2", "-q").returncode == 0
+    whole = lemon_onnx.verify(BERT, big)
+    monkeypatch.setattr(core, "FLOAT64_MEMORY_SHARE", 1e-12)
+    seg = lemon_onnx.verify(BERT, big)
+    assert seg.passed and seg.levels["float64"]["ran"] and seg.levels["float64"]["segments"]
+    assert seg.float64_missing() is None
+    for a, b in zip(whole.rows(), seg.rows()):
+        assert a.alg_max_abs is not None and b.alg_max_abs is not None
+        assert abs(a.alg_max_abs - b.alg_max_abs) <= 1e-12 + 1e-6 * abs(a.alg_max_abs)
+    changed = _changed_external(big, tmp_path / "ext", 1024)
+    bad = lemon_onnx.verify(BERT, changed)
+    assert not bad.passed and "float64" in bad.caught_by(), bad.summary()
+    assert bad.levels["float64"].get("segments"), bad.levels

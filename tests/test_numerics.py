@@ -132,11 +132,18 @@ def test_fallback_rule_without_float64(tmp_path, monkeypatch):
     assert rep.passed and not rep.levels["float64"]["ran"]
     assert rep.levels["dtype"]["rule"] == "fallback"
     assert all(o.rule == "fallback" and o.ratio is None for o in _outputs(rep))
-    # too little memory for the float64 copies: said, and the fallback decides
+    # too little memory for the whole float64 copies: the level runs one segment at a time
     # (blockwise=False: with this little memory the check would otherwise go block by block)
     monkeypatch.setattr(verify_core, "_available_memory", lambda: 1000)
     rep = verify(src, src, provider="cpu", blockwise=False)
+    assert rep.passed and rep.levels["float64"]["ran"] and rep.levels["float64"]["segments"]
+    assert rep.levels["dtype"]["rule"] == "relative"
+    # ... and too little even for one segment: said, and the fallback decides
+    from lemon_onnx.verify import blockwise
+    monkeypatch.setattr(blockwise, "available_memory", lambda: 1000)
+    rep = verify(src, src, provider="cpu", blockwise=False)
     assert rep.passed and rep.levels["dtype"]["rule"] == "fallback"
+    assert not rep.levels["float64"]["ran"]
     assert any("float64 level skipped" in n and "GB" in n for n in rep.notes)
 
 

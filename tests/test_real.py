@@ -65,7 +65,7 @@ def test_smollm2_hidden_768_45_layers(tmp_path):
 
 
 @pytest.mark.parametrize("tag", ["ts17", "dy18"])
-def test_minilm_exported_without_token_types_expands_and_verifies(tmp_path, tag):
+def test_minilm_exported_without_token_types_expands_and_verifies(tmp_path, tag, ci_log):
     """all-MiniLM-L6-v2 exported the usual sentence-embedding way (input_ids + attention_mask
     only): the constant-index type table and the position table are both widened."""
     from lemon_onnx.verify import verify
@@ -81,5 +81,8 @@ def test_minilm_exported_without_token_types_expands_and_verifies(tmp_path, tag)
         rep = verify(REAL / e["file"], out, provider="cpu", inputs=[
             c["in"] for c in load_cases(REAL / e["reference"])])
         assert rep.passed, rep.format()
+        level = rep.levels["float64"]
+        ci_log(f"float64 level ran: {level['ran']} ({level['engine'] or level['why']})")
+        assert level["ran"], level
         if plan.exact:  # width only: lossless as stored
             assert rep.max_alg_rel <= 1e-9, rep.format()

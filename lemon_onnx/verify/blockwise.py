@@ -33,15 +33,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import Float64Unavailable, RuntimeFailure
-from ..estimate import available_memory
+from ..estimate import F64_SEGMENT_FACTOR, available_memory
 from . import compare as cmp
 from .models import describe
-from .precision import float64_feeds, float64_level, to_float64
-from .runtime import CUDA, _one_line, make_session, run_session
+from .precision import float64_feeds, float64_level, reference_evaluator, to_float64
+from .runtime import CUDA, make_session, run_session
+from ..errors import one_line
 
-#: memory of a float64 segment run per byte of the segment's weights in their dtype (float32:
-#: the float64 tensors, their serialised model and ONNX Runtime's copy)
-F64_SEGMENT_FACTOR = 6
 #: the float64 level runs (``auto``) when that fits in this share of the available memory
 F64_MEMORY_SHARE = 0.5
 
@@ -201,13 +199,33 @@ def _float64_segment(data: bytes, folder: Path):
     return ir.to_proto(model).SerializeToString(), arrays
 
 
+def _reference_segment(data: bytes, folder: Path, label: str):
+    """The float64 copy of a segment in onnx's reference evaluator (a segment ONNX Runtime has
+    no double kernel for: BERT's Erf, a Conv): a function feeds -> {name: array}.  Its weights
+    are read from ``folder`` into memory first (the evaluator does not read external data);
+    one segment's are small."""
+    import onnx
+    import onnx_ir as ir
+
+    model = ir.serde.deserialize_model(onnx.load_from_string(data))
+    ir.external_data.set_base_dir(model.graph, str(folder))
+    for v in model.graph.initializers.values():
+        t = v.const_value
+        if isinstance(t, ir.ExternalTensor):
+            v.const_value = ir.Tensor(t.numpy(), name=v.name)
+    to_float64(model)
+    fetch = [v.name for v in model.graph.outputs]
+    return reference_evaluator(model, fetch, label)
+
+
 def run_segments(path, proto, desc, cases, provider: str, wanted, fallback_elem: int,
-                 float64: bool = False):
+                 float64: bool = False, engines: set | None = None):
     """Run the model at ``path`` segment by segment on every case (``float64``: the float64
-    copy of each segment, float inputs widened).
+    copy of each segment, float inputs widened; a segment ONNX Runtime cannot run in float64
+    runs in onnx's reference evaluator, and ``engines`` collects the engines that ran).
 
     Returns ({wanted or graph output name: [array per case]}, provider used, largest segment
-    weight bytes).  A float64 segment ONNX Runtime cannot load raises ``RuntimeFailure``."""
+    weight bytes).  A float64 segment neither engine can run raises ``RuntimeFailure``."""
     segs = segments(proto, desc, wanted)
     types = _elem_types(proto)
     keep = set(wanted) | {o.name for o in proto.graph.output}
@@ -223,14 +241,30 @@ def run_segments(path, proto, desc, cases, provider: str, wanted, fallback_elem:
         data = _segment_model(proto, seg, types, fallback_elem)
         label = f"{path} (segment {seg.index} of {len(segs)}{', float64' if float64 else ''})"
         arrays = None
+        source = data
         if float64:
-            data, arrays = _float64_segment(data, folder)
-        sess, used = make_session(data, provider, label=label, external_data_dir=folder,
-                                  lean=True, initializers=arrays)
-        del data, arrays
+            source, arrays = _float64_segment(data, folder)
+        try:
+            sess, used = make_session(source, provider, label=label, external_data_dir=folder,
+                                      lean=True, initializers=arrays)
+        except RuntimeFailure:
+            if not float64:
+                raise
+            sess = None
+        del source, arrays
+        if sess is not None:
+            def run(feeds, sess=sess, label=label, seg=seg):
+                return run_session(sess, feeds, label, {o: o for o in seg.outputs})
+            engine = "onnxruntime"
+        else:
+            run = _reference_segment(data, folder, label)
+            engine = "onnx.reference"
+        if engines is not None:
+            engines.add(engine)
+        del data
         for k, case in enumerate(values):
             feeds = {x: case[x] for x in seg.inputs}
-            res = run_session(sess, feeds, label, {o: o for o in seg.outputs})
+            res = run(feeds)
             case.update(res)
             for o in seg.outputs:
                 if o in keep:
@@ -238,7 +272,7 @@ def run_segments(path, proto, desc, cases, provider: str, wanted, fallback_elem:
             for x in list(case):  # drop what no later segment reads
                 if last_reader.get(x, -1) <= seg.index and x not in cases[k]:
                     del case[x]
-        del sess
+        del sess, run
         gc.collect()
     return got, used, max((s.weight_bytes for s in segs), default=0)
 
@@ -341,6 +375,29 @@ def _decode(path, desc, chain, runs: dict, provider: str, elem: int, float64: bo
     return first, chain.run(run, first, widen=float64)
 
 
+def float64_by_segments(mode: str, sides, cases: dict, provider: str, rule: cmp.Rule,
+                        notes: list):
+    """The float64 level segment by segment for a whole-model verification whose float64
+    copies do not fit in memory: ``sides`` is ((side, path, description, wanted names), ...),
+    ``cases`` {side: inputs}.  Returns (level description, {side: [{name: array} per case]}
+    or None when it could not run)."""
+    import onnx
+
+    largest = 0
+    for _, path, desc, names in sides:
+        proto = onnx.load(str(path), load_external_data=False)
+        largest = max([largest] + [s.weight_bytes for s in segments(proto, desc, names)])
+        del proto
+    level, runs = _float64_runs(mode, sides, cases, provider, onnx.TensorProto.FLOAT, largest,
+                                rule, notes)
+    if runs is None:
+        return level, None
+    level["segments"] = True
+    per_case = {side: [{n: v[k] for n, v in runs[side].items()}
+                       for k in range(len(cases[side]))] for side in runs}
+    return level, per_case
+
+
 def _float64_runs(mode: str, sides, cases: dict, provider, elem, largest: int,
                   rule: cmp.Rule, notes: list):
     """The float64 level, segment by segment (``cases``: each side's inputs): (level
@@ -360,20 +417,24 @@ def _float64_runs(mode: str, sides, cases: dict, provider, elem, largest: int,
                          "the fallback bound (--float64 on forces it)")
         return level, None
     runs64 = {}
+    engines: set = set()
     forced = "cuda" if provider == CUDA else "cpu"
     try:
         for side, path, desc, names in sides:
             proto = onnx.load(str(path), load_external_data=False)
             runs64[side], used, _ = run_segments(path, proto, desc, cases[side], forced, names,
-                                                 elem, float64=True)
+                                                 elem, float64=True, engines=engines)
             del proto
     except RuntimeFailure as exc:
-        level["why"] = _one_line(exc.message, 300)
+        level["why"] = one_line(exc.message, 300)
         if mode == "on":
             raise Float64Unavailable(f"the float64 level could not run (--float64 on): "
                                      f"{level['why']}") from None
         notes.append(f"float64 level skipped: {level['why']}; the {rule.dtype} level uses the "
                      "fallback bound")
         return level, None
-    level.update(ran=True, engine="onnxruntime", provider=used)
+    level.update(ran=True, engine="+".join(sorted(engines)) or "onnxruntime", provider=used)
+    if "onnx.reference" in engines:
+        notes.append("float64 level: segments ONNX Runtime has no double kernel for ran in "
+                      "onnx's reference evaluator")
     return level, runs64

@@ -1,6 +1,6 @@
 """Comparing outputs: the two levels of verification, Polygraphy's element rule, output maps.
 
-Two levels, per output (the verification standard of design.md):
+Two levels, per output (docs/lemon-math.md, "Verification levels"):
 
 * **Algebraic** (float64): both models run with every float tensor widened to float64
   (``precision.py``).  The rewrite is lossless as stored when the expanded model's float64
@@ -250,7 +250,7 @@ def compare_output(name: str, small: np.ndarray, big: np.ndarray | None, mapping
                                     f"{big_name(name, mapping)!r}")
     big_m, label = map_big(name, ss, big, mapping)
     if big_m is None:
-        return _not_compared(name, ss, list(np.shape(big)), label)
+        return not_compared(name, ss, list(np.shape(big)), label)
     rep = compare_arrays(small, big_m, rule.atol, rule.rtol, name=name, compared=label)
     rep.shape_big = list(np.shape(big))
     s, b = _as_f64(small), _as_f64(big_m)
@@ -303,7 +303,7 @@ def _ratio(num: float, den: float) -> float:
     return math.inf if den == 0 else num / den
 
 
-def _not_compared(name, ss, sb, message) -> OutputReport:
+def not_compared(name, ss, sb, message) -> OutputReport:
     n = int(np.prod(ss)) if ss else 1
     return OutputReport(name=name, shape_small=ss, shape_big=sb, compared="not compared",
                         max_abs=math.inf, mean_abs=math.inf, max_rel=math.inf,

@@ -9,20 +9,21 @@ from pathlib import Path
 from typing import Mapping
 
 from ..errors import Float64Unavailable, InputError, LemonError, RuntimeFailure
+from ..estimate import FLOAT64_MEMORY_SHARE, RUNTIME_FACTOR
+from ..estimate import VERIFY_MEMORY_SHARE as BLOCKWISE_MEMORY_SHARE
 from ..estimate import available_memory as _available_memory
 from . import compare as cmp
 from .decoding import chains, check, fixed_inputs, lengths, returns_of
-from .inputs import (DEFAULT_CASES, _conform, _synthesize, load_inputs, roles_from_graph,
+from .inputs import (DEFAULT_CASES, conform, synthesize, load_inputs, roles_from_graph,
                      save_inputs_npz)
 from .layerwise import block_pairs, layerwise_rows
 from .models import as_ir, big_feeds, describe, first_float_dtype, read_plan
 from .precision import float64_bytes, float64_level, run_float64
 from .report import VerifyReport
-from .runtime import CUDA, _one_line, available_providers, make_session, prepare, run_session
+from .runtime import CUDA, available_providers, make_session, prepare, run_session
+from ..errors import one_line
 
 FLOAT64_MODES = ("auto", "on", "off")
-#: the float64 copies run when their weights take at most this share of the available memory
-FLOAT64_MEMORY_SHARE = 0.4
 
 
 def verify(small_path, big_path, *, inputs=None, atol: float | None = None,
@@ -124,7 +125,7 @@ def verify(small_path, big_path, *, inputs=None, atol: float | None = None,
     want_big = list(big_outputs) + sorted({p[3] for p in pairs or []})
     levels_f64, ref64, got64, steps64 = _float64_level(
         float64, small_path, big_path, small_ir, big_ir, cases, big_cases, want_small,
-        want_big, forced, rule, notes, dec)
+        want_big, forced, rule, notes, dec, cache)
     timings["float64"] = time.perf_counter() - t
     if ref64 is None and rule.mode == "relative":
         rule = cmp.Rule("fallback", dtype, rule.atol, rule.rtol)
@@ -170,12 +171,6 @@ def verify(small_path, big_path, *, inputs=None, atol: float | None = None,
                         seconds=time.perf_counter() - t_start, notes=notes,
                         small=str(small_path), big=str(big_path), timings=timings,
                         levels=levels, decoding=decoding_report)
-
-
-#: whole-model verification holds the larger model about this many times (weights and
-#: ONNX Runtime's prepacked copies); above this share of the available memory: blockwise
-RUNTIME_FACTOR = 2.0
-BLOCKWISE_MEMORY_SHARE = 0.8
 
 
 def _model_bytes(path) -> int:
@@ -261,7 +256,7 @@ def _rule(dtype: str, atol, rtol, *, approximate: bool, notes: list) -> cmp.Rule
 
 def _inputs(inputs, small_ir, big_ir, small_path, seed, notes, cache):
     if inputs is None:
-        cases, syn_notes = _synthesize(small_ir, seed=seed, vocab=None, cases=DEFAULT_CASES,
+        cases, syn_notes = synthesize(small_ir, seed=seed, vocab=None, cases=DEFAULT_CASES,
                                        cache=cache)
         notes.extend(syn_notes)
         return cases, "synthesised"
@@ -273,7 +268,7 @@ def _inputs(inputs, small_ir, big_ir, small_path, seed, notes, cache):
         cases, source = [dict(c) for c in inputs], "given"
     if not cases:
         raise InputError("no input cases were given.", hint="Give at least one case.")
-    cases = _conform(cases, small_ir, str(small_path), notes)
+    cases = conform(cases, small_ir, str(small_path), notes)
     declared = {v.name for v in small_ir.graph.inputs} | {v.name for v in big_ir.graph.inputs}
     unused = sorted({n for c in cases for n in c} - declared)
     if unused:
@@ -320,7 +315,7 @@ def _decoding_setup(small_ir, big_ir, prefix: dict, seed: int, cache: dict,
         roles = roles_from_graph(small_ir, desc)
     except Exception as exc:  # the check needs the inputs' roles
         return _Decoding(why="the source model was not recognised, so its inputs' roles are "
-                             f"unknown ({_one_line(str(exc), 200)})")
+                             f"unknown ({one_line(str(exc), 200)})")
     fixed = fixed_inputs(small_ir, desc, roles)
     small, big, why = chains(small_ir, big_ir, prefix, roles, desc.vocab, seed,
                              fixed=tuple(fixed), big_prefix=big_prefix, plan=plan)
@@ -362,8 +357,35 @@ def _decoding_report(dec: _Decoding, ref, got, small_steps, big_steps, ref64, go
     return {"ran": True, "why": None, "steps": steps, "float64": s64 is not None}
 
 
+def _float64_by_segments(small_path, big_path, small_ir, big_ir, cases, big_cases, want_small,
+                         want_big, provider, rule, notes, cache, dec, why):
+    """The float64 level one segment at a time (``blockwise.py``) when the whole float64
+    copies do not fit: the same figures in the memory of one block.  None when the models
+    cannot be cut into blocks, a segment does not fit either, or a decoding chain is to be
+    checked (its steps are not run in float64 this way)."""
+    from .blockwise import float64_by_segments
+
+    if dec.small is not None:
+        return None
+    try:
+        ds, db = describe(small_ir, cache), describe(big_ir, cache)
+    except LemonError:
+        return None
+    if not ds.blocks or not db.blocks:
+        return None
+    sides = (("small", small_path, ds, want_small), ("big", big_path, db, want_big))
+    quiet: list = []
+    level, runs = float64_by_segments("auto", sides, {"small": cases, "big": big_cases},
+                                      provider, rule, quiet)
+    if runs is None:
+        return None
+    notes.append(f"float64 level run one segment at a time ({why})")
+    notes.extend(quiet)
+    return level, runs["small"], runs["big"], None
+
+
 def _float64_level(mode, small_path, big_path, small_ir, big_ir, cases, big_cases, want_small,
-                   want_big, provider, rule, notes, dec):
+                   want_big, provider, rule, notes, dec, cache):
     """Run both float64 copies; returns (level description, small runs, big runs, the
     decoding chains' float64 steps or None)."""
     level = float64_level(rule)
@@ -375,6 +397,11 @@ def _float64_level(mode, small_path, big_path, small_ir, big_ir, cases, big_case
     if mode == "auto" and avail is not None and need > FLOAT64_MEMORY_SHARE * avail:
         level["why"] = (f"the float64 copy needs {need / 1e9:.1f} GB of weights and "
                         f"{avail / 1e9:.1f} GB of memory is available")
+        segmented = _float64_by_segments(small_path, big_path, small_ir, big_ir, cases,
+                                         big_cases, want_small, want_big, provider, rule,
+                                         notes, cache, dec, level["why"])
+        if segmented is not None:
+            return segmented
         notes.append(f"float64 level skipped: {level['why']}; the {rule.dtype} level uses the "
                      "fallback bound (verify --float64 on forces it)")
         return level, None, None, None
@@ -384,7 +411,7 @@ def _float64_level(mode, small_path, big_path, small_ir, big_ir, cases, big_case
         b64 = run_float64(big_path, big_cases, want_big, provider, label=str(big_path),
                           chain=dec.big)
     except RuntimeFailure as exc:
-        level["why"] = _one_line(exc.message, 300)
+        level["why"] = one_line(exc.message, 300)
         if mode == "on":
             raise Float64Unavailable(f"the float64 level could not run (--float64 on): "
                                      f"{level['why']}") from None

@@ -1,5 +1,5 @@
-"""Cached decoding: a decoder with a KV cache is checked the way it is used (design.md,
-verification standard).
+"""Cached decoding: a decoder with a KV cache is checked the way it is used (README, "verify",
+the verification standard).
 
 The prefix is the first input case (an empty cache: past length 0, unless the user's inputs
 hold one); then ``STEPS`` steps of one new token each, every step fed the cache the model
@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import RuntimeFailure
 from . import compare as cmp
 from .inputs import positions_from_mask
-from .runtime import _one_line
+from ..errors import one_line
 
 #: decoding steps after the prefix (the standard asks for at least two)
 STEPS = 3
@@ -69,7 +69,7 @@ class Chain:
                 prev = run_fn(feeds)
             except RuntimeFailure as exc:
                 return outs, (f"step {k}: the model cannot run on the cache it returned "
-                              f"({_one_line(exc.message, 300)})")
+                              f"({one_line(exc.message, 300)})")
             outs.append(prev)
         return outs, None
 
@@ -218,7 +218,7 @@ def check(small_runs: list, big_runs: list, small64: list | None, big64: list | 
         entry = {"step": k, "tokens": tokens, "attended": attended, "outputs": []}
         if got is None:
             for name in outputs:
-                rep = cmp._not_compared(name, list(np.shape(ref[name])), None,
+                rep = cmp.not_compared(name, list(np.shape(ref[name])), None,
                                         why_big or "the expanded model stopped decoding")
                 rep.caught_by = "cache"
                 entry["outputs"].append(rep)

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import InputError
 from .models import as_ir, describe
-from .runtime import _one_line
+from ..errors import one_line
 
 DEFAULT_CASES = ((2, 7), (3, 11))
 FALLBACK_VOCAB = 100
@@ -23,7 +23,7 @@ def _recognised_facts(ir_model, cache: dict | None = None
     try:
         desc = describe(ir_model, cache)
     except Exception as exc:  # any failure: fall back, and say so
-        return None, None, _one_line(str(exc) or type(exc).__name__, 200)
+        return None, None, one_line(str(exc) or type(exc).__name__, 200)
     rows = None
     tt = desc.embeddings.token_type
     if tt and tt in ir_model.graph.initializers:
@@ -442,7 +442,7 @@ def positions_from_mask(mask: np.ndarray, length: int) -> np.ndarray:
     return pos[..., -length:] if length <= pos.shape[-1] else pos
 
 
-def _synthesize(ir_model, *, seed: int, vocab: int | None, cases,
+def synthesize(ir_model, *, seed: int, vocab: int | None, cases,
                 cache: dict | None = None) -> tuple[list, list]:
     notes: list = []
     inits = set(ir_model.graph.initializers)
@@ -468,7 +468,7 @@ def _synthesize(ir_model, *, seed: int, vocab: int | None, cases,
     except Exception as exc:  # not recognised: names are all there is, and we say so
         roles = {v.name: _role_by_name(v.name, npdt) for v, npdt in specs}
         notes.append("input roles guessed from their names (the model was not recognised: "
-                     f"{_one_line(str(exc) or type(exc).__name__, 200)})")
+                     f"{one_line(str(exc) or type(exc).__name__, 200)})")
     for im in images.values():
         notes.append(f"{im.name}: {im.channels} channel(s) from the patch Conv's weight; "
                      + (f"a {'x'.join(map(str, im.grid))} patch grid ({im.how})" if im.grid
@@ -549,7 +549,7 @@ def synthesize_inputs(model_path_or_proto, *, seed: int = 0, vocab: int | None =
     """Deterministic realistic inputs for the model's graph inputs, one dict per
     (batch, sequence) case; see the module docstring for the rules."""
     ir_model, _ = as_ir(model_path_or_proto)
-    feeds, _ = _synthesize(ir_model, seed=seed, vocab=vocab, cases=tuple(cases))
+    feeds, _ = synthesize(ir_model, seed=seed, vocab=vocab, cases=tuple(cases))
     return feeds
 
 
@@ -567,7 +567,7 @@ def load_inputs(path) -> list[dict[str, np.ndarray]]:
         keys = list(data.files)
         arrays = {k: data[k] for k in keys}
     except Exception as exc:
-        raise InputError(f"{p} is not a readable .npz file ({_one_line(exc, 200)}).",
+        raise InputError(f"{p} is not a readable .npz file ({one_line(exc, 200)}).",
                          hint="Write it with numpy.savez(path, **{'case0/input_ids': ...}).") \
             from None
     if not arrays:
@@ -600,7 +600,7 @@ def save_inputs_npz(cases: Sequence[Mapping[str, np.ndarray]], path) -> Path:
     return p
 
 
-def _conform(cases: list, ir_model, label: str, notes: list) -> list:
+def conform(cases: list, ir_model, label: str, notes: list) -> list:
     """Check user inputs against the graph inputs; cast within a kind (int32->int64)."""
     inits = set(ir_model.graph.initializers)
     decl = {v.name: v for v in ir_model.graph.inputs if v.name not in inits}

@@ -18,7 +18,8 @@ from pathlib import Path
 from ..errors import LemonError
 from . import compare as cmp
 from .models import describe, first_float_dtype
-from .runtime import _one_line, make_session, prepare, run_session
+from .runtime import make_session, prepare, run_session
+from ..errors import one_line
 
 
 def block_pairs(small_ir, big_ir, plan: dict, notes: list, cache: dict | None = None):
@@ -30,7 +31,7 @@ def block_pairs(small_ir, big_ir, plan: dict, notes: list, cache: dict | None = 
         except Exception as exc:  # recognition is best effort here: the outputs still count
             why = str(exc) if isinstance(exc, LemonError) else f"{type(exc).__name__}: {exc}"
             notes.append(f"layerwise skipped: the {which} model was not recognised "
-                         f"({_one_line(why, 300)})")
+                         f"({one_line(why, 300)})")
             return None
     ds, db = descs
     bmap = plan.get("blocks") or {str(i): i for i in range(len(ds.blocks))}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-PLAN_KEY = "lemon.plan"
+from ..plan import PLAN_KEY
 
 
 def as_ir(model_path_or_proto):

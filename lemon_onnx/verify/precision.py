@@ -1,9 +1,10 @@
 """Float64 copies of a model: the arithmetic of the graph as stored, in double precision.
 
 The algebraic level of verification runs both models with every floating-point tensor
-widened to float64 (lemon-math.md, "Exact in the storage dtype"): the stored weights are
-used exactly as they are (widening is exact), only the arithmetic is done in double.  If the
-expansion is lossless as stored, the two float64 models agree to float64 rounding.
+widened to float64 (lemon-math.md, "Exact in the storage dtype" and "Verification levels"):
+the stored weights are used exactly as they are (widening is exact), only the arithmetic is
+done in double.  If the expansion is lossless as stored, the two float64 models agree to
+float64 rounding.
 
 Rules of the copy (``to_float64``):
 
@@ -36,7 +37,8 @@ import onnx_ir as ir
 
 from .. import io
 from ..errors import RuntimeFailure
-from .runtime import _one_line, make_session, run_session
+from .runtime import make_session, run_session
+from ..errors import one_line
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 _DTYPE_ATTRS = {"Cast": "to", "EyeLike": "dtype", "RandomNormal": "dtype",
@@ -168,14 +170,14 @@ def run_float64(path: str | os.PathLike, cases: Sequence[dict], fetch: Sequence[
         try:
             sess, used = make_session(source, provider, label=f"{label} (float64 copy)")
         except RuntimeFailure as exc:
-            why = _one_line(exc.message, 300)
+            why = one_line(exc.message, 300)
             sess = None
         if sess is not None:
             def run(f):
                 return run_session(sess, f, f"{label} (float64 copy)", {n: n for n in fetch})
             result = Float64Run([run(f) for f in feeds], "onnxruntime", used)
         else:
-            run = _reference(model, fetch, label)
+            run = reference_evaluator(model, fetch, label)
             result = Float64Run([run(f) for f in feeds], "onnx.reference", None,
                                 note=f"ONNX Runtime cannot run {label} in float64 ({why}); "
                                      "onnx's reference evaluator computed the float64 outputs")
@@ -215,13 +217,13 @@ def _reference_fixes() -> list:
     return [Erf, GatherElements]
 
 
-def _reference(model: ir.Model, fetch: Sequence[str], label: str):
+def reference_evaluator(model: ir.Model, fetch: Sequence[str], label: str):
     """onnx's reference evaluator on the float64 copy: a function feeds -> {name: array}."""
     from onnx.reference import ReferenceEvaluator
 
     def failed(exc):  # an op neither engine computes in float64
         return RuntimeFailure(f"neither ONNX Runtime nor onnx's reference evaluator can run "
-                              f"{label} in float64: {_one_line(exc, 300)}")
+                              f"{label} in float64: {one_line(exc, 300)}")
 
     proto = ir.to_proto(model)  # lazy float64 tensors are computed here
     try:

@@ -97,9 +97,6 @@ class VerifyReport:
         """Largest float64 difference relative to max |source output|."""
         return self._worst("alg_rel")
 
-    def failed_outputs(self) -> list:
-        return sorted({o.name for o in self.rows() if not o.passed})
-
     def caught_by(self) -> list:
         """The levels that failed (``float64``, the dtype, ``shape``, ``cache``), in order of
         appearance."""

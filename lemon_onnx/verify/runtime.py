@@ -5,15 +5,10 @@ from __future__ import annotations
 import os
 from typing import Mapping, Sequence
 
-from ..errors import InputError, RuntimeFailure
+from ..errors import InputError, RuntimeFailure, one_line
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-
-def _one_line(msg: str, limit: int = 600) -> str:
-    text = " ".join(str(msg).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
 
 #: ONNX Runtime's own log lines (coloured ``[E:onnxruntime:...]`` on stderr) are silenced:
 #: what went wrong reaches the user inside lemon-onnx's one-paragraph message, from the
@@ -80,7 +75,7 @@ def make_session(path_or_bytes, provider: str = "auto", *, label: str | None = N
             return ort.InferenceSession(model, options(), providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise RuntimeFailure(
-                f"ONNX Runtime could not load {label}: {_one_line(exc)}",
+                f"ONNX Runtime could not load {label}: {one_line(exc)}",
                 hint="Check that the model is valid (onnx.checker) and that this onnxruntime "
                      "supports its opset and operators.") from None
 
@@ -131,7 +126,7 @@ def run_session(sess, feeds: dict, label: str, fetch: Mapping[str, str] | None =
         out = sess.run([fetch[n] for n in names], {n: feeds[n] for n in wanted},
                        _run_options())
     except Exception as exc:
-        raise RuntimeFailure(f"ONNX Runtime could not run {label}: {_one_line(exc)}",
+        raise RuntimeFailure(f"ONNX Runtime could not run {label}: {one_line(exc)}",
                              hint="Check the inputs' shapes and dtypes against the model's "
                                   "inputs.") from None
     return dict(zip(names, out))
