@@ -1,4 +1,4 @@
-"""Errors with the exit codes of the command-line contract (design.md).
+"""Errors with the exit codes of the command-line contract (README, "Commands": exit codes).
 
 Every error carries one clear paragraph for stderr: what was found and what to do about it,
 and the exit code the command line ends with (``exit_code``), so a pipeline calling the
@@ -9,6 +9,7 @@ the README show.
 from __future__ import annotations
 
 import contextlib
+import errno
 
 #: The contract, as ``--help`` of every command prints it.
 EXIT_CODES = {
@@ -121,6 +122,10 @@ def one_line(exc: BaseException, limit: int = 500) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+#: errno values of a write that found no room: a full disk, a quota, a file-size limit
+_NO_ROOM = {getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EFBIG") if hasattr(errno, n)}
+
+
 def as_contract_error(exc: BaseException, *, signal_received: int | None = None,
                       doing: str = "processing the model") -> BaseException:
     """The exception a failure leaves lemon-onnx as: ``exc`` itself when it already carries
@@ -137,6 +142,12 @@ def as_contract_error(exc: BaseException, *, signal_received: int | None = None,
     if isinstance(exc, MemoryError):
         return InputError("ran out of memory; nothing was written.",
                           hint="Use a machine with more RAM.")
+    if isinstance(exc, OSError) and exc.errno in _NO_ROOM:  # said as what it is
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return InputError(f"no room to write the output: {exc.strerror or exc}{where} (the "
+                          "disk is full, or a quota or file-size limit was reached); nothing "
+                          "was written.", hint="Free disk space (or raise the limit) and run "
+                                               "again.")
     if isinstance(exc, OSError):  # permissions, full disk, missing folders: the user's to fix
         return InputError(f"{exc.strerror or exc} ({exc.filename or 'file'}); nothing was "
                           "written.", hint="Check the path, its permissions and the free "

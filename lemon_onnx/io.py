@@ -52,6 +52,7 @@ def load(path: str | os.PathLike) -> ir.Model:
         raise InputError(f"{p} parsed as ONNX but its graph has no nodes; the file is probably "
                          "truncated or not an ONNX model.", hint="Re-export the model.")
     _check_external_data(proto, p)
+    _check_declared_sizes(proto, p)
     inferred = graph.infer_shapes_early(proto)
     try:
         model = ir.serde.deserialize_model(proto if inferred is None else inferred)
@@ -67,16 +68,61 @@ def load(path: str | os.PathLike) -> ir.Model:
 
 def _external_tensors(g: onnx.GraphProto):
     """Every tensor of ``g`` and its subgraphs stored as external data."""
-    for t in g.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            yield t
+    for sub in _graphs(g):
+        tensors = list(sub.initializer) + [t for n in sub.node for a in n.attribute
+                                           for t in ([a.t] if a.HasField("t") else [])
+                                           + list(a.tensors)]
+        yield from (t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL)
+
+
+#: The longest axis a model may declare (inputs, outputs, value_info).  The largest in the
+#: exported corpus is a vocabulary of 49152; ONNX's shape inference (data propagation) spends
+#: time and memory in proportion to a declared 1-D length (2**40 ran out of 23 GB after five
+#: minutes: found by tests/test_fuzz.py), so a longer one is refused before it runs.
+MAX_DECLARED_DIM = 1 << 24
+
+
+#: element types stored several to a byte (``_nbytes`` would count one byte each)
+_PACKED = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+           if hasattr(onnx.TensorProto, n)}
+
+
+def _graphs(g: onnx.GraphProto):
+    """``g`` and its subgraphs."""
+    yield g
     for n in g.node:
         for a in n.attribute:
-            for t in ([a.t] if a.HasField("t") else []) + list(a.tensors):
-                if t.data_location == onnx.TensorProto.EXTERNAL:
-                    yield t
             for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                yield from _external_tensors(sub)
+                yield from _graphs(sub)
+
+
+def _check_declared_sizes(proto: onnx.ModelProto, path: Path) -> None:
+    """Refuse (exit 2) before shape inference a declared axis longer than
+    ``MAX_DECLARED_DIM``, and an initializer whose dims claim more (or fewer) bytes than its
+    data holds: a hostile or corrupt file, never a model to expand (nor one to spend minutes
+    and gigabytes on)."""
+    for g in _graphs(proto.graph):
+        for v in list(g.input) + list(g.output) + list(g.value_info):
+            shape = v.type.tensor_type.shape.dim
+            dims = [d.dim_value for d in shape if d.HasField("dim_value")]
+            if any(d > MAX_DECLARED_DIM for d in dims):
+                said = ", ".join(str(d.dim_value) if d.HasField("dim_value") else
+                                 (d.dim_param or "?") for d in shape)
+                raise InputError(
+                    f"{path}: {v.name} is declared with an axis of length {max(dims)} "
+                    f"([{said}]), beyond the {MAX_DECLARED_DIM} lemon-onnx accepts: "
+                    "no Transformer's tensor has such an axis, so the file is corrupt. Nothing "
+                    "was read further.", hint="Re-export the model.")
+        for t in g.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data") \
+                    or t.data_type in _PACKED:
+                continue  # external data: _check_external_data; typed fields: onnx's checker
+            want = _nbytes(t)
+            if want is not None and want != len(t.raw_data):
+                raise InputError(
+                    f"{path}: initializer {t.name!r} declares dims {list(t.dims)} "
+                    f"({want} bytes) but holds {len(t.raw_data)} bytes of data: the file is "
+                    "corrupt. Nothing was read further.", hint="Re-export the model.")
 
 
 def _nbytes(t: onnx.TensorProto) -> int | None:

@@ -60,6 +60,7 @@ def test_mismatch_writes_nothing_and_exits_1(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_verify_cli_catches_a_corrupted_block(tmp_path):
     src = FIXTURES / "gpt2-dy18.onnx"
     wide = tmp_path / "wide.onnx"
@@ -104,6 +105,7 @@ def test_runtime_that_cannot_run_exits_3_and_writes_nothing(tmp_path):
     assert res.returncode == 0 and out.exists() and "NOT verified" in res.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,block", [("llama-ts17.onnx", 1), ("bert-dy18.onnx", 0), ("vit-ts14.onnx", 1)])
 def test_one_element_off_by_1e2_is_caught(tmp_path, name, block):
     """The issue's corruption: a single weight of one block perturbed by 1e-2."""

@@ -183,14 +183,14 @@ def test_two_lazy_tensors_of_one_source_are_written_at_once(tmp_path, slow_mappi
     tensor, next to each other in the file, so both writer threads read that source at once
     (an intermittent exit 4 on GPT-2 medium at depth 2, 'the array should be loaded only
     once', before the map lock in passes/streaming.py)."""
-    from lemon_onnx.tensors import _lazy
+    from lemon_onnx.tensors import lazy_tensor
 
     w = np.arange(4096, dtype=np.float32)
     src = io.save(_model({"w": ir.tensor(w)}), tmp_path / "in" / "m.onnx", external_data=True)
     ext = io.load(src).graph.initializers["w"].const_value
     assert isinstance(ext, ir.ExternalTensor)
-    tensors = {"a": _lazy(ext, lambda x: x + 1, (4096,), "a"),
-               "b": _lazy(ext, lambda x: x * 2, (4096,), "b")}
+    tensors = {"a": lazy_tensor(ext, lambda x: x + 1, (4096,), "a"),
+               "b": lazy_tensor(ext, lambda x: x * 2, (4096,), "b")}
     out = io.save(_model(tensors), tmp_path / "out" / "m.onnx", external_data=True)
     got = _read_back(out)
     assert np.array_equal(onnx.numpy_helper.to_array(got["a"]), w + 1)
