@@ -295,6 +295,13 @@ class AxisAnalysis:
         self.reshape_splits: list[tuple] = []
         #: (node, data, axis): Gathers of tensor data (not of shape vectors) along ``axis``
         self.gathers: list[tuple] = []
+        #: (node, k, took, want): Reshapes whose output axis ``k`` regroups the input's atoms
+        #: ``took`` (row-major, so the units keep their order) while its size is read at run
+        #: time from other atoms ``want`` (a Shape of another tensor: CLIP's attention output
+        #: reshaped to the stream's width, RoFormer's interleaved rotary pairs reshaped to
+        #: head_dim).  The two are equal sizes, not the same units: exact under expansion only
+        #: if both products get the same new size
+        self.size_ties: list[tuple] = []
         #: values computed from constants alone by ``_fold``: small numpy arrays
         self._folded: dict = {}
         self._syms: dict[str, Atom] = {}
@@ -910,6 +917,36 @@ class AxisAnalysis:
         result: list[Axis | None] = [None] * len(entries)
         pending: list[tuple[int, Elem, list]] = []
 
+        ties: list[tuple] = []
+
+        def merged(seq: list[Atom], want: list[Atom], reverse: bool) -> list[Atom] | None:
+            """The whole atoms at the front (back) of seq whose sizes multiply to the size of
+            ``want``, when they are not ``want``'s sizes one by one: the entry regroups them
+            (its size only is read from ``want``); None if no such run of atoms exists."""
+            total = size_of(want)
+            n = len(want)
+            took = seq[-n:] if reverse else seq[:n]
+            sizes = [find(a).size for a in took]
+            if total is None or (len(took) == n and None not in sizes
+                                 and sizes == [find(a).size for a in want]):
+                return None
+            run = list(reversed(seq)) if reverse else list(seq)
+            prod, m = 1, 0
+            while m < len(run) and prod < total:
+                if find(run[m]).size is None:
+                    return None
+                prod *= find(run[m]).size
+                m += 1
+            if prod != total or m == 0:
+                return None
+            took = run[:m]
+            if reverse:
+                took.reverse()
+                del seq[-m:]
+            else:
+                del seq[:m]
+            return took
+
         def consume(seq: list[Atom], kind: str, val, reverse: bool) -> list[Atom] | None:
             """Take atoms from the front (or back) of seq matching the entry."""
             if kind == "atoms":
@@ -917,6 +954,10 @@ class AxisAnalysis:
                 n = len(want)
                 if n == 0:
                     return []
+                got = merged(seq, want, reverse)
+                if got is not None:
+                    ties.append((got, want))
+                    return got
                 took = seq[-n:] if reverse else seq[:n]
                 if len(took) < n:
                     return None
@@ -989,6 +1030,9 @@ class AxisAnalysis:
                 self.fixed_sizes.append((node, list(got)))
             else:
                 self.lit(e, got, node)
+        for got, want in ties:
+            k = next(k for k, r in enumerate(result) if r is got)
+            self.size_ties.append((node, k, list(got), list(want)))
         return [list(r) for r in result]  # type: ignore[arg-type]
 
     def op_Expand(self, node: ir.Node) -> None:

@@ -123,6 +123,143 @@ def test_a_slice_ending_mid_axis_is_not_a_half(tmp_path):
     np.testing.assert_allclose(runs[1][0], runs[0][0], rtol=1e-5, atol=1e-5)
 
 
+# --------------------------------------------------------------------------- size-only shapes
+# Reshapes whose target sizes are read at run time from another tensor than the one they
+# regroup (optimum's CLIP vision and RoFormer exports; regressed with issue 23): the output
+# axis is the input's atoms regrouped in row-major order, its size a tie checked against the
+# plan (dims.AxisAnalysis.size_ties)
+
+def _bert_block0(m):
+    """bert-ts17's block 0: (its attention input, the Reshape that merges the heads before the
+    out projection, the query's [B, heads, S, head_dim] Transpose)."""
+    desc = recognize(io.load(FIXTURES / "bert-ts17.onnx"))
+    att = desc.blocks[0].attention
+    by_out = {o: n for n in m.graph.node for o in n.output}
+    merge = by_out[next(n for n in m.graph.node if n.name == att.out.node).input[0]]
+    q_reshape = next(n for n in m.graph.node if n.op_type == "Reshape"
+                     and n.input[0] == att.q.output)
+    q_t = next(n for n in m.graph.node if n.op_type == "Transpose"
+               and n.input[0] == q_reshape.output[0])
+    assert merge.op_type == "Reshape"
+    return att.q.input, merge, q_t
+
+
+def _merge_to_width_of(dst, width_of: str, extra_inits=()):
+    """bert-ts17 with block 0's heads merged by Reshape to [B, S, width_of.shape[-1]], the
+    width read at run time (CLIP's attention output reshaped to the stream's own width)."""
+    m = onnx.load(str(FIXTURES / "bert-ts17.onnx"))
+    stream, merge, _ = _bert_block0(m)
+    width_of = width_of or stream
+    m.graph.initializer.extend([onnx.numpy_helper.from_array(np.array(v, np.int64), n)
+                                for n, v in (("lemon_test_lo", [0]), ("lemon_test_two", [2]),
+                                             ("lemon_test_last", [-1]),
+                                             ("lemon_test_end", [2**62]))] + list(extra_inits))
+    nodes = [h.make_node("Shape", [merge.input[0]], ["lemon_test_xs"]),
+             h.make_node("Slice", ["lemon_test_xs", "lemon_test_lo", "lemon_test_two"],
+                         ["lemon_test_bs"]),
+             h.make_node("Shape", [width_of], ["lemon_test_ws"]),
+             h.make_node("Slice", ["lemon_test_ws", "lemon_test_last", "lemon_test_end"],
+                         ["lemon_test_w"]),
+             h.make_node("Concat", ["lemon_test_bs", "lemon_test_w"], ["lemon_test_shape"],
+                         axis=0)]
+    merge.input[1] = "lemon_test_shape"
+    pos = list(m.graph.node).index(merge)
+    for k, n in enumerate(nodes):
+        m.graph.node.insert(pos + k, n)
+    onnx.save(m, str(dst))
+    return dst, merge.name
+
+
+def test_heads_merged_to_the_streams_width_expand(tmp_path):
+    """The attention output reshaped to the width of the stream it reads (CLIP vision in
+    transformers 4.57): heads * head_dim regrouped, the stream's width read at run time;
+    both grow alike, so the expansion verifies, and the stream's width stays one atom (it
+    was split into heads x head_dim by a failed unification, and CLIP's class embedding then
+    claimed as a per-head table)."""
+    import lemon_onnx
+    from lemon_onnx import dims
+
+    src, merge = _merge_to_width_of(tmp_path / "merge.onnx", "")
+    desc = recognize(io.load(src))
+    res = lemon_onnx.expand(src, tmp_path / "wide.onnx", width=2, depth=2)
+    assert res.verified and res.verification.passed, res.verification.format()
+    from lemon_onnx.recognize import Recognizer
+
+    rec = Recognizer(io.load(src))
+    rec.run()
+    ties = [(n.name, [a.role for a in dims.leaves(t)], [a.role for a in dims.leaves(w)])
+            for n, _k, t, w in rec.ax.size_ties]
+    assert (merge, ["heads", "head_dim"], ["hidden"]) in ties, ties
+    assert desc.hidden == 64
+
+
+def test_heads_merged_to_a_width_that_does_not_grow_is_refused(tmp_path):
+    """The same Reshape reading its width from a tensor whose size no rule grows: once the
+    heads grow the reshape would fail at run time, so expand refuses, naming it."""
+    width = onnx.numpy_helper.from_array(np.zeros((1, 64), np.int64), "lemon_test_width64")
+    src, merge = _merge_to_width_of(tmp_path / "merge.onnx", "lemon_test_width64", [width])
+    out = tmp_path / "out.onnx"
+    res = _run("expand", src, "-o", out, "--width", "2", "--no-verify")
+    assert res.returncode == 2, res.stderr
+    assert f"Reshape {merge} regroups heads*head_dim" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and not out.exists()
+
+
+def test_interleaved_rotary_pairs_keep_the_heads_axis(tmp_path):
+    """RoFormer's rotary embedding: stack([-q[..., 1::2], q[..., ::2]], -1) reshaped back to
+    q's shape (read at run time) interleaves pairs along head_dim only; the heads axis passes
+    through, so the expansion verifies (it was refused: the Reshape's output axes were all
+    made of unknown units).  The same interleave along the heads axis stays refused."""
+    import lemon_onnx
+
+    def rotary(m, axis: int):
+        _, _, q_t = _bert_block0(m)
+        q = q_t.output[0]
+        uses = [(n, i) for n in m.graph.node for i, x in enumerate(n.input) if x == q]
+        consts = [onnx.numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (
+            ("lemon_test_0", [0]), ("lemon_test_1", [1]), ("lemon_test_end", [2**62]),
+            ("lemon_test_ax", [axis]), ("lemon_test_2", [2]), ("lemon_test_last", [-1]))] + [
+            onnx.numpy_helper.from_array(np.array(v, np.float32), n)
+            for n, v in (("lemon_test_cos", 0.8), ("lemon_test_sin", 0.6))]
+        nodes = [
+            h.make_node("Slice", [q, "lemon_test_1", "lemon_test_end", "lemon_test_ax",
+                                  "lemon_test_2"], ["lemon_test_odd"]),
+            h.make_node("Neg", ["lemon_test_odd"], ["lemon_test_nodd"]),
+            h.make_node("Slice", [q, "lemon_test_0", "lemon_test_end", "lemon_test_ax",
+                                  "lemon_test_2"], ["lemon_test_even"]),
+            h.make_node("Unsqueeze", ["lemon_test_nodd", "lemon_test_last"], ["lemon_test_u0"]),
+            h.make_node("Unsqueeze", ["lemon_test_even", "lemon_test_last"], ["lemon_test_u1"]),
+            h.make_node("Concat", ["lemon_test_u0", "lemon_test_u1"], ["lemon_test_pairs"],
+                        axis=-1),
+            h.make_node("Shape", [q], ["lemon_test_qs"]),
+            h.make_node("Reshape", ["lemon_test_pairs", "lemon_test_qs"], ["lemon_test_rot"],
+                        name="odd_rotary"),
+            h.make_node("Mul", [q, "lemon_test_cos"], ["lemon_test_qc"]),
+            h.make_node("Mul", ["lemon_test_rot", "lemon_test_sin"], ["lemon_test_rs"]),
+            h.make_node("Add", ["lemon_test_qc", "lemon_test_rs"], ["lemon_test_q"])]
+        for n, i in uses:
+            n.input[i] = "lemon_test_q"
+        pos = list(m.graph.node).index(q_t) + 1
+        for k, n in enumerate(nodes):
+            m.graph.node.insert(pos + k, n)
+        m.graph.initializer.extend(consts)
+
+    m = onnx.load(str(FIXTURES / "bert-ts17.onnx"))
+    rotary(m, -1)
+    src = tmp_path / "rotary.onnx"
+    onnx.save(m, str(src))
+    res = lemon_onnx.expand(src, tmp_path / "wide.onnx", width=2, depth=2)
+    assert res.verified and res.verification.passed, res.verification.format()
+    assert res.verification.max_alg_rel <= 1e-6  # Post-LN depth: LEMON's recipe
+
+    m = onnx.load(str(FIXTURES / "bert-ts17.onnx"))
+    rotary(m, 1)  # pairs of heads: which head lands where once the heads grow is not modelled
+    onnx.save(m, str(src))
+    out = tmp_path / "heads.onnx"
+    res = _run("expand", src, "-o", out, "--width", "2", "--no-verify")
+    assert res.returncode == 2 and "heads" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and not out.exists()
+
 # --------------------------------------------------------------------------- mutation fuzz
 # Issue 23: one ordinary operator inserted inside block 0, on an axis the expansion grows
 # (the stream leaving the block, the MLP's hidden units, the attention heads), then

@@ -26,13 +26,15 @@ from lemon_onnx.verify import synthesize_inputs
 
 OPTIMUM = Path(__file__).resolve().parent.parent / "models" / "optimum"
 REQUIRED = os.environ.get("LEMON_REQUIRE_OPTIMUM") == "1"
-#: the tasks of encoders and image models (one model.onnx, no cache)
-#: expanded and verified before the closed world's unit-order rules (issue 23); now refused
-#: with exit 2 (false refusals, to win back: RoFormer's rotary Reshape of the heads axis, CLIP's
-#: out-projection whose axis the shape reasoning no longer ties); a refusal, never a wrong model
-REGRESSED = {"roformer-features": "from units whose places lemon-onnx does not model",
-             "clip-vision-features": "no rule of lemon-onnx knows how to expand them"}
+#: refused (exit 2) by the closed world's unit-order rules (issue 23) from their landing until
+#: the Reshapes that take their sizes from another tensor were modelled (dims: size ties):
+#: CLIP's attention output reshaped to the stream's own width, RoFormer's interleaved rotary
+#: pairs reshaped to q's shape.  Won back: each must expand at width 2 / depth 2 and verify
+#: with figures no worse than these bounds (float64 difference relative to max |output|, the
+#: float32 error over the source's own); measured 1.3e-14 / 1.23x and 7.4e-16 / 1.18x
+WON_BACK = {"roformer-features": (1e-12, 2.0), "clip-vision-features": (1e-14, 2.0)}
 
+#: the tasks of encoders and image models (one model.onnx, no cache)
 ENCODER_TASKS = {"feature-extraction", "text-classification", "fill-mask",
                  "token-classification", "question-answering", "multiple-choice",
                  "image-classification"}
@@ -103,15 +105,13 @@ def test_optimum_encoder_expands_and_verifies(entry, tmp_path):
         assert shapes == {image}, (shapes, image)
 
     out = tmp_path / "w2d2.onnx"
-    if entry["name"] in REGRESSED:  # refused, naming what it cannot follow; never wrong
-        with pytest.raises(lemon_onnx.LemonError) as e:
-            lemon_onnx.expand(src, out, width=2, depth=2)
-        assert e.value.exit_code == 2 and REGRESSED[entry["name"]] in str(e.value)
-        assert not out.exists()
-        return
     result = lemon_onnx.expand(src, out, width=2, depth=2)
     report = result.verification
     assert result.verified and report.passed, report.format()
+    if entry["name"] in WON_BACK:
+        alg, ratio = WON_BACK[entry["name"]]
+        assert report.max_alg_rel is not None and report.max_alg_rel <= alg, report.format()
+        assert report.max_ratio is not None and report.max_ratio <= ratio, report.format()
     assert result.plan.target["hidden"] == 2 * desc.hidden
     assert result.plan.target["layers"] == 2 * desc.num_layers
     # pre-norm: exact; Post-LN depth follows LEMON's recipe, exact to O(eps / variance)

@@ -19,7 +19,7 @@ import onnx_ir as ir
 from .. import dims, lemon_math as lm
 from ..errors import PlanError, UnsupportedModelError
 from ..graph import back_pass, back_view, const_shape, const_source, is_const, nm
-from ..tensors import _read
+from ..tensors import read_array
 from .linear import Linear
 from .norm import Norm
 
@@ -103,7 +103,7 @@ def _conv_stem(ctx, emb: Embeddings) -> None:
     writes the stream (the patch embedding proper), the others are the stem."""
     from ..graph import const_array
 
-    first = ctx._node(emb.patch_conv)
+    first = ctx.node(emb.patch_conv)
     chain = [first]
     while True:
         cur = chain[-1].outputs[0]
@@ -112,7 +112,7 @@ def _conv_stem(ctx, emb: Embeddings) -> None:
         if not nxt:
             break
         n2 = min(nxt, key=lambda n: ctx.order[n])
-        between = ctx._branch_nodes(cur, n2.inputs[0]) - {n2}
+        between = ctx.branch_nodes(cur, n2.inputs[0]) - {n2}
         ok = all(b.op_type in _STEM_OPS and all(
             i is None or not is_const(i) or (const_array(i) is not None and const_array(i).size == 1)
             for i in b.inputs) for b in between)
@@ -135,14 +135,14 @@ def _conv_stem(ctx, emb: Embeddings) -> None:
 def embedding_leaves(ctx, emb: Embeddings) -> list:
     """The atoms of the embeddings' width (the token table's, or the patch Conv's channels)."""
     if emb.token:
-        return dims.leaves(ctx.ax.axes[ctx._values[emb.token]][1])
-    return dims.leaves(ctx.ax.axes[ctx._values[emb.patch_weight]][0])
+        return dims.leaves(ctx.ax.axes[ctx.values[emb.token]][1])
+    return dims.leaves(ctx.ax.axes[ctx.values[emb.patch_weight]][0])
 
 
 def hidden_leaves(ctx, emb: Embeddings) -> list:
     """The atoms of the stream's width: the embeddings', or a projection's output."""
     if emb.projection is not None:
-        return ctx.leaves(ctx._values[emb.projection.output])
+        return ctx.leaves(ctx.values[emb.projection.output])
     return embedding_leaves(ctx, emb)
 
 
@@ -152,10 +152,10 @@ def match_projection(ctx, emb: Embeddings, stream: ir.Value) -> None:
     lin = next((l for l in ctx.linears.values() if l.output == stream.name), None)
     if lin is None:
         return
-    x = ctx._values[lin.input]
-    src = ctx._node(emb.token_node).outputs[0] if emb.token else \
-        ctx._node(emb.patch_conv).outputs[0]
-    if ctx.depends_on(x, src) and not any(ctx.computes(ctx._node(l.node), x)
+    x = ctx.values[lin.input]
+    src = ctx.node(emb.token_node).outputs[0] if emb.token else \
+        ctx.node(emb.patch_conv).outputs[0]
+    if ctx.depends_on(x, src) and not any(ctx.computes(ctx.node(l.node), x)
                                           for l in ctx.linears.values()):
         emb.projection = lin
 
@@ -164,7 +164,7 @@ def match_extras(ctx, emb: Embeddings) -> None:
     """Position / token-type tables and ViT cls token: constants added onto the embeddings
     (before a projection to the stream, where there is one)."""
     hid = set(embedding_leaves(ctx, emb))
-    stream = ctx._values[emb.output] if emb.output else None
+    stream = ctx.values[emb.output] if emb.output else None
     if stream is None:
         return
     anc = ctx.ancestors(stream)
@@ -180,12 +180,15 @@ def match_extras(ctx, emb: Embeddings) -> None:
             for i in n.inputs:
                 t = const_source(i)[0] if i is not None else None
                 shape = const_shape(t)
-                if shape is None or len(shape) not in (2, 3):
+                if shape is None or len(shape) not in (1, 2, 3):
                     continue
                 last = ctx.ax.axes.get(t)
                 if not last or not set(dims.leaves(last[-1])) <= hid or \
-                        (len(shape) == 2 and n.op_type != "Add"):
-                    continue  # [positions, hidden] tables added (Whisper's sliced positions)
+                        (len(shape) == 2 and n.op_type != "Add") or \
+                        (len(shape) == 1 and n.op_type != "Expand"):
+                    # [positions, hidden] tables added (Whisper's sliced positions); a [hidden]
+                    # vector is a token only when broadcast to one (CLIP's class_embedding)
+                    continue
                 if n.op_type == "Add" and emb.position is None:
                     emb.position = t.name
                 elif n.op_type in ("Concat", "Expand") and t.name not in emb.extra_tokens:
@@ -194,9 +197,9 @@ def match_extras(ctx, emb: Embeddings) -> None:
     _position_parts(ctx, emb, anc, hid)
     _label_tables(ctx, emb)
     if emb.token_node and emb.norm is None:
-        tok = ctx._node(emb.token_node).outputs[0]
+        tok = ctx.node(emb.token_node).outputs[0]
         inside = [nrm for v, nrm in ctx.norms.items()
-                  if ctx.depends_on(ctx._values[nrm.input], tok)
+                  if ctx.depends_on(ctx.values[nrm.input], tok)
                   and ctx.depends_on(stream, v) and v is not stream]
         if len(inside) == 1:
             emb.token_norm = inside[0]
@@ -344,13 +347,13 @@ def _widen_stem(wp, emb: Embeddings) -> None:
     last one's output channels in the stream form.  An activation between the last one and the
     stream needs a stream whose extra slots are copies or zeros (f(0) = 0), not means."""
     if emb.output:
-        between = wp.rec._branch_nodes(wp.node(emb.patch_conv).outputs[0], wp.values[emb.output])
+        between = wp.rec.branch_nodes(wp.node(emb.patch_conv).outputs[0], wp.values[emb.output])
         acts = sorted({_STEM_ACTS[n.op_type] for n in between if n.op_type in _STEM_ACTS})
         emb.patch_activation = acts[0] if acts else None
     prev = None
     for k, (name, _w, bias) in enumerate(emb.stem):
         node = wp.node(name)
-        c = _read(wp.values[_w]).shape[0]
+        c = read_array(wp.values[_w]).shape[0]
         units = lm.UnitMap(c, c * wp.D // wp.d) if (c * wp.D) % wp.d == 0 else None
         if units is None:
             raise PlanError(f"the stem convolution {name} has {c} channels, which the width "

@@ -23,7 +23,7 @@ from ..components.cross_attention import memory_inputs
 from ..components.head import untie_reason
 from ..graph import back_view, const_source
 from ..recognize import Recognizer
-from ..tensors import LAZY_BYTES, _apply, _lazy, _read, _with_axis, _write, _write_tensor
+from ..tensors import LAZY_BYTES, apply_fn, lazy_tensor, read_array, with_axis, write_array, write_tensor
 
 __all__ = ["WidthPass", "WeightEditor", "expand_width", "untie_reason", "LAZY_BYTES"]
 
@@ -82,21 +82,21 @@ class WeightEditor:
             for n, (key, uses) in enumerate(sorted(by_key.items())):
                 name = src.name if in_place else f"{src.name}__lemon{n}"
                 if lazy_ok and shapes[key] is not None:
-                    new_t = _lazy(orig, fns[key], shapes[key](tuple(orig.shape)), name)
+                    new_t = lazy_tensor(orig, fns[key], shapes[key](tuple(orig.shape)), name)
                 else:
                     try:
-                        new_t = ir.tensor(_apply(fns[key], _read(src)), name=name)
+                        new_t = ir.tensor(apply_fn(fns[key], read_array(src)), name=name)
                     except ValueError as exc:  # lemon_math: the tensor's shape is not the
                         # size the recognised description gives it (an inconsistent source)
                         raise PlanError(
-                            f"constant {src.name} (shape {list(_read(src).shape)}) does not "
+                            f"constant {src.name} (shape {list(read_array(src).shape)}) does not "
                             f"have the size its rule {key} expects: {exc}. Nothing was "
                             "written.") from None
                 if in_place:
                     if orig is None:  # a Constant node: its attribute holds the value
-                        _write(src, new_t.numpy())
+                        write_array(src, new_t.numpy())
                     else:
-                        _write_tensor(src, new_t)
+                        write_tensor(src, new_t)
                     continue
                 nv = ir.Value(name=name, shape=ir.Shape(new_t.shape),
                               type=ir.TensorType(new_t.dtype), const_value=new_t)
@@ -110,7 +110,8 @@ class WeightEditor:
 
 
 def rounded_constants(s_map: lm.StreamMap) -> list[str]:
-    """What a fractional width must round in the storage dtype (lemon-math.md, "Norm layers").
+    """What a fractional width must round in the storage dtype (lemon-math.md,
+    "Exact in the storage dtype"; the norms' rule: "Norm layers").
 
     A standard norm over D sees mean squares s = k*d/D times those over d, so its gamma must
     be sqrt(s)*gamma: irrational for most s (sqrt(3/4) for 576 -> 768), hence not storable
@@ -151,8 +152,8 @@ class WidthPass(ir.passes.InPlacePass):
             raise PlanError(str(e)) from None
         self.k = self.D // self.d
         self.ed = WeightEditor(rec, plan.seed)
-        self.node = rec._node
-        self.values = rec._values
+        self.node = rec.node
+        self.values = rec.values
 
     # ------------------------------------------------------------------ building blocks
 
@@ -161,7 +162,7 @@ class WidthPass(ir.passes.InPlacePass):
         """A constant whose ``axis`` is the residual stream (embedding tables, cls token,
         position embeddings, patch Conv channels, a tied head): laid out in the stream form."""
         self.ed.edit(node, index, key, lambda e: lm.expand_embedding(e, axis, self.s_map),
-                     lambda sh: _with_axis(sh, axis, self.D))
+                     lambda sh: with_axis(sh, axis, self.D))
 
     def embedding_param(self, name: str, axis: int, tag: str):
         for u in self.values[name].uses():
@@ -219,7 +220,7 @@ class WidthPass(ir.passes.InPlacePass):
         for v in self.rec.constants():
             if v in claimed or not v.uses():
                 continue
-            ch = self._changed(v)
+            ch = self.changed_axes(v)
             if ch:
                 k, atoms = ch[0]
                 roles = "*".join(a.role or str(a.size) for a in atoms)
@@ -257,7 +258,7 @@ class WidthPass(ir.passes.InPlacePass):
         for v in g.inputs:
             if v.name in g.initializers or v.name in caches:
                 continue
-            ch = self._changed(v)
+            ch = self.changed_axes(v)
             if ch:
                 k, atoms = ch[0]
                 found.append(f"graph input {v.name} (shape {list(v.shape or [])}, axis {k} "
@@ -369,7 +370,7 @@ class WidthPass(ir.passes.InPlacePass):
             return "heads"
         return None
 
-    def _changed(self, value) -> list:
+    def changed_axes(self, value) -> list:
         """Axes of ``value`` whose size the plan changes: [(axis, atoms)]."""
         out = []
         for k, axis in enumerate(self.rec.ax.axes.get(value) or []):
@@ -384,7 +385,7 @@ class WidthPass(ir.passes.InPlacePass):
         found = []
         for node in self.rec.ax.unhandled:
             for v in list(node.inputs) + list(node.outputs):
-                ch = self._changed(v) if v is not None else []
+                ch = self.changed_axes(v) if v is not None else []
                 if ch:
                     k, atoms = ch[0]
                     dom = f" (domain {node.domain})" if node.domain else ""
@@ -393,7 +394,7 @@ class WidthPass(ir.passes.InPlacePass):
                                  "; lemon-onnx does not know how this operator acts on that axis)")
                     break
         for node, x, axis in self.rec.ax.axis_ops:
-            ch = dict(self._changed(x))
+            ch = dict(self.changed_axes(x))
             rank = len(self.rec.ax.axes.get(x) or [])
             if axis is None and ch:
                 bad = next(iter(ch))
@@ -411,8 +412,19 @@ class WidthPass(ir.passes.InPlacePass):
                              f"{'*'.join(a.role or str(a.size) for a in dims.leaves(atoms))} "
                              "by a size computed from constants, which does not grow with it")
         found += self._unplaced_units()
+        for node, k, took, want in self.rec.ax.size_ties:
+            units, size = dims.leaves(took), dims.leaves(want)
+            new_units = [self.new_size(a) for a in units]
+            new_size = [self.new_size(a) for a in size]
+            if None in new_units or None in new_size or \
+                    int(np.prod(new_units)) != int(np.prod(new_size)):
+                found.append(f"operator {node.op_type} {node.name} regroups {self._roles(units)} "
+                             f"into axis {k} of {node.outputs[0].name} but reads that axis's "
+                             f"size at run time from {self._roles(size) or '1'}: the plan makes "
+                             f"the first {self._product(new_units)} and the second "
+                             f"{self._product(new_size)}, so the reshape would fail")
         for node, x, axis in self.rec.ax.runtime_cuts:
-            ch = dict(self._changed(x))
+            ch = dict(self.changed_axes(x))
             if axis in ch:
                 found.append(f"operator {node.op_type} {node.name} cuts axis {axis} of {x.name}, "
                              f"which carries {'*'.join(a.role or str(a.size) for a in ch[axis])}, "
@@ -420,12 +432,16 @@ class WidthPass(ir.passes.InPlacePass):
                              "is unknown")
         return found
 
+    @staticmethod
+    def _product(sizes) -> str:
+        return "unknown" if None in sizes else str(int(np.prod(sizes, dtype=np.int64)))
+
     def _roles(self, axis_atoms) -> str:
         return "*".join(a.role or str(a.size) for a in axis_atoms)
 
     def _changed_axis(self, value, k: int):
         """The atoms of axis ``k`` of ``value`` if the plan changes that axis, else None."""
-        for kk, atoms in self._changed(value) if value is not None else []:
+        for kk, atoms in self.changed_axes(value) if value is not None else []:
             if kk == k:
                 return atoms
         return None
@@ -660,11 +676,11 @@ class WidthPass(ir.passes.InPlacePass):
             vias = {lu.via for lu, _ in items}
             if all(len(s) == 1 for s in wanted.values()) and readers <= vias:
                 # every reader of the constant reads it as these sizes: rewrite in place
-                arr = _read(v).copy()
+                arr = read_array(v).copy()
                 flat = arr.reshape(-1)
                 for i, s in wanted.items():
                     flat[i] = next(iter(s))
-                _write(v, arr)
+                write_array(v, arr)
                 changed += 1
                 continue
             # the constant is shared with readers of other sizes, or with readers that use it
@@ -678,7 +694,7 @@ class WidthPass(ir.passes.InPlacePass):
             for (node_name, idx), mine in sorted(by_via.items()):
                 if all(new == lu.value for lu, new in mine):
                     continue
-                a2 = _read(v).copy()
+                a2 = read_array(v).copy()
                 f2 = a2.reshape(-1)
                 for lu, new in mine:
                     f2[lu.ref[2]] = new
