@@ -178,6 +178,8 @@ def _check_inputs(model, src) -> None:
 
 def _rewrite(model, rec, desc, plan: Plan, progress: Progress) -> None:
     """The passes, then the plan into the metadata."""
+    import onnx_ir as ir
+
     from .passes.width import expand_width
     from .recognize import Recognizer
 
@@ -218,8 +220,14 @@ def _rewrite(model, rec, desc, plan: Plan, progress: Progress) -> None:
                   depth_stats.get("twin_caches", []),
                   [int(i) for i in kv.unit_src] if kv is not None and kv.N_units != kv.n_units
                   else None)
-    # initializers the passes replaced (copied before they diverged) and left unused
+    # initializers the passes replaced (copied before they diverged) and left unused; the
+    # pass also drops trailing empty inputs, which a Loop whose optional cond is '' needs
+    # (its schema counts it: found by tests/test_fuzz.py), so every node keeps its arity
+    arity = {n: len(n.inputs) for n in ir.traversal.RecursiveGraphIterator(model.graph)}
     RemoveUnusedNodesPass()(model)
+    for n, k in arity.items():
+        if len(n.inputs) < k and n.graph is not None:
+            n.resize_inputs(k)
     _check_unique_names(model)
     model.metadata_props[PLAN_KEY] = plan.to_json()
 

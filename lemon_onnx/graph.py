@@ -167,23 +167,27 @@ class GraphIndex:
         self.ax = dims.AxisAnalysis(self.graph).run()
         self.order = {n: i for i, n in enumerate(self.graph)}
         self._anc_cache: dict[ir.Value, set] = {}
-        self._values: dict[str, ir.Value] = {}
+        self.values: dict[str, ir.Value] = {}
         for v in list(self.graph.inputs) + list(self.graph.initializers.values()):
-            self._values[v.name] = v
+            self.values[v.name] = v
         for n in self.graph:
             for o in n.outputs:
-                self._values[o.name] = o
+                self.values[o.name] = o
         self._nodes = {n.name: n for n in self.graph}
+        #: named groups of axis atoms that move together (attention's heads and head_dim),
+        #: for the size literals' labels
+        self.size_groups: list[tuple[str, list]] = []
+
+    def add_size_group(self, name: str, atoms: list) -> None:
+        self.size_groups.append((name, atoms))
 
     def value(self, name: str) -> ir.Value:
-        return self._values[name]
+        return self.values[name]
 
     graph_value = value
 
-    def _node(self, name: str) -> ir.Node:
+    def node(self, name: str) -> ir.Node:
         return self._nodes[name]
-
-    node = _node
 
     # ----------------------------------------------------------------- basic finders
     def ancestors(self, v: ir.Value) -> set:
@@ -316,7 +320,7 @@ class GraphIndex:
         return [k for k in range(rank)
                 if k >= len(axes) or all(a.role is None for a in dims.leaves(axes[k]))]
 
-    def _branch_nodes(self, x: ir.Value, branch_out: ir.Value) -> set:
+    def branch_nodes(self, x: ir.Value, branch_out: ir.Value) -> set:
         """Nodes on paths from ``x`` to ``branch_out``: a forward walk from x kept inside the
         ancestors of branch_out (linear in the branch size)."""
         if x.producer() is None and not x.is_graph_input():

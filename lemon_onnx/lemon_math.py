@@ -203,7 +203,8 @@ class _IndexMap:
         return np.flatnonzero(self.src_index < 0)
 
     def apply(self, x, axis: int = -1) -> np.ndarray:
-        """Lay the width-d ``x`` out in width D along ``axis`` (the table of lemon-math.md)."""
+        """Lay the width-d ``x`` out in width D along ``axis`` (the table of forms in
+        lemon-math.md, "Notation")."""
         x = np.asarray(x)
         ax = _axis(x, axis)
         if x.shape[ax] != self.d:
@@ -245,7 +246,7 @@ class StreamMap(_IndexMap):
     """Layout of a width-d vector in width D: ``[x]*k`` then r leftover slots.
 
     form ``copies`` (r = 0 only), ``avg`` (leftover = mean(x)), ``zero`` (leftover = 0) or
-    ``circ`` (leftover = x[:r]).  ``scale`` is s = k*d/D (lemon-math.md, Notation).
+    ``circ`` (leftover = x[:r]).  ``scale`` is s = k*d/D (lemon-math.md, "Notation").
     """
 
     def __init__(self, d: int, D: int, form: str):
@@ -299,7 +300,7 @@ class UnitMap(_IndexMap):
 
 
 def gqa_maps(n_q: int, n_kv: int, N_q: int, N_kv: int, head_dim: int) -> tuple[UnitMap, UnitMap]:
-    """Head maps for grouped-query attention (lemon-math.md, rule 2, GQA).
+    """Head maps for grouped-query attention (lemon-math.md, "Attention heads", "GQA").
 
     New query head i copies source head ``qsrc[i] = i % n_q`` and sits in new group
     ``i // g`` (g = n_q // n_kv, unchanged) whose KV head copies source KV head

@@ -102,6 +102,7 @@ class Recognizer(GraphIndex):
     """Runs the components over one graph and assembles the description."""
 
     def __init__(self, model: ir.Model):
+        _refuse_hidden_reads(model.graph)
         super().__init__(model)
         self.notes: list[str] = []
 
@@ -115,11 +116,11 @@ class Recognizer(GraphIndex):
                 hint="Expand the exporter's unoptimised .onnx, then run the optimizer on the "
                      "expanded model.")
         self.linears = linear.match_all(self)
-        self.lin_by_out = {self._values[l.output]: l for l in self.linears.values()}
+        self.lin_by_out = {self.values[l.output]: l for l in self.linears.values()}
         self.norms = norm.match_all(self)
         self.norm_by_in: dict[ir.Value, list[Norm]] = defaultdict(list)
         for nv, nrm in self.norms.items():
-            self.norm_by_in[self._values[nrm.input]].append(nrm)
+            self.norm_by_in[self.values[nrm.input]].append(nrm)
 
         emb = embedding.match(self)
         residuals = residual.match_residuals(self)
@@ -136,7 +137,7 @@ class Recognizer(GraphIndex):
         if layout == "pre-norm":
             cands = self.norm_by_in.get(stream_end, [])
             final_norm = cands[0] if cands else None
-        head_in = self._values[final_norm.output] if final_norm else stream_end
+        head_in = self.values[final_norm.output] if final_norm else stream_end
         head, extra = head_c.match(self, head_in, emb)
         desc = self.describe(emb, blocks, final_norm, head, layout)
         desc.extra_heads = extra
@@ -166,7 +167,7 @@ class Recognizer(GraphIndex):
         if found and blocks:
             # the chain of blocks stopped early: name what reads the stream where it stopped
             # (an operator between two blocks that no component recognises)
-            last = self._values.get(blocks[-1].output)
+            last = self.values.get(blocks[-1].output)
             ops = sorted({f"{u.node.op_type} {u.node.name}" for u in (last.uses() if last else [])
                           if u.node.op_type not in NORM_OPS})
             if ops:
@@ -184,15 +185,15 @@ class Recognizer(GraphIndex):
             # atoms keep their names, and the plan keeps hidden = heads x head_dim
             a.role = a.role or "hidden"
         if emb.token:
-            for a in dims.leaves(self.ax.axes[self._values[emb.token]][0]):
+            for a in dims.leaves(self.ax.axes[self.values[emb.token]][0]):
                 a.role = a.role or "vocab"
-        stream_ax = self.ax.get(self._values[emb.output]) if emb.output else None
+        stream_ax = self.ax.get(self.values[emb.output]) if emb.output else None
         if stream_ax and len(stream_ax) == 3:
             for a in dims.leaves(stream_ax[1]):
                 if a.size is not None:
                     a.role = a.role or "tokens"  # a static sequence (ViT: patches + cls)
         if emb.patch_conv:
-            conv_out = self.ax.get(self._node(emb.patch_conv).outputs[0]) or []
+            conv_out = self.ax.get(self.node(emb.patch_conv).outputs[0]) or []
             for k, ax in enumerate(conv_out[2:]):
                 for a in dims.leaves(ax):
                     a.role = a.role or ("patch_rows" if k == 0 else "patch_cols")
@@ -201,9 +202,9 @@ class Recognizer(GraphIndex):
         att = b0.attention
         nrm = b0.attention_norm or b0.attention_post_norm or final_norm
         ffn = b0.mlp.down.in_features
-        vocab = int(self._values[emb.token].const_value.shape[0]) if emb.token else None
+        vocab = int(self.values[emb.token].const_value.shape[0]) if emb.token else None
         if head.linear is not None and head.kind == "classifier":
-            for a in self.leaves(self._values[head.linear.output]):
+            for a in self.leaves(self.values[head.linear.output]):
                 a.role = a.role or "num_labels"
         literals = self.size_literals()
         shared = {}
@@ -217,7 +218,7 @@ class Recognizer(GraphIndex):
         for v in g.outputs:
             lv = self.leaves(v)
             kind = "hidden" if lv and lv == hid else ("logits" if head.linear is not None and
-                                                      back_pass(v) is self._values[head.linear.output]
+                                                      back_pass(v) is self.values[head.linear.output]
                                                       else "other")
             outputs.append({"name": v.name, "shape": shape_of(v), "kind": kind})
         unrec = list(self.notes)
@@ -251,7 +252,7 @@ class Recognizer(GraphIndex):
         return "pre-norm transformer"
 
     def size_literals(self) -> list:
-        groups = [(name, [dims.find(a) for a in grp]) for name, grp in getattr(self, "_groups", [])
+        groups = [(name, [dims.find(a) for a in grp]) for name, grp in self.size_groups
                   if len(grp) > 1]
         return [SizeLiteral(list(lu.ref), lu.value, label_with_groups(dims.leaves(lu.atoms), groups),
                             lu.node, lu.op, list(lu.via) if lu.via else None)
@@ -285,6 +286,43 @@ def _plan_of(model: ir.Model) -> dict | None:
     except ValueError:
         return None
 
+
+
+def _refuse_hidden_reads(graph: ir.Graph) -> None:
+    """Control flow (If, Loop, Scan) whose subgraph reads values of the main graph: the
+    components and the passes see the main graph only, so those reads are uses nobody
+    accounts for (a subgraph's Add taken for a bias, a weight widened under a reader that is
+    not rewritten).  Refused (exit 2), naming the node (found by tests/test_fuzz.py: exit 4).
+    A subgraph that reads only its own inputs is an operator like another: the closed world
+    refuses it where it meets a size the expansion changes.  A merged decoder's If never
+    comes here: ``merged.py`` splits it into its two decoders first."""
+    hidden = []
+    for node in graph:
+        reads = set()
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                subs = [attr.as_graph()]
+            elif attr.type == ir.AttributeType.GRAPHS:
+                subs = list(attr.as_graphs())
+            else:
+                continue
+            for sub in subs:
+                for inner in ir.traversal.RecursiveGraphIterator(sub):
+                    reads |= {v.name for v in inner.inputs if v is not None and v.graph is graph}
+                reads |= {v.name for v in sub.outputs if v.graph is graph}
+        if reads:
+            hidden.append((node, sorted(reads)))
+    if hidden:
+        node, reads = hidden[0]
+        more = f" (and {len(hidden) - 1} other control-flow node(s))" if len(hidden) > 1 else ""
+        raise UnsupportedModelError(
+            f"operator {node.op_type} {node.name or '(unnamed)'} is control flow whose subgraph "
+            f"reads {len(reads)} value(s) of the main graph ({', '.join(reads[:3])}"
+            f"{', ...' if len(reads) > 3 else ''}){more}; lemon-onnx analyses and rewrites the "
+            "main graph only, so it cannot tell how the subgraph uses the sizes an expansion "
+            "changes. Nothing was written.",
+            hint="Export the model without control flow (a fixed-shape export, or the "
+                 "exporter's option to unroll loops and fold conditions).")
 
 
 def recognize(model: ir.Model) -> ModelDescription:

@@ -14,6 +14,34 @@ FIXTURES = ROOT / "models" / "fixtures"
 REAL = ROOT / "models" / "real"
 
 
+# --------------------------------------------------------------------------- the two tiers
+#: modules of small tests (the rules, planning, recognition, the command line's contract and
+#: errors on the committed fixtures): the quick tier, ``pytest -m "not slow"``, runs them whole
+#: (their few long tests are marked slow where they are written)
+UNIT_MODULES = {
+    "test_lemon_math.py", "test_exact_math.py", "test_fast_math.py", "test_plan.py",
+    "test_docs.py", "test_architecture.py", "test_errors.py", "test_io.py",
+    "test_datafile.py", "test_inspect.py", "test_hfconfig.py", "test_cli.py",
+    "test_attention_op.py",
+}
+#: ... and from the end-to-end modules, one expansion per fixture architecture: every
+#: component's match, widen and twin (token, position and patch embeddings; LayerNorm and
+#: RMSNorm; multi-head and grouped-query attention; GELU and SwiGLU MLPs; Pre-LN and Post-LN
+#: residuals; tied LM, MLM and classifier heads), width and depth together, checked against
+#: ONNX Runtime runs of the source
+QUICK = {
+    f"tests/test_depth.py::test_width_and_depth_together[{arch}-ts17]"
+    for arch in ("gpt2", "llama", "bert", "vit")
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Everything outside the quick tier is ``slow``: the full run (CI) has both."""
+    for item in items:
+        if item.path.name not in UNIT_MODULES and item.nodeid not in QUICK:
+            item.add_marker(pytest.mark.slow)
+
+
 def manifest(kind: str = "main") -> list[dict]:
     path = FIXTURES / "manifest.json"
     entries = json.loads(path.read_text())

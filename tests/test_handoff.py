@@ -178,7 +178,7 @@ def test_sizes_and_schedule_helpers():
 
 
 def test_the_schedule_carries_the_benchmarks_own_figures():
-    res = json.loads((ROOT / "benchmarks" / "payoff" / "results.json").read_text())
+    res = json.loads((ROOT / "benchmarks" / "payoff" / "v1-results.json").read_text())
     s, b = res["summary"], BENCHMARK
     assert b["scratch"]["best_peak_lr"] == s["scratch_best_lr"]
     assert b["scratch"]["steps_to_its_final_loss"] == s["scratch"]["step"]
@@ -194,9 +194,10 @@ def test_the_schedule_carries_the_benchmarks_own_figures():
     assert (b["expanded"]["horizon"], b["expanded"]["warmup"]) == (
         res["schedule"]["horizon"], res["schedule"]["warmup"])
     text = json.dumps(advice({"source": {}, "target": {}}, []))
-    for ref in ("lemon-math.md", "docs/"):  # documents that are not in the repository
+    # the repository's documents, which a hand-off folder does not carry
+    for ref in ("lemon-math.md", "docs/"):
         assert ref not in text
-    for path in ("benchmarks/training_payoff.py", "benchmarks/payoff/results.json"):
+    for path in ("benchmarks/training_payoff.py", "benchmarks/payoff/v1-results.json"):
         assert path in text and (ROOT / path).exists()
 
 
@@ -479,6 +480,11 @@ def test_config_beside_the_model_and_an_earlier_export_replaced_whole(tmp_path):
     assert len(shards) > 1 and (out / "model.safetensors.index.json").exists()
     tmap = json.loads((out / "lemon_tensors.json").read_text())
     assert tmap["notes"][0] == f"config from {model_dir / 'config.json'}"
+    # the spike remedy: rate factors 1/k for weights reading copied units, none for vectors
+    factors = json.loads((out / "lemon_schedule.json").read_text())["remedy"]["lr_factors"]
+    assert factors["model.layers.0.self_attn.q_proj.weight"] == 0.5
+    assert factors["model.layers.0.mlp.down_proj.weight"] == 0.5
+    assert "model.norm.weight" not in factors and "model.embed_tokens.weight" not in factors
     # a second export into the same folder: nothing of the first survives beside it
     r = CliRunner().invoke(cli, ["export-torch", str(model_dir / "big.onnx"), "-o", str(out)])
     assert r.exit_code == 0, r.output

@@ -11,6 +11,7 @@ twin: the output projection's fan-out cancels (or is zero), so the twin adds not
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import numpy as np
 import onnx_ir as ir
@@ -18,7 +19,7 @@ import onnx_ir as ir
 from .. import dims, lemon_math as lm
 from ..errors import PlanError, UnsupportedModelError
 from ..graph import const_tensor, is_const
-from ..tensors import _read
+from ..tensors import read_array
 from . import linear, norm
 from .linear import Linear
 from .norm import Norm
@@ -50,7 +51,7 @@ class Attention:
 
 
 def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> Attention:
-    nodes = ctx._branch_nodes(x, branch_out)
+    nodes = ctx.branch_nodes(x, branch_out)
     ordered = sorted(nodes, key=lambda n: ctx.order.get(n, 0))  # never a set's whim
     out = out_linear(ctx, branch_out)
     ins = [l for l in linears_reading(ctx, x, nodes) if l is not out]
@@ -65,12 +66,12 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> Attention:
     split_node = None
     if len(ins) == 1:
         qkv = ins[0]
-        y = ctx._values[qkv.output]
+        y = ctx.values[qkv.output]
         sp = [n for n in ordered if n.op_type == "Split" and ctx.depends_on(n.inputs[0], y)]
         split_node = sp[0].name if sp else None
     else:
         for lin in ins:
-            y = ctx._values[lin.output]
+            y = ctx.values[lin.output]
             if reaches(y, q_t) and not reaches(y, k_t):
                 q = lin
             elif reaches(y, k_t) and not reaches(y, q_t):
@@ -80,7 +81,7 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> Attention:
         if q is None or k is None or v is None:
             reused = sorted({lin.weight for lin in ctx.linears.values()
                              if lin.weight in {x.weight for x in ins}
-                             and ctx._node(lin.node) not in nodes})
+                             and ctx.node(lin.node) not in nodes})
             why = (f" The weights {', '.join(reused)} are also applied outside this branch "
                    "(DeBERTa's disentangled attention projects the relative position "
                    "embeddings with the same Q and K weights): scores that mix content and "
@@ -110,9 +111,9 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> Attention:
         any(n.op_type == "Slice" for n in nodes if ctx.depends_on(q_t, n.outputs[0])))
     # multi-query attention (one KV head: a size-1 axis, no atom of its own) keeps its one KV
     # head; the query heads' atom is the heads atom (the repeat of K and V grows with it)
-    _roles_attention(ctx, heads_l, [] if kv_heads == 1 else kv_l, hd_leaves)
+    roles_attention(ctx, heads_l, [] if kv_heads == 1 else kv_l, hd_leaves)
     if qkv is not None:
-        fused = ctx.leaves(ctx._values[qkv.output])
+        fused = ctx.leaves(ctx.values[qkv.output])
         if len(fused) == 1 and fused[0].role is None:
             # the fused axis was never factored into heads: it is the whole q|k|v width,
             # which grows with the heads (the width pass computes it)
@@ -183,7 +184,7 @@ def read_heads(ctx, attn_op, score, q_t: ir.Value, k_t: ir.Value, k: Linear | No
             kv_l = dims.leaves(kax[1])
     # GQA: the K heads axis after repeat_kv is (kv_heads, groups); K before repeat is kv_heads
     if kproj is not None:
-        k_out = ctx.leaves(ctx._values[kproj.output], -1)
+        k_out = ctx.leaves(ctx.values[kproj.output], -1)
         k_hd = [a for a in ctx.leaves(k_t, -1) if a not in kv_l]  # K's own head_dim atoms
         kv_from_proj = [a for a in k_out if a not in hd_leaves and a not in k_hd]
         if k is not None and kv_from_proj:
@@ -218,9 +219,9 @@ def _projection_norm(ctx, lin: Linear | None, nodes: set):
     """A norm inside the attention branch whose input is a projection's whole output."""
     if lin is None:
         return None
-    y = ctx._values[lin.output]
+    y = ctx.values[lin.output]
     for nrm in ctx.norm_by_in.get(y, []):
-        if ctx._node(nrm.nodes[0]) in nodes:
+        if ctx.node(nrm.nodes[0]) in nodes:
             return nrm
     return None
 
@@ -273,7 +274,7 @@ def _fused_layout(ctx, qkv: Linear, heads: int, head_dim: int, heads_l: list, kv
             f"Block {idx}: the fused projection {qkv.node} has {qkv.out_features} outputs, "
             f"not a multiple of head_dim {head_dim}.")
     total = qkv.out_features // head_dim
-    lead = ctx.leaves(ctx._values[qkv.output])[:1]
+    lead = ctx.leaves(ctx.values[qkv.output])[:1]
     lead_roots = {dims.find(a) for a in lead}
     if lead_roots and lead_roots <= {dims.find(a) for a in list(heads_l) + list(kv_l)}:
         n_lead = int(np.prod([a.size for a in lead]))
@@ -285,7 +286,7 @@ def _fused_layout(ctx, qkv: Linear, heads: int, head_dim: int, heads_l: list, kv
         # q, k and v one after the other must be cut apart by a Split along the fused axis
         # (its part sizes are size literals with atoms); a Reshape of the fused axis into
         # heads + 2 rows (Falcon) holds a size that is a sum, which no atom can grow
-        readers = axis_readers(ctx, ctx._values[qkv.output])
+        readers = axis_readers(ctx, ctx.values[qkv.output])
         if readers and all(c.op_type == "Reshape" for c in readers) and \
                 _rows_view(ctx, qkv, readers, heads + kv2, head_dim):
             return kv2 // 2, "segments"
@@ -315,13 +316,12 @@ def _attr_heads(ctx, node: ir.Node, attr: str, leaves_: list) -> list:
     return acc
 
 
-def _roles_attention(ctx, heads_l, kv_l, hd_leaves) -> None:
+def roles_attention(ctx, heads_l, kv_l, hd_leaves) -> None:
     """Name the atoms: heads (or KV heads and the group size for GQA) and head_dim; head_dim
     split into parts (rotate_half's halves, a partial rotary slice) names each part by its
     position, never by its size."""
-    ctx._groups = getattr(ctx, "_groups", [])
-    ctx._groups.append(("head_dim", [dims.find(a) for a in hd_leaves]))
-    ctx._groups.append(("heads", [dims.find(a) for a in heads_l]))
+    ctx.add_size_group("head_dim", [dims.find(a) for a in hd_leaves])
+    ctx.add_size_group("heads", [dims.find(a) for a in heads_l])
     kvset, hset = set(kv_l), set(heads_l)
     if not kv_l or kvset == hset:
         for a in heads_l:
@@ -363,7 +363,7 @@ def widen(wp, a: Attention, branch_in, stream_map, *, tag: str, prescale=None) -
         linear.widen(wp, a.v, branch_in, wp.kv_map, tag=f"{tag}.v")
     for nrm, lin, units, t in ((a.q_norm, a.q, wp.q_map, "qn"), (a.k_norm, a.k, wp.kv_map, "kn")):
         if nrm is not None and nrm.gamma and lin is not None and \
-                _read(wp.values[nrm.gamma]).size == lin.out_features:
+                read_array(wp.values[nrm.gamma]).size == lin.out_features:
             norm.widen_units(wp, nrm, units, tag=f"{tag}.{t}")
     linear.widen(wp, a.out, wp.q_map, stream_map, tag=f"{tag}.o", prescale=prescale)
 
@@ -423,7 +423,7 @@ def twin(dp, a: Attention, mapping, init: str, tag: str) -> None:
     (a fused projection other than equal q|k|v segments)."""
     if a.qkv is not None and (a.qkv_layout != "segments" or a.kv_heads != a.heads):
         init = "zero"
-    if init != "zero" and _head_tables(dp):
+    if init != "zero" and has_head_tables(dp):
         # per-head score terms (relative position buckets, ALiBi): paired heads add different
         # terms to their scores, so they would not compute the same, and their rows not cancel
         init = "zero"
@@ -435,11 +435,15 @@ def twin(dp, a: Attention, mapping, init: str, tag: str) -> None:
                    fanin=[x for x in (a.q, a.k, a.v, a.qkv) if x], tag=tag + ".attn")
 
 
-def _head_tables(dp) -> bool:
+#: depth pass -> whether its model has per-head score tables (``has_head_tables``)
+_HEAD_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def has_head_tables(dp) -> bool:
     """Whether a constant other than a projection's weights carries a heads axis into the
-    attention scores (cached on the depth pass)."""
-    if not hasattr(dp, "_head_tables"):
-        rec = dp._rec
+    attention scores (computed once per depth pass)."""
+    if dp not in _HEAD_TABLES:
+        rec = dp.rec
         weights = set()
         for lin in rec.linears.values():
             weights.update(x for x in (lin.weight, lin.bias) if x)
@@ -464,8 +468,8 @@ def _head_tables(dp) -> bool:
             if (roles & {"heads", "kv_heads"} or untied) and rec.reaches_heads(v):
                 found = True
                 break
-        dp._head_tables = found
-    return dp._head_tables
+        _HEAD_TABLES[dp] = found
+    return _HEAD_TABLES[dp]
 
 
 def widen_head_tables(wp) -> None:
@@ -479,7 +483,7 @@ def widen_head_tables(wp) -> None:
     for v in rec.constants():
         if v in wp.ed.requests or not v.uses():
             continue
-        changed = wp._changed(v)
+        changed = wp.changed_axes(v)
         if len(changed) != 1:
             continue
         k, atoms = changed[0]

@@ -18,7 +18,7 @@ def linears_reading(ctx, x: ir.Value, within: set) -> list[Linear]:
                 and back_pass(node.inputs[0]).producer().op_type == "Reshape" \
                 and back_pass(back_pass(node.inputs[0]).producer().inputs[0]) is back_pass(x):
             res.append(lin)  # Gemm on a 2-D view of x (GPT-2)
-    return sorted(res, key=lambda l: ctx.order[ctx._node(l.node)])
+    return sorted(res, key=lambda l: ctx.order[ctx.node(l.node)])
 
 
 def branch_tail(ctx, branch_out: ir.Value) -> tuple[ir.Value, ir.Node | None, object]:
@@ -34,7 +34,7 @@ def branch_tail(ctx, branch_out: ir.Value) -> tuple[ir.Value, ir.Node | None, ob
             v = back_pass(p.inputs[0])
         elif v in ctx.norms and out_norm is None and scale is None:
             out_norm = ctx.norms[v]
-            v = back_pass(ctx._values[out_norm.input])
+            v = back_pass(ctx.values[out_norm.input])
         elif p.op_type in ("Mul", "Div") and len(p.inputs) == 2 and \
                 sum(is_const(i) for i in p.inputs) == 1:
             c = next(i for i in p.inputs if is_const(i))

@@ -147,19 +147,19 @@ def match(ctx, blocks: list) -> list[CacheSlot]:
         owner = None
         for b in blocks:
             a = b.attention
-            projs = [ctx._values[p.output] for p in (a.k, a.v, a.qkv) if p is not None]
+            projs = [ctx.values[p.output] for p in (a.k, a.v, a.qkv) if p is not None]
             if any(ctx.depends_on(x, y) for x in fresh for y in projs):
                 owner = b
         kind = None
         if owner is not None and owner.attention.score_node:
             a = owner.attention
-            score = ctx._node(a.score_node)
+            score = ctx.node(a.score_node)
             if score.op_type == "Attention":  # the ONNX op: K and V are its inputs 1 and 2
                 kind = ("key" if ctx.depends_on(score.inputs[1], joined) else
                         "value" if ctx.depends_on(score.inputs[2], joined) else None)
             elif any(ctx.depends_on(i, joined) for i in score.inputs if i is not None):
                 kind = "key"
-            elif ctx.depends_on(ctx._values[a.out.output], joined):
+            elif ctx.depends_on(ctx.values[a.out.output], joined):
                 kind = "value"
         if kind is None:
             raise UnsupportedModelError(
@@ -198,14 +198,14 @@ def _unjoined(ctx, blocks: list, joined: set) -> list[CacheSlot]:
         for lin, kind, which in sources:
             if lin is None:
                 continue
-            for out, path in _views_to_outputs(ctx._values[lin.output], outputs):
+            for out, path in _views_to_outputs(ctx.values[lin.output], outputs):
                 slots.append(CacheSlot(input=None, output=out.name, kind=kind, block=b.index,
                                        concat=None, axis=_sequence_axis(ctx, out),
                                        heads_axis=_heads_axis(ctx, [out]),
                                        nodes=[n.name for n in path], attention=which))
         if x is not None and x.key_input:
             for name, kind in ((x.key_input, "key"), (x.value_input, "value")):
-                v = ctx._values[name]
+                v = ctx.values[name]
                 slots.append(CacheSlot(input=name, output=None, kind=kind, block=b.index,
                                        concat=None, axis=_sequence_axis(ctx, v),
                                        heads_axis=_heads_axis(ctx, [v]), attention="cross"))
@@ -257,7 +257,7 @@ def twin_inputs(dp, slots: list, tag: str) -> dict:
     for s in slots:
         if s.input is None:
             continue
-        src = dp._rec._values[s.input]
+        src = dp.rec.values[s.input]
         new = ir.Value(name=f"{s.input}__{tag}", shape=src.shape, type=src.type)
         g.inputs.append(new)
         seed[src] = new
@@ -268,7 +268,7 @@ def twin_outputs(dp, slots: list, mapping: dict) -> list:
     """The twin's own cache outputs (the clones of the source's), declared like the source's;
     returns [(slot, new input name, new output name)]."""
     g = dp.graph
-    vals = dp._rec._values
+    vals = dp.rec.values
     made = []
     for s in slots:
         new_in = mapping.get(vals[s.input]) if s.input else None

@@ -52,7 +52,7 @@ class CrossAttention:
 def keys_off_stream(ctx, x: ir.Value, branch_out: ir.Value) -> bool:
     """Whether the attention on this branch takes its keys from somewhere else than the
     branch input ``x``: the mark of cross-attention."""
-    nodes = ctx._branch_nodes(x, branch_out)
+    nodes = ctx.branch_nodes(x, branch_out)
     ordered = sorted(nodes, key=lambda n: ctx.order.get(n, 0))
     if not any(n.op_type in ("Softmax", "Attention") for n in ordered):
         return False
@@ -94,7 +94,7 @@ def _source(ctx, t: ir.Value, idx: int, what: str):
 
 
 def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> CrossAttention:
-    nodes = ctx._branch_nodes(x, branch_out)
+    nodes = ctx.branch_nodes(x, branch_out)
     ordered = sorted(nodes, key=lambda n: ctx.order.get(n, 0))
     out = out_linear(ctx, branch_out)
     attn_op, score, q_t, k_t, v_t = attention.find_scores(ctx, ordered, idx)
@@ -103,7 +103,7 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> CrossAttention:
             f"Block {idx}: cross-attention written as an ONNX Attention op ({attn_op.name}) is "
             "not supported yet.")
     ins = [l for l in linears_reading(ctx, x, nodes) if l is not out]
-    if len(ins) != 1 or not ctx.depends_on(q_t, ctx._values[ins[0].output]):
+    if len(ins) != 1 or not ctx.depends_on(q_t, ctx.values[ins[0].output]):
         raise UnsupportedModelError(
             f"Block {idx}: the cross-attention should have one projection of the decoder "
             f"stream (the queries); found {len(ins)}.")
@@ -121,7 +121,7 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> CrossAttention:
             raise UnsupportedModelError(
                 f"Block {idx}: the cross-attention's keys and values come out of one fused "
                 f"projection ({k.node}); lemon-onnx widens separate K and V projections only.")
-        mk, mv = back_pass(ctx._values[k.input]), back_pass(ctx._values[v.input])
+        mk, mv = back_pass(ctx.values[k.input]), back_pass(ctx.values[v.input])
         if not mk.is_graph_input():
             raise UnsupportedModelError(
                 f"Block {idx}: the cross-attention's keys and values are projected from "
@@ -136,7 +136,7 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> CrossAttention:
                 f"({mk.name}, {mv.name}); expected one memory (the encoder's output).")
         memory = mk
         for lin in (k, v):
-            mem_nodes |= ctx._branch_nodes(memory, ctx._values[lin.output])
+            mem_nodes |= ctx.branch_nodes(memory, ctx.values[lin.output])
     heads_l, kv_l, hd_leaves, heads, head_dim, kv_heads = attention.read_heads(
         ctx, None, score, q_t, k_t, k, k, idx)
     if not heads or not head_dim or heads * head_dim != q.out_features:
@@ -144,7 +144,7 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> CrossAttention:
             f"Block {idx}: could not read the cross-attention's head count and head_dim from "
             f"its reshapes (found heads={heads}, head_dim={head_dim}, projection width "
             f"{q.out_features}).")
-    attention._roles_attention(ctx, heads_l, [] if kv_heads == 1 else kv_l, hd_leaves)
+    attention.roles_attention(ctx, heads_l, [] if kv_heads == 1 else kv_l, hd_leaves)
     attention.name_value_head_dim(ctx, v_t)
     if memory is not None:
         # the memory's last axis is the encoder's hidden width: one hidden map on both sides

@@ -63,22 +63,22 @@ def match(ctx, x: ir.Value, emb: Embeddings) -> tuple[Head, list]:
         if path is not None:
             paths[lin.node] = (lin, path)
     readers = sorted((lin for lin, _ in paths.values()),
-                     key=lambda l: ctx.order[ctx._node(l.node)])
+                     key=lambda l: ctx.order[ctx.node(l.node)])
     norm_heads = _norm_heads(ctx, x, [n for _, (norms, _) in paths.values() for n in norms])
     if not readers:
         return Head("none", None, reads=nm(x)), norm_heads
-    tok = ctx._values[emb.token] if emb.token else None
+    tok = ctx.values[emb.token] if emb.token else None
     vocab = tok.const_value.shape[0] if tok is not None else None
     heads = []
     for r in readers:
         norms, segments = paths[r.node][1]
         after = [lin for node, lin in ctx.linears.items()
-                 if lin is not r and ctx.depends_on(node.inputs[0], ctx._values[r.output])]
+                 if lin is not r and ctx.depends_on(node.inputs[0], ctx.values[r.output])]
         if vocab is not None and len(after) == 1 and after[0].out_features == vocab:
             h = _mlm_head(ctx, r, after[0], x, tok)
             # only past a projection is the embedding width not the stream's
             h.narrow = emb.projection is not None and not set(
-                ctx.leaves(ctx._values[r.output])) <= set(embedding.hidden_leaves(ctx, emb))
+                ctx.leaves(ctx.values[r.output])) <= set(embedding.hidden_leaves(ctx, emb))
         elif vocab is not None and r.out_features == vocab:
             h = Head("lm", r, reads=nm(x), tie=_tie(ctx, r, tok))
         elif len(after) == 1 and _elementwise_between(ctx, r, after[0]):
@@ -101,7 +101,7 @@ def _norm_heads(ctx, x: ir.Value, claimed: list) -> list:
     found = []
     for v, nrm in ctx.norms.items():
         if nrm.output != v.name or v not in outs or nrm in claimed or \
-                ctx._values[nrm.input] is x:
+                ctx.values[nrm.input] is x:
             continue
         path = stream_path(ctx, v, x)
         if path is not None and path[0] == [nrm] and path[1] == 1:
@@ -129,7 +129,7 @@ def stream_path(ctx, v: ir.Value, x: ir.Value, depth: int = 0):
         if v in ctx.norms and ctx.norms[v].output == v.name:
             nrm = ctx.norms[v]
             norms.append(nrm)
-            v = ctx._values[nrm.input]
+            v = ctx.values[nrm.input]
             continue
         if p.op_type in _VIEW_OPS and p.inputs:
             v = p.inputs[0]
@@ -175,8 +175,8 @@ def _concat_last(ctx, node: ir.Node) -> bool:
 
 
 def _between(ctx, r: Linear, a: Linear) -> set:
-    return ctx._branch_nodes(ctx._values[r.output], ctx._node(a.node).inputs[0]) - {
-        ctx._node(a.node)}
+    return ctx.branch_nodes(ctx.values[r.output], ctx.node(a.node).inputs[0]) - {
+        ctx.node(a.node)}
 
 
 def _elementwise_between(ctx, r: Linear, a: Linear) -> bool:
@@ -203,13 +203,13 @@ def _activation(ctx, r: Linear, a: Linear) -> str | None:
 
 def _mlm_head(ctx, t: Linear, dec: Linear, x: ir.Value, tok) -> Head:
     """BERT's MLM head: transform (dense, activation, LayerNorm), then the decoder."""
-    dec_in = ctx._node(dec.node).inputs[0]
+    dec_in = ctx.node(dec.node).inputs[0]
     tn = [nrm for nrm in ctx.norms.values()
-          if ctx.depends_on(ctx._values[nrm.input], ctx._values[t.output])
-          and (ctx.depends_on(dec_in, ctx._values[nrm.output])
-               or ctx._values[nrm.output] is back_pass(dec_in))]
+          if ctx.depends_on(ctx.values[nrm.input], ctx.values[t.output])
+          and (ctx.depends_on(dec_in, ctx.values[nrm.output])
+               or ctx.values[nrm.output] is back_pass(dec_in))]
     ops = {n.op_type for n in ctx.ancestors(dec_in)
-           if ctx.depends_on(n.outputs[0], ctx._values[t.output])}
+           if ctx.depends_on(n.outputs[0], ctx.values[t.output])}
     act = ("gelu" if {"Erf", "Gelu"} & ops else "gelu_tanh" if "Tanh" in ops else
            "relu" if "Relu" in ops else None)
     return Head("mlm", dec, transform=t, transform_activation=act,
@@ -219,7 +219,7 @@ def _mlm_head(ctx, t: Linear, dec: Linear, x: ir.Value, tok) -> Head:
 def _tie(ctx, lin: Linear, tok: ir.Value) -> str | None:
     if lin.weight == tok.name:
         return "shared"
-    w = ctx._values[lin.weight].const_value
+    w = ctx.values[lin.weight].const_value
     t = tok.const_value
     if w is None or t is None:
         return None
@@ -242,7 +242,7 @@ def untie_reason(rec, desc) -> str | None:
                 "nothing can share out the copies of the stream that the tied table would "
                 "add up.")
     if head.tie and head_norm is not None and not head.narrow:
-        nv = rec._values[head_norm.output]
+        nv = rec.values[head_norm.output]
         if any(back_view(o) is nv for o in rec.graph.outputs):
             return ("the norm that feeds it is also a graph output, so rescaling its gamma "
                     "for the tied copies would change that output.")

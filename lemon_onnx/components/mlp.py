@@ -32,7 +32,7 @@ class MLP:
 
 
 def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> MLP:
-    nodes = ctx._branch_nodes(x, branch_out)
+    nodes = ctx.branch_nodes(x, branch_out)
     down = out_linear(ctx, branch_out)
     ins = [l for l in linears_reading(ctx, x, nodes) if l is not down]
     if not ins:
@@ -51,8 +51,8 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> MLP:
         # the gate passes through the nonlinearity before meeting the up projection
         nl = [n for n in nodes if n.op_type in ("Sigmoid", "Erf", "Tanh", "Gelu", "Relu")]
         a, b = ins
-        a_nl = any(ctx.depends_on(n.outputs[0], ctx._values[a.output]) for n in nl)
-        b_nl = any(ctx.depends_on(n.outputs[0], ctx._values[b.output]) for n in nl)
+        a_nl = any(ctx.depends_on(n.outputs[0], ctx.values[a.output]) for n in nl)
+        b_nl = any(ctx.depends_on(n.outputs[0], ctx.values[b.output]) for n in nl)
         gate, up = (a, b) if a_nl and not b_nl else (b, a)
         act = "swiglu" if act == "silu" else f"{act}-glu"
     elif len(ins) > 2:
@@ -62,14 +62,14 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> MLP:
     if gate is None and up.out_features == 2 * down.in_features:
         # [gate | up] in one projection: its output must be cut in two along that axis, and
         # the down projection reads half of it
-        readers = axis_readers(ctx, ctx._values[up.output])
+        readers = axis_readers(ctx, ctx.values[up.output])
         if readers and all(n.op_type in ("Split", "Slice") for n in readers):
             fused = True
             act = "swiglu" if act == "silu" else f"{act}-glu"
-            ffn_atoms = {dims.find(a) for a in ctx.leaves(ctx._node(down.node).inputs[0])}
-            for a in ctx.leaves(ctx._values[up.output]):
+            ffn_atoms = {dims.find(a) for a in ctx.leaves(ctx.node(down.node).inputs[0])}
+            for a in ctx.leaves(ctx.values[up.output]):
                 a.role = a.role or ("ffn" if dims.find(a) in ffn_atoms else "gate_up_parts")
-    for a in ctx.leaves(ctx._values[up.output]):
+    for a in ctx.leaves(ctx.values[up.output]):
         a.role = a.role or "ffn"
     return MLP(up, down, gate, act, fused)
 

@@ -19,7 +19,7 @@ import onnx_ir as ir
 from .. import lemon_math as lm
 from ..errors import PlanError
 from ..graph import back_pass, const_array, const_source, is_const, nm, scalar_const, skip_pass
-from ..tensors import _read, _write
+from ..tensors import read_array, write_array
 
 #: the op forms, and the kind each computes
 NORM_OPS = {"LayerNormalization": "layernorm", "SkipLayerNormalization": "layernorm",
@@ -158,8 +158,8 @@ def widen(wp, nrm: Norm, in_map: lm.StreamMap, *, tag: str, tied: bool = False):
     nodes = [wp.node(n) for n in nrm.nodes]
     rng = wp.ed.rng(tag, "gamma")
     kind = nrm.kind
-    gamma0 = _read(wp.values[nrm.gamma]) if nrm.gamma else np.ones(wp.d, np.float32)
-    beta0 = _read(wp.values[nrm.beta]) if nrm.beta else None
+    gamma0 = read_array(wp.values[nrm.gamma]) if nrm.gamma else np.ones(wp.d, np.float32)
+    beta0 = read_array(wp.values[nrm.beta]) if nrm.beta else None
     try:
         g2, b2, eps2 = lm.expand_norm(gamma0, beta0, nrm.epsilon, in_map, rng=rng, kind=kind)
     except ValueError as e:
@@ -214,10 +214,10 @@ def set_epsilon(wp, nrm: Norm, eps: float):
         for i, x in enumerate(n.inputs):
             src, _ = const_source(x)
             other = prods[1 - i]
-            if src is not None and _read(src).size == 1 and other is not None \
+            if src is not None and read_array(src).size == 1 and other is not None \
                     and other.op_type == "ReduceMean":
-                dtype = _read(src).dtype
-                shape = _read(src).shape
+                dtype = read_array(src).dtype
+                shape = read_array(src).shape
                 wp.ed.edit(n, i, f"eps:{eps!r}",
                              lambda _a, e=eps, dt=dtype, sh=shape: np.full(sh, e, dtype=dt))
                 return
@@ -229,13 +229,13 @@ def twin_post_norm(dp, b, mapping, prev_norm):
     affine and its gamma/beta move to the twin's last LayerNorm; the twin's other LayerNorms
     (its first, and the one after cross-attention in a decoder block) are the identity affine
     too.  Returns the twin's last-norm record."""
-    vals = dp._rec._values
+    vals = dp.rec.values
     last, first = b.mlp_post_norm, b.attention_post_norm
     if last is None or first is None or prev_norm is None:
         raise PlanError("a Post-LN block without its two LayerNorms cannot take a twin")
     pg, pb, pnodes, pmap = prev_norm
-    orig_g = _read(pg).copy() if pg is not None else None
-    orig_b = _read(pb).copy() if pb is not None else None
+    orig_g = read_array(pg).copy() if pg is not None else None
+    orig_b = read_array(pb).copy() if pb is not None else None
     # the previous block's last norm -> identity (own tensors if shared)
     for v, fill in ((pg, 1.0), (pb, 0.0)):
         if v is not None:
@@ -243,9 +243,9 @@ def twin_post_norm(dp, b, mapping, prev_norm):
     tg = mapping.get(vals.get(last.gamma)) if last.gamma else None
     tb = mapping.get(vals.get(last.beta)) if last.beta else None
     if tg is not None and orig_g is not None:
-        _write(tg, orig_g)
+        write_array(tg, orig_g)
     if tb is not None and orig_b is not None:
-        _write(tb, orig_b)
+        write_array(tb, orig_b)
     # the twin's norms before its last (after self-attention, and after cross-attention in
     # a decoder block) are identity affines: each sees a LayerNorm output plus zero
     inner = [first] + ([b.cross_attention_post_norm]
@@ -258,15 +258,15 @@ def twin_post_norm(dp, b, mapping, prev_norm):
 
 
 def _set_param(dp, v: ir.Value, node_names, mapping, fill: float) -> None:
-    arr = _read(v)
+    arr = read_array(v)
     users = {u.node for u in v.uses()}
-    nodes = [dp._rec._node(n) for n in node_names]
+    nodes = [dp.rec.node(n) for n in node_names]
     nodes = [mapping.get(n.outputs[0]).producer() if mapping and n.outputs[0] in mapping
              else n for n in nodes]
     mine = {n for n in nodes if n in users} | {
         u.node for u in v.uses() if u.node.op_type in ("Identity", "Cast")}
     if users <= mine:
-        _write(v, np.full_like(arr, fill))
+        write_array(v, np.full_like(arr, fill))
         return
     new = np.full_like(arr, fill)
     name = f"{v.name}__identity{len(dp.graph.initializers)}"
@@ -292,5 +292,5 @@ def widen_units(wp, nrm: Norm, units, *, tag: str) -> None:
     nodes = [wp.node(n) for n in nrm.nodes]
     for name, key in ((nrm.gamma, "gamma"), (nrm.beta, "beta")):
         if name:
-            new = units.apply(_read(wp.values[name]), -1)
+            new = units.apply(read_array(wp.values[name]), -1)
             _edit_param(wp, nodes, name, f"{tag}:{key}", new)

@@ -20,7 +20,7 @@ from .. import dims, lemon_math as lm
 from ..errors import UnsupportedModelError
 from ..graph import back_pass, back_view, const_source, is_const, nm
 from ..errors import PlanError
-from ..tensors import _read, _write
+from ..tensors import read_array, write_array
 from . import attention, cross_attention, embedding, mlp, norm
 from .attention import Attention
 from .cross_attention import CrossAttention
@@ -125,7 +125,7 @@ def match_blocks(ctx, emb: Embeddings, residuals):
         post_norm = None
         # post-norm: the Add output is normalised and the norm output continues the stream
         for nrm in ctx.norm_by_in.get(add_out, []):
-            nv = ctx._values[nrm.output]
+            nv = ctx.values[nrm.output]
             if back_pass(nv) in res_by_skip or nv in res_by_skip:
                 post_norm, nxt = nrm, nv
         if node.op_type.startswith("Skip"):
@@ -144,8 +144,8 @@ def match_blocks(ctx, emb: Embeddings, residuals):
             add_out = node.outputs[0]
             cands = ctx.norm_by_in.get(add_out, [])
             if cands:
-                chain[-1] = (node, s, br, cands[0], ctx._values[cands[0].output], c)
-                cur = ctx._values[cands[0].output]
+                chain[-1] = (node, s, br, cands[0], ctx.values[cands[0].output], c)
+                cur = ctx.values[cands[0].output]
     layout = "post-norm" if post else "pre-norm"
     blocks: list[Block] = []
     i = 0
@@ -205,7 +205,7 @@ def _branch_input(ctx, stream: ir.Value, branch_out: ir.Value, layout: str):
     branch is computed from), and the value the branch's projections read."""
     stream = back_pass(stream)  # the value before any Cast/Identity the join adds
     nrm = _branch_norm(ctx, stream, branch_out, layout)
-    return nrm, (stream if nrm is None else ctx._values[nrm.output])
+    return nrm, (stream if nrm is None else ctx.values[nrm.output])
 
 
 def _is_cross(ctx, entry, layout: str) -> bool:
@@ -244,7 +244,7 @@ def _parallel_block(ctx, idx: int, entry, layout: str) -> Block:
             f"({node.name}): no exact depth or width rule is implemented for this topology.")
     # the attention branch is the one with the Softmax (or Attention op) on it
     att_first = any(n.op_type in ("Softmax", "Attention")
-                    for n in ctx._branch_nodes(stream, u))
+                    for n in ctx.branch_nodes(stream, u))
     a_out, m_out = (u, v) if att_first else (v, u)
     a_norm, a_in = _branch_input(ctx, stream, a_out, layout)
     m_norm, m_in = _branch_input(ctx, stream, m_out, layout)
@@ -260,7 +260,7 @@ def _branch_norm(ctx, stream: ir.Value, branch_out: ir.Value, layout: str) -> No
     if layout == "post-norm":
         return None
     cands = ctx.norm_by_in.get(stream, [])
-    reads = [c for c in cands if ctx.depends_on(branch_out, ctx._values[c.output])]
+    reads = [c for c in cands if ctx.depends_on(branch_out, ctx.values[c.output])]
     return reads[0] if reads else None
 
 
@@ -273,7 +273,7 @@ def widen_layer_scale(wp, node_name: str | None, tag: str) -> np.ndarray | None:
         return None
     node = wp.node(node_name)
     idx = next(i for i, x in enumerate(node.inputs) if const_source(x)[0] is not None)
-    ls = _read(const_source(node.inputs[idx])[0])
+    ls = read_array(const_source(node.inputs[idx])[0])
     if wp.s_map.form == "avg":
         wp.ed.edit(node, idx, f"{tag}:ones", lambda a: np.ones(wp.D, dtype=a.dtype))
         return ls
@@ -335,5 +335,5 @@ def twin(dp, b: Block, mapping, tag: str) -> None:
     mlp.twin(dp, b.mlp, mapping, "zero" if b.mlp_out_norm is not None else init, tag)
     for out_norm in (b.attention_out_norm, b.mlp_out_norm):
         if out_norm is not None and out_norm.beta:
-            v = mapping[dp._rec._values[out_norm.beta]]
-            _write(v, np.zeros_like(_read(v)))
+            v = mapping[dp.rec.values[out_norm.beta]]
+            write_array(v, np.zeros_like(read_array(v)))

@@ -31,7 +31,7 @@ import onnx_ir as ir
 from .. import io
 from ..estimate import available_memory
 from ..verify import compare as cmp
-from ..verify.inputs import DEFAULT_CASES, _synthesize
+from ..verify.inputs import DEFAULT_CASES, synthesize as synthesize_feeds
 from ..verify.precision import float64_bytes, run_float64
 from ..verify.report import OutputReport
 from ..verify.runtime import make_session, run_session
@@ -243,8 +243,8 @@ def _float_to_int(m: ir.Model) -> str | None:
 
 def synthesize(model: ir.Model, desc, cases=DEFAULT_CASES) -> list:
     """The inputs ``verify`` synthesises for ``model`` (its description already known)."""
-    feeds, _ = _synthesize(model, seed=0, vocab=None, cases=tuple(cases),
-                           cache={id(model): desc})
+    feeds, _ = synthesize_feeds(model, seed=0, vocab=None, cases=tuple(cases),
+                                cache={id(model): desc})
     return feeds
 
 

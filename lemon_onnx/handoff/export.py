@@ -176,7 +176,8 @@ def export_torch(expanded_onnx, out_dir, *, config=None,
         made = _from_graph(model, desc, cfg, plan, tie, dtype)
     outs, entries, new_cfg, more_notes, left_out, params, cls_name = made
     notes += more_notes
-    advice = schedule.advice(desc.lemon_plan, schedule.plan_notes(desc.lemon_plan) + notes)
+    advice = schedule.advice(desc.lemon_plan, schedule.plan_notes(desc.lemon_plan) + notes,
+                             entries)
     with _Staging(dest) as stage:
         files = safetensors_out.write(stage.path, outs, max_shard_size)
         for e in entries:

@@ -23,7 +23,7 @@ from ..errors import PlanError
 from ..components import cache, norm, residual
 from ..components.linear import Linear
 from ..recognize import Recognizer
-from ..tensors import LAZY_BYTES, _apply, _lazy, _read, _write
+from ..tensors import LAZY_BYTES, apply_fn, lazy_tensor, read_array, write_array
 from .streaming import SharedResult, keep_together
 
 
@@ -82,7 +82,7 @@ class DepthPass(ir.passes.InPlacePass):
         super().__init__()
         self.model, self.desc, self.plan = model, desc, plan
         self.graph = model.graph
-        self._rec = rec
+        self.rec = rec
         self.maps = width_maps or {}
         self.silent: dict[str, tuple[int, int]] = {}  # unit -> (zero-initialised, total)
         # computed weights read by their block and its twins: computed once when saved
@@ -100,12 +100,12 @@ class DepthPass(ir.passes.InPlacePass):
         and their inputs, taken before the graph is changed."""
         self._snap = {}
         for b in blocks:
-            inside = rec._branch_nodes(rec._values[b.input], rec._values[b.output])
+            inside = rec.branch_nodes(rec.values[b.input], rec.values[b.output])
             # a KV cache's way in and out (a twin layer gets its own: components/cache.py)
-            inside |= {rec._node(n) for s in self._caches(b) for n in s.nodes}
+            inside |= {rec.node(n) for s in self._caches(b) for n in s.nodes}
             # nodes off the stream that the block owns (a cross-attention's K and V from the
             # encoder output): a twin gets its own
-            inside |= {rec._node(n) for n in residual.owned_off_stream(b)}
+            inside |= {rec.node(n) for n in residual.owned_off_stream(b)}
             self._snap[b.index] = [(n, list(n.inputs)) for n in self.graph if n in inside]
 
     def _caches(self, b) -> list:
@@ -115,7 +115,7 @@ class DepthPass(ir.passes.InPlacePass):
                     seed: dict | None = None):
         """Copy the block's nodes (and float initializers) reading ``new_input`` (and the
         values of ``seed`` in place of its keys: a twin's own cache inputs)."""
-        vals = rec._values
+        vals = rec.values
         x = vals[b.input]
         snap = self._snap[b.index]
         mapping: dict[ir.Value, ir.Value] = {x: new_input, **(seed or {})}
@@ -140,9 +140,9 @@ class DepthPass(ir.passes.InPlacePass):
                     if orig.nbytes >= LAZY_BYTES and isinstance(orig, ir.LazyTensor):
                         t = self._share(v, name)  # computed once for the block and its twins
                     elif orig.nbytes >= LAZY_BYTES:  # copied when saved, not now
-                        t = _lazy(orig, np.array, tuple(orig.shape), name)
+                        t = lazy_tensor(orig, np.array, tuple(orig.shape), name)
                     else:
-                        t = ir.tensor(_read(v).copy(), name=name)
+                        t = ir.tensor(read_array(v).copy(), name=name)
                     nv = ir.Value(name=name, shape=ir.Shape(tuple(orig.shape)), type=v.type,
                                   const_value=t)
                     self.graph.register_initializer(nv)
@@ -179,11 +179,11 @@ class DepthPass(ir.passes.InPlacePass):
         desc, plan = self.desc, self.plan
         L, Lt = desc.num_layers, plan.target["layers"]
         order = plan_depth(L, Lt, plan.depth_placement or "interleave")
-        rec = self._rec
+        rec = self.rec
         blocks = {b.index: b for b in desc.blocks}
         self.snapshot(rec, desc.blocks)
         # current output of each chain position; build by walking the final order
-        vals = rec._values
+        vals = rec.values
         prev_out: ir.Value | None = None
         post = desc.layout == "post-norm"
         plan.blocks = {}
@@ -250,15 +250,15 @@ class DepthPass(ir.passes.InPlacePass):
                                 for made in twins.values() for slot, i, o in made]}
 
     def _weight(self, mapping, lin: Linear) -> ir.Value:
-        return mapping[self._rec._values[lin.weight]]
+        return mapping[self.rec.values[lin.weight]]
 
     def _bias(self, mapping, lin: Linear) -> ir.Value | None:
-        return mapping.get(self._rec._values[lin.bias]) if lin.bias else None
+        return mapping.get(self.rec.values[lin.bias]) if lin.bias else None
 
 
     def _mixed_roles(self) -> set:
         if not hasattr(self, "_mixed"):
-            self._mixed = mixed_roles(self._rec.ax)
+            self._mixed = mixed_roles(self.rec.ax)
         return self._mixed
 
     def zero_branch(self, lin: Linear, mapping, init: str, unit: str, fanin: list, tag: str):
@@ -267,7 +267,7 @@ class DepthPass(ir.passes.InPlacePass):
         n_in = tuple(wv.shape)[in_axis]
         bv = self._bias(mapping, lin)
         if bv is not None:
-            _write(bv, np.zeros_like(_read(bv)))
+            write_array(bv, np.zeros_like(read_array(bv)))
         desc = self.desc
         unit_size = desc.head_dim if unit == "head" else 1
         if init == "zero":
@@ -313,7 +313,7 @@ class DepthPass(ir.passes.InPlacePass):
                     lambda a, axis=axis, parts=parts: _take_units(a, fanin_src, axis, parts))
             fb = self._bias(mapping, f)
             if fb is not None:
-                _write(fb, _take_units(_read(fb), fanin_src, -1, parts))
+                write_array(fb, _take_units(read_array(fb), fanin_src, -1, parts))
 
     def _write_fanout(self, wv: ir.Value, fn, in_axis: int, unit: str,
                       unit_size: int) -> None:
@@ -338,9 +338,9 @@ def _derive(v: ir.Value, fn) -> None:
     """``v``'s tensor becomes ``fn`` of it: lazily (when saved) when large, else now."""
     t = v.const_value
     if t is not None and t.nbytes >= LAZY_BYTES:
-        v.const_value = _lazy(t, fn, tuple(t.shape), v.name)
+        v.const_value = lazy_tensor(t, fn, tuple(t.shape), v.name)
     else:
-        _write(v, _apply(fn, _read(v)))
+        write_array(v, apply_fn(fn, read_array(v)))
 
 
 def mixed_roles(ax) -> set:

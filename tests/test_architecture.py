@@ -1,0 +1,64 @@
+"""The package's module boundaries, read from its source (issue 19): no module imports another
+module's underscore names, and none reads or writes an underscore attribute of an object it
+does not own (``self``/``cls`` only).  A name another module needs is public, so that a
+component works from what it is given, not from another module's internals."""
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "lemon_onnx"
+
+#: underscore attributes of other libraries' objects that are their documented way in
+FOREIGN = {
+    # transformers: the attention implementation of a config built from a dict
+    "_attn_implementation",
+}
+
+
+def _modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        yield path.relative_to(PACKAGE.parent), ast.parse(path.read_text(), str(path))
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def test_the_walk_sees_the_package():
+    names = {str(p) for p, _ in _modules()}
+    assert "lemon_onnx/graph.py" in names and "lemon_onnx/components/attention.py" in names
+
+
+def test_no_module_imports_another_modules_underscore_names():
+    found = []
+    for path, tree in _modules():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (
+                    node.level or (node.module or "").startswith("lemon_onnx")):
+                found += [f"{path}:{node.lineno} imports {a.name} from {node.module}"
+                          for a in node.names if _private(a.name)]
+    assert not found, "\n".join(found)
+
+
+def test_no_module_touches_underscore_attributes_of_objects_it_does_not_own():
+    found = []
+    for path, tree in _modules():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and _private(node.attr) \
+                    and node.attr not in FOREIGN:
+                base = node.value
+                if isinstance(base, ast.Name) and base.id in ("self", "cls"):
+                    continue
+                found.append(f"{path}:{node.lineno} {ast.unparse(node)}")
+    assert not found, "\n".join(found)
+
+
+def test_the_check_catches_what_it_is_for(tmp_path):
+    """The walk itself on two small modules that break each rule."""
+    bad = ("from .tensors import _read\n"
+           "def f(dp):\n    dp._cache = 1\n    return dp._rec\n")
+    tree = ast.parse(bad)
+    imports = [a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+               for a in n.names if _private(a.name)]
+    attrs = [n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and _private(n.attr)
+             and not (isinstance(n.value, ast.Name) and n.value.id in ("self", "cls"))]
+    assert imports == ["_read"] and sorted(attrs) == ["_cache", "_rec"]
