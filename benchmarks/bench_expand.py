@@ -24,8 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lemon_onnx import io  # noqa: E402
-from lemon_onnx.expand import expand_model  # noqa: E402
-from lemon_onnx.verify import verify  # noqa: E402
+from lemon_onnx.expansion import expand_model  # noqa: E402
+from lemon_onnx.verification import verify  # noqa: E402
 
 
 def main() -> None:

@@ -282,7 +282,7 @@ def largest_block(path: Path) -> int:
 
     from lemon_onnx import io
     from lemon_onnx.recognize import recognize
-    from lemon_onnx.verify.blockwise import segments
+    from lemon_onnx.verification.blockwise import segments
 
     proto = onnx.load(str(path), load_external_data=False)
     return max(s.weight_bytes for s in segments(proto, recognize(io.load(path))))

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 def estimated(src: str, width: float | None, depth: float | None, dest: Path):
     from lemon_onnx import estimate
-    from lemon_onnx.expand import _prepare
+    from lemon_onnx.expansion import _prepare
     from lemon_onnx.progress import Progress
 
     model, rec, desc, plan = _prepare(src, width=width, depth=depth, hidden=None, ffn=None,

@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from lemon_onnx import io  # noqa: E402
 from lemon_onnx.errors import LemonError  # noqa: E402
-from lemon_onnx.expand import expand_model  # noqa: E402
-from lemon_onnx.verify import verify  # noqa: E402
+from lemon_onnx.expansion import expand_model  # noqa: E402
+from lemon_onnx.verification import verify  # noqa: E402
 
 #: valid width factors per family (Post-LN BERT: integer factors only)
 WIDTHS = {"bert": (2,), "gpt2": (1.5, 2), "vit": (1.5, 2), "llama": (1.5, 2)}

@@ -52,11 +52,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lemon_onnx import io  # noqa: E402
-from lemon_onnx.expand import expand_model  # noqa: E402
+from lemon_onnx.expansion import expand_model  # noqa: E402
 from lemon_onnx.handoff import export_torch  # noqa: E402
 from lemon_onnx.handoff.schedule import (lr_factor, param_groups,  # noqa: E402
                                          warm_start)
-from lemon_onnx.verify import verify  # noqa: E402
+from lemon_onnx.verification import verify  # noqa: E402
 
 
 # --------------------------------------------------------------------------- data

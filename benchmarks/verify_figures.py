@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lemon_onnx import io  # noqa: E402
-from lemon_onnx.expand import expand_model  # noqa: E402
-from lemon_onnx.verify import verify  # noqa: E402
+from lemon_onnx.expansion import expand_model  # noqa: E402
+from lemon_onnx.verification import verify  # noqa: E402
 
 WIDTH = {"bert": 2, "gpt2": 1.5, "vit": 1.5, "llama": 1.5}
 

@@ -11,18 +11,14 @@ Failures raise ``LemonError`` subclasses (``InputError``, ``PlanError``, ``Misma
 ``RuntimeFailure``, ``InternalError``) or ``Interrupted``, each with the command line's
 ``exit_code``.
 
-``lemon_onnx.expand`` and ``lemon_onnx.verify`` are also the names of the modules that hold
-them, and importing a submodule sets the package attribute of that name to the module.  So
-those two modules are made callable (``lemon_onnx.expand(...)`` calls
-``lemon_onnx.expand.expand(...)``) whichever way and order they are imported; everything else
-about them stays a module.  Nothing heavy is imported until it is used, so the command line
-starts (and installs its signal handlers) quickly.
+``expand`` and ``verify`` live in ``lemon_onnx.expansion`` and ``lemon_onnx.verification``;
+the package hands them out on first use, so nothing heavy is imported until then and the
+command line starts (and installs its signal handlers) quickly.
 """
 
 from __future__ import annotations
 
-import sys
-import types
+import functools
 
 from .errors import (EXIT_CODES, InputError, InternalError, Interrupted, LemonError,
                      MismatchError, PlanError, RuntimeFailure, UnsupportedModelError,
@@ -30,44 +26,33 @@ from .errors import (EXIT_CODES, InputError, InternalError, Interrupted, LemonEr
 
 __version__ = "0.1.0"
 
-#: submodule -> the function a call of the module runs
-_CALLABLE = {"expand": "expand", "verify": "verify"}
+#: public name -> (module, function): loaded on first use (``__getattr__``)
+_LAZY = {"expand": ("expansion", "expand"), "verify": ("verification", "verify"),
+         "ExpandResult": ("expansion", "ExpandResult"),
+         "VerifyReport": ("verification", "VerifyReport"),
+         "ModelDescription": ("recognize", "ModelDescription")}
 
 
-class _CallableModule(types.ModuleType):
-    def __call__(self, *args, **kwargs):
-        name = _CALLABLE[self.__name__.rpartition(".")[2]]
-        with contract_errors(f"running lemon_onnx.{name}"):
-            return getattr(self, name)(*args, **kwargs)
+def _contract(fn):
+    """``fn`` with every failure leaving as an exception with an ``exit_code``."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with contract_errors(f"running lemon_onnx.{fn.__name__}"):
+            return fn(*args, **kwargs)
 
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name, value):
-        if name in _CALLABLE and type(value) is types.ModuleType:
-            value.__class__ = _CallableModule
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+    return call
 
 
 def __getattr__(name: str):
-    if name in _CALLABLE:
+    if name in _LAZY:
         import importlib
 
-        return importlib.import_module(f".{name}", __name__)  # the import sets the attribute
-    if name == "ExpandResult":
-        from .expand import ExpandResult
-
-        return ExpandResult
-    if name == "VerifyReport":
-        from .verify import VerifyReport
-
-        return VerifyReport
-    if name == "ModelDescription":
-        from .recognize import ModelDescription
-
-        return ModelDescription
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        if callable(value) and not isinstance(value, type):
+            value = _contract(value)
+        globals()[name] = value  # loaded once
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

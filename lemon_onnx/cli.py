@@ -224,7 +224,7 @@ def expand(model, out, width, depth, hidden, ffn, heads, layers, placement, dept
 
     The plan's notes (an untied head, an approximate Post-LN depth expansion, units that
     start at zero) are printed on stderr and summarised in the final line."""
-    from .expand import expand as run_expand
+    from .expansion import expand as run_expand
 
     with _progress(quiet, verbose) as progress:
         result = run_expand(model, out, width=width, depth=depth, hidden=hidden, ffn=ffn,
@@ -276,8 +276,8 @@ def verify(small, big, inputs, save_inputs, atol, rtol, provider, layerwise, blo
     With SMALL an expanded .onnx file and BIG a folder written by export-torch: transformers
     must load the folder strictly, its tensors must be the ones SMALL gives (every element)
     and it must compute SMALL's outputs."""
-    from .expand import check_file, write_report
-    from .verify import verify as run_verify
+    from .expansion import check_file, write_report
+    from .verification import verify as run_verify
 
     check_file(report, "--report")  # before any work: files that could not be written
     check_file(save_inputs, "--save-inputs")

@@ -64,7 +64,7 @@ RUNTIME_FACTOR = 2.0
 #: ONNX Runtime maps; inline weights are parsed and copied
 RUNTIME_EXPECTED_EXTERNAL = 1.0
 RUNTIME_EXPECTED_INLINE = 2.0
-#: the float64 level one segment at a time (verify/blockwise.py, and verify/core.py when the
+#: the float64 level one segment at a time (verification/blockwise.py, and verification/core.py when the
 #: whole copies do not fit) holds about this many times the largest segment's weights in their
 #: dtype (float32: the float64 tensors, their serialised model and ONNX Runtime's copy)
 F64_SEGMENT_FACTOR = 6
@@ -74,7 +74,7 @@ F64_SEGMENT_FACTOR = 6
 FLOAT64_FACTOR = 6
 FLOAT64_REFERENCE_FACTOR = 10
 REFERENCE_OPS = ("Erf", "Conv", "RotaryEmbedding")
-#: verify/core.py runs the float64 level (auto) on the whole models when its weights fit in
+#: verification/core.py runs the float64 level (auto) on the whole models when its weights fit in
 #: this share
 FLOAT64_MEMORY_SHARE = 0.4
 #: share of the available memory a whole-model verification may use before it goes blockwise
@@ -232,7 +232,7 @@ def estimate(desc, plan, model, *, src: str | os.PathLike, dest: str | os.PathLi
         (RUNTIME_EXPECTED_EXTERNAL if out_external else RUNTIME_EXPECTED_INLINE) * out_bytes,
         (RUNTIME_EXPECTED_INLINE if inline else RUNTIME_EXPECTED_EXTERNAL) * src_bytes)
         + BASE_BYTES)
-    # the float64 level (verify/core.py runs it when the float64 weights fit in its share of
+    # the float64 level (verification/core.py runs it when the float64 weights fit in its share of
     # the memory): a float64 copy at a time, in ONNX Runtime or onnx's reference evaluator
     reference = any(n.op_type in REFERENCE_OPS for n in model.graph.all_nodes())
     mem = available_memory()
@@ -240,7 +240,7 @@ def estimate(desc, plan, model, *, src: str | os.PathLike, dest: str | os.PathLi
     segment = max(per_block, largest_other * widen)
     if mem is None or 2 * larger <= FLOAT64_MEMORY_SHARE * mem:
         f64 = (FLOAT64_REFERENCE_FACTOR if reference else FLOAT64_FACTOR) * larger
-    else:  # verify/core.py runs it one segment at a time
+    else:  # verification/core.py runs it one segment at a time
         f64 = F64_SEGMENT_FACTOR * segment
     verify_peak = int(max(expected_whole, f64 + BASE_BYTES) + RUNTIME_BASE_BYTES)
     blockwise = int(2 * segment + 1 * GB)

@@ -57,7 +57,7 @@ class FolderResult:
     copied: list  # other files, copied unchanged
     config: dict | None  # the written config.json
     notes: list
-    #: an encoder-decoder's pipeline check (verify/seq2seq.py), None where none ran
+    #: an encoder-decoder's pipeline check (verification/seq2seq.py), None where none ran
     pipeline: object = None
 
     @property
@@ -195,7 +195,7 @@ def _check_output(src: Path, dest: Path, files: list[Path]) -> None:
 def expand_folder(src, out, *, progress: Progress | bool = False, **options) -> FolderResult:
     """Expand every model file of the export folder ``src`` into the folder ``out`` (the
     keyword options are ``expand.expand``'s); nothing is at ``out`` unless all verified."""
-    from .expand import output_folder
+    from .expansion import output_folder
 
     if not isinstance(progress, Progress):
         progress = Progress(1 if progress else 0)
@@ -217,7 +217,7 @@ def expand_folder(src, out, *, progress: Progress | bool = False, **options) -> 
 
 def _expand_folder(src: Path, dest: Path, files: list, cfg, report, options: dict,
                    progress: Progress) -> FolderResult:
-    from .expand import expand
+    from .expansion import expand
 
     with signals.deferred():
         stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
@@ -262,10 +262,10 @@ def _expand_folder(src: Path, dest: Path, files: list, cfg, report, options: dic
 def _pipeline(src: Path, stage: Path, results: dict, options: dict, report, progress):
     """An encoder-decoder folder is also checked as its runtime runs it: the encoder once,
     the decoders without and with past, cached steps compared one by one
-    (``verify/seq2seq.py``).  A mismatch stops the folder (exit 1), nothing written."""
+    (``verification/seq2seq.py``).  A mismatch stops the folder (exit 1), nothing written."""
     from .errors import MismatchError
-    from .expand import write_report
-    from .verify import seq2seq
+    from .expansion import write_report
+    from .verification import seq2seq
 
     if not options.get("verify", True) or not seq2seq.applies(src):
         return None
@@ -453,7 +453,7 @@ class FolderReport:
 def verify_folder(small, big, **options) -> FolderReport:
     """``verify`` for export folders: each model file of ``big`` against the file of the same
     name in ``small`` (``verify.verify``'s ``options``), then an encoder-decoder's pipeline."""
-    from .verify import seq2seq, verify
+    from .verification import seq2seq, verify
 
     small, big = Path(small), Path(big)
     if not big.is_dir():

@@ -367,7 +367,7 @@ def expand_merged(src, out, *, progress=None, report=None, **options):
     """Expand a merged decoder through its two branches (module docstring); ``options`` are
     ``expand.expand``'s.  Returns an ``ExpandResult`` whose verification is a
     ``BranchesReport``; nothing is written at ``out`` unless every step passed."""
-    from .expand import output_folder
+    from .expansion import output_folder
     from .progress import Progress
 
     if not isinstance(progress, Progress):
@@ -379,7 +379,7 @@ def expand_merged(src, out, *, progress=None, report=None, **options):
 
 def _expand_merged(src: Path, dest: Path, progress, report, options: dict):
     from . import io
-    from .expand import ExpandResult, Staging, expand
+    from .expansion import ExpandResult, Staging, expand
     from .plan import PLAN_KEY, Plan
     from .progress import Progress
 
@@ -457,7 +457,7 @@ def _session(path: Path):
     """A CPU session with ONNX Runtime's graph optimizations off: they fuse a graph inside an
     If's branch otherwise than the same graph at the top (measured: 3.6e-7 apart on a BART
     decoder), and the merge check wants the graphs' own arithmetic, bit for bit."""
-    from .verify.runtime import quiet_onnxruntime, session_options
+    from .verification.runtime import quiet_onnxruntime, session_options
 
     ort = quiet_onnxruntime()
     so = session_options(ort)
@@ -471,7 +471,7 @@ def _session(path: Path):
 def _check_merge(merged_path: Path, branches: dict, cond: str, seed: int) -> str:
     """Each branch of the merged file computes exactly what the expanded standalone decoder
     computes, on that decoder's own synthesised inputs: otherwise the merge is our bug."""
-    from .verify import synthesize_inputs
+    from .verification import synthesize_inputs
 
     merged = _session(merged_path)
     names = [o.name for o in merged.get_outputs()]
@@ -498,7 +498,7 @@ def verify_merged(small, big, **options) -> BranchesReport:
     """``verify`` for two merged decoders: each branch of ``big`` against the same branch of
     ``small`` (the branches carry the merged file's plan, which maps both's inputs);
     ``options`` are ``verify.verify``'s."""
-    from .verify import verify
+    from .verification import verify
 
     a, b = split(onnx.load(str(small))), split(onnx.load(str(big)))
     labels = _labels(a)

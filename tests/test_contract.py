@@ -206,8 +206,8 @@ def _sigint_self(*_a, **_k):
     raise AssertionError("the handler did not interrupt")
 
 
-@pytest.mark.parametrize("where", ["lemon_onnx.io.save", "lemon_onnx.expand._check_graph",
-                                   "lemon_onnx.expand.write_report"])
+@pytest.mark.parametrize("where", ["lemon_onnx.io.save", "lemon_onnx.expansion._check_graph",
+                                   "lemon_onnx.expansion.write_report"])
 def test_130_api_signal_during_a_stage(tmp_path, monkeypatch, where):
     monkeypatch.setattr(where, _sigint_self)
     with pytest.raises(Interrupted) as e:
@@ -227,14 +227,14 @@ def test_130_when_a_library_turns_the_interrupt_into_another_error(tmp_path, mon
         except KeyboardInterrupt as e:
             raise ImportError("initialization of onnxruntime_pybind11_state raised") from e
 
-    monkeypatch.setattr("lemon_onnx.expand._source_runs", import_runtime)
+    monkeypatch.setattr("lemon_onnx.expansion._source_runs", import_runtime)
     with pytest.raises(Interrupted):
         lemon_onnx.expand(GPT2, tmp_path / "x.onnx", width=2)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_signal_during_the_commit_waits_and_the_run_completes(tmp_path, monkeypatch):
-    from lemon_onnx import expand as expand_mod
+    from lemon_onnx import expansion as expand_mod
 
     real = os.replace
     calls = []

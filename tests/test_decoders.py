@@ -29,7 +29,7 @@ import lemon_onnx
 from lemon_onnx.components.cache import _style, find_joins
 from lemon_onnx.errors import LemonError, PlanError
 from lemon_onnx.plan import Plan, chained
-from lemon_onnx.verify.inputs import _with_sums, positions_from_mask
+from lemon_onnx.verification.inputs import _with_sums, positions_from_mask
 
 # the module's fixtures expand every folder once: its tests stay on one xdist worker
 pytestmark = pytest.mark.xdist_group("decoders")

@@ -4,7 +4,7 @@ import onnx
 import pytest
 
 from lemon_onnx import io
-from lemon_onnx.expand import expand_model
+from lemon_onnx.expansion import expand_model
 from lemon_onnx.passes.depth import plan_depth
 from lemon_onnx.recognize import recognize
 from conftest import FIXTURES, assert_equivalent, load_cases, manifest, run_ort

@@ -25,8 +25,8 @@ from onnx import TensorProto, helper
 import lemon_onnx
 from lemon_onnx import dims, io
 from lemon_onnx.graph import GraphIndex, data_ancestors
-from lemon_onnx.verify import synthesize_inputs
-from lemon_onnx.verify.inputs import ImageInput, index_bounds
+from lemon_onnx.verification import synthesize_inputs
+from lemon_onnx.verification.inputs import ImageInput, index_bounds
 
 FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures"
 

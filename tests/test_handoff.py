@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 from lemon_onnx import io
 from lemon_onnx.cli import cli
-from lemon_onnx.expand import expand_model
+from lemon_onnx.expansion import expand_model
 from lemon_onnx.handoff import HandoffError, export_torch
 from lemon_onnx.handoff.probe import Binding, decode, probe_values
 from lemon_onnx.handoff.refs import Key

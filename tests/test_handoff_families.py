@@ -20,7 +20,7 @@ import pytest
 
 from lemon_onnx import io
 from lemon_onnx.errors import LemonError
-from lemon_onnx.expand import expand_model
+from lemon_onnx.expansion import expand_model
 from lemon_onnx.handoff import HandoffError, export_torch
 from conftest import ROOT, load_cases, run_ort
 from test_families import ENTRIES, FAMILIES  # the exports (required in CI)

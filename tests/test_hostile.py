@@ -247,7 +247,7 @@ def test_a_missing_float64_level_is_said_and_on_makes_it_exit_3(tmp_path, monkey
 
     from lemon_onnx import cli as cli_mod
     from lemon_onnx.errors import RuntimeFailure
-    from lemon_onnx.verify import blockwise
+    from lemon_onnx.verification import blockwise
 
     big = tmp_path / "big.onnx"
     assert run_cli("expand", BERT, "-o", big, "--width", "2", "-q").returncode == 0
@@ -279,7 +279,7 @@ def test_a_float64_copy_too_big_for_memory_runs_one_segment_at_a_time(tmp_path, 
     take is made tiny) runs the float64 level segment by segment: the same figures as the
     whole copies, and a weight off by 1e-3 is still caught by it."""
     import lemon_onnx
-    from lemon_onnx.verify import core
+    from lemon_onnx.verification import core
 
     big = tmp_path / "big.onnx"
     assert run_cli("expand", BERT, "-o", big, "--width", "2", "-q").returncode == 0

@@ -69,7 +69,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
 def test_expand_reads_and_writes_external_data(tmp_path, monkeypatch):
     """A model with one .data file in; above the size threshold the output gets one too, is
     verified from there, and both files appear only together at the destination."""
-    from lemon_onnx.expand import expand
+    from lemon_onnx.expansion import expand
     from conftest import assert_equivalent, load_cases
 
     src = io.save(io.load(SRC), tmp_path / "in" / "m.onnx", external_data=True)

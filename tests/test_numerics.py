@@ -11,11 +11,11 @@ from onnx import helper as h
 
 from conftest import FIXTURES
 from lemon_onnx import io
-from lemon_onnx.expand import expand_model
+from lemon_onnx.expansion import expand_model
 from lemon_onnx.recognize import recognize
-from lemon_onnx.verify import ALGEBRAIC_RTOL, run_float64, to_float64, verify
-from lemon_onnx.verify import core as verify_core
-from lemon_onnx.verify.compare import ROUNDED_ULPS
+from lemon_onnx.verification import ALGEBRAIC_RTOL, run_float64, to_float64, verify
+from lemon_onnx.verification import core as verify_core
+from lemon_onnx.verification.compare import ROUNDED_ULPS
 
 
 def _save(graph, path, opset=17):
@@ -139,7 +139,7 @@ def test_fallback_rule_without_float64(tmp_path, monkeypatch):
     assert rep.passed and rep.levels["float64"]["ran"] and rep.levels["float64"]["segments"]
     assert rep.levels["dtype"]["rule"] == "relative"
     # ... and too little even for one segment: said, and the fallback decides
-    from lemon_onnx.verify import blockwise
+    from lemon_onnx.verification import blockwise
     monkeypatch.setattr(blockwise, "available_memory", lambda: 1000)
     rep = verify(src, src, provider="cpu", blockwise=False)
     assert rep.passed and rep.levels["dtype"]["rule"] == "fallback"

@@ -22,7 +22,7 @@ import pytest
 
 import lemon_onnx
 from lemon_onnx.errors import LemonError
-from lemon_onnx.verify import synthesize_inputs
+from lemon_onnx.verification import synthesize_inputs
 
 OPTIMUM = Path(__file__).resolve().parent.parent / "models" / "optimum"
 REQUIRED = os.environ.get("LEMON_REQUIRE_OPTIMUM") == "1"

@@ -5,7 +5,7 @@ is an error, never a pass."""
 import pytest
 
 from lemon_onnx import io
-from lemon_onnx.expand import expand_model
+from lemon_onnx.expansion import expand_model
 from lemon_onnx.recognize import recognize
 from conftest import REAL, assert_equivalent, load_cases, real_manifest
 
@@ -68,7 +68,7 @@ def test_smollm2_hidden_768_45_layers(tmp_path):
 def test_minilm_exported_without_token_types_expands_and_verifies(tmp_path, tag, ci_log):
     """all-MiniLM-L6-v2 exported the usual sentence-embedding way (input_ids + attention_mask
     only): the constant-index type table and the position table are both widened."""
-    from lemon_onnx.verify import verify
+    from lemon_onnx.verification import verify
 
     e = entry("minilm2in", tag)
     desc = recognize(io.load(REAL / e["file"]))

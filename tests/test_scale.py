@@ -8,9 +8,9 @@ import onnx
 import pytest
 
 from lemon_onnx import estimate, io
-from lemon_onnx.expand import expand
+from lemon_onnx.expansion import expand
 from lemon_onnx.recognize import recognize
-from lemon_onnx.verify import verify
+from lemon_onnx.verification import verify
 from conftest import FIXTURES, assert_equivalent, load_cases, run_ort
 
 
@@ -36,7 +36,7 @@ def test_estimate_of_output_bytes_matches_what_is_written(tmp_path):
     """The estimate is within 2% of the bytes the expansion really writes (it counted the
     vocabulary twice for a head stored as its own copy: 5% over on these, 25% on GPT-2
     small)."""
-    from lemon_onnx.expand import _prepare
+    from lemon_onnx.expansion import _prepare
     from lemon_onnx.progress import Progress
 
     # a tied head stored as its own transposed copy (TorchScript) and one reading the token
@@ -153,7 +153,7 @@ def test_blockwise_float64_level_catches_what_the_fallback_bound_lets_through(tm
 
 
 def test_blockwise_float64_is_skipped_when_a_segment_would_not_fit(tmp_path, monkeypatch):
-    from lemon_onnx.verify import blockwise
+    from lemon_onnx.verification import blockwise
 
     out = expand(FIXTURES / "gpt2-ts17.onnx", tmp_path / "big.onnx", verify=False,
                  width=2).output
@@ -165,7 +165,7 @@ def test_blockwise_float64_is_skipped_when_a_segment_would_not_fit(tmp_path, mon
 
 
 def test_blockwise_is_chosen_when_the_whole_models_do_not_fit(tmp_path, monkeypatch):
-    from lemon_onnx.verify import core
+    from lemon_onnx.verification import core
 
     out = expand(FIXTURES / "gpt2-ts17.onnx", tmp_path / "big.onnx", verify=False,
                  width=2).output
@@ -208,7 +208,7 @@ def test_weights_recognition_read_are_unmapped_after_describe(tmp_path):
     external data would stay resident through a whole blockwise verification (issue 12)."""
     import onnx_ir as ir
 
-    from lemon_onnx.verify.models import as_ir, describe
+    from lemon_onnx.verification.models import as_ir, describe
 
     src = _external(FIXTURES / "gpt2-ts17.onnx", tmp_path / "gpt2.onnx", True)
 

@@ -2,7 +2,7 @@
 T5 and BART folders of ``models/optimum`` (``models/export_optimum.py``) expand as one model
 (encoder, decoder without and with past key values, merged decoder) at width 2 (and 1.5 for
 T5; BART is Post-LN: refused with the reason) and depth 2, every file verifies, the pipeline
-check (``verify/seq2seq.py``) passes step by step, and optimum's own client,
+check (``verification/seq2seq.py``) passes step by step, and optimum's own client,
 ``ORTModelForSeq2SeqLM``, generates the same 24 greedy tokens from the expanded folder as from
 the source, merged and unmerged, with first-step logits within 1e-3 relative.  Every other
 encoder-decoder of the manifest (T5 v1.1, mT5, mBART, Marian, Pegasus, BART with stacks of
@@ -31,7 +31,7 @@ import pytest
 import lemon_onnx
 from lemon_onnx import merged
 from lemon_onnx.errors import LemonError
-from lemon_onnx.verify import seq2seq
+from lemon_onnx.verification import seq2seq
 
 # the module's fixtures expand every folder once: its tests stay on one xdist worker
 pytestmark = pytest.mark.xdist_group("seq2seq")
@@ -293,7 +293,7 @@ def test_a_merged_file_expands_alone(tmp_path):
     model = onnx.load(str(tmp_path / "merged.onnx"), load_external_data=False)
     assert merged.find_if(model) is not None
     with pytest.raises(LemonError) as e:  # in memory it cannot be: it is made of two files
-        from lemon_onnx.expand import expand_model
+        from lemon_onnx.expansion import expand_model
 
         expand_model(_folder("t5-s2s") / "decoder_model_merged.onnx", width=2)
     assert e.value.exit_code == 2

@@ -14,7 +14,7 @@ from conftest import FIXTURES
 from lemon_onnx.errors import InputError, RuntimeFailure
 from lemon_onnx.io import load
 from lemon_onnx.recognize import recognize
-from lemon_onnx.verify import (compare_arrays, default_tolerances, load_inputs, make_session,
+from lemon_onnx.verification import (compare_arrays, default_tolerances, load_inputs, make_session,
                                synthesize_inputs, verify)
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -371,7 +371,7 @@ def test_report_json_is_strict_json(matmul_pair):
                                      ("llama-dy18.onnx", dict(width=1.5))])
 def test_expanded_model_verifies_with_plan_maps(tmp_path, name, kw):
     from lemon_onnx import io
-    from lemon_onnx.expand import expand_model
+    from lemon_onnx.expansion import expand_model
 
     model, plan, _ = expand_model(FIXTURES / name, **kw)
     big = io.save(model, tmp_path / "big.onnx")
@@ -418,7 +418,7 @@ def test_silent_cpu_fallback_is_detected(monkeypatch):
 def test_input_roles_come_from_the_graph_not_the_names(tmp_path):
     """BERT's three integer inputs renamed to x0, x1, x2: ids, mask and token types are still
     told apart by where their values go (the token table, arithmetic, the type table)."""
-    from lemon_onnx.verify.inputs import roles_from_graph
+    from lemon_onnx.verification.inputs import roles_from_graph
 
     m = onnx.load(str(FIXTURES / "bert-ts17.onnx"))
     ren = {i.name: f"x{k}" for k, i in enumerate(m.graph.input)}

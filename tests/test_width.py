@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from lemon_onnx import io
-from lemon_onnx.expand import expand_model
+from lemon_onnx.expansion import expand_model
 from lemon_onnx.plan import PLAN_KEY, Plan
 from lemon_onnx.recognize import recognize
 from conftest import FIXTURES, assert_equivalent, load_cases, manifest
@@ -120,7 +120,7 @@ def test_fp16_models_expand_and_verify(tmp_path, name, width):
     """A model stored in fp16 keeps fp16 weights and verifies under the fp16 tolerance."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    from lemon_onnx.verify import default_tolerances, verify
+    from lemon_onnx.verification import default_tolerances, verify
 
     src = tmp_path / "fp16.onnx"
     onnx.save(convert_float_to_float16(onnx.load(str(FIXTURES / name)), keep_io_types=False), str(src))
@@ -214,7 +214,7 @@ def test_tied_head_stays_tied(tmp_path, name, width):
     assert after.tie == before.tie
     assert_equivalent(src, out, load_cases(FIXTURES / name.replace(".onnx", ".npz")))
     if width == int(width):
-        from lemon_onnx.verify import verify
+        from lemon_onnx.verification import verify
 
         assert verify(src, out, provider="cpu").max_alg_rel <= 1e-9
 
@@ -289,7 +289,7 @@ def test_tied_lm_with_another_head_on_its_norm_is_untied(tmp_path):
     from onnx import helper as h
 
     from lemon_onnx.errors import PlanError
-    from lemon_onnx.verify import verify
+    from lemon_onnx.verification import verify
 
     src = FIXTURES / "llama-dy18-g3tied.onnx"
     desc = recognize(io.load(src))

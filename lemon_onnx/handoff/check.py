@@ -1,6 +1,6 @@
 """Does a hand-off folder compute the expanded model?  transformers loads it and runs the
 inputs the ONNX verification uses; the outputs are compared as ``verify`` compares an
-expansion with its source (``verify/compare.py``):
+expansion with its source (``verification/compare.py``):
 
 * **loading**: ``from_pretrained(DIR)`` of the class in ``config.json``'s ``architectures``
   reports no missing, unexpected or mismatched key and no error;
@@ -30,11 +30,11 @@ import onnx_ir as ir
 
 from .. import io
 from ..estimate import available_memory
-from ..verify import compare as cmp
-from ..verify.inputs import DEFAULT_CASES, synthesize as synthesize_feeds
-from ..verify.precision import float64_bytes, run_float64
-from ..verify.report import OutputReport
-from ..verify.runtime import make_session, run_session
+from ..verification import compare as cmp
+from ..verification.inputs import DEFAULT_CASES, synthesize as synthesize_feeds
+from ..verification.precision import float64_bytes, run_float64
+from ..verification.report import OutputReport
+from ..verification.runtime import make_session, run_session
 from .errors import HandoffError
 from .probe import Outputs, forward_kwargs, quiet
 

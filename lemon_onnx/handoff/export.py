@@ -313,7 +313,7 @@ def verify_folder(expanded_onnx, folder, *, inputs=None, float64: str = "auto",
     weights = compare_weights(folder, outs)
     cases = None
     if inputs is not None:
-        from ..verify.inputs import load_inputs
+        from ..verification.inputs import load_inputs
 
         cases = load_inputs(inputs) if isinstance(inputs, (str, os.PathLike)) else inputs
     rep = check(folder, path, cases=cases, float64=float64, provider=provider,

@@ -38,7 +38,7 @@ from .plan import PLAN_KEY, Plan, chained, make_plan
 from .progress import Progress
 
 if TYPE_CHECKING:  # verify imports numpy; the command line starts without it
-    from .verify import VerifyReport
+    from .verification import VerifyReport
 
 PLACEMENTS = ("interleave", "top", "uniform")
 DEPTH_INITS = ("cancel", "zero")
@@ -505,7 +505,7 @@ def _source_runs(src: Path, provider: str) -> str:
     full check rejects is bad input (exit 2), with the checker's reason."""
     import onnx
 
-    from .verify import make_session
+    from .verification import make_session
 
     try:
         sess, used = make_session(src, provider, label=f"the source model {src}")
@@ -561,7 +561,7 @@ def _verify(src: Path, tmp: Path, *, inputs, atol: float | None, rtol: float | N
             blockwise: bool | None = None):
     """ONNX Runtime on both; when the pair fails, the source alone on the same inputs tells
     whose failure it is."""
-    from .verify import verify as run_verify
+    from .verification import verify as run_verify
 
     try:
         return run_verify(src, tmp, inputs=inputs, atol=atol, rtol=rtol, provider=provider,
