@@ -106,7 +106,7 @@ def expand_model(src: str | os.PathLike, *, width: float | None = None,
         src, width=width, depth=depth, hidden=hidden, ffn=ffn, heads=heads, layers=layers,
         placement=placement, depth_init=depth_init, seed=seed, keep_tie=keep_tie,
         noise_scale=noise_scale, progress=progress)
-    _rewrite(model, rec, desc, plan, progress)
+    plan = _rewrite(model, rec, desc, plan, progress)
     return model, plan, desc
 
 
@@ -147,15 +147,16 @@ def _prepare(src, *, width: float | None, depth: float | None, hidden: int | Non
                         hint="Drop --keep-tie to accept an untied head (it gets its own copy "
                              "of the embedding weights), or expand only in depth "
                              "(--depth/--layers), which keeps the tie.")
-    plan.source_sha256 = io.source_hash(src)
+    outputs = {}
     for o in desc.outputs:
         if o["kind"] == "hidden" and plan.target["hidden"] != plan.source["hidden"]:
-            plan.outputs[o["name"]] = {"compare": "prefix", "axis": -1,
-                                       "size": plan.source["hidden"]}
+            outputs[o["name"]] = {"compare": "prefix", "axis": -1,
+                                  "size": plan.source["hidden"]}
         else:
-            plan.outputs[o["name"]] = {"compare": "whole"}
-    plan.blocks = {str(i): i for i in range(desc.num_layers)}
-    plan.layer_sources = list(range(desc.num_layers))
+            outputs[o["name"]] = {"compare": "whole"}
+    plan = plan.amended(source_sha256=io.source_hash(src), outputs=outputs,
+                        blocks={str(i): i for i in range(desc.num_layers)},
+                        layer_sources=list(range(desc.num_layers)))
     if desc.caches and plan.target["layers"] != plan.source["layers"]:
         from .components.cache import naming
 
@@ -176,50 +177,63 @@ def _check_inputs(model, src) -> None:
                                               "sizes (or symbolic ones).")
 
 
-def _rewrite(model, rec, desc, plan: Plan, progress: Progress) -> None:
-    """The passes, then the plan into the metadata."""
+def _rewrite(model, rec, desc, plan: Plan, progress: Progress) -> Plan:
+    """The passes (onnx-ir passes: options at construction, the model in ``call``, their
+    results returned), then the plan they complete into the metadata.  The plan given is not
+    changed: the one returned adds what the passes report (notes, rounded constants, where
+    each source block's hidden state is found, how caches are fed)."""
     import onnx_ir as ir
 
-    from .passes.width import expand_width
+    from .passes.maps import Maps, output_layouts
     from .recognize import Recognizer
 
-    maps, stats, depth_stats = None, {}, {}
+    maps = Maps.of(plan, desc.layout) if plan.widens else None
+    notes, changes = list(plan.notes), {}
+    width_res = depth_res = None
     with progress.stage("width") as st:
         if plan.widens:
-            stats = expand_width(rec, desc, plan)
-            maps = stats.pop("maps")
-            for name, layout in stats.pop("output_layouts").items():
-                plan.outputs[name]["layout"] = layout  # what an encoder's decoder reads
-            from .components.cross_attention import plan_maps as memory_maps
+            from .components.cross_attention import plan_inputs as memory_inputs
+            from .passes.width import WidthPass
 
-            memory_maps(plan, desc, maps["memory"])
+            outputs = {name: dict(m) for name, m in plan.outputs.items()}
+            for name, layout in output_layouts(rec, desc, maps).items():
+                outputs[name]["layout"] = layout  # what an encoder's decoder reads
+            width_res = WidthPass(rec, desc, plan, maps)(model)
+            notes += width_res.notes
+            changes.update(outputs=outputs, rounded=width_res.rounded,
+                           inputs={**plan.inputs, **memory_inputs(desc, maps.memory)})
             s, t = plan.source, plan.target
             st.summary = (f"width: hidden {s['hidden']}->{t['hidden']}, ffn {s['ffn']}->"
                           f"{t['ffn']}, heads {s['heads']}->{t['heads']} (stream form "
-                          f"{plan.stream_form}); {stats['literals']} size literals rewritten")
+                          f"{plan.stream_form}); {width_res.literals} size literals rewritten")
     with progress.stage("depth") as st:
         if plan.target["layers"] != plan.source["layers"]:
-            from .passes.depth import expand_depth
+            from .passes.depth import DepthPass
 
             desc_now = desc
-            if plan.widens and stats["new_initializers"]:
-                # the width pass gave some consumers their own copy of a shared tensor, so
-                # names in the description no longer lead to the tensors: describe afresh.
-                # Otherwise every tensor kept its name and value object, and the sizes the
-                # depth pass reads (head_dim, the heads/kv ratio) did not change.
+            if width_res is not None and width_res.new_initializers:
+                # the explicit second recognition: the width pass gave some consumers their
+                # own copy of a shared tensor, so names in the description no longer lead to
+                # the tensors; describe the widened model afresh.  Otherwise every tensor kept
+                # its name and value object, and the sizes the depth pass reads (head_dim,
+                # the heads/kv ratio) did not change.
                 rec = Recognizer(model)
                 desc_now = rec.run()
-            depth_stats = expand_depth(model, rec, desc_now, plan, maps)
+            depth_res = DepthPass(rec, desc_now, plan, maps)(model)
+            notes += [n for n in depth_res.notes if n not in notes]
+            changes.update(blocks=depth_res.blocks, layer_sources=depth_res.layer_sources,
+                           exact=plan.exact and depth_res.exact)
             st.summary = (f"depth: {plan.source['layers']}->{plan.target['layers']} layers "
                           f"({plan.depth_placement}, {plan.depth_init})")
     if desc.caches:  # how verification feeds and compares the caches
         from .components.cache import plan_maps
 
-        kv = (maps or {}).get("kv")
-        plan_maps(plan, desc.caches, depth_stats.get("renamed", {}),
-                  depth_stats.get("twin_caches", []),
-                  [int(i) for i in kv.unit_src] if kv is not None and kv.N_units != kv.n_units
-                  else None)
+        outs, ins = plan_maps(desc.caches, depth_res.renamed if depth_res else {},
+                              depth_res.twin_caches if depth_res else [],
+                              maps.kv_index() if maps is not None else None)
+        changes["outputs"] = {**changes.get("outputs", plan.outputs), **outs}
+        changes["inputs"] = {**changes.get("inputs", plan.inputs), **ins}
+    plan = plan.amended(notes=notes, **changes)
     # initializers the passes replaced (copied before they diverged) and left unused; the
     # pass also drops trailing empty inputs, which a Loop whose optional cond is '' needs
     # (its schema counts it: found by tests/test_fuzz.py), so every node keeps its arity
@@ -230,6 +244,7 @@ def _rewrite(model, rec, desc, plan: Plan, progress: Progress) -> None:
             n.resize_inputs(k)
     _check_unique_names(model)
     model.metadata_props[PLAN_KEY] = plan.to_json()
+    return plan
 
 
 def _check_unique_names(model) -> None:
@@ -331,7 +346,7 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
         if verify:  # exit 3 before the work: ONNX Runtime must load the source on the provider
             with progress.stage("runtime") as st:
                 st.summary = f"ONNX Runtime loads the source on {_source_runs(src, provider)}"
-        _rewrite(model, rec, desc, plan, progress)
+        plan = _rewrite(model, rec, desc, plan, progress)
         recorded = chained(desc.lemon_plan, plan)
         for note in recorded.notes:
             progress.note(note)

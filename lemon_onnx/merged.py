@@ -445,12 +445,11 @@ def _merged_plan(plans: dict, sha: str, inputs: dict):
         if getattr(a, key) != getattr(b, key):
             raise InternalError(f"the two branches of the merged decoder were planned "
                                 f"differently ({key}: {getattr(a, key)} vs {getattr(b, key)}).")
-    plan = dataclasses.replace(a, outputs={**b.outputs, **a.outputs},
-                               notes=list(dict.fromkeys(a.notes + b.notes)))
-    plan.inputs = {k: m for w, p in plans.items() for k, m in p.inputs.items()
-                   if k in inputs[w]}
-    plan.source_sha256 = sha
-    return plan
+    return a.amended(outputs={**b.outputs, **a.outputs},
+                     notes=list(dict.fromkeys(a.notes + b.notes)),
+                     inputs={k: m for w, p in plans.items() for k, m in p.inputs.items()
+                             if k in inputs[w]},
+                     source_sha256=sha)
 
 
 def _session(path: Path):

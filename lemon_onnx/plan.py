@@ -22,8 +22,11 @@ from .errors import PlanError
 PLAN_KEY = "lemon.plan"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Plan:
+    """Immutable once made: the steps after planning return a new plan (``amended``) with
+    what they add (the passes' notes and maps, a chain's composition)."""
+
     source: dict
     target: dict
     stream_form: str  # copies | avg | zero
@@ -54,6 +57,10 @@ class Plan:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    def amended(self, **changes) -> "Plan":
+        """A copy with ``changes`` (fields by name)."""
+        return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
@@ -318,36 +325,35 @@ def chained(previous: dict | None, step: Plan) -> Plan:
     here = {k: step.source[k] for k in ("hidden", "ffn", "heads", "kv_heads", "layers")}
     before = {k: (previous.get("target") or {}).get(k) for k in here}
     if here != before or not isinstance(previous.get("blocks"), dict):
-        step.notes.append(f"The source carries a lemon.plan for sizes {before}, but it has "
-                          f"{here}: it was changed after that expansion, so this plan starts "
-                          "a new chain (verify against this source, not the earlier one).")
-        return step
-    composed = dataclasses.replace(step, notes=list(step.notes))
-    composed.source = dict(previous["source"])
-    composed.source_sha256 = previous.get("source_sha256", "")
-    composed.exact = bool(previous.get("exact", True)) and step.exact
-    composed.rounded = list(dict.fromkeys(list(previous.get("rounded") or []) + step.rounded))
-    composed.chain = list(previous.get("chain") or []) + [
-        {k: v for k, v in previous.items() if k != "chain"}]
-    composed.blocks = {i: step.blocks[str(j)] for i, j in previous["blocks"].items()
-                       if str(j) in step.blocks}
+        return step.amended(notes=step.notes + [
+            f"The source carries a lemon.plan for sizes {before}, but it has {here}: it was "
+            "changed after that expansion, so this plan starts a new chain (verify against "
+            "this source, not the earlier one)."])
     before = previous.get("layer_sources") or []
-    composed.layer_sources = ([before[j] for j in step.layer_sources]
-                              if before and all(j < len(before) for j in step.layer_sources)
-                              else [])
     prev_out = previous.get("outputs") or {}
-    composed.outputs = {}
+    outputs = {}
     for name in prev_out or step.outputs:  # the original model's outputs
         first = prev_out.get(name) or {"compare": "whole"}
         middle = first.get("name", name)
-        composed.outputs[name] = _compose_map(first, step.outputs.get(middle))
+        outputs[name] = _compose_map(first, step.outputs.get(middle))
     prev_in = previous.get("inputs") or {}
-    composed.inputs = {}
+    inputs = {}
     for name in list(step.inputs) + [n for n in prev_in if n not in step.inputs]:
         second = step.inputs.get(name) or {"from": name}
         first = prev_in.get(second["from"]) or {"from": second["from"]}
-        composed.inputs[name] = _compose_feed(first, second)
-    return composed
+        inputs[name] = _compose_feed(first, second)
+    return step.amended(
+        notes=list(step.notes), source=dict(previous["source"]),
+        source_sha256=previous.get("source_sha256", ""),
+        exact=bool(previous.get("exact", True)) and step.exact,
+        rounded=list(dict.fromkeys(list(previous.get("rounded") or []) + step.rounded)),
+        chain=list(previous.get("chain") or []) + [
+            {k: v for k, v in previous.items() if k != "chain"}],
+        blocks={i: step.blocks[str(j)] for i, j in previous["blocks"].items()
+                if str(j) in step.blocks},
+        layer_sources=([before[j] for j in step.layer_sources]
+                       if before and all(j < len(before) for j in step.layer_sources) else []),
+        outputs=outputs, inputs=inputs)
 
 
 def _compose_map(first: dict, second: dict | None) -> dict:

@@ -137,7 +137,7 @@ def _corrupt_after_depth(monkeypatch, how):
 
     def run(self):
         out = real(self)
-        how(self.model.graph)
+        how(self.rec.model.graph)
         return out
 
     monkeypatch.setattr(depth_mod.DepthPass, "_run", run)

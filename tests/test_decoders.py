@@ -301,19 +301,18 @@ def test_chained_plans_compose_cache_maps():
     name, its KV heads taken by the composed index; a twin's input stays zeros."""
     first = Plan(source={"hidden": 8, "ffn": 16, "heads": 2, "kv_heads": 2, "layers": 2},
                  target={"hidden": 12, "ffn": 24, "heads": 3, "kv_heads": 3, "layers": 4},
-                 stream_form="zero", seed=0)
-    first.blocks = {"0": 1, "1": 3}
-    first.outputs = {"present.1.key": {"compare": "take", "axis": 1, "index": [0, 1, 0],
-                                       "name": "present.2.key"}}
-    first.inputs = {"past.2": {"from": "past.1", "axis": 1, "index": [0, 1, 0]},
-                    "past.1": {"from": "past.0", "axis": 1, "index": [0, 1, 0], "zeros": True}}
+                 stream_form="zero", seed=0, blocks={"0": 1, "1": 3},
+                 outputs={"present.1.key": {"compare": "take", "axis": 1, "index": [0, 1, 0],
+                                            "name": "present.2.key"}},
+                 inputs={"past.2": {"from": "past.1", "axis": 1, "index": [0, 1, 0]},
+                         "past.1": {"from": "past.0", "axis": 1, "index": [0, 1, 0],
+                                    "zeros": True}})
     step = Plan(source=dict(first.target), target={**first.target, "heads": 6, "kv_heads": 6},
-                stream_form="copies", seed=0)
-    step.blocks = {str(i): i for i in range(4)}
-    step.outputs = {"present.2.key": {"compare": "take", "axis": 1,
-                                      "index": [0, 1, 2, 0, 1, 2]}}
-    step.inputs = {"past.2": {"from": "past.2", "axis": 1, "index": [0, 1, 2, 0, 1, 2]},
-                   "past.1": {"from": "past.1", "axis": 1, "index": [0, 1, 2, 0, 1, 2]}}
+                stream_form="copies", seed=0, blocks={str(i): i for i in range(4)},
+                outputs={"present.2.key": {"compare": "take", "axis": 1,
+                                           "index": [0, 1, 2, 0, 1, 2]}},
+                inputs={"past.2": {"from": "past.2", "axis": 1, "index": [0, 1, 2, 0, 1, 2]},
+                        "past.1": {"from": "past.1", "axis": 1, "index": [0, 1, 2, 0, 1, 2]}})
     prev = json.loads(first.to_json())
     both = chained(prev, step)
     assert both.outputs["present.1.key"] == {"compare": "take", "axis": 1,

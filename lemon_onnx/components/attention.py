@@ -429,8 +429,7 @@ def twin(dp, a: Attention, mapping, init: str, tag: str) -> None:
         init = "zero"
         note = ("twin blocks start with zero attention fan-out: per-head score terms (relative "
                 "position or ALiBi tables) keep paired heads from computing the same")
-        if note not in dp.plan.notes:
-            dp.plan.notes.append(note)
+        dp.note(note)
     dp.zero_branch(a.out, mapping, init, unit="head",
                    fanin=[x for x in (a.q, a.k, a.v, a.qkv) if x], tag=tag + ".attn")
 

@@ -377,13 +377,14 @@ def _style(named: list):
 
 
 # --------------------------------------------------------------------------- plan
-def plan_maps(plan, slots: list, renamed: dict, twins: list, kv_index: list | None) -> None:
+def plan_maps(slots: list, renamed: dict, twins: list, kv_index: list | None) -> tuple[dict, dict]:
     """What verification needs to feed and compare caches (recorded in the plan): each source
     cache output compared with the expanded model's output of its layer, the source's KV heads
     taken as the KV-head map repeats them (``take``); each expanded cache input fed from the
     source's of its layer the same way, a twin's with zeros of that shape (no map of the
     source's cache gives a twin's keys and values; a twin's attention adds nothing whatever
-    they are)."""
+    they are).  Returns the plan's ``outputs`` and ``inputs`` entries for them."""
+    outputs, inputs = {}, {}
     for s in slots:
         new_out, new_in = renamed.get(s.output, s.output), renamed.get(s.input, s.input)
         m: dict = {"compare": "whole"}
@@ -394,13 +395,14 @@ def plan_maps(plan, slots: list, renamed: dict, twins: list, kv_index: list | No
         if new_out != s.output:
             m["name"] = new_out
         if s.output:
-            plan.outputs[s.output] = m
+            outputs[s.output] = m
         if s.input and (len(feed) > 1 or new_in != s.input):
-            plan.inputs[new_in] = feed
+            inputs[new_in] = feed
     for s, name_in, _name_out in twins:
         if not name_in:
             continue  # a twin's own output: only the expanded model has it
         feed = {"from": s.input, "zeros": True}
         if kv_index is not None and s.heads_axis is not None:
             feed.update(axis=s.heads_axis, index=list(kv_index))
-        plan.inputs[name_in] = feed
+        inputs[name_in] = feed
+    return outputs, inputs

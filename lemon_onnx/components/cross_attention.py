@@ -183,10 +183,11 @@ def memory_inputs(desc) -> list[str]:
                    if b.cross_attention is not None and b.cross_attention.memory})
 
 
-def plan_maps(plan, desc, memory_map) -> None:
-    """How verification feeds a decoder's encoder output: the source's, laid out in the
-    encoder's output layout (``memory_map``'s source index; -1 a zero slot); ``memory``
-    marks it, so that a folder can check it against its encoder's output layout."""
-    for name in memory_inputs(desc):
-        plan.inputs[name] = {"from": name, "axis": -1, "memory": True,
-                             "index": [int(i) for i in memory_map.src_index]}
+def plan_inputs(desc, memory_map) -> dict:
+    """How verification feeds a decoder's encoder output (the plan's ``inputs``): the
+    source's, laid out in the encoder's output layout (``memory_map``'s source index; -1 a
+    zero slot); ``memory`` marks it, so that a folder can check it against its encoder's
+    output layout."""
+    return {name: {"from": name, "axis": -1, "memory": True,
+                   "index": [int(i) for i in memory_map.src_index]}
+            for name in memory_inputs(desc)}

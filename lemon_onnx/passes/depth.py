@@ -13,6 +13,7 @@ LayerNorm takes the source's gamma and beta): exact only up to O(epsilon / varia
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -24,6 +25,7 @@ from ..components import cache, norm, residual
 from ..components.linear import Linear
 from ..recognize import Recognizer
 from ..tensors import LAZY_BYTES, apply_fn, lazy_tensor, read_array, write_array
+from .maps import Maps
 from .streaming import SharedResult, keep_together
 
 
@@ -72,23 +74,48 @@ def plan_depth(L: int, L_target: int, placement: str) -> list[tuple[int, int]]:
     return order
 
 
+@dataclasses.dataclass
+class DepthResult(ir.passes.PassResult):
+    """What the depth pass did, beside the model, and what the plan records of it."""
+
+    order: list = dataclasses.field(default_factory=list)  # (source block, copy number)
+    renamed: dict = dataclasses.field(default_factory=dict)  # cache names renumbered
+    twin_caches: list = dataclasses.field(default_factory=list)  # (slot, input, output)
+    #: source block -> the position in the new chain where its hidden state is reproduced
+    blocks: dict = dataclasses.field(default_factory=dict)
+    #: the source block of each layer of the new chain
+    layer_sources: list = dataclasses.field(default_factory=list)
+    exact: bool = True  # False: Post-LN twins (LEMON's recipe, approximate)
+    notes: list = dataclasses.field(default_factory=list)
+
+
 class DepthPass(ir.passes.InPlacePass):
     """Splices twin blocks into the residual chain in place (onnx-ir's pass protocol).  Each
     component makes its own part of a twin compute nothing (``residual.twin``, which asks
     ``attention.twin`` and ``mlp.twin``; ``norm.twin_post_norm`` for Post-LN)."""
 
-    def __init__(self, model: ir.Model, rec: Recognizer, desc, plan,
-                 width_maps: dict | None = None):
+    def __init__(self, rec: Recognizer, desc, plan, maps: Maps | None = None):
+        """Options: the recognised model (``rec``, its index, and ``desc``, its description),
+        the plan, and its maps where the expansion also widens (None: depth only).  ``call``
+        takes the model ``rec`` indexes."""
         super().__init__()
-        self.model, self.desc, self.plan = model, desc, plan
-        self.graph = model.graph
-        self.rec = rec
-        self.maps = width_maps or {}
+        self.rec, self.desc, self.plan, self.maps = rec, desc, plan, maps
+        self.graph = rec.graph
+        self.start_run()
+
+    def start_run(self) -> None:
+        """This run's bookkeeping."""
         self.silent: dict[str, tuple[int, int]] = {}  # unit -> (zero-initialised, total)
         # computed weights read by their block and its twins: computed once when saved
         self.shared: dict[ir.Value, SharedResult] = {}
         # each copied initializer and its copies, written next to each other
         self.copies: dict[ir.Value, list] = {}
+        self.notes: list[str] = []
+
+    def note(self, text: str) -> None:
+        """A note for the plan (once)."""
+        if text not in self.notes:
+            self.notes.append(text)
 
     def rng(self, *parts) -> np.random.Generator:
         h = hashlib.sha256(repr((self.plan.seed, "depth") + parts).encode()).digest()
@@ -171,11 +198,16 @@ class DepthPass(ir.passes.InPlacePass):
         return self.shared[v].reader(name)
 
     # -------------------------------------------------------------- the pass
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.stats = self._run()
-        return ir.passes.PassResult(model, modified=True)
+    def requires(self, model: ir.Model) -> None:
+        if model is not self.rec.model:
+            raise ir.passes.PreconditionError(
+                "DepthPass was given a model other than the one its description was made of")
 
-    def _run(self) -> dict:
+    def call(self, model: ir.Model) -> "DepthResult":
+        self.start_run()
+        return self._run()
+
+    def _run(self) -> "DepthResult":
         desc, plan = self.desc, self.plan
         L, Lt = desc.num_layers, plan.target["layers"]
         order = plan_depth(L, Lt, plan.depth_placement or "interleave")
@@ -186,13 +218,13 @@ class DepthPass(ir.passes.InPlacePass):
         vals = rec.values
         prev_out: ir.Value | None = None
         post = desc.layout == "post-norm"
-        plan.blocks = {}
+        placed: dict[str, int] = {}  # source block -> its position in the new chain
         prev_norm = None  # post-norm: (gamma value, beta value, nodes) of the previous block's last norm
         twins: dict = {}  # (source block, copy) -> the twin's own caches
         for pos, (src, copy_no) in enumerate(order):
             b = blocks[src]
             if copy_no == 0:
-                plan.blocks[str(src)] = pos
+                placed[str(src)] = pos
                 prev_out = vals[b.output]
                 if post and b.mlp_post_norm is not None:
                     n = b.mlp_post_norm
@@ -226,14 +258,12 @@ class DepthPass(ir.passes.InPlacePass):
         keep_together(self.graph, self.copies.values())
         # a source block's hidden state is reproduced at the end of the run of twins that
         # follows it (Post-LN: only there, since the affine of its last norm moved to the twin)
-        for key, p in list(plan.blocks.items()):
+        for key, p in list(placed.items()):
             while p + 1 < len(order) and order[p + 1][1] > 0:
                 p += 1
-            plan.blocks[key] = p
-        plan.layer_sources = [src for src, _ in order]
+            placed[key] = p
         if post:
-            plan.exact = False
-            plan.notes.append(
+            self.note(
                 "Post-LN depth expansion follows LEMON's recipe; it is exact only up to "
                 "O(epsilon / variance) of the stream (see the verification report for the "
                 "measured error).")
@@ -242,12 +272,15 @@ class DepthPass(ir.passes.InPlacePass):
         if silent:
             why = ("--depth-init zero" if plan.depth_init == "zero" else
                    "LEMON's cancelling init leaves units without a partner at zero")
-            plan.notes.append(" and ".join(silent) + " in the twin blocks start with all-zero "
+            self.note(" and ".join(silent) + " in the twin blocks start with all-zero "
                               f"output weights ({why}): their input weights get no gradient "
                               "until those rows move.")
-        return {"order": order, "renamed": renamed,
-                "twin_caches": [(slot, renamed.get(i, i), renamed.get(o, o))
-                                for made in twins.values() for slot, i, o in made]}
+        return DepthResult(
+            self.rec.model, modified=any(copy for _, copy in order), order=order,
+            renamed=renamed, twin_caches=[(slot, renamed.get(i, i), renamed.get(o, o))
+                                          for made in twins.values() for slot, i, o in made],
+            blocks=placed, layer_sources=[src for src, _ in order], exact=not post,
+            notes=list(self.notes))
 
     def _weight(self, mapping, lin: Linear) -> ir.Value:
         return mapping[self.rec.values[lin.weight]]
@@ -280,10 +313,9 @@ class DepthPass(ir.passes.InPlacePass):
             self._write_fanout(wv, lm.zero_fanout, in_axis, unit, unit_size)
             note = (f"twin blocks start with zero {unit} fan-out: an operator lemon-onnx does "
                     f"not model mixes the {role} axis, so cancelling pairs would not cancel")
-            if note not in self.plan.notes:
-                self.plan.notes.append(note)
+            self.note(note)
             return
-        wmap = self.maps.get("q" if unit == "head" else "ffn")
+        wmap = None if self.maps is None else self.maps.q if unit == "head" else self.maps.ffn
         if unit == "head" and wmap is None and desc.heads != desc.kv_heads:
             g = desc.heads // desc.kv_heads
             if g % 2:
@@ -374,9 +406,3 @@ def _take_units(arr: np.ndarray, src: np.ndarray, axis: int, parts: int) -> np.n
 
 def _copy_attr(a: ir.Attr) -> ir.Attr:
     return ir.Attr(a.name, a.type, a.value)
-
-
-def expand_depth(model: ir.Model, rec: Recognizer, desc, plan, width_maps=None) -> dict:
-    dp = DepthPass(model, rec, desc, plan, width_maps)
-    dp(model)
-    return dp.stats

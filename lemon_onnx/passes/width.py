@@ -21,11 +21,12 @@ from ..errors import PlanError
 from ..components import attention, embedding, head, residual
 from ..components.cross_attention import memory_inputs
 from ..components.head import untie_reason
-from ..graph import back_view, const_source
+from ..graph import const_source
 from ..recognize import Recognizer
+from .maps import Maps
 from ..tensors import LAZY_BYTES, apply_fn, lazy_tensor, read_array, with_axis, write_array, write_tensor
 
-__all__ = ["WidthPass", "WeightEditor", "expand_width", "untie_reason", "LAZY_BYTES"]
+__all__ = ["WidthPass", "WidthResult", "WeightEditor", "untie_reason", "LAZY_BYTES"]
 
 #: the order in which the rules lay out the atoms of a head axis (outermost first)
 _HEAD_ORDER = {"kv_heads": 0, "heads": 0, "kv_groups": 1, "head_dim": 2}
@@ -126,6 +127,19 @@ def rounded_constants(s_map: lm.StreamMap) -> list[str]:
     return out
 
 
+@dataclasses.dataclass
+class WidthResult(ir.passes.PassResult):
+    """What the width pass did, beside the model: counts for the progress line, and what the
+    plan records of it (``notes``, ``rounded``)."""
+
+    tied_head: str | None = None
+    new_initializers: int = 0  # copies made where a shared tensor's consumers diverge
+    literals: int = 0  # size literals rewritten
+    notes: list = dataclasses.field(default_factory=list)
+    #: constants rounded in the storage dtype (fractional widths)
+    rounded: list = dataclasses.field(default_factory=list)
+
+
 class WidthPass(ir.passes.InPlacePass):
     """Widens a recognised model in place (onnx-ir's pass protocol: ``WidthPass(...)(model)``).
 
@@ -134,26 +148,19 @@ class WidthPass(ir.passes.InPlacePass):
     editor, and what is common to every component: the closed-world check, size literals and
     output shapes."""
 
-    def __init__(self, rec: Recognizer, desc, plan):
+    def __init__(self, rec: Recognizer, desc, plan, maps: Maps):
+        """Options: the recognised source (``rec``, its index, and ``desc``, its
+        description), the plan and its maps.  ``call`` takes the model ``rec`` indexes."""
         super().__init__()
-        self.rec, self.desc, self.plan = rec, desc, plan
-        s, t = plan.source, plan.target
-        self.d, self.D = s["hidden"], t["hidden"]
-        self.s_map = lm.StreamMap(self.d, self.D, plan.stream_form)
-        self.n_map = lm.norm_output_map(self.s_map)
-        #: the layout of an encoder's output that a decoder's cross-attention reads: the
-        #: encoder's final norm output (pre-norm), or its stream (Post-LN, integer widths)
-        self.memory_map = self.n_map if desc.layout == "pre-norm" else self.s_map
-        self.ffn_map = lm.UnitMap(s["ffn"], t["ffn"], 1)
-        try:
-            self.q_map, self.kv_map = lm.gqa_maps(s["heads"], s["kv_heads"], t["heads"],
-                                                  t["kv_heads"], s["head_dim"])
-        except ValueError as e:
-            raise PlanError(str(e)) from None
+        self.rec, self.desc, self.plan, self.maps = rec, desc, plan, maps
+        self.d, self.D = plan.source["hidden"], plan.target["hidden"]
         self.k = self.D // self.d
-        self.ed = WeightEditor(rec, plan.seed)
+        # the maps under the names the components use
+        self.s_map, self.n_map, self.memory_map = maps.stream, maps.norm_out, maps.memory
+        self.ffn_map, self.q_map, self.kv_map = maps.ffn, maps.q, maps.kv
         self.node = rec.node
         self.values = rec.values
+        self.ed = WeightEditor(rec, plan.seed)
 
     # ------------------------------------------------------------------ building blocks
 
@@ -169,14 +176,18 @@ class WidthPass(ir.passes.InPlacePass):
             self.stream_axis(u.node, u.idx, f"{tag}:emb", axis)
 
     # ------------------------------------------------------------------ the pass
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def requires(self, model: ir.Model) -> None:
+        if model is not self.rec.model:
+            raise ir.passes.PreconditionError(
+                "WidthPass was given a model other than the one its description was made of")
+
+    def call(self, model: ir.Model) -> "WidthResult":
         """Every component widens itself; then the closed-world check, the edits, the size
         literals and the output shapes."""
-        desc, plan = self.desc, self.plan
+        desc = self.desc
+        self.ed = WeightEditor(self.rec, self.plan.seed)  # this run's edits
         s_map, n_map = self.s_map, self.n_map
         reason = untie_reason(self.rec, desc)
-        if reason is not None:
-            plan.notes.append(head.UNTIED_NOTE + reason)
         embedding.widen(self, desc.embeddings)
         # branches (and later the heads) read a norm output (pre-norm) or the stream
         branch_in = n_map if desc.layout == "pre-norm" else s_map
@@ -184,30 +195,16 @@ class WidthPass(ir.passes.InPlacePass):
             residual.widen(self, b, branch_in, s_map)
         tied = head.widen(self, desc, branch_in, untie=reason is not None)
         attention.widen_head_tables(self)
-        if s_map.r:
-            plan.rounded = rounded_constants(s_map)
         self.check_closed_world()
+        n_edits = sum(len(r) for r in self.ed.requests.values())
         n_new = self.ed.apply()
         n_lit = self.rewrite_literals()
-        self.fix_shapes()
-        self.stats = {"tied_head": tied, "new_initializers": n_new, "literals": n_lit,
-                      "maps": {"q": self.q_map, "ffn": self.ffn_map, "kv": self.kv_map,
-                               "memory": self.memory_map},
-                      "output_layouts": self.output_layouts()}
-        return ir.passes.PassResult(model, modified=True)
-
-    def output_layouts(self) -> dict:
-        """Each hidden-size output's layout (source index per coordinate, -1 a zero slot): a
-        final norm's output is in the norm output's form, the stream in the stream's.  An
-        encoder's output is what its decoder's cross-attention reads (``memory_map``)."""
-        final = self.values[self.desc.final_norm.output] if self.desc.final_norm else None
-        out = {}
-        for o in self.desc.outputs:
-            if o["kind"] == "hidden":
-                v = back_view(self.values[o["name"]])
-                m = self.n_map if final is not None and v is back_view(final) else self.s_map
-                out[o["name"]] = [int(i) for i in m.src_index]
-        return out
+        n_shapes = self.fix_shapes()
+        return WidthResult(
+            model, modified=bool(n_edits or n_lit or n_shapes), tied_head=tied,
+            new_initializers=n_new, literals=n_lit,
+            notes=[head.UNTIED_NOTE + reason] if reason is not None else [],
+            rounded=rounded_constants(s_map) if s_map.r else [])
 
     # ------------------------------------------------------------------ closed world
     def check_closed_world(self) -> None:
@@ -733,15 +730,18 @@ class WidthPass(ir.passes.InPlacePass):
         return self.values[ref[1]]
 
     # ------------------------------------------------------------------ shapes
-    def fix_shapes(self) -> None:
+    def fix_shapes(self) -> int:
         """Drop stale inferred shapes; recompute the declared shapes of the graph's outputs
-        and inputs (a KV cache's head axis, a decoder's encoder output) from their atoms."""
+        and inputs (a KV cache's head axis, a decoder's encoder output) from their atoms.
+        Returns how many shapes changed."""
         g = self.rec.graph
         outs = set(g.outputs)
+        changed = 0
         for n in g:
             for o in n.outputs:
-                if o not in outs:
+                if o not in outs and o.shape is not None:
                     o.shape = None
+                    changed += 1
         inits = set(g.initializers)
         for o in list(g.outputs) + [v for v in g.inputs if v.name not in inits]:
             ax = self.rec.ax.get(o)
@@ -755,10 +755,7 @@ class WidthPass(ir.passes.InPlacePass):
                     dims_.append(int(np.prod(sizes, dtype=np.int64)))
                 else:  # a size computed at run time (declared static by the exporter): kept
                     dims_.append(old)
-            o.shape = ir.Shape(dims_)
-
-
-def expand_width(rec: Recognizer, desc, plan) -> dict:
-    wp = WidthPass(rec, desc, plan)
-    wp(rec.model)
-    return wp.stats
+            if list(o.shape.dims) != dims_:
+                o.shape = ir.Shape(dims_)
+                changed += 1
+        return changed
