@@ -105,7 +105,7 @@ def inspect(model: str, as_json: bool, quiet: bool, verbose: bool) -> None:
     with progress:
         with progress.stage("load", level=2) as st:  # the description is the result
             m = load(model)
-            st.summary = f"loaded {model}"
+            st.done(f"loaded {model}")
         from .merged import describe, is_merged
 
         if is_merged(m):  # a merged decoder: each branch is a decoder of its own
@@ -113,7 +113,7 @@ def inspect(model: str, as_json: bool, quiet: bool, verbose: bool) -> None:
             return
         with progress.stage("recognise", level=2) as st:
             desc = recognize(m)
-            st.summary = f"recognised {desc.family}"
+            st.done(f"recognised {desc.family}")
     click.echo(desc.to_json(indent=2) if as_json else format_description(desc, model))
 
 
@@ -290,7 +290,7 @@ def verify(small, big, inputs, save_inputs, atol, rtol, provider, layerwise, blo
             rep = run_verify(small, big, inputs=inputs, atol=atol, rtol=rtol, provider=provider,
                              layerwise=layerwise, save_inputs=save_inputs, seed=seed,
                              float64=float64, blockwise=blockwise or None)
-            st.summary = f"compared on {rep.provider_used}"
+            st.done(f"compared on {rep.provider_used}")
     if report:
         write_report(rep, report)
     text = rep.format()

@@ -121,7 +121,7 @@ def _prepare(src, *, width: float | None, depth: float | None, hidden: int | Non
 
     with progress.stage("load") as st:
         model = io.load(src)
-        st.summary = f"loaded {src}"
+        st.done(f"loaded {src}")
     from .merged import MergedDecoder, is_merged
 
     if is_merged(model):  # expanded through its two decoders (merged.py)
@@ -131,8 +131,8 @@ def _prepare(src, *, width: float | None, depth: float | None, hidden: int | Non
         rec = Recognizer(model)
         desc = rec.run()
         release_all(model)  # unmap the weights recognition read (a tied head's table)
-        st.summary = (f"recognised {desc.family}: {desc.num_layers} layers, hidden "
-                      f"{desc.hidden}, heads {desc.heads}, ffn {desc.ffn}")
+        st.done((f"recognised {desc.family}: {desc.num_layers} layers, hidden "
+                      f"{desc.hidden}, heads {desc.heads}, ffn {desc.ffn}"))
     if desc.blockers:
         raise UnsupportedModelError(
             "This graph has parts lemon-onnx cannot expand losslessly: " + "; ".join(desc.blockers)
@@ -203,9 +203,9 @@ def _rewrite(model, rec, desc, plan: Plan, progress: Progress) -> Plan:
             changes.update(outputs=outputs, rounded=width_res.rounded,
                            inputs={**plan.inputs, **memory_inputs(desc, maps.memory)})
             s, t = plan.source, plan.target
-            st.summary = (f"width: hidden {s['hidden']}->{t['hidden']}, ffn {s['ffn']}->"
+            st.done((f"width: hidden {s['hidden']}->{t['hidden']}, ffn {s['ffn']}->"
                           f"{t['ffn']}, heads {s['heads']}->{t['heads']} (stream form "
-                          f"{plan.stream_form}); {width_res.literals} size literals rewritten")
+                          f"{plan.stream_form}); {width_res.literals} size literals rewritten"))
     with progress.stage("depth") as st:
         if plan.target["layers"] != plan.source["layers"]:
             from .passes.depth import DepthPass
@@ -223,8 +223,8 @@ def _rewrite(model, rec, desc, plan: Plan, progress: Progress) -> Plan:
             notes += [n for n in depth_res.notes if n not in notes]
             changes.update(blocks=depth_res.blocks, layer_sources=depth_res.layer_sources,
                            exact=plan.exact and depth_res.exact)
-            st.summary = (f"depth: {plan.source['layers']}->{plan.target['layers']} layers "
-                          f"({plan.depth_placement}, {plan.depth_init})")
+            st.done((f"depth: {plan.source['layers']}->{plan.target['layers']} layers "
+                          f"({plan.depth_placement}, {plan.depth_init})"))
     if desc.caches:  # how verification feeds and compares the caches
         from .components.cache import plan_maps
 
@@ -312,8 +312,7 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
                              progress=progress)
     if not isinstance(progress, Progress):
         progress = Progress(1 if progress else 0)
-    if progress.total is None:
-        progress.total = 8 + 2 * bool(verify)  # the stages below
+    progress.expect(8 + 2 * bool(verify))  # the stages below
     src, dest = Path(src), Path(out)
     with signals.handling(), contract_errors("expanding", source=src), \
             contextlib.closing(progress):
@@ -342,10 +341,10 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
                 blockwise = True
                 progress.note("verification goes block by block: the whole models would need "
                               f"about {est.verify_whole_bytes / 1e9:.1f} GB of memory")
-            st.summary = est.summary()
+            st.done(est.summary())
         if verify:  # exit 3 before the work: ONNX Runtime must load the source on the provider
             with progress.stage("runtime") as st:
-                st.summary = f"ONNX Runtime loads the source on {_source_runs(src, provider)}"
+                st.done(f"ONNX Runtime loads the source on {_source_runs(src, provider)}")
         plan = _rewrite(model, rec, desc, plan, progress)
         recorded = chained(desc.lemon_plan, plan)
         for note in recorded.notes:
@@ -357,18 +356,19 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
             with progress.stage("save") as st:
                 io.save(model, staging.path,
                         on_progress=lambda done, total: progress.advance("save", done, total))
-                st.summary = "saved"
+                st.done("saved")
             del model
             with progress.stage("check") as st:
-                st.summary = _check_graph(staging.path, src, progress)
+                st.done(_check_graph(staging.path, src, progress))
             if verify:
                 with progress.stage("verify") as st:
                     vreport = _verify(src, staging.path, inputs=inputs, atol=atol, rtol=rtol,
                                       provider=provider, layerwise=layerwise, seed=seed,
                                       float64=float64, blockwise=blockwise)
-                    st.summary = (f"verified on {vreport.provider_used}: "
-                                  f"{'PASS' if vreport.passed else 'FAIL'}")
-                vreport.small, vreport.big = (str(x) for x in (names_as or (src, dest)))
+                    st.done((f"verified on {vreport.provider_used}: "
+                                  f"{'PASS' if vreport.passed else 'FAIL'}"))
+                small, big = (str(x) for x in (names_as or (src, dest)))
+                vreport = dataclasses.replace(vreport, small=small, big=big)
                 if report is not None:
                     write_report(vreport, report)
                 if not vreport.passed:
@@ -380,7 +380,7 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
                            else None)
             with progress.stage("commit") as st:
                 staging.commit()
-                st.summary = f"committed {dest}"
+                st.done(f"committed {dest}")
             if staging.created:
                 progress.note(f"created the output's folder {staging.created[0]}"
                               + (f" (and {len(staging.created) - 1} inside it)"

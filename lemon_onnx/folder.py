@@ -273,7 +273,7 @@ def _pipeline(src: Path, stage: Path, results: dict, options: dict, report, prog
         rep = seq2seq.check(src, stage, provider=options.get("provider", "auto"),
                             seed=options.get("seed", 0),
                             approximate=any(not r.plan.exact for r in results.values()))
-        st.summary = rep.summary()
+        st.done(rep.summary())
     if report is not None:
         write_report(rep, report if str(report) == "-" else
                      Path(report).with_name(f"{Path(report).stem}.pipeline"

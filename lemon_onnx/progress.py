@@ -1,7 +1,7 @@
 """Progress of long work on stderr: a tqdm bar on a terminal, plain lines otherwise.
 
 ``Progress(verbosity)``: 0 quiet (nothing), 1 normal, 2 verbose.  A run is a sequence of
-stages (``with progress.stage("save") as st: ...; st.summary = "saved"``), each of which ends
+stages (``with progress.stage("save") as st: ...; st.done("saved")``), each of which ends
 with a summary line and its time; ``progress.note(...)`` is for what the user must know about
 the result (an untied head), shown unless quiet.
 
@@ -29,6 +29,10 @@ class Stage:
         self.name = name
         self.summary: str | None = None
         self.seconds = 0.0
+
+    def done(self, summary: str) -> None:
+        """The line logged with the stage's time when it ends."""
+        self.summary = summary
 
 
 class Progress:
@@ -66,7 +70,7 @@ class Progress:
     # ------------------------------------------------------------------ stages
     @contextlib.contextmanager
     def stage(self, name: str, level: int = 1):
-        """One stage: the bar shows ``name``; ``summary`` set on the yielded object is logged
+        """One stage: the bar shows ``name``; the summary given to the yielded ``Stage.done`` is logged
         (at ``level``: 2 for verbose only) with the stage's time when it ends without an
         exception."""
         st = Stage(name)
@@ -82,6 +86,11 @@ class Progress:
         st.seconds = time.perf_counter() - t0
         if st.summary:
             self.log(f"{st.summary} ({st.seconds:.1f}s)", level)
+
+    def expect(self, total: int) -> None:
+        """The number of stages to come, unless the caller gave it."""
+        if self.total is None:
+            self.total = total
 
     def advance(self, name: str, done: int, total: int) -> None:
         """How far a long stage has come, in GB: the bar's text on a terminal; elsewhere a

@@ -146,6 +146,16 @@ def hidden_leaves(ctx, emb: Embeddings) -> list:
     return embedding_leaves(ctx, emb)
 
 
+def match_end(ctx, emb: Embeddings, stream: ir.Value, norm) -> None:
+    """Where the embedding ends, once the residual chain is found (``residual.match_blocks``):
+    the stream's start, a linear projection onto it, and ``norm``, a norm whose output is the
+    stream's start (an embedding LayerNorm), or None."""
+    emb.output = nm(stream)
+    match_projection(ctx, emb, stream)
+    if norm is not None:
+        emb.norm = norm
+
+
 def match_projection(ctx, emb: Embeddings, stream: ir.Value) -> None:
     """A linear layer whose output is the stream's start and whose input is computed from
     the token table (or the patch Conv) without passing another linear layer."""

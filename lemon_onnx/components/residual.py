@@ -108,12 +108,9 @@ def match_blocks(ctx, emb: Embeddings, residuals):
         res_by_skip.setdefault(back_view(r[1]), r)
     first = residuals[0]
     stream = back_view(first[1])
-    emb.output = nm(stream)
-    embedding.match_projection(ctx, emb, stream)
     # a norm whose output is the stream start (embedding LayerNorm), perhaps scaled per token
-    p = ctx.norms.get(stream) or ctx.norms.get(_token_scaled(ctx, stream))
-    if p is not None:
-        emb.norm = p
+    embedding.match_end(ctx, emb, stream,
+                        ctx.norms.get(stream) or ctx.norms.get(_token_scaled(ctx, stream)))
     chain = []
     post = None
     cur = stream

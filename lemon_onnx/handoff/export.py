@@ -318,9 +318,7 @@ def verify_folder(expanded_onnx, folder, *, inputs=None, float64: str = "auto",
         cases = load_inputs(inputs) if isinstance(inputs, (str, os.PathLike)) else inputs
     rep = check(folder, path, cases=cases, float64=float64, provider=provider,
                 loaded=(model, desc))
-    rep.weights = weights
-    rep.passed = rep.passed and weights_ok(weights)
-    return rep
+    return dataclasses.replace(rep, weights=weights, passed=rep.passed and weights_ok(weights))
 
 
 def _dtype(model) -> str | None:

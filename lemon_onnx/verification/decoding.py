@@ -218,10 +218,9 @@ def check(small_runs: list, big_runs: list, small64: list | None, big64: list | 
         entry = {"step": k, "tokens": tokens, "attended": attended, "outputs": []}
         if got is None:
             for name in outputs:
-                rep = cmp.not_compared(name, list(np.shape(ref[name])), None,
-                                        why_big or "the expanded model stopped decoding")
-                rep.caught_by = "cache"
-                entry["outputs"].append(rep)
+                entry["outputs"].append(cmp.not_compared(
+                    name, list(np.shape(ref[name])), None,
+                    why_big or "the expanded model stopped decoding", caught_by="cache"))
         else:
             for name in outputs:
                 m = out_maps.get(name)

@@ -9,40 +9,7 @@ from typing import Any
 
 import numpy as np
 
-@dataclasses.dataclass
-class OutputReport:
-    """Comparison of one output (or one block's hidden state) in one input case."""
-
-    name: str
-    shape_small: list | None
-    shape_big: list | None
-    compared: str  # "whole" | "prefix:<d>" | "prefix:<d>@axis<k>" | "not compared"
-    max_abs: float = 0.0
-    mean_abs: float = 0.0
-    max_rel: float = 0.0
-    nan_small: int = 0
-    nan_big: int = 0
-    inf_small: int = 0
-    inf_big: int = 0
-    min_atol: float = 0.0
-    min_rtol: float = 0.0
-    failed_elements: int = 0
-    elements: int = 0
-    passed: bool = True
-    message: str | None = None
-    # the two levels (compare.py); None where that level did not run
-    ref_max: float | None = None  # max |source output| (float64 run, else model dtype)
-    own_error: float | None = None  # max |source, model dtype - source, float64|
-    error: float | None = None  # max |expanded, model dtype - source, float64| (fallback: - source)
-    ratio: float | None = None  # error / own_error
-    bound: float | None = None  # what error had to stay within
-    rule: str | None = None  # "ratio" | "floor" | "fallback" | "fixed": what set the verdict
-    alg_max_abs: float | None = None  # max |expanded, float64 - source, float64|
-    alg_rel: float | None = None  # alg_max_abs / ref_max
-    alg_passed: bool | None = None  # alg_rel <= ALGEBRAIC_RTOL
-    nonfinite_mismatch: int = 0  # elements NaN/Inf in one model only (or at another value)
-    caught_by: str | None = None  # failing level: "float64", "<dtype>", "float64+<dtype>", "shape"
-
+from .compare import OutputReport
 
 #: version of the JSON report's layout; bumped when a field changes meaning or goes away
 SCHEMA_VERSION = 2
