@@ -61,6 +61,15 @@ def find(a: Atom) -> Atom:
     return root
 
 
+def name_role(a: Atom, role: str, *, replace: bool = False) -> None:
+    """Name what size atom ``a`` is (``hidden``, ``heads``, ``head_dim``, ``ffn``, ...): the
+    width pass lays an axis out by its atoms' roles and names them in refusals.  The first
+    component to name an atom keeps it, unless ``replace`` (the attention component naming
+    the heads, KV heads and head_dim it matched exactly)."""
+    if replace or not a.role:
+        a.role = role
+
+
 def leaves(atoms: Iterable[Atom]) -> list[Atom]:
     out: list[Atom] = []
     for a in atoms:

@@ -183,20 +183,20 @@ class Recognizer(GraphIndex):
             # a graph that reshapes the attention's output to the stream's own width (CLIP:
             # ``reshape(hidden_states.shape)``) ties the stream to heads x head_dim: those
             # atoms keep their names, and the plan keeps hidden = heads x head_dim
-            a.role = a.role or "hidden"
+            dims.name_role(a, "hidden")
         if emb.token:
             for a in dims.leaves(self.ax.axes[self.values[emb.token]][0]):
-                a.role = a.role or "vocab"
+                dims.name_role(a, "vocab")
         stream_ax = self.ax.get(self.values[emb.output]) if emb.output else None
         if stream_ax and len(stream_ax) == 3:
             for a in dims.leaves(stream_ax[1]):
                 if a.size is not None:
-                    a.role = a.role or "tokens"  # a static sequence (ViT: patches + cls)
+                    dims.name_role(a, "tokens")  # a static sequence (ViT: patches + cls)
         if emb.patch_conv:
             conv_out = self.ax.get(self.node(emb.patch_conv).outputs[0]) or []
             for k, ax in enumerate(conv_out[2:]):
                 for a in dims.leaves(ax):
-                    a.role = a.role or ("patch_rows" if k == 0 else "patch_cols")
+                    dims.name_role(a, ("patch_rows" if k == 0 else "patch_cols"))
         embedding.match_extras(self, emb)
         b0 = blocks[0]
         att = b0.attention
@@ -205,7 +205,7 @@ class Recognizer(GraphIndex):
         vocab = int(self.values[emb.token].const_value.shape[0]) if emb.token else None
         if head.linear is not None and head.kind == "classifier":
             for a in self.leaves(self.values[head.linear.output]):
-                a.role = a.role or "num_labels"
+                dims.name_role(a, "num_labels")
         literals = self.size_literals()
         shared = {}
         for v in g.initializers.values():

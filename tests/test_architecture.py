@@ -62,3 +62,69 @@ def test_the_check_catches_what_it_is_for(tmp_path):
     attrs = [n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and _private(n.attr)
              and not (isinstance(n.value, ast.Name) and n.value.id in ("self", "cls"))]
     assert imports == ["_read"] and sorted(attrs) == ["_cache", "_rec"]
+
+
+#: attributes of other libraries' objects that the package sets through their documented
+#: setters: onnx-ir's graph layer (a pass edits the graph by contract), onnx's protobuf
+#: messages, ONNX Runtime's session options, numpy's bit generator
+FOREIGN_SETTERS = {
+    "name", "shape", "type", "const_value", "dtype",  # onnx_ir.Value
+    "ir_version", "value",  # onnx_ir.Model, onnx StringStringEntryProto
+    "log_severity_level", "enable_cpu_mem_arena", "enable_mem_pattern",  # onnxruntime
+    "graph_optimization_level",
+    "state",  # numpy.random.BitGenerator
+}
+
+
+def _owners() -> dict:
+    """attribute name -> the modules whose classes hold it (class-level annotations and
+    ``self.NAME = ...`` in their methods)."""
+    owners: dict = {}
+    for path, tree in _modules():
+        for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+            for node in ast.walk(cls):
+                name = None
+                if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                    name = node.target.id
+                elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and \
+                        isinstance(node.value, ast.Name) and node.value.id == "self":
+                    name = node.attr
+                if name:
+                    owners.setdefault(name, set()).add(str(path))
+    return owners
+
+
+def _stores(tree):
+    """(line, target text, attribute) of every attribute assignment not on self/cls."""
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+        for target in targets:
+            for t in ast.walk(target):
+                if isinstance(t, ast.Attribute) and isinstance(t.ctx, ast.Store) and not (
+                        isinstance(t.value, ast.Name) and t.value.id in ("self", "cls")):
+                    yield node.lineno, ast.unparse(t), t.attr
+
+
+def test_no_module_assigns_attributes_on_objects_another_module_owns():
+    """An attribute that only another module's classes hold is set by that module alone
+    (its methods, or a new object made with the change): the typed description and the
+    results the passes return are the interfaces, not shared objects written from outside."""
+    owners = _owners()
+    found = []
+    for path, tree in _modules():
+        for line, text, attr in _stores(tree):
+            if attr in FOREIGN_SETTERS or attr.startswith("__"):
+                continue
+            held = owners.get(attr, set())
+            if held and str(path) not in held:
+                found.append(f"{path}:{line} {text} (held by {', '.join(sorted(held))})")
+    assert not found, "\n".join(found)
+
+
+def test_the_assignment_check_catches_what_it_is_for():
+    owners = {"role": {"lemon_onnx/dims.py"}}
+    tree = ast.parse("def f(a, self):\n    a.role = 'heads'\n    self.role = 1\n")
+    hits = [attr for _, _, attr in _stores(tree)
+            if owners.get(attr) and "lemon_onnx/mlp.py" not in owners[attr]]
+    assert hits == ["role"]

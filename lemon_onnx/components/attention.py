@@ -117,9 +117,9 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> Attention:
         if len(fused) == 1 and fused[0].role is None:
             # the fused axis was never factored into heads: it is the whole q|k|v width,
             # which grows with the heads (the width pass computes it)
-            fused[0].role = "qkv_width"
+            dims.name_role(fused[0], "qkv_width", replace=True)
         for a in fused:  # what is left once heads and head_dim are named: the q/k/v parts
-            a.role = a.role or "qkv_parts"
+            dims.name_role(a, "qkv_parts")
     name_value_head_dim(ctx, v_t)
     q_norm = _projection_norm(ctx, q, nodes)
     k_norm = _projection_norm(ctx, k, nodes)
@@ -212,7 +212,7 @@ def name_value_head_dim(ctx, v_t: ir.Value) -> None:
     """The last axis of the values the weighted sum reads is head_dim."""
     v_l = ctx.leaves(v_t, -1)
     if len(v_l) == 1 and v_l[0].role is None:
-        v_l[0].role = "head_dim"
+        dims.name_role(v_l[0], "head_dim", replace=True)
 
 
 def _projection_norm(ctx, lin: Linear | None, nodes: set):
@@ -259,7 +259,7 @@ def _rows_view(ctx, qkv: Linear, readers: list, rows: int, head_dim: int) -> boo
             return False
         named.append(row_atoms[0])
     for a in named:
-        a.role = "qkv_rows"
+        dims.name_role(a, "qkv_rows", replace=True)
     return True
 
 
@@ -325,27 +325,27 @@ def roles_attention(ctx, heads_l, kv_l, hd_leaves) -> None:
     kvset, hset = set(kv_l), set(heads_l)
     if not kv_l or kvset == hset:
         for a in heads_l:
-            a.role = "heads"
+            dims.name_role(a, "heads", replace=True)
     elif not kvset & hset:
         # the query heads and the KV heads are counted apart (an ONNX Attention's
         # q_num_heads and kv_num_heads on packed 3-D inputs): no group atom to name
         for a in heads_l:
-            a.role = "heads"
+            dims.name_role(a, "heads", replace=True)
         kv_size = int(np.prod([a.size for a in kv_l]))
         q_size = int(np.prod([a.size for a in heads_l]))
         for a in kv_l:
-            a.role = "heads" if kv_size == q_size else "kv_heads"
+            dims.name_role(a, "heads" if kv_size == q_size else "kv_heads", replace=True)
     else:
         for a in kv_l:
-            a.role = "kv_heads"
+            dims.name_role(a, "kv_heads", replace=True)
         for a in heads_l:
             if a not in kvset:
-                a.role = "kv_groups"
+                dims.name_role(a, "kv_groups", replace=True)
     if len(hd_leaves) == 1:
-        hd_leaves[0].role = "head_dim"
+        dims.name_role(hd_leaves[0], "head_dim", replace=True)
     else:
         for i, a in enumerate(hd_leaves):
-            a.role = a.role or f"head_dim[{i}]"
+            dims.name_role(a, f"head_dim[{i}]")
 
 
 def widen(wp, a: Attention, branch_in, stream_map, *, tag: str, prescale=None) -> None:
