@@ -21,7 +21,8 @@ import numpy as np
 import onnx_ir as ir
 
 from . import dims
-from .components import cache, embedding, head as head_c, linear, norm, residual
+from .components import (cache, embedding, fused_ops_claimed, head as head_c, linear, norm,
+                         residual)
 from .components.attention import Attention
 from .components.embedding import Embeddings
 from .components.head import Head
@@ -108,7 +109,8 @@ class Recognizer(GraphIndex):
 
     def run(self) -> ModelDescription:
         g = self.graph
-        fused = sorted({n.op_type for n in g if n.domain == "com.microsoft"})
+        fused = sorted({n.op_type for n in g if n.domain == "com.microsoft"}
+                       - fused_ops_claimed())
         if fused:
             raise UnsupportedModelError(
                 "This graph was fused by ONNX Runtime's transformer optimizer (com.microsoft ops: "

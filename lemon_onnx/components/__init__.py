@@ -35,4 +35,31 @@ Modules, in the order recognition runs them:
 Whatever no component claims is refused by the width pass's closed-world check (a constant or
 operator that carries a size the plan changes), so a new architecture is refused with the
 tensor's name rather than expanded wrongly.  See the README, "Adding a component".
+
+Registration: ``REGISTRY`` below is the one list of component modules, in the order
+recognition runs them.  A module declares ``FUSED_OPS``, the ONNX Runtime contrib ops
+(``com.microsoft``) it handles in every step; recognition refuses a graph with a contrib op no
+registered component claims (``fused_ops_claimed``), naming the ops.
 """
+
+from . import (attention, branch, cache, cross_attention, embedding, head, linear, mlp, norm,
+               residual)
+
+#: the components, in the order recognition runs them (one line each)
+REGISTRY = (
+    linear,
+    norm,
+    embedding,
+    branch,
+    attention,
+    cross_attention,
+    mlp,
+    residual,
+    head,
+    cache,
+)
+
+
+def fused_ops_claimed() -> frozenset:
+    """The com.microsoft ops some registered component handles end to end."""
+    return frozenset().union(*(getattr(m, "FUSED_OPS", frozenset()) for m in REGISTRY))

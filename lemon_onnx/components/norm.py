@@ -21,6 +21,11 @@ from ..errors import PlanError
 from ..graph import back_pass, const_array, const_source, is_const, nm, scalar_const, skip_pass
 from ..tensors import read_array, write_array
 
+#: ONNX Runtime's fused ops (com.microsoft) this component handles in every step (recognition,
+#: widening, twins, the float64 level): none yet, its op matcher knows the Skip and Simplified
+#: forms but the residual topology and the float64 level do not (issue 20)
+FUSED_OPS: frozenset = frozenset()
+
 #: the op forms, and the kind each computes
 NORM_OPS = {"LayerNormalization": "layernorm", "SkipLayerNormalization": "layernorm",
             "RMSNormalization": "rmsnorm", "SimplifiedLayerNormalization": "rmsnorm",
@@ -44,11 +49,8 @@ def match_all(ctx) -> dict[ir.Value, Norm]:
     """Norms keyed by their output value."""
     norms: dict[ir.Value, Norm] = {}
     for n in ctx.graph:
-        if n.op_type in ("LayerNormalization", "RMSNormalization",
-                         "SimplifiedLayerNormalization", "SkipLayerNormalization",
-                         "SkipSimplifiedLayerNormalization"):
-            kind = "layernorm" if n.op_type in ("LayerNormalization",
-                                                "SkipLayerNormalization") else "rmsnorm"
+        if n.op_type in NORM_OPS:
+            kind = NORM_OPS[n.op_type]
             skip = n.op_type.startswith("Skip")
             gi = 2 if skip else 1
             g = const_source(n.inputs[gi])[0] if len(n.inputs) > gi else None
