@@ -1,262 +1,17 @@
-"""Axis analysis: which model size every tensor axis and every size literal stands for.
-
-Every axis of every tensor is described as an ordered product of *atoms* (outermost first).
-An atom is a size with an identity: the hidden width of the stream, the head count, head_dim,
-the batch, ...  Atoms start anonymous (one per initializer axis, one per graph-input dim) and
-are *unified* whenever an operator requires two axes to be equal (a MatMul contraction, a
-broadcast, a residual Add).  A Reshape that splits an axis *splits* its atom: the Q projection's
-output atom becomes (heads, head_dim) when it meets ``Reshape [B, S, -1, 8]``; GQA's ``Expand``
-splits the query-head atom into (kv_heads, repeat).  Reshape keeps row-major order, so the split
-order is fixed by the graph, never guessed from values.
-
-Integer constants that end up in a size position (Reshape/Expand/ConstantOfShape shapes, Split
-sizes, Slice bounds, head-count attributes) are *explained* by the atoms they consume.  Once the
-recogniser names the atoms (``hidden``, ``heads``, ...), every such literal has a label, and an
-expansion recomputes each literal as the product of its atoms' new sizes.
-
-Nothing here looks at initializer names or searches for numbers: a literal is only ever
-explained through the shape arithmetic of the operator that consumes it.
-"""
+"""The analysis driver: one pass over a graph in topological order, the axes and elements of
+every value, and what each operator rule records (literals, conflicts, opaque axes, ...)."""
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnx_ir as ir
 
-_ids = itertools.count()
-
-INT_BIG = 2**31 - 1  # Slice ends at or above this are "to the end", not sizes
-
-
-class Atom:
-    """A factor of an axis.  ``size`` is None for dynamic dims (batch, sequence)."""
-
-    __slots__ = ("id", "size", "sym", "parent", "split", "role", "origin")
-
-    def __init__(self, size: int | None, sym: str | None = None, origin: str = ""):
-        self.id = next(_ids)
-        self.size = size
-        self.sym = sym
-        self.parent: Atom | None = None
-        self.split: list[Atom] | None = None
-        self.role: str | None = None
-        self.origin = origin
-
-    def __repr__(self) -> str:
-        r = find(self)
-        tag = r.role or r.sym or f"a{r.id}"
-        return f"{tag}({r.size})"
-
-
-def find(a: Atom) -> Atom:
-    root = a
-    while root.parent is not None:
-        root = root.parent
-    while a.parent is not None and a.parent is not root:  # path compression
-        a.parent, a = root, a.parent
-    return root
-
-
-def leaves(atoms: Iterable[Atom]) -> list[Atom]:
-    out: list[Atom] = []
-    for a in atoms:
-        r = find(a)
-        if r.split:
-            out.extend(leaves(r.split))
-        elif r.size != 1:
-            out.append(r)
-    return out
-
-
-def size_of(atoms: Iterable[Atom]) -> int | None:
-    n = 1
-    for a in leaves(atoms):
-        if a.size is None:
-            return None
-        n *= a.size
-    return n
-
-
-def split_atom(a: Atom, sizes: Sequence[int]) -> list[Atom]:
-    """Split leaf ``a`` (row-major) into new atoms of ``sizes``; returns them."""
-    r = find(a)
-    assert r.split is None and r.size is not None
-    assert int(np.prod(sizes)) == r.size, (sizes, r)
-    parts = [Atom(int(s), origin="split") for s in sizes]
-    r.split = parts
-    return parts
-
-
-class UnifyError(Exception):
-    pass
-
-
-def union(a: Atom, b: Atom) -> None:
-    ra, rb = find(a), find(b)
-    if ra is rb:
-        return
-    if ra.size != rb.size:
-        raise UnifyError(f"size {ra.size} != {rb.size}")
-    if ra.split and rb.split:
-        sa, sb = ra.split, rb.split
-        rb.split = None
-        rb.parent = ra
-        unify(sa, sb)
-        return
-    if rb.split and not ra.split:
-        ra, rb = rb, ra
-    rb.parent = ra
-    if ra.role is None:
-        ra.role = rb.role
-    if ra.sym is None:
-        ra.sym = rb.sym
-
-
-def _adopt(dyn: Atom, other: Atom) -> None:
-    """Merge an atom of unknown size into ``other`` (which keeps its size)."""
-    rd, ro = find(dyn), find(other)
-    if rd is ro:
-        return
-    rd.parent = ro
-    if ro.role is None:
-        ro.role = rd.role
-    if ro.sym is None and ro.size is None:
-        ro.sym = rd.sym
-    if ro.origin != "input" and rd.origin == "input":
-        ro.origin = "input"
-
-
-def unify(x: Sequence[Atom], y: Sequence[Atom]) -> None:
-    """Make two axes (products of atoms) the same, splitting atoms where needed."""
-    lx, ly = leaves(x), leaves(y)
-    i = j = 0
-    while i < len(lx) and j < len(ly):
-        a, b = find(lx[i]), find(ly[j])
-        if a is b:
-            i += 1
-            j += 1
-            continue
-        if a.split:  # became split during this loop
-            lx[i:i + 1] = leaves([a])
-            continue
-        if b.split:
-            ly[j:j + 1] = leaves([b])
-            continue
-        if a.size is None or b.size is None:
-            dyn, stat = (a, b) if a.size is None else (b, a)
-            dl, sl, k = (lx, ly, j) if a is dyn else (ly, lx, i)
-            if dyn.origin != "input" and dl[-1] is dyn and len(sl) - k > 1 and stat.size is not None:
-                # an unresolved dim standing for the whole rest of the other axis
-                rest = [find(t) for t in sl[k:]]
-                if all(t.size is not None for t in rest):
-                    dyn.size = int(np.prod([t.size for t in rest]))
-                    dyn.split = rest
-                    return
-            if stat.size is None or dyn.origin != "input":
-                # both dynamic, or a dim that shape inference could not resolve: same atom
-                _adopt(dyn, stat)
-                i += 1
-                j += 1
-                continue
-            raise UnifyError(f"dynamic {a} vs static {b}")
-        if a.size == b.size:
-            union(a, b)
-            i += 1
-            j += 1
-        elif a.size > b.size and a.size % b.size == 0:
-            head, rest = split_atom(a, [b.size, a.size // b.size])
-            union(head, b)
-            lx[i:i + 1] = [rest]
-            j += 1
-        elif b.size > a.size and b.size % a.size == 0:
-            head, rest = split_atom(b, [a.size, b.size // a.size])
-            union(head, a)
-            ly[j:j + 1] = [rest]
-            i += 1
-        else:
-            raise UnifyError(f"cannot align {a} with {b}")
-    # leftover unresolved dims are size-1 axes that shape inference could not see
-    for rest in (lx[i:], ly[j:]):
-        for t in rest:
-            t = find(t)
-            if t.size is None and t.origin != "input":
-                t.size = 1
-    lx, ly = leaves(lx), leaves(ly)
-    if len(lx) != len(ly) and (i < len(lx) or j < len(ly)):
-        raise UnifyError(f"axes differ in length: {lx} vs {ly}")
-
-
-Axis = list  # list[Atom]
-
-
-@dataclasses.dataclass
-class Elem:
-    """One element of a small integer tensor that may hold sizes.
-
-    kind "lit": a literal stored in the graph (``ref`` says where); kind "fixed": a number
-    computed from constants alone (DINOv2's int(num_patches ** 0.5) as Pow and Cast of float
-    constants), which no expansion changes; kind "dim": the runtime
-    size of an axis (``atoms``), e.g. from Shape; kind "dim+": such a size plus a literal
-    ``value`` (torch.chunk's ceiling division, traced as ``(n + k - 1) // k``); kind "unk":
-    anything else.
-    """
-
-    kind: str
-    value: int | None = None
-    ref: tuple | None = None
-    atoms: list | None = None
-    via: tuple | None = None  # (node name, input index): where it left its constant tensor
-
-
-UNK = Elem("unk")
-
-
-@dataclasses.dataclass
-class LiteralUse:
-    """A literal in a size position, the atoms it stands for, and the node that consumes it."""
-
-    ref: tuple  # ("value", value_name, flat_index) or ("attr", node_name, attr_name)
-    value: int
-    atoms: list
-    node: str
-    op: str
-    via: tuple | None = None  # (node name, input index) that reads the constant tensor
-
-
-def _int_array(value: ir.Value | None, const: ir.TensorProtocol | None = None) -> np.ndarray | None:
-    if const is None and value is not None:
-        const = value.const_value
-        if const is None and value.producer() is not None and value.producer().op_type == "Constant":
-            attr = value.producer().attributes.get("value")
-            const = attr.value if attr is not None else None
-    if const is None:
-        return None
-    if const.dtype not in (ir.DataType.INT64, ir.DataType.INT32):
-        return None
-    if const.size > 64:
-        return None
-    try:
-        return np.asarray(const.numpy()).astype(np.int64)
-    except Exception:  # pragma: no cover - unreadable constant
-        return None
-
-
-def _const_floats(value: ir.Value | None) -> list | None:
-    """A small constant float vector (Resize scales), or None."""
-    if value is None:
-        return None
-    v, p = value, value.producer()
-    t = v.const_value
-    if t is None and p is not None and p.op_type == "Constant" and "value" in p.attributes:
-        t = p.attributes["value"].value
-    if t is None:
-        return None
-    arr = np.asarray(t.numpy()).reshape(-1)
-    return [float(a) for a in arr] if arr.size and arr.size <= 16 else None
+from .atoms import Atom, Axis, UnifyError, leaves, size_of, split_atom, unify, find
+from .closed_world import AXIS_OPS, BINARY, DOMAINS, FOLD, UNARY
+from .elements import INT_BIG, UNK, Elem, LiteralUse, const_floats, int_array
 
 
 class AxisAnalysis:
@@ -384,7 +139,7 @@ class AxisAnalysis:
         if const is None:
             return
         self.axes[v] = [[] if d == 1 else [Atom(int(d), origin="const")] for d in const.shape]
-        arr = _int_array(None, const)
+        arr = int_array(None, const)
         if arr is not None and arr.ndim <= 1:
             self.elems[v] = [Elem("lit", int(x), (ref[0], ref[1], i))
                              for i, x in enumerate(arr.reshape(-1))]
@@ -403,23 +158,23 @@ class AxisAnalysis:
                                  if e.kind == "lit" and e.via is None else e for e in el]
         self._saved = saved
         try:
-            if node.domain not in _DOMAINS:
+            if node.domain not in DOMAINS:
                 self.unhandled.append(node)
                 return
-            if op in _AXIS_OPS:
+            if op in AXIS_OPS:
                 self._axis_op(node)
             handler = getattr(self, f"op_{op}", None)
             if handler is not None:
                 handler(node)
-            elif op in _UNARY:
+            elif op in UNARY:
                 self.same_as(node, 0)
-            elif op in _BINARY:
+            elif op in BINARY:
                 self.broadcast(node)
             elif op.startswith("Reduce"):
                 self.reduce(node)
             else:
                 self.unhandled.append(node)
-            if op in _FOLD:
+            if op in FOLD:
                 self._fold(node)
         finally:
             self.elems.update(saved)
@@ -457,7 +212,7 @@ class AxisAnalysis:
                 res = np.trunc(np.true_divide(*args)).astype(args[0].dtype)
             else:
                 with np.errstate(all="raise"):
-                    res = np.asarray(_FOLD[node.op_type](*args)).astype(args[0].dtype)
+                    res = np.asarray(FOLD[node.op_type](*args)).astype(args[0].dtype)
         except Exception:  # noqa: BLE001 - not foldable: the value stays unknown
             return
         if res.size > 16:
@@ -480,7 +235,7 @@ class AxisAnalysis:
             axis = -1
         else:
             attr = node.attributes.get("axis")
-            axis = int(attr.value) if attr is not None else _AXIS_OPS[node.op_type]
+            axis = int(attr.value) if attr is not None else AXIS_OPS[node.op_type]
         self.axis_ops.append((node, x, axis))
 
     def same_as(self, node: ir.Node, i: int) -> None:
@@ -620,7 +375,7 @@ class AxisAnalysis:
         if "axes" in node.attributes:
             axes = list(node.attributes["axes"].value)
         elif len(node.inputs) > 1 and node.inputs[1] is not None:
-            arr = _int_array(node.inputs[1])
+            arr = int_array(node.inputs[1])
             axes = None if arr is None else arr.tolist()
         keep = node.attributes["keepdims"].value if "keepdims" in node.attributes else 1
         r = len(x)
@@ -656,7 +411,7 @@ class AxisAnalysis:
         axis = node.attributes["axis"].value if "axis" in node.attributes else 0
         dax, iax = self.get(data), self.get(idx)
         if data in self.elems:
-            arr = _int_array(idx)
+            arr = int_array(idx)
             if arr is not None:
                 el = self.elems[data]
                 try:
@@ -680,7 +435,7 @@ class AxisAnalysis:
         if "axes" in node.attributes:
             axes = list(node.attributes["axes"].value)
         else:
-            arr = _int_array(node.inputs[1]) if len(node.inputs) > 1 else None
+            arr = int_array(node.inputs[1]) if len(node.inputs) > 1 else None
             if arr is None:  # axes computed at run time: not modelled (the closed world decides)
                 self.unhandled.append(node)
                 return
@@ -706,7 +461,7 @@ class AxisAnalysis:
         if "axes" in node.attributes:
             axes = list(node.attributes["axes"].value)
         elif len(node.inputs) > 1 and node.inputs[1] is not None:
-            arr = _int_array(node.inputs[1])
+            arr = int_array(node.inputs[1])
             if arr is None:  # axes computed at run time: not modelled (the closed world decides)
                 self.unhandled.append(node)
                 return
@@ -1090,7 +845,7 @@ class AxisAnalysis:
         if x is None:
             return
         ins = list(node.inputs) + [None] * (4 - len(node.inputs))
-        scales = _const_floats(ins[2])
+        scales = const_floats(ins[2])
         sizes = self.elems.get(ins[3]) if ins[3] is not None else None
         out = []
         for k, a in enumerate(x):
@@ -1523,26 +1278,3 @@ class AxisAnalysis:
                 except UnifyError as e:
                     self.conflicts.append(f"RotaryEmbedding {node.name}: {e}")
 
-
-#: operator domains whose ops the handlers below model (com.microsoft: the fused ops that
-#: are recognised, so that fused graphs are described before they are refused)
-_DOMAINS = ("", "ai.onnx", "com.microsoft")
-#: ops that combine the elements along one axis, with the default of their ``axis`` attribute
-#: (opset 13+; CumSum takes its axis as an input)
-_AXIS_OPS = {"CumSum": None, "Softmax": -1, "LogSoftmax": -1, "Hardmax": -1, "ArgMax": 0,
-             "ArgMin": 0, "TopK": -1, "LpNormalization": -1, "Trilu": None}
-
-_UNARY = {
-    "Abs", "Neg", "Sqrt", "Reciprocal", "Exp", "Log", "Erf", "Tanh", "Sigmoid", "Relu", "Gelu",
-    "Softmax", "LogSoftmax", "IsNaN", "IsInf", "Not", "Cos", "Sin", "Softplus", "HardSigmoid",
-    "Mish", "Elu", "Selu", "LeakyRelu", "FastGelu", "BiasGelu", "QuickGelu", "Trilu", "Round",
-    "Floor", "Ceil", "Sign", "HardSwish", "Celu", "ThresholdedRelu", "Clip", "CumSum",
-}
-#: arithmetic ``_fold`` evaluates on constants alone
-_FOLD = {"Pow": np.power, "Sqrt": np.sqrt, "Mul": np.multiply, "Div": np.true_divide,
-         "Add": np.add, "Sub": np.subtract, "Floor": np.floor, "Ceil": np.ceil, "Cast": None}
-_BINARY = {
-    "Add", "Sub", "Mul", "Div", "Pow", "Equal", "Less", "LessOrEqual", "Greater",
-    "GreaterOrEqual", "And", "Or", "Xor", "Max", "Min", "Mod", "Where", "BitShift", "PRelu",
-    "Sum", "Mean",
-}
