@@ -18,16 +18,18 @@ Nothing here looks at initializer names or searches for numbers: a literal is on
 explained through the shape arithmetic of the operator that consumes it.
 
 The package, by seam: ``atoms`` (the atom algebra: find, leaves, unify, split), ``elements``
-(the elements of shape vectors and the literals they explain), ``analysis`` (``AxisAnalysis``,
-the driver, what it records and the operator rules) and ``closed_world`` (which domains and
-ops are modelled).
+(the elements of shape vectors and the literals they explain), ``analysis`` (``AxisAnalysis``:
+the driver and what it records), ``rules`` (one function per operator, by family:
+``elementwise``, ``shape``, ``reshape``, ``slicing``, ``linear``, ``norm_attention``) and
+``closed_world`` (which domains and ops are modelled: the rules' registry and the op lists).
 """
 
+from . import rules  # registers the operator rules
 from .analysis import AxisAnalysis
 from .atoms import Atom, Axis, UnifyError, find, leaves, size_of, split_atom, unify, union
 from .elements import INT_BIG, UNK, Elem, LiteralUse, const_floats, int_array
 
 __all__ = [
-    "Atom", "Axis", "AxisAnalysis", "Elem", "INT_BIG", "LiteralUse", "UNK", "UnifyError",
+    "rules", "Atom", "Axis", "AxisAnalysis", "Elem", "INT_BIG", "LiteralUse", "UNK", "UnifyError",
     "const_floats", "find", "int_array", "leaves", "size_of", "split_atom", "unify", "union",
 ]
