@@ -5,6 +5,8 @@ component works from what it is given, not from another module's internals."""
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parent.parent / "lemon_onnx"
 
 #: underscore attributes of other libraries' objects that are their documented way in
@@ -128,3 +130,21 @@ def test_the_assignment_check_catches_what_it_is_for():
     hits = [attr for _, _, attr in _stores(tree)
             if owners.get(attr) and "lemon_onnx/mlp.py" not in owners[attr]]
     assert hits == ["role"]
+
+
+def test_every_operator_rule_is_one_registered_function():
+    """The axis analysis's operator rules (``lemon_onnx/dims/rules``) are plain functions found
+    through one registry: the named ops, the elementwise lists and the Reduce* prefix reach
+    their rule, a second rule for an op type is refused, and an op without one is unhandled."""
+    from lemon_onnx.dims import closed_world as cw
+
+    assert cw.rule_for("MatMul").__module__ == "lemon_onnx.dims.rules.linear"
+    assert cw.rule_for("SimplifiedLayerNormalization") is cw.rule_for("RMSNormalization")
+    assert all(cw.rule_for(op) is not None for op in cw.UNARY | cw.BINARY)
+    assert cw.rule_for("Div").__name__ == "div" and cw.rule_for("Add").__name__ == "broadcast"
+    assert cw.rule_for("ReduceMean") is cw.rule_for("ReduceSumSquare") is not None
+    assert cw.rule_for("Einsum") is None
+    before = dict(cw.RULES)
+    with pytest.raises(ValueError, match="two rules for MatMul"):
+        cw.rule("MatMul")(lambda an, node: None)
+    assert cw.RULES == before
