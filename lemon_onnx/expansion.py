@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from . import estimate, io, signals
+from . import atomic, estimate, io, signals
 from .errors import (Float64Unavailable, InputError, InternalError, MismatchError, PlanError,
                      RuntimeFailure, UnsupportedModelError, contract_errors, one_line)
 from .plan import PLAN_KEY, Plan, chained, make_plan
@@ -603,7 +603,7 @@ def _record_plan(path: Path, plan: Plan) -> None:
             entry.value = plan.to_json()
     tmp = path.with_name(path.name + ".plan")
     onnx.save(proto, str(tmp))
-    os.replace(tmp, path)
+    atomic.replace_file(tmp, path)
 
 
 def write_report(report, where: str | os.PathLike) -> None:
@@ -613,14 +613,7 @@ def write_report(report, where: str | os.PathLike) -> None:
     if str(where) == "-":
         print(text, file=sys.stdout, flush=True)
         return
-    dest = Path(where)
-    with signals.deferred():
-        tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-        try:
-            tmp.write_text(text)
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+    atomic.write_text(Path(where), text)
 
 
 class Staging:

@@ -34,7 +34,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import hfconfig, signals
+from . import atomic, hfconfig, signals
 from .errors import InputError, InternalError, UnsupportedModelError, contract_errors
 from .progress import Progress
 
@@ -392,22 +392,10 @@ def _first(cfg: dict, keys) -> int | None:
 def _commit(stage: Path, dest: Path) -> None:
     """Rename the finished folder into place; an earlier output folder is moved aside first
     and removed after."""
-    with signals.deferred():
-        signals.check()
-        signals.commit_started()
-        old = None
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old{os.getpid()}")
-            os.replace(dest, old)
-        try:
-            os.replace(stage, dest)
-        except OSError:
-            if old is not None:
-                os.replace(old, dest)
-            raise
-        stage.mkdir()  # for the caller's cleanup
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    old = atomic.commit_folder(stage, dest, dest.with_name(f".{dest.name}.old{os.getpid()}"))
+    stage.mkdir()  # for the caller's cleanup
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclasses.dataclass

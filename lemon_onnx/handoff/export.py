@@ -38,7 +38,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from .. import hfconfig, io, signals
+from .. import atomic, hfconfig, io, signals
 from ..graph import const_tensor
 from ..recognize import recognize
 from . import names, refs as refs_mod, safetensors_out, schedule
@@ -261,18 +261,7 @@ class _Staging:
         return self
 
     def commit(self) -> None:
-        with signals.deferred():
-            signals.check()
-            signals.commit_started()
-            old = self.dir / "old"
-            if self.dest.exists():
-                os.replace(self.dest, old)
-            try:
-                os.replace(self.path, self.dest)
-            except OSError:
-                if old.exists():
-                    os.replace(old, self.dest)
-                raise
+        atomic.commit_folder(self.path, self.dest, self.dir / "old")  # removed with self.dir
 
     def __exit__(self, *exc) -> None:
         with signals.deferred():
