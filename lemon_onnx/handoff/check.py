@@ -33,7 +33,6 @@ from ..estimate import available_memory
 from ..verification import compare as cmp
 from ..verification.inputs import DEFAULT_CASES, synthesize as synthesize_feeds
 from ..verification.precision import float64_bytes, run_float64
-from ..verification.report import OutputReport
 from ..verification.runtime import make_session, run_session
 from .errors import HandoffError
 from .probe import Outputs, forward_kwargs, quiet

@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from ..graph import back_pass, const_tensor
+from ..graph import const_tensor
 from .errors import HandoffError
 from .probe import Binding, Probe
 from .refs import Key, Refs

@@ -112,7 +112,8 @@ from .core import FLOAT64_MODES, verify
 from .inputs import DEFAULT_CASES, load_inputs, save_inputs_npz, synthesize_inputs
 from .models import PLAN_KEY
 from .precision import run_float64, to_float64
-from .report import SCHEMA_VERSION, OutputReport, VerifyReport
+from .compare import OutputReport
+from .report import SCHEMA_VERSION, VerifyReport
 from .runtime import CPU, CUDA, make_session
 
 __all__ = [

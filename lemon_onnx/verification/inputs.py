@@ -44,7 +44,6 @@ def roles_from_graph(ir_model, desc) -> dict:
     token-type table ``token_type``, into any other constant table (position embeddings,
     rotary cos/sin caches) ``position``; any other integer input (it feeds arithmetic: the
     attention mask) ``mask``; float inputs ``float``."""
-    from ..recognize import const_source
 
     g = ir_model.graph
     emb = desc.embeddings
@@ -112,7 +111,7 @@ def image_inputs(ir_model, desc) -> dict[str, ImageInput]:
     where it is interpolated: DINOv2) less the rows of those concatenated with them (cls and
     distillation tokens); the patches laid out in the most nearly square grid, each side
     through the convolutions' arithmetic back to pixels."""
-    from ..graph import back_pass, const_shape, const_source, data_ancestors
+    from ..graph import back_pass, const_shape, const_source
 
     emb = desc.embeddings
     if not emb.patch_conv or not emb.patch_weight:

@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from .compare import OutputReport
 
 #: version of the JSON report's layout; bumped when a field changes meaning or goes away
 SCHEMA_VERSION = 2

@@ -210,7 +210,6 @@ def check(src_dir, out_dir, *, provider: str = "auto", seed: int = 0,
     for name, ref in enc_a.items():
         rows.append(_compare("encoder", name, ref, enc_b[name], rtol, False))
     hidden_a, hidden_b = next(iter(enc_a.values())), next(iter(enc_b.values()))
-    dec_name = DECODER if DECODER in a.sessions else MERGED
     vocab = describe(as_ir(str(a.paths[ENCODER]))[0]).vocab
     rng = np.random.default_rng([int(seed), 17])
     ids = rng.integers(0, vocab, size=(batch, n_dec)).astype(np.int64)

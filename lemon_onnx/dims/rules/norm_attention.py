@@ -69,7 +69,7 @@ def attention(an: AxisAnalysis, node: ir.Node) -> None:
         return
     mask = an.get(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
     if mask is not None and len(mask) >= 2 and k is not None:
-        seq_q, seq_k = (q[-2], k[-2]) if len(q) == 4 else (q[-2], k[-2])
+        seq_q, seq_k = q[-2], k[-2]  # the sequence axis: [B, S, H*hd] and [B, H, S, hd] alike
         for m_ax, s_ax in ((mask[-2], seq_q), (mask[-1], seq_k)):
             if size_of(m_ax) != 1 and size_of(s_ax) != 1:
                 an.try_unify(m_ax, s_ax, f"Attention mask {node.name}")

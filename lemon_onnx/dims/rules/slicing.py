@@ -66,14 +66,14 @@ def slice_(an: AxisAnalysis, node: ir.Node) -> None:
                 hi = min(hi, size)
                 halves = _cut_in_two(an, node, data, ax, size)
                 if 2 * lo == size and hi == size and lo > 0 and halves:  # second half
-                    out[ax] = _halve(an, node, x[ax], s, second=True)
+                    out[ax] = _halve(an, node, x[ax], s)
                     continue
                 if lo == 0 and 2 * hi == size and halves:  # first half
-                    out[ax] = _halve(an, node, x[ax], e_, second=False)
+                    out[ax] = _halve(an, node, x[ax], e_)
                     continue
             if lo < 0 and size is not None and hi >= INT_BIG and 2 * -lo == size \
                     and _cut_in_two(an, node, data, ax, size):
-                out[ax] = _halve(an, node, x[ax], s, second=True, neg=True)
+                out[ax] = _halve(an, node, x[ax], s)
                 continue
             out[ax] = an.fresh_from_inferred(node.outputs[0], ax, "slice",
                                              cut=(s.value, e_.value, step))
@@ -148,7 +148,7 @@ def _cut_in_two(an: AxisAnalysis, node: ir.Node, data: ir.Value, axis: int, size
     return {(0, size // 2), (size // 2, size)} <= spans
 
 
-def _halve(an: AxisAnalysis, node: ir.Node, axis: Axis, lit: Elem, second: bool, neg: bool = False):
+def _halve(an: AxisAnalysis, node: ir.Node, axis: Axis, lit: Elem):
     """x[..., :n/2] or x[..., n/2:]: the axis is (2, n/2) row-major; return the half atom."""
     two, half = Atom(2, origin="half-count"), Atom(size_of(axis) // 2, origin="half")
     try:
