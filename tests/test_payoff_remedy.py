@@ -110,9 +110,11 @@ def test_the_quick_payoff_run_keeps_the_inherited_loss(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    # one thread: the suite runs one pytest worker per core beside it; the timeout only
+    # guards against a hang (76 s on an idle machine, 600 s was exceeded on a loaded one)
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "training_payoff.py"),
-                        "--quick", "--out", str(tmp_path)], capture_output=True, text=True,
-                       env=env, timeout=600)
+                        "--quick", "--threads", "1", "--out", str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
     (run,) = res["runs"]
