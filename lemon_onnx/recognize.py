@@ -109,6 +109,7 @@ class Recognizer(GraphIndex):
 
     def run(self) -> ModelDescription:
         g = self.graph
+        _refuse_quantised(g)
         fused = sorted({n.op_type for n in g if n.domain == "com.microsoft"}
                        - fused_ops_claimed())
         if fused:
@@ -288,6 +289,35 @@ def _plan_of(model: ir.Model) -> dict | None:
     except ValueError:
         return None
 
+
+
+#: operators of quantised graphs (ONNX's and ONNX Runtime's): integer weights, their scales and
+#: zero points, and the kernels that compute with them
+QUANTISED_OPS = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+    "ConvInteger", "QLinearMatMul", "QLinearConv", "QLinearAdd", "QLinearMul", "QGemm",
+    "MatMulNBits", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QAttention",
+    "GatherBlockQuantized", "MatMulBnb4", "QOrderedMatMul", "QOrderedAttention",
+    "DynamicQuantizeLSTM",
+})
+
+
+def _refuse_quantised(graph: ir.Graph) -> None:
+    """A quantised graph (integer weights with scales, or kernels that take them): the exact
+    splits of an expansion are not on the quantisation grid, so expanding it would either
+    change its numbers or its quantisation.  Refused (exit 2), naming the ops."""
+    found: dict[str, int] = {}
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        if node.op_type in QUANTISED_OPS:
+            found[node.op_type] = found.get(node.op_type, 0) + 1
+    if found:
+        ops = ", ".join(f"{op} x{n}" for op, n in sorted(found.items()))
+        raise UnsupportedModelError(
+            f"This graph is quantised ({ops}); lemon-onnx expands float models (float32, "
+            "float16, bfloat16): the new weights of a lossless expansion are exact splits "
+            "of the old ones, which a quantisation grid does not hold. Nothing was written.",
+            hint="Expand the float model, then quantise the expanded model (for example "
+                 "onnxruntime.quantization.quantize_dynamic).")
 
 
 def _refuse_hidden_reads(graph: ir.Graph) -> None:

@@ -126,3 +126,42 @@ def test_onnxruntime_fused_graphs_are_refused_clearly(tmp_path, name):
     _fuse_skip_layernorm(FIXTURES / name, path)
     res = run_cli("inspect", path)
     assert_clean_exit2(res, "com.microsoft", "SkipLayerNormalization", "unoptimised")
+
+
+def _qdq_weight(src, dst):
+    """One MatMul weight stored as int8 with a scale and read through DequantizeLinear, the
+    QDQ form static quantisation writes (made by hand: no calibration data needed)."""
+    m = onnx.load(str(src))
+    inits = {t.name: t for t in m.graph.initializer}
+    mm = next(n for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in inits)
+    w = numpy_helper.to_array(inits[mm.input[1]])
+    scale = np.float32(np.abs(w).max() / 127)
+    q = np.round(w / scale).astype(np.int8)
+    name = mm.input[1]
+    m.graph.initializer.remove(inits[name])
+    m.graph.initializer.extend([numpy_helper.from_array(q, name + "_q"),
+                                numpy_helper.from_array(np.array(scale), name + "_scale")])
+    m.graph.node.insert(0, helper.make_node("DequantizeLinear", [name + "_q", name + "_scale"],
+                                            [name], name="dq0"))
+    onnx.save(m, str(dst))
+
+
+@pytest.mark.parametrize("how", ["qdq", "dynamic"])
+def test_quantised_graphs_are_refused_naming_the_ops(tmp_path, how):
+    src = FIXTURES / "gpt2-ts17.onnx"
+    path = tmp_path / "q.onnx"
+    if how == "qdq":
+        _qdq_weight(src, path)
+        needles = ("quantised", "DequantizeLinear x1", "quantise the expanded model")
+    else:  # what ONNX Runtime's dynamic quantisation writes
+        quantization = pytest.importorskip("onnxruntime.quantization")
+        quantization.quantize_dynamic(str(src), str(path))
+        needles = ("quantised", "DynamicQuantizeLinear", "MatMulInteger",
+                   "quantise the expanded model")
+    assert_clean_exit2(run_cli("inspect", path), *needles)
+    res = run_cli("expand", path, "-o", tmp_path / "out.onnx", "--width", "2")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    last = res.stderr.strip().splitlines()[-1]  # after the progress lines
+    assert last.startswith("lemon-onnx: error: ") and all(n.lower() in last.lower()
+                                                          for n in needles), last
+    assert not (tmp_path / "out.onnx").exists()
