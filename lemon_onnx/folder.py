@@ -13,7 +13,7 @@ Transformers.js) takes the same layout and sizes the KV cache from ``config.json
    ``decoder_*`` files the decoder stack, anything else the model's only stack).  A file
    lemon-onnx cannot expand stops the whole folder (exit 2): an output holding one expanded
    file beside an unexpanded one would be a broken model;
-2. each file is expanded and verified by ``expand.expand`` with the same options and seed, so
+2. each file is expanded and verified by ``expansion.expand`` with the same options and seed, so
    the same block of two files (``decoder_model`` and ``decoder_with_past_model``) gets the same
    weights: the random splits are seeded by (seed, block, role), the maps by the sizes;
 3. the plans of one stack must agree (sizes and layer order), and across stacks the hidden
@@ -194,7 +194,7 @@ def _check_output(src: Path, dest: Path, files: list[Path]) -> None:
 
 def expand_folder(src, out, *, progress: Progress | bool = False, **options) -> FolderResult:
     """Expand every model file of the export folder ``src`` into the folder ``out`` (the
-    keyword options are ``expand.expand``'s); nothing is at ``out`` unless all verified."""
+    keyword options are ``expansion.expand``'s); nothing is at ``out`` unless all verified."""
     from .expansion import output_folder
 
     if not isinstance(progress, Progress):

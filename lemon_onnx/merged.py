@@ -13,7 +13,7 @@ consistently (``expand_merged``):
 1. ``split``: each branch becomes a standalone model (its nodes and outputs, the outer
    initializers and inputs it reads; the placeholders left out): the two decoders as the
    unmerged files hold them;
-2. each is expanded (and verified against the standalone source branch) by ``expand.expand``
+2. each is expanded (and verified against the standalone source branch) by ``expansion.expand``
    with the same options and seed: the same block gets the same weights in both (the random
    splits are keyed by seed, block and role);
 3. ``merge``: the two expanded decoders are merged back as optimum merges them (identical
@@ -47,7 +47,7 @@ __all__ = ["BranchesReport", "MergedDecoder", "Split", "describe", "expand_merge
 class MergedDecoder(UnsupportedModelError):
     """Raised by the single-file pipeline when the file it loaded is a merged decoder: it is
     expanded through its branches instead (``expand_merged``, which writes files); only the
-    in-memory form (``expand.expand_model``) lets it through, as a refusal."""
+    in-memory form (``expansion.expand_model``) lets it through, as a refusal."""
 
     def __init__(self, path: str):
         super().__init__(f"{path} is a merged decoder (an If whose branches are the decoder "
@@ -365,7 +365,7 @@ def _labels(s: Split) -> dict:
 
 def expand_merged(src, out, *, progress=None, report=None, **options):
     """Expand a merged decoder through its two branches (module docstring); ``options`` are
-    ``expand.expand``'s.  Returns an ``ExpandResult`` whose verification is a
+    ``expansion.expand``'s.  Returns an ``ExpandResult`` whose verification is a
     ``BranchesReport``; nothing is written at ``out`` unless every step passed."""
     from .expansion import output_folder
     from .progress import Progress
