@@ -440,7 +440,7 @@ class FolderReport:
 
 def verify_folder(small, big, **options) -> FolderReport:
     """``verify`` for export folders: each model file of ``big`` against the file of the same
-    name in ``small`` (``verify.verify``'s ``options``), then an encoder-decoder's pipeline."""
+    name in ``small`` (``verification.verify``'s ``options``), then an encoder-decoder's pipeline."""
     from .verification import seq2seq, verify
 
     small, big = Path(small), Path(big)

@@ -496,7 +496,7 @@ def _check_merge(merged_path: Path, branches: dict, cond: str, seed: int) -> str
 def verify_merged(small, big, **options) -> BranchesReport:
     """``verify`` for two merged decoders: each branch of ``big`` against the same branch of
     ``small`` (the branches carry the merged file's plan, which maps both's inputs);
-    ``options`` are ``verify.verify``'s."""
+    ``options`` are ``verification.verify``'s."""
     from .verification import verify
 
     a, b = split(onnx.load(str(small))), split(onnx.load(str(big)))
