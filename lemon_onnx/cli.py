@@ -45,6 +45,20 @@ def _report_failure(exc: BaseException) -> int:
     return getattr(err, "exit_code", 4)
 
 
+def _import_compiled() -> None:
+    """Import the compiled libraries the commands use while signals wait, then raise a signal
+    that came meanwhile (exit 130).  An interrupt raised inside a compiled module's own
+    initialisation aborts the interpreter instead (onnx's nanobind or ONNX Runtime's pybind11
+    init: measured exit -6 or -11 in about 1 of 100 runs when SIGINT came during those imports,
+    tests/test_contract.py's random moments); imported here, the later imports find them."""
+    with signals.deferred():
+        import ml_dtypes  # noqa: F401
+        import numpy  # noqa: F401
+        import onnx  # noqa: F401
+        import onnx_ir  # noqa: F401
+        import onnxruntime  # noqa: F401
+
+
 def guarded(fn):
     """Turn every failure into a one-paragraph message and the contract's exit code (also
     when the group is invoked without ``main``, e.g. by click's test runner)."""
@@ -52,6 +66,7 @@ def guarded(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            _import_compiled()
             return fn(*args, **kwargs)
         except click.exceptions.Exit:
             raise
