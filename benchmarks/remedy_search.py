@@ -10,6 +10,11 @@ Options: ``--kfac`` multiplies the rate of every weight matrix except the embedd
 width k), ``--inherit-fac`` the rate of every parameter, ``--vecfac`` that of the vectors
 (biases, norms), ``--prefill N`` fills Adam's statistics on N batches at rate ``--prefill-lr``
 (0) first; ``--warmup``/``--horizon``: the schedule.  The curve goes to ``--out`` (JSON).
+``--schedule-factors`` takes the hand-off's own ``lr_factors`` (lemon_schedule.json) instead
+of ``--kfac``; ``--kfac-hold H --kfac-ramp R`` keep those factors for H steps, then ramp them
+linearly to 1 over R steps; ``--eps``/``--beta2``: AdamW's.  ``--record FILE --label L --what
+W`` appends the run (arguments, curve, rises) to FILE's ``runs`` (benchmarks/payoff/
+remedy_exploration2.json).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import training_payoff as tp  # noqa: E402
-from lemon_onnx.handoff.schedule import lr_factor  # noqa: E402
+from lemon_onnx.handoff.schedule import load, lr_factor  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -44,6 +49,14 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--corpus-mb", type=float, default=8.0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--schedule-factors", action="store_true")
+    ap.add_argument("--kfac-hold", type=int, default=None)
+    ap.add_argument("--kfac-ramp", type=int, default=0)
+    ap.add_argument("--eps", type=float, default=1e-8)
+    ap.add_argument("--beta2", type=float, default=0.95)
+    ap.add_argument("--record", default=None)
+    ap.add_argument("--label", default=None)
+    ap.add_argument("--what", default=None)
     a = ap.parse_args(argv)
     import transformers as tf
 
@@ -51,16 +64,35 @@ def main(argv=None) -> int:
     tr, va = tp.corpus(a.corpus_mb)
     data = tp.Batches(tr, va, 16, 64, a.seed, 256)
     m = tf.AutoModelForCausalLM.from_pretrained(a.handoff, attn_implementation="eager")
-    groups: dict[float, list] = {}
+    factors = {}
+    if a.schedule_factors:
+        factors = (load(a.handoff).get("remedy") or {}).get("lr_factors") or {}
+    groups: dict[tuple, list] = {}
+    seen = set()
     for n, p in m.named_parameters():
-        f = a.inherit_fac
-        if p.ndim == 2 and not any(e in n for e in ("wte", "wpe", "embed_tokens")):
-            f *= a.kfac
-        elif p.ndim == 1:
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        f, k = a.inherit_fac, 1.0
+        if a.schedule_factors:
+            k = float(factors.get(n, 1.0))
+        elif p.ndim == 2 and not any(e in n for e in ("wte", "wpe", "embed_tokens")):
+            k = a.kfac
+        if p.ndim == 1:
             f *= a.vecfac
-        groups.setdefault(f, []).append(p)
-    opt = torch.optim.AdamW([{"params": ps, "fac": f} for f, ps in groups.items()], lr=a.lr,
-                            betas=(0.9, 0.95), weight_decay=0.1)
+        groups.setdefault((f, k), []).append(p)
+    opt = torch.optim.AdamW([{"params": ps, "base": f, "k": k} for (f, k), ps in groups.items()],
+                            lr=a.lr, betas=(0.9, a.beta2), eps=a.eps, weight_decay=0.1)
+
+    def kf(k: float, step: int) -> float:  # the 1/k factor, held then ramped to 1
+        if a.kfac_hold is None or step < a.kfac_hold:
+            return k
+        if a.kfac_ramp <= 0 or step >= a.kfac_hold + a.kfac_ramp:
+            return 1.0
+        return k + (1.0 - k) * (step - a.kfac_hold) / a.kfac_ramp
+
+    for g in opt.param_groups:
+        g["fac"] = g["base"] * g["k"]
     torch.manual_seed(a.seed)
     for i in range(a.prefill):  # the batches no run trains on
         for g in opt.param_groups:
@@ -75,7 +107,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     for step in range(a.steps):
         for g in opt.param_groups:
-            g["lr"] = a.lr * g["fac"] * lr_factor(step, a.horizon, a.warmup)
+            g["lr"] = (a.lr * g["base"] * kf(g["k"], step) *
+                       lr_factor(step, a.horizon, a.warmup))
         x = data(step)
         loss = m(input_ids=x, labels=x).loss
         opt.zero_grad()
@@ -91,6 +124,16 @@ def main(argv=None) -> int:
           f" end {curve[-1][1]:.4f} ({time.perf_counter() - t0:.0f} s)")
     if a.out:
         Path(a.out).write_text(json.dumps({"args": vars(a), "curve": curve}) + "\n")
+    if a.record:
+        rec = Path(a.record)
+        doc = json.loads(rec.read_text()) if rec.exists() else {"runs": []}
+        doc["runs"].append({
+            "label": a.label, "what": a.what, "handoff": a.handoff,
+            "args": {k: v for k, v in vars(a).items() if k not in ("record", "out")},
+            "rise_first_200_steps": first / v0 - 1,
+            "rise_overall": max(v for _, v in curve) / v0 - 1,
+            "end": curve[-1][1], "seconds": round(time.perf_counter() - t0, 1), "curve": curve})
+        rec.write_text(json.dumps(doc, indent=1) + "\n")
     return 0
 
 

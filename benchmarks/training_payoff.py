@@ -19,7 +19,8 @@ expansion's random splits):
    horizon); the best final validation loss is the seed's target.
 4. The handed-off model continues with lemon_schedule.json's schedule (cosine over half the
    scratch horizon, 5% warmup) twice: plain, at the scratch-best rate; and with the schedule's
-   ``remedy`` (per-parameter rate factors, Adam warm start, its peak rate).
+   ``remedy`` (per-parameter rate factors, its longer warmup, its peak rate: the scratch-best
+   one; an Adam warm start when it asks for one).
 Reported (results.json): per run the curves, the worst validation-loss rise in the first 200
 steps and overall, the steps (warm-start steps counted), training seconds and compute
 (6 x parameters x tokens) to the target; per architecture their mean and spread over the seeds.
@@ -55,7 +56,7 @@ from lemon_onnx import io  # noqa: E402
 from lemon_onnx.expansion import expand_model  # noqa: E402
 from lemon_onnx.handoff import export_torch  # noqa: E402
 from lemon_onnx.handoff.schedule import (lr_factor, param_groups,  # noqa: E402
-                                         warm_start)
+                                         remedy_lr_factor, remedy_warmup, warm_start)
 from lemon_onnx.verification import verify  # noqa: E402
 
 
@@ -148,13 +149,16 @@ def train(model, data: Batches, *, steps: int, peak_lr: float, horizon: int, war
           early_eval_every: int | None = None, early_steps: int = 200) -> dict:
     """AdamW with linear warmup and a cosine to 0 at ``horizon``; validation loss every
     ``eval_every`` steps (every ``early_eval_every`` during the first ``early_steps``; step 0
-    included).  With ``schedule`` (lemon_schedule.json) the parameters take its per-parameter
-    learning-rate factors and Adam's statistics are filled on ``warm_start_steps`` batches at
-    learning rate 0 first (batches the run itself never sees).  Wall time counts training steps
+    included).  With ``schedule`` (lemon_schedule.json) the parameters take its remedy: the
+    per-parameter learning-rate factors, its warmup (``warmup`` is ignored) and Adam's
+    statistics filled on ``warm_start_steps`` batches at learning rate 0 first (batches the
+    run itself never sees).  Wall time counts training steps
     and warm-start steps."""
     groups = (param_groups(model, schedule, peak_lr) if schedule is not None else
               [{"params": list(model.parameters()), "lr": peak_lr, "lemon_lr_factor": 1.0}])
     opt = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.95), weight_decay=0.1)
+    if schedule is not None:
+        warmup = remedy_warmup(schedule, horizon)
     spent = 0.0
     if warm_start_steps:
         t0 = time.perf_counter()
@@ -165,7 +169,9 @@ def train(model, data: Batches, *, steps: int, peak_lr: float, horizon: int, war
     model.train()
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = peak_lr * group["lemon_lr_factor"] * lr_factor(step, horizon, warmup)
+            group["lr"] = peak_lr * (
+                remedy_lr_factor(step, horizon, schedule, group["lemon_lr_factor"])
+                if schedule is not None else lr_factor(step, horizon, warmup))
         t0 = time.perf_counter()
         x = data(step)
         loss = model(input_ids=x, labels=x).loss

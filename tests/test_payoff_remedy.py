@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from lemon_onnx.handoff.schedule import (advice, load, lr_factors, param_groups, remedy,
+from lemon_onnx.handoff.schedule import (advice, load, lr_factor, lr_factors, param_groups,
+                                         remedy, remedy_lr_factor, remedy_warmup, scheduler,
                                          warm_start)
 from conftest import ROOT
 
@@ -43,7 +44,7 @@ def test_factors_follow_each_weights_input_axis():
     assert lr_factors(same, tensors) == {}  # depth only: nothing is copied side by side
     r = advice(PLAN, [], tensors)["remedy"]
     assert r == remedy(PLAN, tensors) and r["lr_factors"] == f
-    assert r["adam_warm_start_steps"] > 0 and 0 < r["peak_lr_relative_to_scratch_best"] <= 1
+    assert r["adam_warm_start_steps"] >= 0 and 0 < r["peak_lr_relative_to_scratch_best"] <= 1
     json.dumps(r)
 
 
@@ -122,7 +123,8 @@ def test_the_quick_payoff_run_keeps_the_inherited_loss(tmp_path):
     assert run["handoff"]["val_loss_handed_off"] == pytest.approx(
         run["handoff"]["val_loss_small"], rel=1e-4)
     rem = next(e for e in run["expanded"] if e["variant"] == "remedy")
-    assert rem["warm_start_steps"] > 0 and rem["rises"]["rise_first_steps"] <= 0.05
+    assert rem["rises"]["rise_first_steps"] <= 0.05
+    assert rem["peak_lr"] == run["scratch_best_lr"]  # the issue's rate, not a reduced one
     assert res["summary"]["gpt2"]["remedy"]["no_spike_all_seeds"]
 
 
@@ -151,3 +153,55 @@ def test_a_trainer_keeps_the_factors_and_warm_starts(tmp_path):
     assert float(opt.state[w]["step"]) == 3 + 2  # warm start, then the two training steps
     lrs = {g["lemon_lr_factor"]: g["lr"] for g in opt.param_groups}
     assert lrs == {1.0: pytest.approx(1e-3), 0.5: pytest.approx(5e-4)}
+
+
+def test_the_remedys_rate_warms_up_and_keeps_or_ramps_the_factors():
+    torch, model = _tiny()
+    sched = {"remedy": {"lr_factors": {"a.weight": 0.5}, "warmup_steps": 200,
+                        "lr_factor_hold_steps": None, "lr_factor_ramp_steps": 0}}
+    assert remedy_warmup(sched, 1000) == 200 and remedy_warmup(sched, 100) == 50  # <= half
+    f = [remedy_lr_factor(s, 1000, sched) for s in range(1001)]
+    assert f[0] == pytest.approx(1 / 200) and f[199] == 1.0 and f[-1] == 0.0
+    assert f == [lr_factor(s, 1000, 200) for s in range(1001)]
+    assert remedy_lr_factor(500, 1000, sched, 0.5) == pytest.approx(0.5 * f[500])  # held
+    ramp = {"remedy": dict(sched["remedy"], lr_factor_hold_steps=300, lr_factor_ramp_steps=100)}
+    assert remedy_lr_factor(299, 1000, ramp, 0.5) == pytest.approx(0.5 * f[299])
+    assert remedy_lr_factor(350, 1000, ramp, 0.5) == pytest.approx(0.75 * f[350])
+    assert remedy_lr_factor(400, 1000, ramp, 0.5) == pytest.approx(f[400])
+    opt = torch.optim.AdamW(param_groups(model, sched, 1e-2))
+    lr = scheduler(opt, sched, 1000)
+    for step in range(3):
+        opt.step()
+        lr.step()
+    assert {g["lemon_lr_factor"]: g["lr"] for g in opt.param_groups} == {
+        1.0: pytest.approx(1e-2 * f[3]), 0.5: pytest.approx(0.5e-2 * f[3])}
+    r = remedy(PLAN, [])
+    assert r["peak_lr_relative_to_scratch_best"] == 1.0 and r["warmup_steps"] > 0
+
+
+def test_the_readmes_remedy_loop_runs(tmp_path):
+    """The README's remedy loop ("Keeping the inherited loss") on a saved model and a
+    lemon_schedule.json: factors, warm start, the remedy's warmup."""
+    torch = pytest.importorskip("torch")
+    tf = pytest.importorskip("transformers")
+    from conftest import ROOT as root
+
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=32, n_positions=8, n_embd=16,
+                                             n_layer=1, n_head=2, use_cache=False))
+    model.save_pretrained(tmp_path)
+    sched = {"remedy": remedy(PLAN, [])}
+    sched["remedy"]["lr_factors"] = {"transformer.h.0.mlp.c_fc.weight": 0.5}
+    (tmp_path / "lemon_schedule.json").write_text(json.dumps(sched))
+    text = (root / "README.md").read_text()
+    start = text.index("```python", text.index("In a PyTorch loop (`DIR`")) + len("```python")
+    code = text[start:text.index("```", start)].replace('"DIR', f'"{tmp_path}')
+    gen = torch.Generator().manual_seed(0)
+    scope = {"batches": [torch.randint(0, 32, (2, 8), generator=gen) for _ in range(3)]}
+    exec(code, scope)
+    horizon, peak, opt = scope["horizon"], scope["peak_lr"], scope["opt"]
+    assert (horizon, peak) == (1500, 3e-3)
+    for g in opt.param_groups:  # three steps into the remedy's warmup, each group's factor kept
+        assert g["lr"] == pytest.approx(peak * g["lemon_lr_factor"] *
+                                        lr_factor(3, horizon, remedy_warmup(sched, horizon)))
+    assert {g["lemon_lr_factor"] for g in opt.param_groups} == {1.0, 0.5}
