@@ -131,8 +131,8 @@ def _prepare(src, *, width: float | None, depth: float | None, hidden: int | Non
         rec = Recognizer(model)
         desc = rec.run()
         release_all(model)  # unmap the weights recognition read (a tied head's table)
-        st.done((f"recognised {desc.family}: {desc.num_layers} layers, hidden "
-                      f"{desc.hidden}, heads {desc.heads}, ffn {desc.ffn}"))
+        st.done(f"recognised {desc.family}: {desc.num_layers} layers, hidden "
+                f"{desc.hidden}, heads {desc.heads}, ffn {desc.ffn}")
     if desc.blockers:
         raise UnsupportedModelError(
             "This graph has parts lemon-onnx cannot expand losslessly: " + "; ".join(desc.blockers)
@@ -203,9 +203,9 @@ def _rewrite(model, rec, desc, plan: Plan, progress: Progress) -> Plan:
             changes.update(outputs=outputs, rounded=width_res.rounded,
                            inputs={**plan.inputs, **memory_inputs(desc, maps.memory)})
             s, t = plan.source, plan.target
-            st.done((f"width: hidden {s['hidden']}->{t['hidden']}, ffn {s['ffn']}->"
-                          f"{t['ffn']}, heads {s['heads']}->{t['heads']} (stream form "
-                          f"{plan.stream_form}); {width_res.literals} size literals rewritten"))
+            st.done(f"width: hidden {s['hidden']}->{t['hidden']}, ffn {s['ffn']}->"
+                    f"{t['ffn']}, heads {s['heads']}->{t['heads']} (stream form "
+                    f"{plan.stream_form}); {width_res.literals} size literals rewritten")
     with progress.stage("depth") as st:
         if plan.target["layers"] != plan.source["layers"]:
             from .passes.depth import DepthPass
@@ -223,8 +223,8 @@ def _rewrite(model, rec, desc, plan: Plan, progress: Progress) -> Plan:
             notes += [n for n in depth_res.notes if n not in notes]
             changes.update(blocks=depth_res.blocks, layer_sources=depth_res.layer_sources,
                            exact=plan.exact and depth_res.exact)
-            st.done((f"depth: {plan.source['layers']}->{plan.target['layers']} layers "
-                          f"({plan.depth_placement}, {plan.depth_init})"))
+            st.done(f"depth: {plan.source['layers']}->{plan.target['layers']} layers "
+                    f"({plan.depth_placement}, {plan.depth_init})")
     if desc.caches:  # how verification feeds and compares the caches
         from .components.cache import plan_maps
 
@@ -365,8 +365,8 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
                     vreport = _verify(src, staging.path, inputs=inputs, atol=atol, rtol=rtol,
                                       provider=provider, layerwise=layerwise, seed=seed,
                                       float64=float64, blockwise=blockwise)
-                    st.done((f"verified on {vreport.provider_used}: "
-                                  f"{'PASS' if vreport.passed else 'FAIL'}"))
+                    st.done(f"verified on {vreport.provider_used}: "
+                            f"{'PASS' if vreport.passed else 'FAIL'}")
                 small, big = (str(x) for x in (names_as or (src, dest)))
                 vreport = dataclasses.replace(vreport, small=small, big=big)
                 if report is not None:
