@@ -160,7 +160,6 @@ class WidthPass(ir.passes.InPlacePass):
         self.ffn_map, self.q_map, self.kv_map = maps.ffn, maps.q, maps.kv
         self.node = rec.node
         self.values = rec.values
-        self.ed = WeightEditor(rec, plan.seed)
 
     # ------------------------------------------------------------------ building blocks
 
