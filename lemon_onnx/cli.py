@@ -412,6 +412,12 @@ def format_description(d, path: str = "") -> str:
                      + (f"past on axis {first.axis}, " if joined else "")
                      + heads + (f"; {halves} of them an encoder-decoder's (only returned, or "
                                 "only read: the encoder cache)" if halves else ""))
+    if d.fused:
+        lines.append("  fused ops (ONNX Runtime, unfused to recognise, fused again after "
+                     "expanding): " + "; ".join(
+                         f"{where}: " + ", ".join(f"{op}" + (f" x{n}" if n > 1 else "")
+                                                  for op, n in sorted(ops.items()))
+                         for where, ops in d.fused.items()))
     counts: dict = {}
     for lit in d.size_literals:
         counts[(lit.label, lit.value)] = counts.get((lit.label, lit.value), 0) + 1

@@ -242,6 +242,13 @@ def _rewrite(model, rec, desc, plan: Plan, progress: Progress) -> Plan:
     for n, k in arity.items():
         if len(n.inputs) < k and n.graph is not None:
             n.resize_inputs(k)
+    if desc.fused:  # ONNX Runtime's fused ops back in place of their widened decompositions
+        from .fusion import RefusePass
+
+        res = RefusePass()(model)
+        plan = plan.amended(notes=list(plan.notes) + [
+            f"fused ops put back: {', '.join(f'{op} x{n}' for op, n in sorted(res.fused.items()))}"]
+            + [f"left unfused (exact, less optimised): {why}" for why in res.left])
     _check_unique_names(model)
     model.metadata_props[PLAN_KEY] = plan.to_json()
     return plan

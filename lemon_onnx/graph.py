@@ -146,6 +146,11 @@ def mark_shapes_inferred(model: ir.Model) -> None:
     _SHAPES_INFERRED.add(model)
 
 
+def forget_shapes_inferred(model: ir.Model) -> None:
+    """The model changed since it was loaded (its fused ops unfused): infer again."""
+    _SHAPES_INFERRED.discard(model)
+
+
 class _Unsorted(Exception):
     """A node reads a value produced later in the graph's order."""
 

@@ -20,9 +20,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from . import dims
-from .components import (cache, embedding, fused_ops_claimed, head as head_c, linear, norm,
-                         residual)
+from . import dims, fusion
+from .components import cache, embedding, head as head_c, linear, norm, residual
 from .components.attention import Attention
 from .components.embedding import Embeddings
 from .components.head import Head
@@ -31,7 +30,7 @@ from .components.mlp import MLP
 from .components.norm import NORM_OPS, Norm
 from .components.residual import Block
 from .errors import UnsupportedModelError
-from .graph import (GraphIndex, back_pass, back_view, const_array, const_source, is_const,
+from .graph import (GraphIndex, back_pass, forget_shapes_inferred, back_view, const_array, const_source, is_const,
                     scalar_const, shape_of, skip_pass)
 
 __all__ = ["Attention", "Block", "Embeddings", "Head", "Linear", "MLP", "ModelDescription",
@@ -86,6 +85,9 @@ class ModelDescription:
     blockers: list = dataclasses.field(default_factory=list)  # why expand must refuse
     #: the KV cache of a decoder exported for generation: one slot per cache input/output
     caches: list = dataclasses.field(default_factory=list)
+    #: ONNX Runtime's fused ops the graph held, unfused for recognition and fused again after
+    #: the passes (``fusion``): {"block 0": {op: count}, ..., "outside blocks": {...}}
+    fused: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -104,20 +106,16 @@ class Recognizer(GraphIndex):
 
     def __init__(self, model: ir.Model):
         _refuse_hidden_reads(model.graph)
+        _refuse_quantised(model.graph)
+        #: ONNX Runtime's fused ops, unfused in place (``fusion``): the components see their
+        #: standard-op form; op_type -> count
+        self.unfused = fusion.unfuse(model).ops
+        if self.unfused:
+            forget_shapes_inferred(model)
         super().__init__(model)
         self.notes: list[str] = []
 
     def run(self) -> ModelDescription:
-        g = self.graph
-        _refuse_quantised(g)
-        fused = sorted({n.op_type for n in g if n.domain == "com.microsoft"}
-                       - fused_ops_claimed())
-        if fused:
-            raise UnsupportedModelError(
-                "This graph was fused by ONNX Runtime's transformer optimizer (com.microsoft ops: "
-                + ", ".join(fused) + "); lemon-onnx does not rewrite fused graphs yet.",
-                hint="Expand the exporter's unoptimised .onnx, then run the optimizer on the "
-                     "expanded model.")
         self.linears = linear.match_all(self)
         self.lin_by_out = {self.values[l.output]: l for l in self.linears.values()}
         self.norms = norm.match_all(self)
@@ -241,7 +239,29 @@ class Recognizer(GraphIndex):
             inputs=inputs, outputs=outputs, size_literals=literals, shared_initializers=shared,
             unrecognised=unrec, opset=int(opset), ir_version=int(self.model.ir_version),
             producer=f"{self.model.producer_name or ''} {self.model.producer_version or ''}".strip(),
-            lemon_plan=_plan_of(self.model))
+            lemon_plan=_plan_of(self.model), fused=self._fused_by_block(blocks))
+
+    def _fused_by_block(self, blocks) -> dict:
+        """The unfused ops per block (a group counts for the block whose nodes hold it)."""
+        if not self.unfused:
+            return {}
+        from .graph import data_ancestors
+
+        groups = fusion.tagged_groups(self.graph)
+        out: dict = {}
+        placed: set = set()
+        for b in blocks:
+            region = data_ancestors(self.values[b.output]) - data_ancestors(self.values[b.input])
+            for key, (op, node) in groups.items():
+                if key not in placed and node in region:
+                    placed.add(key)
+                    ops = out.setdefault(f"block {b.index}", {})
+                    ops[op] = ops.get(op, 0) + 1
+        for key, (op, _) in groups.items():
+            if key not in placed:
+                ops = out.setdefault("outside blocks", {})
+                ops[op] = ops.get(op, 0) + 1
+        return out
 
     def _family(self, layout, nrm, b0, emb, head) -> str:
         if emb.patch_conv:

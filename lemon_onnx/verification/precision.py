@@ -86,7 +86,14 @@ def to_float64(model: ir.Model) -> ir.Model:
     Tensors stored as external data that stay as they are (integers, booleans) are read into
     memory: the copy is serialised or handed to onnx's reference evaluator without the
     source's folder, so nothing in it may point at a file (whatever layout the model's
-    external data has: one file, one per tensor, small tensors outside too)."""
+    external data has: one file, one per tensor, small tensors outside too).
+
+    ONNX Runtime's fused ops (com.microsoft) have no float64 kernels in ONNX Runtime nor in
+    onnx's reference evaluator: the copy holds their standard-op decompositions
+    (``fusion.unfuse``, checked against the float32 kernels in tests/test_fusion.py)."""
+    from ..fusion import unfuse
+
+    unfuse(model)
     double = int(ir.DataType.DOUBLE)
     floats = {int(t) for t in FLOAT_TYPES}
     for graph in _graphs(model.graph):

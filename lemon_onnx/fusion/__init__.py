@@ -1,0 +1,508 @@
+"""ONNX Runtime's fused ops (``com.microsoft`` contrib ops): unfused before recognition, fused
+again after the passes.
+
+A graph that went through ONNX Runtime's transformer optimizer (or optimum's O1-O4) holds
+contrib ops such as ``SkipLayerNormalization``, ``BiasGelu``, ``Attention`` and
+``EmbedLayerNormalization``.  Each such op has one module here (``REGISTRY``) that knows two
+things:
+
+- ``decompose(b, node)``: the op as a subgraph of standard ONNX ops, written through a
+  ``Builder`` that tags every node it makes (metadata ``lemon.fused``: the group, the op and
+  its attributes, which node input and output slots stand for the fused op's inputs and
+  outputs, and the node's role);
+- ``fused_attrs(group, attrs)`` (optional): the fused op's attributes once the passes have run
+  (``Attention``'s ``num_heads`` follows the widened heads, read off the group's own nodes).
+
+``UnfusePass`` replaces every contrib op by its decomposition, so recognition, the width and
+depth passes and the float64 level see only standard ops (the components know those).
+``RefusePass`` then finds each tagged group (the source's and the twins' clones, which carry the
+tags along), checks that it is whole (every node of the decomposition still there, nothing
+outside reading its inner values) and puts one fused op back in its place, reading the inputs
+at the tagged slots: the widened weights, the twins' own.  A group that is not whole stays
+decomposed (exact, only less fused) and the pass says so.
+
+The decompositions are checked against ONNX Runtime's float32 kernels in
+``tests/test_fusion.py``; a contrib op whose attributes or inputs take a form a module does not
+decompose is refused (exit 2) naming the node and what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import InPlacePass, PassResult
+
+from ..errors import UnsupportedModelError
+
+MS = "com.microsoft"
+TAG = "lemon.fused"
+
+
+class Builder:
+    """Makes the standard-op nodes of one fused op's decomposition, tagged as one group."""
+
+    def __init__(self, node: ir.Node, group: int, attrs: dict, opset: int,
+                 names: set | None = None):
+        self.node = node
+        self._names = names if names is not None else set()  # node names taken in the graph
+        self.opset = opset  # the model's default-domain opset: the forms the nodes take
+        self.group = group
+        self.attrs = attrs
+        self.nodes: list[ir.Node] = []
+        self._ports: dict[ir.Node, dict] = {}
+        self._inputs: list[tuple[ir.Value, int]] = []
+        self._k = 0
+
+    def dtype(self, v: ir.Value) -> ir.DataType:
+        """``v``'s element type; undeclared (an earlier unfused op's output), the float type
+        the fused op computes in."""
+        return v.dtype if v.dtype is not None else self.float_type()
+
+    def float_type(self) -> ir.DataType:
+        """The float type the fused op computes in: its first float input's."""
+        for x in self.node.inputs:
+            if x is not None and x.dtype is not None and x.dtype.is_floating_point():
+                return x.dtype
+        raise UnsupportedModelError(f"{self.node.op_type} {self.node.name}: none of its inputs "
+                                    "has a declared float type, so it cannot be unfused.",
+                                    hint="Run ONNX shape inference on the model first.")
+
+    def op(self, op_type: str, inputs, attrs: dict | None = None, *, outputs: int = 1,
+           role: str = "", domain: str = ""):
+        self._k += 1
+        attributes = [make_attr(k, val) for k, val in (attrs or {}).items()]
+        name = f"{self.node.name or self.node.op_type}/unfused/{op_type}_{self._k}"
+        while name in self._names:
+            name += "_"
+        self._names.add(name)
+        n = ir.Node(domain, op_type, list(inputs), attributes, num_outputs=outputs, name=name)
+        self.nodes.append(n)
+        self._ports[n] = {"r": role, "in": [], "out": []}
+        return n.outputs[0] if outputs == 1 else tuple(n.outputs)
+
+    def const(self, arr, dtype: ir.DataType | None = None, role: str = "") -> ir.Value:
+        """A Constant node (in the group, so it goes when the group is fused again)."""
+        a = np.asarray(arr)
+        if dtype is not None:
+            a = a.astype(dtype.numpy())
+        return self.op("Constant", [], {"value": ir.tensor(a)}, role=role)
+
+    def reduce(self, op_type: str, x: ir.Value, axes: list[int], keepdims: int = 1, role=""):
+        """A Reduce* op over ``axes`` (an attribute before opset 18, an input since)."""
+        if self.opset >= 18 or op_type == "ReduceSum" and self.opset >= 13:
+            return self.op(op_type, [x, self.const(np.array(axes, np.int64))],
+                           {"keepdims": keepdims}, role=role)
+        return self.op(op_type, [x], {"axes": axes, "keepdims": keepdims}, role=role)
+
+    def unsqueeze(self, x: ir.Value, axes: list[int]):
+        if self.opset >= 13:
+            return self.op("Unsqueeze", [x, self.const(np.array(axes, np.int64))])
+        return self.op("Unsqueeze", [x], {"axes": axes})
+
+    def scalar(self, value: float, like: ir.Value) -> ir.Value:
+        """A scalar constant in ``like``'s float type."""
+        return self.const(np.array(value), self.dtype(like))
+
+    def port_in(self, v: ir.Value, fused_index: int) -> None:
+        """``v`` stands for input ``fused_index`` of the fused op (every slot of the group's
+        nodes that reads it, resolved when the group is finished)."""
+        self._inputs.append((v, fused_index))
+
+    def port_out(self, v: ir.Value, fused_index: int) -> None:
+        n = v.producer()
+        self._ports[n]["out"].append([v.index(), fused_index])
+
+    def finish(self) -> None:
+        for n in list(self.nodes):  # one reader per Constant: a group never shares a node
+            if n.op_type == "Constant":
+                for u in list(n.outputs[0].uses())[1:]:
+                    c = self.op("Constant", [], {"value": n.attributes["value"].value})
+                    self.nodes.remove(c.producer())  # placed beside the original, in order
+                    self.nodes.insert(self.nodes.index(n) + 1, c.producer())
+                    u.node.replace_input_with(u.idx, c)
+        index = {n: k for k, n in enumerate(self.nodes)}
+        for n in self.nodes:  # the wiring inside the decomposition, checked when fusing again
+            self._ports[n]["k"] = index[n]
+            self._ports[n]["e"] = [[slot, index[x.producer()], x.index()]
+                                   for slot, x in enumerate(n.inputs)
+                                   if x is not None and x.producer() in index]
+        for v, i in self._inputs:
+            for n in self.nodes:
+                for slot, x in enumerate(n.inputs):
+                    if x is v:
+                        self._ports[n]["in"].append([slot, i])
+        meta = {"g": self.group, "op": self.node.op_type, "dom": self.node.domain,
+                "attrs": {k: _plain(a) for k, a in self.attrs.items()}, "n": len(self.nodes),
+                "sig": _signature(self.nodes)}
+        for n in self.nodes:
+            n.metadata_props[TAG] = json.dumps({**meta, **self._ports[n]})
+
+
+def _signature(nodes) -> str:
+    """The decomposition's node kinds, as a multiset."""
+    return ",".join(sorted(n.op_type for n in nodes))
+
+
+def _plain(a: ir.Attr):
+    return [a.type.name, list(a.value) if isinstance(a.value, (list, tuple)) else a.value]
+
+
+def make_attr(name: str, value) -> ir.Attr:
+    if isinstance(value, ir.Attr):
+        return value
+    if isinstance(value, ir.TensorProtocol):
+        return ir.AttrTensor(name, value)
+    if isinstance(value, bool) or isinstance(value, (int, np.integer)):
+        return ir.AttrInt64(name, int(value))
+    if isinstance(value, (float, np.floating)):
+        return ir.AttrFloat32(name, float(value))
+    if isinstance(value, str):
+        return ir.AttrString(name, value)
+    if isinstance(value, (list, tuple)) and all(isinstance(x, (int, np.integer)) for x in value):
+        return ir.AttrInt64s(name, [int(x) for x in value])
+    raise TypeError(f"attribute {name}: {value!r}")
+
+
+def _restore(name: str, plain) -> ir.Attr:
+    kind, value = plain
+    if kind == "INT":
+        return ir.AttrInt64(name, int(value))
+    if kind == "FLOAT":
+        return ir.AttrFloat32(name, float(value))
+    if kind == "STRING":
+        return ir.AttrString(name, value)
+    if kind == "INTS":
+        return ir.AttrInt64s(name, [int(x) for x in value])
+    if kind == "FLOATS":
+        return ir.AttrFloat32s(name, [float(x) for x in value])
+    raise UnsupportedModelError(f"a fused op's attribute {name} of type {kind} cannot be restored")
+
+
+def attr_value(node: ir.Node, name: str, default=None):
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def refuse_form(node: ir.Node, what: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"{node.op_type} {node.name}: {what}; lemon-onnx does not unfuse this form of the op.",
+        hint="Expand the exporter's unoptimised .onnx, then run ONNX Runtime's optimizer on the "
+             "expanded model.")
+
+
+# --------------------------------------------------------------------------- the registry
+
+def _modules():
+    from . import activations, attention, embedding, norms
+
+    return (norms, activations, attention, embedding)
+
+
+def registry() -> dict[str, object]:
+    """op_type -> the module that unfuses it (every module lists its ``OPS``)."""
+    return {op: m for m in _modules() for op in m.OPS}
+
+
+def contrib_nodes(graph: ir.Graph) -> list[ir.Node]:
+    return [n for n in graph if n.domain == MS]
+
+
+def claimed() -> frozenset:
+    return frozenset(registry())
+
+
+# --------------------------------------------------------------------------- passes
+
+@dataclasses.dataclass
+class UnfuseResult(PassResult):
+    ops: dict = dataclasses.field(default_factory=dict)  # op_type -> count
+
+
+class UnfusePass(InPlacePass):
+    """Replace every registered contrib op by its tagged standard-op decomposition."""
+
+    def call(self, model: ir.Model) -> UnfuseResult:
+        reg = registry()
+        graph = model.graph
+        counts: dict[str, int] = {}
+        nodes = [n for n in graph if n.domain == MS and n.op_type in reg]
+        names = {n.name for n in graph}
+        for gid, node in enumerate(nodes):
+            module = reg[node.op_type]
+            b = Builder(node, gid, dict(node.attributes), model.opset_imports.get("", 1), names)
+            outs = module.decompose(b, node)  # {fused output index: value}
+            for i, v in outs.items():  # all of them: a twin may read one the source did not
+                b.port_out(v, i)
+            for i, v in enumerate(node.outputs):
+                if i not in outs and (v.uses() or v.is_graph_output()):
+                    raise refuse_form(node, f"its output {i} ({v.name}) is used")
+            outs = {i: v for i, v in outs.items() if i < len(node.outputs)}
+            b.finish()
+            graph.insert_before(node, b.nodes)
+            for i, v in outs.items():
+                old = node.outputs[i]
+                new = v
+                new.shape = new.shape or old.shape
+                new.type = new.type or old.type
+                if new.type is None and i == 0:
+                    new.dtype = b.float_type()
+                if old.is_graph_output():
+                    # the graph output keeps its name: the new value takes it
+                    _take_place(graph, old, new)
+                else:
+                    old.replace_all_uses_with(new)
+            graph.remove(node, safe=True)
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        if "com.microsoft" not in model.opset_imports and counts:
+            model.opset_imports.setdefault(MS, 1)
+        return UnfuseResult(model, modified=bool(counts), ops=counts)
+
+
+def _take_place(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    name = old.name
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    old.name = None
+    new.name = name
+
+
+@dataclasses.dataclass
+class RefuseResult(PassResult):
+    fused: dict = dataclasses.field(default_factory=dict)  # op_type -> groups fused again
+    left: list = dataclasses.field(default_factory=list)  # reasons groups stayed decomposed
+
+
+class RefusePass(InPlacePass):
+    """Put one fused op back in place of every whole tagged group."""
+
+    def call(self, model: ir.Model) -> RefuseResult:
+        reg = registry()
+        graph = model.graph
+        fused: dict[str, int] = {}
+        left: list[str] = []
+        groups = _groups(graph)
+        adopted = [g for g in groups if g.whole() is not None
+                   and hasattr(reg[g.meta["op"]], "adopt") and reg[g.meta["op"]].adopt(g)]
+        if adopted:
+            groups = _groups(graph)
+        for group in groups:
+            meta = group.meta
+            why = group.whole()
+            if why is None:
+                module = reg[meta["op"]]
+                try:
+                    _fuse(graph, group, module)
+                except UnsupportedModelError as e:
+                    why = str(e)
+            if why is not None:
+                left.append(f"{meta['op']} (group {meta['g']}): {why}")
+                for n in group.nodes:
+                    n.metadata_props.pop(TAG, None)
+                continue
+            fused[meta["op"]] = fused.get(meta["op"], 0) + 1
+        if fused:
+            graph.sort()
+        return RefuseResult(model, modified=bool(fused), fused=fused, left=left)
+
+
+@dataclasses.dataclass
+class Group:
+    """The nodes of one decomposition (the source's, a twin's clone, or one the depth pass
+    put together from two: a Skip norm's Adds ending one block and the norm starting the
+    twin after it), in graph order."""
+    nodes: list
+    meta: dict  # the tag of the node that makes the fused op's first output
+
+    def tags(self, n: ir.Node) -> dict:
+        return json.loads(n.metadata_props[TAG])
+
+    def tag(self, n: ir.Node, k: int, wired: list, ins: list, outs: list, role: str) -> None:
+        """Make ``n`` (a node the passes made, or a clone of another op's) node ``k`` of this
+        group's decomposition."""
+        meta = {key: self.meta[key] for key in ("g", "op", "dom", "attrs", "n", "sig")}
+        n.metadata_props[TAG] = json.dumps({**meta, "r": role, "k": k, "e": wired, "in": ins,
+                                            "out": outs})
+
+    def role(self, role: str) -> ir.Node | None:
+        for n in self.nodes:
+            if self.tags(n)["r"] == role:
+                return n
+        return None
+
+    def whole(self) -> str | None:
+        """None when the group is its decomposition, node for node and edge for edge (the
+        passes changed weights and constants, nothing else); else why not."""
+        if _signature(self.nodes) != self.meta["sig"]:
+            return (f"its {len(self.nodes)} nodes after the passes are not the "
+                    f"{self.meta['n']} of its decomposition")
+        by_k = {self.tags(n)["k"]: n for n in self.nodes}
+        if sorted(by_k) != list(range(self.meta["n"])):
+            return "its nodes are not those of one decomposition"
+        for n in self.nodes:
+            t = self.tags(n)
+            wired = {slot: (k, out) for slot, k, out in t["e"]}
+            ports = {slot for slot, _ in t["in"]}
+            for slot, x in enumerate(n.inputs):
+                p = x.producer() if x is not None else None
+                if slot in wired:
+                    k, out = wired[slot]
+                    if p is not by_k[k] or x.index() != out:
+                        return f"{n.name} no longer reads its decomposition's node {k}"
+                elif slot not in ports and p in by_k.values():
+                    return f"{n.name} reads a node of the group it did not read"
+        inside = set(self.nodes)
+        outs = {(n, s) for n in self.nodes for s, _ in self.tags(n)["out"]}
+        for n in self.nodes:
+            for slot, v in enumerate(n.outputs):
+                if (n, slot) in outs:
+                    continue
+                if v.is_graph_output() or any(u.node not in inside for u in v.uses()):
+                    return f"{v.name} is read outside the group"
+        return None
+
+
+def _groups(graph: ir.Graph) -> list[Group]:
+    """The tagged nodes joined along the edges inside a decomposition: node u feeds node v of
+    the same fused op at a slot where v's decomposition read one of its own nodes.  (Tag ids are not used:
+    a twin's clone carries its source's tags.)  A decomposition whose parts are not connected
+    (a side output) is one group when its tag id is found only once."""
+    tagged = [n for n in graph if TAG in n.metadata_props]
+    tags = {n: json.loads(n.metadata_props[TAG]) for n in tagged}
+    _unshare(graph, tags)
+    tagged = list(tags)
+    parent = {n: n for n in tagged}
+
+    def find(n):
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for v_node in tagged:
+        wired = {slot for slot, _, _ in tags[v_node]["e"]}
+        for slot, x in enumerate(v_node.inputs):
+            u = x.producer() if x is not None else None
+            if u in tags and slot in wired and tags[u]["op"] == tags[v_node]["op"]:
+                parent[find(u)] = find(v_node)
+    comps: dict = {}
+    for n in tagged:
+        comps.setdefault(find(n), []).append(n)
+    parts = list(comps.values())
+    by_id: dict = {}
+    for comp in parts:
+        by_id.setdefault(tags[comp[0]]["g"], []).append(comp)
+    groups = []
+    for comps_of_id in by_id.values():
+        nodes = [n for c in comps_of_id for n in c]
+        meta = tags[nodes[0]]
+        if len(comps_of_id) > 1 and _signature(nodes) == meta["sig"]:
+            comps_of_id = [nodes]  # never cloned, parts not connected
+        for comp in comps_of_id:
+            first = next((n for n in comp if any(i == 0 for _, i in tags[n]["out"])), comp[0])
+            groups.append(Group(comp, tags[first]))
+    return groups
+
+
+def _unshare(graph: ir.Graph, tags: dict) -> None:
+    """A tagged node read by several copies of one consumer (a twin's clone reads what its
+    source's decomposition computes outside the cloned block: a mask's Cast, a Constant):
+    one copy of the node per reader, so that every group owns its nodes.  Consumers first
+    (reverse graph order), so a copied node's producers are then shared in turn."""
+    for u in reversed([n for n in graph if n in tags]):
+        k = tags[u]["k"]
+        for o, out in enumerate(u.outputs):
+            by_k: dict[int, list] = {}
+            for use in out.uses():
+                v = use.node
+                if v in tags and tags[v]["op"] == tags[u]["op"] and \
+                        [use.idx, k, o] in tags[v]["e"]:
+                    by_k.setdefault(tags[v]["k"], []).append(use)
+            extra = max((len(x) for x in by_k.values()), default=1)
+            for j in range(1, extra):
+                c = ir.Node(u.domain, u.op_type, list(u.inputs),
+                            [_copy_attr(a) for a in u.attributes.values()],
+                            num_outputs=len(u.outputs), name=f"{u.name}__{j}",
+                            metadata_props=dict(u.metadata_props))
+                graph.insert_before(u, c)
+                for a, b in zip(u.outputs, c.outputs):
+                    b.type, b.shape = a.type, a.shape
+                tags[c] = tags[u]
+                for uses in by_k.values():
+                    if len(uses) > j:
+                        uses[j].node.replace_input_with(uses[j].idx, c.outputs[o])
+
+
+def _copy_attr(a: ir.Attr) -> ir.Attr:
+    return ir.Attr(a.name, a.type, list(a.value) if isinstance(a.value, (list, tuple))
+                   else a.value)
+
+
+def tagged_groups(graph: ir.Graph) -> dict:
+    """{group key: (op_type, node)} of the unfused groups in ``graph``: the node that makes
+    the fused op's first output."""
+    return {k: (g.meta["op"], n) for k, g in enumerate(_groups(graph)) for n in g.nodes
+            if any(i == 0 for _, i in g.tags(n)["out"])}
+
+
+def _fuse(graph: ir.Graph, group: Group, module) -> None:
+    meta = group.meta
+    ins: dict[int, ir.Value] = {}
+    outs: dict[int, ir.Value] = {}
+    for n in group.nodes:
+        t = group.tags(n)
+        for slot, i in t["in"]:
+            v = n.inputs[slot]
+            if i in ins and ins[i] is not v:
+                raise UnsupportedModelError(f"its input {i} is no longer one value")
+            ins[i] = v
+        for slot, i in t["out"]:
+            outs[i] = n.outputs[slot]
+    attrs = {k: _restore(k, p) for k, p in meta["attrs"].items()}
+    if hasattr(module, "fused_attrs"):
+        attrs = module.fused_attrs(group, attrs, ins)
+    n_in = max(ins) + 1 if ins else 0
+    n_out = max(outs) + 1
+    node = ir.Node(meta["dom"], meta["op"], [ins.get(i) for i in range(n_in)],
+                   [a if a.name == k else make_attr(k, a.value) for k, a in attrs.items()],
+                   num_outputs=n_out, name=_fused_name(group.nodes[-1].name))
+    last = max(group.nodes, key=lambda n: _order(graph, n))
+    graph.insert_after(last, node)
+    for i, v in outs.items():
+        new = node.outputs[i]
+        new.shape, new.type = v.shape, v.type
+        if v.is_graph_output():
+            _take_place(graph, v, new)
+        else:
+            name = v.name
+            v.replace_all_uses_with(new)
+            v.name = None
+            new.name = name
+    graph.remove(group.nodes, safe=True)
+
+
+def _fused_name(name: str) -> str:
+    """The fused op's name from a decomposed node's (``op/unfused/Add_3``, or a twin's clone
+    ``op/unfused/Add_3__twin1``): ``op``, with the clone's suffix."""
+    base, _, rest = (name or "").partition("/unfused/")
+    return base + (rest[rest.index("__"):] if "__" in rest else "")
+
+
+def _order(graph: ir.Graph, n: ir.Node) -> int:
+    for k, m in enumerate(graph):
+        if m is n:
+            return k
+    return -1
+
+
+def unfuse(model: ir.Model) -> UnfuseResult:
+    """Unfuse every registered contrib op; refuse (exit 2) a contrib op no module knows."""
+    unknown = sorted({n.op_type for n in model.graph if n.domain == MS} - claimed())
+    if unknown:
+        raise UnsupportedModelError(
+            "This graph holds ONNX Runtime contrib ops (com.microsoft) lemon-onnx does not "
+            "unfuse: " + ", ".join(unknown) + ".",
+            hint="Expand the exporter's unoptimised .onnx, then run ONNX Runtime's optimizer on "
+                 "the expanded model.")
+    return UnfusePass()(model)

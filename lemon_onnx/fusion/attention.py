@@ -1,0 +1,130 @@
+"""Attention (com.microsoft): self-attention with one packed QKV projection.
+
+``Attention(input, weights, bias?, mask_index?)`` with ``num_heads``, optional
+``qkv_hidden_sizes``, ``unidirectional``, ``scale`` (default 1/sqrt(head_size)) and
+``mask_filter_value`` (default -10000): q|k|v = input @ weights + bias, split in heads, softmax(q
+k^T scale + mask) v, heads merged.  The mask is additive: ``mask_filter_value`` where a key is
+masked (a 1-D ``mask_index`` holds each row's end position, a 2-D one is the raw 0/1 mask), and
+again above the diagonal when ``unidirectional``, as ONNX Runtime's kernel adds them.
+
+Unfused as the fused-projection attention the exporters write for GPT-2 (MatMul, Add, Split,
+Reshape to heads, Transpose, MatMul, Mul by the scale, Add the mask, Softmax, MatMul, Transpose,
+Reshape back), which the attention component widens and twins.  Fused again with
+``num_heads`` and the q/k/v sizes read off the widened group.  Refused: a past or present
+state, an attention bias, rotary embedding, 3-D/4-D masks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from .. import graph as G
+from . import Builder, attr_value, refuse_form
+from . import make_attr
+
+OPS = ("Attention",)
+
+
+def decompose(b: Builder, node: ir.Node) -> dict:
+    ins = list(node.inputs) + [None] * 7
+    x, w, bias, mask = ins[:4]
+    for i, what in ((4, "a past state input"), (5, "an attention bias input"),
+                    (6, "a past sequence length input")):
+        if ins[i] is not None:
+            raise refuse_form(node, f"it has {what}")
+    if int(attr_value(node, "do_rotary", 0)) or int(attr_value(node, "past_present_share_buffer", 0)):
+        raise refuse_form(node, "it applies rotary embedding or shares a past buffer")
+    if len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
+        raise refuse_form(node, "its present state is used")
+    heads = int(attr_value(node, "num_heads"))
+    wshape = G.const_shape(G.const_source(w)[0])
+    if wshape is None or len(wshape) != 2:
+        raise refuse_form(node, f"its weights {w.name} are not a constant matrix")
+    sizes = list(attr_value(node, "qkv_hidden_sizes", []) or [wshape[1] // 3] * 3)
+    if sum(sizes) != wshape[1] or any(s % heads for s in sizes) or sizes[0] != sizes[1]:
+        raise refuse_form(node, f"its q/k/v sizes {sizes} do not fit {heads} heads and weights "
+                                f"{list(wshape)}")
+    hd, hd_v = sizes[0] // heads, sizes[2] // heads
+    scale = attr_value(node, "scale", None)
+    scale = float(scale) if scale else 1.0 / math.sqrt(hd)
+    filt = float(attr_value(node, "mask_filter_value", -10000.0))
+    dt = b.dtype(x)
+
+    qkv = b.op("MatMul", [x, w], role="qkv")
+    if bias is not None:
+        qkv = b.op("Add", [qkv, bias], role="qkv_bias")
+    q, k, v = _split(b, qkv, sizes)
+
+    def heads_of(t, size, perm, role):
+        r = b.op("Reshape", [t, b.const(np.array([0, 0, heads, size], np.int64))], role=role)
+        return b.op("Transpose", [r], {"perm": perm})
+
+    qh = heads_of(q, hd, [0, 2, 1, 3], "heads_q")
+    kt = heads_of(k, hd, [0, 2, 3, 1], "heads_k")
+    vh = heads_of(v, hd_v, [0, 2, 1, 3], "heads_v")
+    scores = b.op("Mul", [b.op("MatMul", [qh, kt]), b.const(np.array(scale), dt)], role="scale")
+    add = _mask(b, node, x, mask, filt, dt)
+    if add is not None:
+        scores = b.op("Add", [scores, add], role="mask")
+    probs = b.op("Softmax", [scores], {"axis": -1} if b.opset >= 13 else {"axis": 3})
+    ctx = b.op("Transpose", [b.op("MatMul", [probs, vh])], {"perm": [0, 2, 1, 3]})
+    out = b.op("Reshape", [ctx, b.const(np.array([0, 0, heads * hd_v], np.int64))],
+               role="merge")
+    for i, val in enumerate(ins[:4]):
+        if val is not None:
+            b.port_in(val, i)
+    return {0: out}
+
+
+def _split(b: Builder, t: ir.Value, sizes: list[int]):
+    if b.opset >= 13:
+        return b.op("Split", [t, b.const(np.array(sizes, np.int64))], {"axis": -1}, outputs=3,
+                    role="split")
+    return b.op("Split", [t], {"axis": -1, "split": sizes}, outputs=3, role="split")
+
+
+def _mask(b: Builder, node: ir.Node, x: ir.Value, mask, filt: float, dt) -> ir.Value | None:
+    """The additive mask, broadcast over (batch, heads, query, key), or None."""
+    add = None
+    zero, masked = b.const(np.array(0.0), dt), b.const(np.array(filt), dt)
+    if mask is not None:
+        rank = len(mask.shape) if mask.shape is not None else None
+        if rank == 1:  # each row's end position: keys at or after it are masked
+            one = b.const(np.array(1, np.int64))
+            seq = b.op("Gather", [b.op("Shape", [x]), one], {"axis": 0})
+            keys = b.op("Range", [b.const(np.array(0, np.int64)), seq, one])
+            end = b.unsqueeze(b.op("Cast", [mask], {"to": int(ir.DataType.INT64)}), [1])
+            keep = b.op("Less", [keys, end])
+        elif rank == 2:  # the raw mask: 0 masks a key
+            keep = b.op("Greater", [mask, b.const(np.array(0), mask.dtype)])
+        else:
+            raise refuse_form(node, f"its mask {mask.name} has rank {rank} (1 or 2 are unfused)")
+        add = b.unsqueeze(b.op("Where", [keep, zero, masked]), [1, 2])
+    if int(attr_value(node, "unidirectional", 0)):
+        one = b.const(np.array(1, np.int64))
+        seq = b.op("Gather", [b.op("Shape", [x]), one], {"axis": 0})
+        pos = b.op("Range", [b.const(np.array(0, np.int64)), seq, one])
+        above = b.op("Greater", [pos, b.unsqueeze(pos, [1])])  # key > query
+        causal = b.op("Where", [above, masked, zero])
+        add = causal if add is None else b.op("Add", [add, causal])
+    return add
+
+
+def fused_attrs(group, attrs: dict, ins: dict) -> dict:
+    """``num_heads`` and the q/k/v sizes as the passes left them (the heads Reshape, the
+    Split), the scale written out when the head size changed."""
+    shape = G.const_array(group.role("heads_q").inputs[1])
+    heads, hd = int(shape[2]), int(shape[3])
+    sizes = [int(s) for s in G.const_array(group.role("split").inputs[1])] \
+        if len(group.role("split").inputs) > 1 else list(group.role("split").attributes["split"].value)
+    attrs = dict(attrs)
+    attrs["num_heads"] = make_attr("num_heads", heads)
+    if "qkv_hidden_sizes" in attrs or len(set(sizes)) > 1:
+        attrs["qkv_hidden_sizes"] = make_attr("qkv_hidden_sizes", sizes)
+    scale = float(G.const_array(group.role("scale").inputs[1]))
+    if "scale" not in attrs and not np.isclose(scale, 1.0 / math.sqrt(hd), rtol=1e-7, atol=0):
+        attrs["scale"] = make_attr("scale", scale)
+    return attrs

@@ -1,0 +1,113 @@
+"""SkipLayerNormalization and SkipSimplifiedLayerNormalization (com.microsoft).
+
+``SkipLayerNormalization(input, skip, gamma, beta?, bias?)`` = LayerNorm(input + bias + skip)
+over the last axis; output 3 is the sum itself.  Unfused as ``Add(input, bias)``, ``Add(.,
+skip)`` and a ``LayerNormalization`` (opset 17 and later) or its decomposed form (earlier
+opsets): the residual Add and the norm the components know.  The Simplified form is RMSNorm
+(no mean, no beta), decomposed as the exporters write RMSNorm (computed in float32 for half
+types, as the kernel does).  Outputs 1 and 2 (mean, inverse std) must be unused.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from .. import graph as G
+from . import Builder, make_attr, attr_value
+
+OPS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
+
+
+def decompose(b: Builder, node: ir.Node) -> dict:
+    ins = list(node.inputs) + [None] * 5
+    x, skip, gamma = ins[0], ins[1], ins[2]
+    simplified = node.op_type == "SkipSimplifiedLayerNormalization"
+    beta, bias = (None, ins[3]) if simplified else (ins[3], ins[4])
+    eps = float(attr_value(node, "epsilon", 1e-5))
+    s = x
+    if bias is not None:
+        s = b.op("Add", [x, bias], role="bias")
+    s = b.op("Add", [s, skip], role="skip")
+    b.port_in(x, 0)
+    b.port_in(skip, 1)
+    b.port_in(gamma, 2)
+    if bias is not None:
+        b.port_in(bias, 3 if simplified else 4)
+    if simplified:
+        y = rms_norm(b, s, gamma, eps)
+    else:
+        y = layer_norm(b, s, gamma, beta, eps)
+        if beta is not None:
+            b.port_in(beta, 3)
+    return {0: y, 3: s}
+
+
+def fused_attrs(group, attrs: dict, ins: dict) -> dict:
+    """The epsilon as the passes left it (the width pass rescales it with the norm's
+    width when the stream keeps leftover slots)."""
+    return {**attrs, "epsilon": make_attr("epsilon", norm_epsilon(group))}
+
+
+def norm_epsilon(group) -> float:
+    """The epsilon of the group's norm: the LayerNormalization's attribute, or the constant
+    added to the variance (the decomposed forms, role ``eps``)."""
+    norm = group.role("norm")
+    if norm is not None and norm.op_type == "LayerNormalization":
+        return float(attr_value(norm, "epsilon", 1e-5))
+    return float(G.const_array(group.role("eps").inputs[1]).reshape(-1)[0])
+
+
+def adopt(group) -> bool:
+    """A Skip norm's Adds whose norm is a plain one (depth: the Adds end a block, the twin
+    after it starts with its clone of the block's first norm, a plain LayerNormalization):
+    make that norm the group's, so the pair is fused again.  True when adopted."""
+    ks = {group.tags(n)["k"]: n for n in group.nodes}
+    skip = next((n for n in group.nodes if group.tags(n)["r"] == "skip"), None)
+    if skip is None or group.role("norm") is not None or len(ks) != group.meta["n"] - 1:
+        return False
+    readers = [u for u in skip.outputs[0].uses() if u.node.op_type == "LayerNormalization"
+               and u.idx == 0 and "lemon.fused" not in u.node.metadata_props]
+    if len(readers) != 1 or group.meta["op"] != "SkipLayerNormalization":
+        return False
+    norm = readers[0].node
+    if attr_value(norm, "axis", -1) not in (-1, len(norm.inputs[0].shape or ()) - 1):
+        return False
+    k = max(ks) + 1
+    if k != group.meta["n"] - 1:
+        return False
+    group.tag(norm, k, [[0, group.tags(skip)["k"], 0]],
+              [[1, 2]] + ([[2, 3]] if len(norm.inputs) > 2 and norm.inputs[2] is not None else []),
+              [[0, 0]], "norm")
+    group.nodes.append(norm)
+    if group.whole() is not None:  # not the decomposition after all: leave it as it was
+        norm.metadata_props.pop("lemon.fused")
+        group.nodes.remove(norm)
+        return False
+    return True
+
+
+def layer_norm(b: Builder, x: ir.Value, gamma, beta, eps: float) -> ir.Value:
+    if b.opset >= 17:
+        ins = [x, gamma] + ([beta] if beta is not None else [])
+        return b.op("LayerNormalization", ins, {"axis": -1, "epsilon": eps}, role="norm")
+    mean = b.reduce("ReduceMean", x, [-1])
+    d = b.op("Sub", [x, mean])
+    var = b.reduce("ReduceMean", b.op("Pow", [d, b.scalar(2.0, x)]), [-1])
+    std = b.op("Sqrt", [b.op("Add", [var, b.scalar(eps, x)], role="eps")])
+    y = b.op("Mul", [b.op("Div", [d, std]), gamma])
+    return b.op("Add", [y, beta]) if beta is not None else y
+
+
+def rms_norm(b: Builder, x: ir.Value, gamma, eps: float) -> ir.Value:
+    dt = b.dtype(x)
+    half = dt != ir.DataType.FLOAT and dt != ir.DataType.DOUBLE
+    h = b.op("Cast", [x], {"to": int(ir.DataType.FLOAT)}) if half else x
+    two = b.const(np.array(2.0, np.float32 if half else dt.numpy()))
+    ms = b.reduce("ReduceMean", b.op("Pow", [h, two]), [-1])
+    epsv = b.const(np.array(eps, np.float32 if half else dt.numpy()))
+    r = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [ms, epsv], role="eps")])])
+    y = b.op("Mul", [h, r])
+    if half:
+        y = b.op("Cast", [y], {"to": int(dt)})
+    return b.op("Mul", [y, gamma])

@@ -1,0 +1,300 @@
+"""ONNX Runtime's fused ops (lemon_onnx/fusion): each decomposition against ONNX Runtime's own
+float32 kernel, the round trip back to the fused op, and expansions of graphs fused by ONNX
+Runtime's transformer optimizer (run here on the fixtures), which must verify at both levels
+and come back as fused as they went in."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import FIXTURES
+from lemon_onnx.fusion import MS, RefusePass, unfuse
+from lemon_onnx.verification.precision import to_float64
+
+F = TensorProto.FLOAT
+RNG = np.random.default_rng(20)
+
+
+def _w(name, *shape, scale=0.3):
+    return numpy_helper.from_array((RNG.standard_normal(shape) * scale).astype(np.float32), name)
+
+
+def _model(node, inputs, outputs, inits, opset=17):
+    g = helper.make_graph([node], "one", inputs, outputs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset),
+                                               helper.make_opsetid(MS, 1)])
+
+
+def _run(model_proto, feeds):
+    s = ort.InferenceSession(model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, feeds)
+
+
+def _unfused(proto, f64=False):
+    m = ir.serde.deserialize_model(proto)
+    res = unfuse(m)
+    assert res.ops == {proto.graph.node[0].op_type: 1}
+    assert not any(n.domain == MS for n in m.graph)
+    if f64:
+        to_float64(m)
+    return m
+
+
+def _check(proto, feeds, want=None):
+    """The decomposition computes what ONNX Runtime's kernel computes (float32 and the
+    float64 copy), and fusing it again gives back the same op, bit for bit.  ``want``: the
+    outputs where ONNX Runtime's CPU build has no kernel for the op (BiasAdd)."""
+    kernel = want is None
+    want = _run(proto, feeds) if kernel else want
+    m = _unfused(proto)
+    got = _run(ir.serde.serialize_model(m), feeds)
+    for w, g in zip(want, got):
+        assert w.shape == g.shape and w.dtype == g.dtype
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5 * max(1.0, float(np.abs(w).max())))
+    m64 = _unfused(proto, f64=True)
+    feeds64 = {k: (v.astype(np.float64) if v.dtype == np.float32 else v) for k, v in feeds.items()}
+    from onnx.reference import ReferenceEvaluator  # double kernels for every standard op
+
+    got64 = ReferenceEvaluator(ir.serde.serialize_model(m64)).run(None, feeds64)
+    for w, g in zip(want, got64):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5 * max(1.0, float(np.abs(w).max())))
+    res = RefusePass()(m)
+    assert res.fused == {proto.graph.node[0].op_type: 1} and not res.left
+    back = ir.serde.serialize_model(m)
+    ops = [n for n in back.graph.node]
+    assert [(n.op_type, n.domain) for n in ops] == [(proto.graph.node[0].op_type, MS)]
+    orig = {a.name: helper.get_attribute_value(a) for a in proto.graph.node[0].attribute}
+    again = {a.name: helper.get_attribute_value(a) for a in ops[0].attribute}
+    for k, v in orig.items():
+        assert again[k] == pytest.approx(v), k
+    if kernel:
+        for w, g in zip(want, _run(back, feeds)):
+            np.testing.assert_array_equal(g, w)
+
+
+def _x(*shape):
+    return (RNG.standard_normal(shape)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- norms
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("beta", [True, False])
+@pytest.mark.parametrize("opset", [17, 14])
+def test_skip_layer_norm(bias, beta, opset):
+    d = 16
+    ins = ["x", "skip", "gamma", "beta" if beta else "", "bias" if bias else ""]
+    while ins[-1] == "":
+        ins.pop()
+    node = helper.make_node("SkipLayerNormalization", ins, ["y", "", "", "sum"], domain=MS,
+                            epsilon=1e-5)
+    inits = [_w("gamma", d), _w("beta", d), _w("bias", d)]
+    proto = _model(node, [helper.make_tensor_value_info(n, F, [2, 5, d]) for n in ("x", "skip")],
+                   [helper.make_tensor_value_info("y", F, [2, 5, d]),
+                    helper.make_tensor_value_info("sum", F, [2, 5, d])],
+                   [i for i in inits if i.name in ins], opset=opset)
+    _check(proto, {"x": _x(2, 5, d), "skip": _x(2, 5, d)})
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_skip_simplified_layer_norm(bias):
+    d = 16
+    ins = ["x", "skip", "gamma"] + (["bias"] if bias else [])
+    node = helper.make_node("SkipSimplifiedLayerNormalization", ins, ["y"], domain=MS,
+                            epsilon=1e-6)
+    proto = _model(node, [helper.make_tensor_value_info(n, F, [2, 5, d]) for n in ("x", "skip")],
+                   [helper.make_tensor_value_info("y", F, [2, 5, d])],
+                   [_w("gamma", d), _w("bias", d)][:len(ins) - 2])
+    _check(proto, {"x": _x(2, 5, d), "skip": _x(2, 5, d)})
+
+
+# --------------------------------------------------------------------------- activations
+
+@pytest.mark.parametrize("op,bias,attrs", [
+    ("BiasGelu", True, {}), ("Gelu", False, {}), ("FastGelu", True, {}), ("FastGelu", False, {}),
+    ("QuickGelu", False, {}), ("QuickGelu", False, {"alpha": 1.0}), ("BiasAdd", True, {})])
+def test_activation(op, bias, attrs):
+    d = 24
+    ins = ["x"] + (["bias"] if bias else []) + (["skip"] if op == "BiasAdd" else [])
+    node = helper.make_node(op, ins, ["y"], domain=MS, **attrs)
+    inputs = [helper.make_tensor_value_info("x", F, [2, 5, d])]
+    feeds = {"x": _x(2, 5, d) * 3}
+    if op == "BiasAdd":
+        inputs.append(helper.make_tensor_value_info("skip", F, [2, 5, d]))
+        feeds["skip"] = _x(2, 5, d)
+    inits = [_w("bias", d)] if bias else []
+    proto = _model(node, inputs, [helper.make_tensor_value_info("y", F, [2, 5, d])], inits)
+    # ONNX Runtime's CPU build has no BiasAdd kernel (CUDA only): its definition instead
+    want = [feeds["x"] + numpy_helper.to_array(inits[0]) + feeds["skip"]] \
+        if op == "BiasAdd" else None
+    _check(proto, feeds, want)
+
+
+# --------------------------------------------------------------------------- attention
+
+@pytest.mark.parametrize("mask", [None, "1d", "2d"])
+@pytest.mark.parametrize("causal", [0, 1])
+@pytest.mark.parametrize("form", ["plain", "scale", "qkv-sizes"])
+def test_attention(mask, causal, form):
+    b, s, d, heads = 2, 6, 32, 4
+    sizes = [32, 32, 48] if form == "qkv-sizes" else [32, 32, 32]
+    attrs = {"num_heads": heads, "unidirectional": causal}
+    if form == "scale":
+        attrs["scale"] = 0.21
+    if form == "qkv-sizes":
+        attrs["qkv_hidden_sizes"] = sizes
+    ins = ["x", "w", "bias"] + (["mask"] if mask else [])
+    node = helper.make_node("Attention", ins, ["y"], domain=MS, **attrs)
+    inputs = [helper.make_tensor_value_info("x", F, [b, s, d])]
+    feeds = {"x": _x(b, s, d)}
+    if mask == "1d":
+        inputs.append(helper.make_tensor_value_info("mask", TensorProto.INT32, [b]))
+        feeds["mask"] = np.array([s, 3], np.int32)
+    elif mask == "2d":
+        inputs.append(helper.make_tensor_value_info("mask", TensorProto.INT32, [b, s]))
+        m = np.ones((b, s), np.int32)
+        m[1, 4:] = 0
+        m[0, 1] = 0
+        feeds["mask"] = m
+    proto = _model(node, inputs, [helper.make_tensor_value_info("y", F, [b, s, sizes[2]])],
+                   [_w("w", d, sum(sizes)), _w("bias", sum(sizes))])
+    _check(proto, feeds)
+
+
+def test_attention_with_a_past_state_is_refused_naming_it():
+    b, s, d = 1, 4, 16
+    node = helper.make_node("Attention", ["x", "w", "bias", "", "past"], ["y", "present"],
+                            domain=MS, num_heads=2, unidirectional=1)
+    proto = _model(node, [helper.make_tensor_value_info("x", F, [b, s, d]),
+                          helper.make_tensor_value_info("past", F, [2, b, 2, 3, 8])],
+                   [helper.make_tensor_value_info("y", F, [b, s, d]),
+                    helper.make_tensor_value_info("present", F, None)],
+                   [_w("w", d, 3 * d), _w("bias", 3 * d)])
+    from lemon_onnx.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="Attention.*past state"):
+        unfuse(ir.serde.deserialize_model(proto))
+
+
+# --------------------------------------------------------------------------- embeddings
+
+@pytest.mark.parametrize("segments", [True, False])
+@pytest.mark.parametrize("position_ids", [True, False])
+def test_embed_layer_norm(segments, position_ids):
+    b, s, d, vocab = 2, 5, 16, 30
+    ins = ["ids", "seg" if segments else "", "word", "pos", "segw" if segments else "", "gamma",
+           "beta", "mask"] + (["pos_ids"] if position_ids else [])
+    node = helper.make_node("EmbedLayerNormalization", ins, ["y", "mask_index"], domain=MS,
+                            epsilon=1e-12)
+    I32 = TensorProto.INT32
+    inputs = [helper.make_tensor_value_info("ids", I32, [b, s]),
+              helper.make_tensor_value_info("mask", I32, [b, s])]
+    m = np.ones((b, s), np.int32)
+    m[1, 3:] = 0
+    feeds = {"ids": RNG.integers(0, vocab, (b, s)).astype(np.int32), "mask": m}
+    if segments:
+        inputs.append(helper.make_tensor_value_info("seg", I32, [b, s]))
+        feeds["seg"] = RNG.integers(0, 2, (b, s)).astype(np.int32)
+    if position_ids:
+        inputs.append(helper.make_tensor_value_info("pos_ids", I32, [b, s]))
+        feeds["pos_ids"] = RNG.integers(0, 8, (b, s)).astype(np.int32)
+    proto = _model(node, inputs, [helper.make_tensor_value_info("y", F, [b, s, d]),
+                                  helper.make_tensor_value_info("mask_index", I32, [b])],
+                   [_w("word", vocab, d), _w("pos", 8, d), _w("segw", 2, d), _w("gamma", d),
+                    _w("beta", d)])
+    _check(proto, feeds)
+
+
+# --------------------------------------------------------------------------- optimizer outputs
+
+def optimize(name, model_type, heads, hidden, dst):
+    """ONNX Runtime's transformer optimizer on a fixture (what users run before deploying)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    m = optimize_model(str(FIXTURES / name), model_type=model_type, num_heads=heads,
+                       hidden_size=hidden, opt_level=0)
+    m.save_model_to_file(str(dst))
+    return dst
+
+
+def contrib_ops(path) -> dict:
+    out: dict = {}
+    for n in onnx.load(str(path)).graph.node:
+        if n.domain == MS:
+            out[n.op_type] = out.get(n.op_type, 0) + 1
+    return out
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "lemon_onnx.cli", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+#: (fixture, optimizer model type, heads, hidden, the fused ops it must hold)
+OPTIMIZED = [
+    ("bert-ts17.onnx", "bert", 4, 64, {"Attention", "EmbedLayerNormalization",
+                                       "SkipLayerNormalization", "BiasGelu"}),
+    ("bert-dy18.onnx", "bert", 4, 64, {"SkipLayerNormalization", "BiasGelu"}),
+    ("bert-ts14.onnx", "bert", 4, 64, {"SkipLayerNormalization"}),
+    ("gpt2-ts17.onnx", "gpt2", 8, 64, {"SkipLayerNormalization", "FastGelu"}),
+    ("gpt2-dy18.onnx", "gpt2", 8, 64, {"SkipLayerNormalization", "FastGelu"}),
+    ("vit-ts17.onnx", "vit", 8, 64, {"SkipLayerNormalization", "BiasGelu"}),
+    ("vit-dy18.onnx", "vit", 8, 64, {"SkipLayerNormalization", "BiasGelu"}),
+]
+QUICK_OPTIMIZED = {"bert-ts17.onnx", "gpt2-dy18.onnx"}
+
+
+def _params():
+    out = []
+    for case in OPTIMIZED:
+        pre_ln = case[1] != "bert"
+        for width in ([2, 1.5] if pre_ln else [2]):
+            marks = [] if case[0] in QUICK_OPTIMIZED and width == 2 else [pytest.mark.slow]
+            out.append(pytest.param(case, width, marks=marks, id=f"{case[0]}-w{width}"))
+    return out
+
+
+@pytest.mark.parametrize("case,width", _params())
+def test_optimized_graph_expands_verifies_and_stays_fused(tmp_path, case, width):
+    name, model_type, heads, hidden, must = case
+    src = optimize(name, model_type, heads, hidden, tmp_path / "opt.onnx")
+    before = contrib_ops(src)
+    assert must <= set(before), before
+    ins = cli("inspect", src, "--json")
+    assert ins.returncode == 0, ins.stderr
+    fused = json.loads(ins.stdout)["fused"]
+    assert sum(sum(v.values()) for v in fused.values()) == sum(before.values())
+    out = tmp_path / "big.onnx"
+    report = tmp_path / "report.json"
+    res = cli("expand", src, "-o", out, "--width", width, "--depth", 2, "--report", report)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rep = json.loads(report.read_text())
+    assert rep["passed"] is True
+    assert rep["levels"]["float64"]["ran"] is True, rep["levels"]
+    after = contrib_ops(out)
+    # every block's fused ops at least twice (depth 2), those outside blocks at least once (a
+    # Pre-LN block's last residual Add and the next norm are one Skip norm: the twin after
+    # the last block makes one more with the final norm)
+    assert set(after) == set(before), (after, before)
+    for where, ops in fused.items():
+        for op, n in ops.items():
+            assert after[op] >= n * (1 if where == "outside blocks" else 2), (after, fused)
+    plan = json.loads(onnx.load(str(out)).metadata_props[0].value)
+    assert not any("left unfused" in n for n in plan["notes"]), plan["notes"]
+    assert any("fused ops put back" in n for n in plan["notes"]), plan["notes"]
+
+
+def test_inspect_lists_the_fused_ops_per_block(tmp_path):
+    src = optimize("bert-ts17.onnx", "bert", 4, 64, tmp_path / "opt.onnx")
+    res = cli("inspect", src)
+    assert res.returncode == 0, res.stderr
+    line = next(x for x in res.stdout.splitlines() if "fused ops" in x)
+    assert "block 0: Attention, BiasGelu, SkipLayerNormalization x2" in line
+    assert "block 1: Attention, BiasGelu, SkipLayerNormalization x2" in line
+    assert "outside blocks: BiasGelu, EmbedLayerNormalization" in line
