@@ -62,10 +62,13 @@ class Builder:
         return v.dtype if v.dtype is not None else self.float_type()
 
     def float_type(self) -> ir.DataType:
-        """The float type the fused op computes in: its first float input's."""
+        """The float type the fused op computes in: its first float input's (undeclared, the
+        type its producers compute in: an earlier contrib op's output read through a MatMul
+        has no declared type until recognition infers shapes)."""
         for x in self.node.inputs:
-            if x is not None and x.dtype is not None and x.dtype.is_floating_point():
-                return x.dtype
+            t = _float_type_of(x)
+            if t is not None:
+                return t
         raise UnsupportedModelError(f"{self.node.op_type} {self.node.name}: none of its inputs "
                                     "has a declared float type, so it cannot be unfused.",
                                     hint="Run ONNX shape inference on the model first.")
@@ -139,6 +142,29 @@ class Builder:
                 "sig": _signature(self.nodes)}
         for n in self.nodes:
             n.metadata_props[TAG] = json.dumps({**meta, **self._ports[n]})
+
+
+def _float_type_of(v: ir.Value | None, depth: int = 64) -> ir.DataType | None:
+    """``v``'s float type: declared, or (through ops that compute in their float inputs'
+    type) its producer's first float input's; a Cast's target type.  None if not a float."""
+    while v is not None and depth > 0:
+        if v.dtype is not None:
+            return v.dtype if v.dtype.is_floating_point() else None
+        p = v.producer()
+        if p is None:
+            return None
+        if p.op_type == "Cast" and p.domain == "":
+            t = ir.DataType(p.attributes["to"].value)
+            return t if t.is_floating_point() else None
+        if p.op_type in ("Shape", "Size", "NonZero", "ArgMax", "ArgMin") or \
+                p.op_type.startswith(("Equal", "Less", "Greater", "And", "Or", "Not", "Is")):
+            return None
+        for x in p.inputs:
+            t = _float_type_of(x, depth - 1) if x is not None else None
+            if t is not None:
+                return t
+        return None
+    return None
 
 
 def _signature(nodes) -> str:
@@ -229,6 +255,12 @@ class UnfusePass(InPlacePass):
         graph = model.graph
         counts: dict[str, int] = {}
         nodes = [n for n in graph if n.domain == MS and n.op_type in reg]
+        if any(x is not None and x.dtype is None for n in nodes for x in n.inputs):
+            # the optimizer's output often declares no intermediate types: infer them (the
+            # contrib ops' own outputs stay undeclared; each decomposition types its outputs)
+            from onnx_ir.passes.common import ShapeInferencePass
+
+            ShapeInferencePass(strict_mode=False)(model)
         names = {n.name for n in graph}
         for gid, node in enumerate(nodes):
             module = reg[node.op_type]

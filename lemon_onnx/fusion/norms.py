@@ -4,13 +4,12 @@
 over the last axis; output 3 is the sum itself.  Unfused as ``Add(input, bias)``, ``Add(.,
 skip)`` and a ``LayerNormalization`` (opset 17 and later) or its decomposed form (earlier
 opsets): the residual Add and the norm the components know.  The Simplified form is RMSNorm
-(no mean, no beta), decomposed as the exporters write RMSNorm (computed in float32 for half
-types, as the kernel does).  Outputs 1 and 2 (mean, inverse std) must be unused.
+(no mean, no beta): its norm a ``SimplifiedLayerNormalization``.  Outputs 1 and 2 (mean,
+inverse std) must be unused.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 
 from .. import graph as G
@@ -53,31 +52,35 @@ def norm_epsilon(group) -> float:
     """The epsilon of the group's norm: the LayerNormalization's attribute, or the constant
     added to the variance (the decomposed forms, role ``eps``)."""
     norm = group.role("norm")
-    if norm is not None and norm.op_type == "LayerNormalization":
+    if norm is not None and norm.op_type in ("LayerNormalization", "SimplifiedLayerNormalization"):
         return float(attr_value(norm, "epsilon", 1e-5))
     return float(G.const_array(group.role("eps").inputs[1]).reshape(-1)[0])
 
 
 def adopt(group) -> bool:
     """A Skip norm's Adds whose norm is a plain one (depth: the Adds end a block, the twin
-    after it starts with its clone of the block's first norm, a plain LayerNormalization):
+    after it starts with its clone of the block's first norm, a plain LayerNormalization or
+    SimplifiedLayerNormalization):
     make that norm the group's, so the pair is fused again.  True when adopted."""
     ks = {group.tags(n)["k"]: n for n in group.nodes}
     skip = next((n for n in group.nodes if group.tags(n)["r"] == "skip"), None)
     if skip is None or group.role("norm") is not None or len(ks) != group.meta["n"] - 1:
         return False
-    readers = [u for u in skip.outputs[0].uses() if u.node.op_type == "LayerNormalization"
-               and u.idx == 0 and "lemon.fused" not in u.node.metadata_props]
-    if len(readers) != 1 or group.meta["op"] != "SkipLayerNormalization":
+    kind = {"SkipLayerNormalization": "LayerNormalization",
+            "SkipSimplifiedLayerNormalization": "SimplifiedLayerNormalization"}[group.meta["op"]]
+    readers = [u for u in skip.outputs[0].uses() if u.node.op_type == kind
+               and u.node.domain == "" and u.idx == 0
+               and "lemon.fused" not in u.node.metadata_props]
+    if not readers:
         return False
-    norm = readers[0].node
+    norm = readers[0].node  # a parallel block's two norms read the sum: either one fuses
     if attr_value(norm, "axis", -1) not in (-1, len(norm.inputs[0].shape or ()) - 1):
         return False
     k = max(ks) + 1
     if k != group.meta["n"] - 1:
         return False
-    group.tag(norm, k, [[0, group.tags(skip)["k"], 0]],
-              [[1, 2]] + ([[2, 3]] if len(norm.inputs) > 2 and norm.inputs[2] is not None else []),
+    beta = kind == "LayerNormalization" and len(norm.inputs) > 2 and norm.inputs[2] is not None
+    group.tag(norm, k, [[0, group.tags(skip)["k"], 0]], [[1, 2]] + ([[2, 3]] if beta else []),
               [[0, 0]], "norm")
     group.nodes.append(norm)
     if group.whole() is not None:  # not the decomposition after all: leave it as it was
@@ -100,14 +103,9 @@ def layer_norm(b: Builder, x: ir.Value, gamma, beta, eps: float) -> ir.Value:
 
 
 def rms_norm(b: Builder, x: ir.Value, gamma, eps: float) -> ir.Value:
-    dt = b.dtype(x)
-    half = dt != ir.DataType.FLOAT and dt != ir.DataType.DOUBLE
-    h = b.op("Cast", [x], {"to": int(ir.DataType.FLOAT)}) if half else x
-    two = b.const(np.array(2.0, np.float32 if half else dt.numpy()))
-    ms = b.reduce("ReduceMean", b.op("Pow", [h, two]), [-1])
-    epsv = b.const(np.array(eps, np.float32 if half else dt.numpy()))
-    r = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [ms, epsv], role="eps")])])
-    y = b.op("Mul", [h, r])
-    if half:
-        y = b.op("Cast", [y], {"to": int(dt)})
-    return b.op("Mul", [y, gamma])
+    """RMSNorm as ONNX Runtime's ``SimplifiedLayerNormalization`` (a contrib op of the default
+    domain, with float and double kernels, computing in float32 for half types as the Skip
+    form does): the op form the norm component widens, and the one a twin's clone of a
+    block's first norm has, so a Skip pair across a block boundary fuses again."""
+    return b.op("SimplifiedLayerNormalization", [x, gamma],
+                {"axis": -1, "epsilon": eps, "stash_type": 1}, role="norm")
