@@ -351,7 +351,7 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
             st.done(est.summary())
         if verify:  # exit 3 before the work: ONNX Runtime must load the source on the provider
             with progress.stage("runtime") as st:
-                st.done(f"ONNX Runtime loads the source on {_source_runs(src, provider)}")
+                st.done(_runtime_stage(src, provider, model, float64, progress))
         plan = _rewrite(model, rec, desc, plan, progress)
         recorded = chained(desc.lemon_plan, plan)
         for note in recorded.notes:
@@ -519,6 +519,24 @@ def _flags(width, depth, hidden, ffn, heads, layers) -> str:
              ("heads", heads), ("layers", layers))
     return " ".join(f"--{k} {v}" if isinstance(v, int) else f"--{k} {v:g}"
                     for k, v in given if v is not None) or "this expansion"
+
+
+def _runtime_stage(src: Path, provider: str, model, float64: str, progress) -> str:
+    """The runtime check before the work (exit 3 when the source cannot run), except where
+    only the storage dtype's kernels are missing (bfloat16 on the CPU): then the float64
+    level alone will decide, and the user is told so now."""
+    from .verification.core import half_kernel_missing
+    from .verification.models import first_float_dtype
+
+    try:
+        return f"ONNX Runtime loads the source on {_source_runs(src, provider)}"
+    except RuntimeFailure as failure:
+        dtype = first_float_dtype(model)
+        if float64 == "off" or not half_kernel_missing(failure, dtype):
+            raise
+        progress.note(f"ONNX Runtime cannot run the {dtype} source here "
+                      f"({one_line(failure.message, 160)}): verification is float64 only")
+        return f"the {dtype} level cannot run here; float64 only"
 
 
 def _source_runs(src: Path, provider: str) -> str:

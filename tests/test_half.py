@@ -71,3 +71,43 @@ def test_float16_decoders_expand_and_verify(tmp_path, family, exporter):
         assert hidden == int(64 * width)
         worst = max(o.ratio for c in rep.cases for o in c["outputs"] if o.ratio is not None)
         assert np.isfinite(worst) and worst <= 4.0
+
+
+@pytest.mark.parametrize("exporter", ["ts17", "dy18"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_bfloat16_decoders_expand_and_are_proved_in_float64(tmp_path, family, exporter):
+    """ONNX Runtime's CPU build has no bfloat16 kernels for some ops (Where): the bfloat16
+    level cannot run, the report says so, and the float64 level alone decides; it still
+    catches a 1e-3 change of one weight."""
+    import onnx
+    from onnx import numpy_helper
+
+    src = _export(family, exporter, "bfloat16", tmp_path)
+    for width in (2, 1.5):
+        out = tmp_path / f"w{width}.onnx"
+        res = lemon_onnx.expand(src, out, width=width, depth=2)
+        rep = res.verification
+        assert rep.passed and rep.dtype == "bfloat16"
+        assert rep.levels["dtype"]["ran"] is False and rep.levels["dtype"]["why"]
+        assert rep.levels["float64"]["ran"] is True
+        assert "float64 only" in rep.summary()
+        assert {v.dtype for v in ir.load(str(out)).graph.initializers.values()
+                if v.dtype.is_floating_point() and len(v.shape) == 2} == {ir.DataType.BFLOAT16}
+    # one element of one block weight changed by 1e-3 (relative) in the exact expansion
+    out = tmp_path / "w2.onnx"
+    proto = onnx.load(str(out))
+    t = next(t for t in proto.graph.initializer if len(t.dims) == 2 and "embed" not in t.name
+             and "head" not in t.name
+             and t.data_type == onnx.TensorProto.BFLOAT16
+             and np.abs(numpy_helper.to_array(t).astype(np.float32)).max() > 0)  # not a twin's
+    # zero output rows
+    arr = numpy_helper.to_array(t).astype(np.float32)
+    i = np.unravel_index(np.argmax(np.abs(arr)), arr.shape)
+    arr[i] *= 1.01  # bfloat16 keeps 8 bits: 1% is its next representable step or two
+    import ml_dtypes
+
+    t.CopyFrom(numpy_helper.from_array(arr.astype(ml_dtypes.bfloat16), t.name))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(proto, str(bad))
+    rep = lemon_onnx.verify(src, bad)
+    assert not rep.passed and rep.levels["float64"]["ran"] is True

@@ -107,7 +107,7 @@ _DTYPE_ALIASES = {
 class Rule:
     """How the dtype-level verdict is taken (see the module docstring)."""
 
-    mode: str  # "relative" | "fixed" | "fallback"
+    mode: str  # "relative" | "fixed" | "fallback" | "float64-only" (no storage level)
     dtype: str
     atol: float  # Polygraphy's rule in "fixed" mode; the min_atol/min_rtol statistics otherwise
     rtol: float
@@ -309,7 +309,10 @@ def compare_output(name: str, small: np.ndarray, big: np.ndarray | None, mapping
         dev = np.abs(b - s)
         rep.error = float(np.max(dev[finite], initial=0.0))
     rep.ratio = _ratio(rep.error, rep.own_error) if small64 is not None else None
-    if rule.mode == "fixed":
+    if rule.mode == "float64-only":  # the storage level did not run (core.py): none here
+        rep.rule, rep.ratio, rep.own_error = "float64 only", None, None
+        dtype_ok = True
+    elif rule.mode == "fixed":
         rep.rule = "fixed"
         dtype_ok = rep.passed
     else:

@@ -107,8 +107,16 @@ def verify(small_path, big_path, *, inputs=None, atol: float | None = None,
 
     pairs = block_pairs(small_ir, big_ir, plan, notes, cache) if layerwise else None
     # the model's own dtype: one session at a time keeps peak memory at the larger model
-    ref, small_outputs, used, small_steps = _run_model(small_path, small_ir, cases, provider,
-                                                       "small", timings, dec.small)
+    try:
+        ref, small_outputs, used, small_steps = _run_model(small_path, small_ir, cases,
+                                                           provider, "small", timings,
+                                                           dec.small)
+    except RuntimeFailure as exc:
+        if not half_kernel_missing(exc, dtype) or float64 == "off" or dec.small is not None:
+            raise
+        return _verify_float64_only(small_path, big_path, small_ir, big_ir, plan, cases,
+                                    big_cases, source, provider, rule, dtype, notes, cache,
+                                    timings, t_start, exc)
     forced = "cuda" if used == CUDA else "cpu"  # "auto" may end on the CPU: same for both
     try:
         got, big_outputs, used_big, big_steps = _run_model(big_path, big_ir, big_cases, forced,
@@ -171,6 +179,54 @@ def verify(small_path, big_path, *, inputs=None, atol: float | None = None,
                         seconds=time.perf_counter() - t_start, notes=notes,
                         small=str(small_path), big=str(big_path), timings=timings,
                         levels=levels, decoding=decoding_report)
+
+
+def half_kernel_missing(exc: RuntimeFailure, dtype: str) -> bool:
+    """ONNX Runtime has no kernel for one of a half-precision model's ops on this provider
+    (bfloat16 on the CPU: Where, Softmax, ...): the storage level cannot run there."""
+    return dtype in ("bfloat16", "float16") and (
+        "NOT_IMPLEMENTED" in exc.message or "Could not find an implementation" in exc.message)
+
+
+def _verify_float64_only(small_path, big_path, small_ir, big_ir, plan, cases, big_cases,
+                         source, provider, rule, dtype, notes, cache, timings, t_start,
+                         failure) -> VerifyReport:
+    """The storage level cannot run on this provider (``half_kernel_missing``): the float64
+    level alone decides, and the report says the other level is missing (never a pass)."""
+    why = one_line(failure.message, 300)
+    small_outputs = [v.name for v in small_ir.graph.outputs]
+    out_maps = plan.get("outputs") or {}
+    want_big = [cmp.big_name(n, out_maps.get(n)) for n in small_outputs]
+    want_big = [n for n in want_big if n in {v.name for v in big_ir.graph.outputs}]
+    t = time.perf_counter()
+    level, ref64, got64, _ = _float64_level("on", small_path, big_path, small_ir, big_ir,
+                                            cases, big_cases, small_outputs, want_big,
+                                            "cpu" if provider == "auto" else provider, rule,
+                                            notes, _Decoding(), cache)
+    timings["float64"] = time.perf_counter() - t
+    only = dataclasses.replace(rule, mode="float64-only")
+    report_cases = []
+    for k, case in enumerate(cases):
+        outs = [cmp.compare_output(n, ref64[k][n], got64[k].get(cmp.big_name(n, out_maps.get(n))),
+                                   out_maps.get(n), only, small64=ref64[k][n],
+                                   big64=got64[k].get(cmp.big_name(n, out_maps.get(n))))
+                for n in small_outputs]
+        report_cases.append({"shapes": {n: list(a.shape) for n, a in case.items()},
+                             "outputs": outs})
+    passed = _all_passed(report_cases, None)
+    notes.insert(0, f"inputs: {source}, {len(cases)} case(s)")
+    notes.append(f"the {dtype} level did not run: {why}; the float64 level alone decides "
+                 "(run verify where ONNX Runtime has the kernels, e.g. on CUDA, for the "
+                 f"{dtype} level)")
+    levels = {"float64": level,
+              "dtype": {"dtype": dtype, "ran": False, "why": why, "rule": "not run"}}
+    return VerifyReport(passed=passed, provider_requested=provider,
+                        provider_used=level.get("provider") or "CPUExecutionProvider",
+                        atol=rule.atol, rtol=rule.rtol, dtype=dtype, cases=report_cases,
+                        first_divergent_block=None, layerwise=None,
+                        seconds=time.perf_counter() - t_start, notes=notes,
+                        small=str(small_path), big=str(big_path), timings=timings,
+                        levels=levels, decoding=None)
 
 
 def _model_bytes(path) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from ..plan import PLAN_KEY
@@ -40,10 +41,20 @@ def read_plan(ir_model, notes: list) -> dict:
 
 
 def first_float_dtype(ir_model) -> str:
+    """The precision the model computes in: its outputs' float type, or its weights' where
+    they are stored in a half type."""
     import onnx_ir as ir
 
     names = {ir.DataType.FLOAT: "float32", ir.DataType.DOUBLE: "float64",
              ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
+    half = {ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
+    counts: dict = {}
+    for v in ir_model.graph.initializers.values():
+        if v.dtype in names and v.shape is not None and all(isinstance(d, int) for d in v.shape):
+            counts[v.dtype] = counts.get(v.dtype, 0) + math.prod(v.shape)
+    stored = max(counts, key=counts.get) if counts else None
+    if stored in half:  # half weights behind float32 inputs and outputs (keep_io_types):
+        return names[stored]  # the model computes, and rounds, in the half type
     for v in ir_model.graph.outputs:
         if v.dtype in names:
             return names[v.dtype]

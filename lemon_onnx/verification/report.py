@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -73,9 +74,22 @@ class VerifyReport:
                     seen.append(part)
         return seen
 
+    def dtype_missing(self) -> str | None:
+        """Why the storage-dtype level did not run (no kernel for the dtype on the
+        provider), or None when it ran."""
+        dt = self.levels.get("dtype") or {}
+        if dt.get("ran") is not False:
+            return None
+        kernel = re.search(r"implementation for (\S+\(\d+\))", dt.get("why") or "")
+        return f"no {self.provider_used} kernel for {kernel.group(1)}" if kernel else dt.get("why")
+
     def summary(self) -> str:
         """One line: the verdict and the figures that decided it."""
-        parts = [f"max abs error {self.max_abs:.2e}"]
+        if self.dtype_missing():
+            parts = [f"float64 only: the {self.dtype} level did not run "
+                     f"({self.dtype_missing()[:160]})"]
+        else:
+            parts = [f"max abs error {self.max_abs:.2e}"]
         if self.max_ratio is not None:
             own = self._worst("own_error")
             ratio = "inf" if math.isinf(self.max_ratio) else f"{self.max_ratio:.2f}"
