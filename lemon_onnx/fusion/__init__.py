@@ -139,6 +139,7 @@ class Builder:
                         self._ports[n]["in"].append([slot, i])
         meta = {"g": self.group, "op": self.node.op_type, "dom": self.node.domain,
                 "attrs": {k: _plain(a) for k, a in self.attrs.items()}, "n": len(self.nodes),
+                "nout": len(self.node.outputs),
                 "sig": _signature(self.nodes)}
         for n in self.nodes:
             n.metadata_props[TAG] = json.dumps({**meta, **self._ports[n]})
@@ -353,7 +354,8 @@ class Group:
     def tag(self, n: ir.Node, k: int, wired: list, ins: list, outs: list, role: str) -> None:
         """Make ``n`` (a node the passes made, or a clone of another op's) node ``k`` of this
         group's decomposition."""
-        meta = {key: self.meta[key] for key in ("g", "op", "dom", "attrs", "n", "sig")}
+        meta = {key: self.meta[key] for key in ("g", "op", "dom", "attrs", "n", "sig", "nout")
+                if key in self.meta}
         n.metadata_props[TAG] = json.dumps({**meta, "r": role, "k": k, "e": wired, "in": ins,
                                             "out": outs})
 
@@ -495,7 +497,7 @@ def _fuse(graph: ir.Graph, group: Group, module) -> None:
     if hasattr(module, "fused_attrs"):
         attrs = module.fused_attrs(group, attrs, ins)
     n_in = max(ins) + 1 if ins else 0
-    n_out = max(outs) + 1
+    n_out = max(max(outs) + 1, meta.get("nout", 0))  # the op's outputs, used or not
     node = ir.Node(meta["dom"], meta["op"], [ins.get(i) for i in range(n_in)],
                    [a if a.name == k else make_attr(k, a.value) for k, a in attrs.items()],
                    num_outputs=n_out, name=_fused_name(group.nodes[-1].name))

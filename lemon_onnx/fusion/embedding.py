@@ -43,7 +43,8 @@ def decompose(b: Builder, node: ir.Node) -> dict:
         if v is not None:
             b.port_in(v, i)
     outs = {0: y, 2: s}
-    if len(node.outputs) > 1:
+    used = len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output())
+    if used:  # an unused mask index is not built (the passes would drop it as dead code)
         if mask is not None:
             outs[1] = b.op("Cast", [b.reduce("ReduceSum", mask, [1], keepdims=0)],
                            {"to": int(ir.DataType.INT32)})
