@@ -37,9 +37,10 @@ operator that carries a size the plan changes), so a new architecture is refused
 tensor's name rather than expanded wrongly.  See the README, "Adding a component".
 
 Registration: ``REGISTRY`` below is the one list of component modules, in the order
-recognition runs them.  A module declares ``FUSED_OPS``, the ONNX Runtime contrib ops
-(``com.microsoft``) it handles in every step; recognition refuses a graph with a contrib op no
-registered component claims (``fused_ops_claimed``), naming the ops.
+recognition runs them.  ONNX Runtime's contrib ops (``com.microsoft``: SkipLayerNormalization,
+Attention, BiasGelu, ...) never reach them: ``lemon_onnx.fusion`` unfuses each into the
+standard ops a component matches and fuses it again after the passes (its own registry, one
+module per op family); a contrib op no fusion module knows is refused, naming it.
 """
 
 from . import (attention, branch, cache, cross_attention, embedding, head, linear, mlp, norm,
@@ -59,7 +60,3 @@ REGISTRY = (
     cache,
 )
 
-
-def fused_ops_claimed() -> frozenset:
-    """The com.microsoft ops some registered component handles end to end."""
-    return frozenset().union(*(getattr(m, "FUSED_OPS", frozenset()) for m in REGISTRY))

@@ -1,6 +1,6 @@
 """Component: normalisation layers.
 
-match: LayerNormalization / RMSNormalization (and ONNX Runtime's Simplified and Skip forms)
+match: LayerNormalization / RMSNormalization (and ONNX Runtime's SimplifiedLayerNormalization)
 ops, or their decomposed forms (ReduceMean, Sub, Pow or Mul, Add(eps), Sqrt, Div or Reciprocal,
 Mul(gamma), Add(beta)), with or without gamma/beta.
 widen: gamma/beta/epsilon for an input laid out by a stream map (lemon_math.expand_norm); a
@@ -21,21 +21,16 @@ from ..errors import PlanError
 from ..graph import back_pass, const_array, const_source, is_const, nm, scalar_const, skip_pass
 from ..tensors import read_array, write_array
 
-#: ONNX Runtime's fused ops (com.microsoft) this component handles in every step (recognition,
-#: widening, twins, the float64 level): none yet, its op matcher knows the Skip and Simplified
-#: forms but the residual topology and the float64 level do not (issue 20)
-FUSED_OPS: frozenset = frozenset()
-
 #: the op forms, and the kind each computes
-NORM_OPS = {"LayerNormalization": "layernorm", "SkipLayerNormalization": "layernorm",
-            "RMSNormalization": "rmsnorm", "SimplifiedLayerNormalization": "rmsnorm",
-            "SkipSimplifiedLayerNormalization": "rmsnorm"}
+#: (the com.microsoft Skip forms are unfused into an Add and one of these: lemon_onnx/fusion)
+NORM_OPS = {"LayerNormalization": "layernorm", "RMSNormalization": "rmsnorm",
+            "SimplifiedLayerNormalization": "rmsnorm"}
 
 
 @dataclasses.dataclass
 class Norm:
     kind: str  # layernorm | rmsnorm
-    form: str  # op | decomposed | skip
+    form: str  # op | decomposed
     input: str
     output: str
     gamma: str | None
@@ -51,15 +46,12 @@ def match_all(ctx) -> dict[ir.Value, Norm]:
     for n in ctx.graph:
         if n.op_type in NORM_OPS:
             kind = NORM_OPS[n.op_type]
-            skip = n.op_type.startswith("Skip")
-            gi = 2 if skip else 1
-            g = const_source(n.inputs[gi])[0] if len(n.inputs) > gi else None
+            g = const_source(n.inputs[1])[0] if len(n.inputs) > 1 else None
             b = None
-            bi = gi + 1
-            if kind == "layernorm" and len(n.inputs) > bi and n.inputs[bi] is not None:
-                b = const_source(n.inputs[bi])[0]
+            if kind == "layernorm" and len(n.inputs) > 2 and n.inputs[2] is not None:
+                b = const_source(n.inputs[2])[0]
             eps = n.attributes["epsilon"].value if "epsilon" in n.attributes else 1e-5
-            norms[n.outputs[0]] = Norm(kind, "skip" if skip else "op", nm(n.inputs[0]),
+            norms[n.outputs[0]] = Norm(kind, "op", nm(n.inputs[0]),
                                        nm(n.outputs[0]), nm(g) or None, nm(b) or None,
                                        float(eps), ["attr", n.name, "epsilon"], [n.name])
         elif n.op_type == "Sqrt":

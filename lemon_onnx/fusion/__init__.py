@@ -233,10 +233,6 @@ def registry() -> dict[str, object]:
     return {op: m for m in _modules() for op in m.OPS}
 
 
-def contrib_nodes(graph: ir.Graph) -> list[ir.Node]:
-    return [n for n in graph if n.domain == MS]
-
-
 def claimed() -> frozenset:
     return frozenset(registry())
 

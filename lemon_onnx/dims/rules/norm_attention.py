@@ -1,5 +1,5 @@
 """Rules for the fused ops of Transformer blocks: the norms (LayerNormalization,
-RMSNormalization and the com.microsoft Simplified and Skip forms), Attention (its head-count
+RMSNormalization and ONNX Runtime's SimplifiedLayerNormalization), Attention (its head-count
 attributes split the packed axes into heads and head_dim) and RotaryEmbedding."""
 
 from __future__ import annotations
@@ -23,9 +23,7 @@ def _norm(an: AxisAnalysis, node: ir.Node, params: Sequence[int]) -> None:
             p = an.get(node.inputs[i])
             if p:
                 an.try_unify(x[-1], p[-1], f"{node.op_type} {node.name}")
-    for k, o in enumerate(node.outputs):
-        if k == 0 or (node.op_type.startswith("Skip") and k == 3):
-            an.axes[o] = [list(a) for a in x]
+    an.axes[node.outputs[0]] = [list(a) for a in x]
 
 
 @rule("LayerNormalization")
@@ -36,14 +34,6 @@ def layer_norm(an: AxisAnalysis, node: ir.Node) -> None:
 @rule("RMSNormalization", "SimplifiedLayerNormalization")
 def rms_norm(an: AxisAnalysis, node: ir.Node) -> None:
     _norm(an, node, (1,))
-
-
-@rule("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
-def skip_layer_norm(an: AxisAnalysis, node: ir.Node) -> None:
-    x, s = an.get(node.inputs[0]), an.get(node.inputs[1])
-    if x is not None and s is not None:
-        an.try_unify(x[-1], s[-1], f"SkipLayerNormalization {node.name}")
-    _norm(an, node, (2, 3, 4))
 
 
 def _heads_attr(an: AxisAnalysis, node: ir.Node, axis: Axis, attr: str) -> Atom | None:
