@@ -4,6 +4,7 @@ Runtime's transformer optimizer (run here on the fixtures), which must verify at
 and come back as fused as they went in."""
 import json
 import subprocess
+from pathlib import Path
 import sys
 
 import numpy as np
@@ -359,3 +360,41 @@ def test_optimized_families_expand_and_stay_fused(tmp_path, name, model_type, wi
     # it starts with no norm (OLMo-2 normalises branch outputs) or BEiT's layer scale sits
     # between; it is then a plain residual Add (exact)
     assert len(left) <= 1 and all("LayerNormalization (group" in n for n in left), left
+
+
+# --------------------------------------------------------------------------- optimum's levels
+
+OPTIMUM = FIXTURES.parent / "optimum"
+OPTIMUM_PY = FIXTURES.parent.parent / ".venv-optimum" / "bin" / "python"
+#: optimum export folders through `ORTOptimizer` at the levels that run on the CPU (O4 is
+#: fp16 for CUDA): encoders, an image model, and decoders with their KV cache
+OPTIMUM_CASES = [("bert-cls", "O2"), ("bert-cls", "O3"), ("vit-cls", "O3"), ("gpt2-gen", "O2"),
+                 ("llama-gen", "O2"), ("roberta-mlm", "O2")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder,level", OPTIMUM_CASES, ids=[f"{a}-{b}" for a, b in OPTIMUM_CASES])
+def test_optimum_optimized_folders_expand_and_stay_fused(tmp_path, folder, level):
+    import os
+
+    if not (OPTIMUM / folder).exists() or not OPTIMUM_PY.exists():
+        assert os.environ.get("LEMON_REQUIRE_OPTIMUM") != "1", "optimum folders are missing"
+        pytest.skip("optimum's folders and virtualenv are made by .ci/run")
+    opt = tmp_path / "opt"
+    run = subprocess.run([str(OPTIMUM_PY), str(Path(__file__).parent / "optimum_optimize.py"),
+                          str(OPTIMUM / folder), level, str(opt)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    before = json.loads(run.stdout.strip().splitlines()[-1])
+    (name, ops), = before.items()
+    assert ops, f"optimum's {level} fused nothing in {folder}"
+    out = tmp_path / "big"
+    res = cli("expand", opt, "-o", out, "--width", 2, "--depth", 2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "verified" in res.stdout and "NO float64 proof" not in res.stdout, res.stdout
+    after = contrib_ops(out / name)
+    assert set(after) == set(ops) and all(after[o] >= ops[o] for o in ops), (after, ops)
+    plan = json.loads({p.key: p.value for p in onnx.load(str(out / name),
+                                                         load_external_data=False)
+                       .metadata_props}["lemon.plan"])
+    assert not any("left unfused" in n for n in plan["notes"]), plan["notes"]
