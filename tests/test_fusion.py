@@ -219,12 +219,12 @@ def test_embed_layer_norm(segments, position_ids):
 
 # --------------------------------------------------------------------------- optimizer outputs
 
-def optimize(name, model_type, heads, hidden, dst):
+def optimize(name, model_type, heads, hidden, dst, opt_level=0):
     """ONNX Runtime's transformer optimizer on a fixture (what users run before deploying)."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     m = optimize_model(str(FIXTURES / name), model_type=model_type, num_heads=heads,
-                       hidden_size=hidden, opt_level=0)
+                       hidden_size=hidden, opt_level=opt_level)
     m.save_model_to_file(str(dst))
     return dst
 
@@ -294,6 +294,30 @@ def test_optimized_graph_expands_verifies_and_stays_fused(tmp_path, case, width)
     plan = json.loads(onnx.load(str(out)).metadata_props[0].value)
     assert not any("left unfused" in n for n in plan["notes"]), plan["notes"]
     assert any("fused ops put back" in n for n in plan["notes"]), plan["notes"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,model_type,heads", [("bert-dy18.onnx", "bert", 4),
+                                                   ("llama-dy18.onnx", "gpt2", 8)])
+def test_optimizer_with_onnx_runtime_graph_optimizations_expands(tmp_path, name, model_type,
+                                                                 heads):
+    """opt_level 2: ONNX Runtime's own extended optimisations too (QuickGelu for SiLU; the
+    nodes reordered, a BERT's token-type Gather before the word Gather)."""
+    src = optimize(name, model_type, heads, 64, tmp_path / "opt.onnx", opt_level=2)
+    out = tmp_path / "big.onnx"
+    res = cli("expand", src, "-o", out, "--width", 2, "--depth", 2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "float64 difference" in res.stdout
+    assert set(contrib_ops(out)) == set(contrib_ops(src))
+
+
+def test_hardware_specific_layouts_are_refused_naming_them(tmp_path):
+    """opt_level 99 adds the CPU's NCHWc convolution layout (com.microsoft.nchwc)."""
+    src = optimize("vit-ts17.onnx", "vit", 8, 64, tmp_path / "opt.onnx", opt_level=99)
+    res = cli("expand", src, "-o", tmp_path / "big.onnx", "--width", 2)
+    assert res.returncode == 2, res.stderr
+    assert "com.microsoft.nchwc:Conv" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "big.onnx").exists()
 
 
 def test_inspect_lists_the_fused_ops_per_block(tmp_path):

@@ -67,13 +67,14 @@ def match(ctx) -> Embeddings:
     g = ctx.graph
     emb = Embeddings()
     graph_inputs = set(g.inputs)
+    tables = []  # Gathers of a constant [rows, hidden] table indexed by a graph input
     for n in g:
         if n.op_type == "Gather" and len(n.inputs) == 2:
             table = const_source(n.inputs[0])[0]
             idx = back_view(n.inputs[1])
             if table is not None and table.const_value is not None and \
-                    len(table.const_value.shape) == 2 and idx in graph_inputs and emb.token is None:
-                emb.token, emb.token_node = table.name, n.name
+                    len(table.const_value.shape) == 2 and idx in graph_inputs:
+                tables.append((n, table))
         if n.op_type == "Conv" and emb.patch_conv is None:
             x = back_pass(n.inputs[0])
             w = const_source(n.inputs[1])[0]
@@ -81,6 +82,17 @@ def match(ctx) -> Embeddings:
                 emb.patch_conv, emb.patch_weight = n.name, w.name
                 if len(n.inputs) > 2 and n.inputs[2] is not None:
                     emb.patch_bias = nm(const_source(n.inputs[2])[0])
+    if tables:  # the token table, not the token types': the one a head reads too (tied),
+        # else the one with the most rows; graph order does not decide (ONNX Runtime's
+        # optimizer may put the token-type Gather first)
+        def rank(nt):
+            n, table = nt
+            tied = any(u.node is not n and u.node.op_type in ("MatMul", "Gemm", "Transpose")
+                       for u in table.uses())
+            return (tied, table.const_value.shape[0], -ctx.order[n])
+
+        n, table = max(tables, key=rank)
+        emb.token, emb.token_node = table.name, n.name
     if emb.token is None and emb.patch_conv is not None:
         _conv_stem(ctx, emb)
     if emb.token is None and emb.patch_conv is None:

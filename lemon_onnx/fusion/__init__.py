@@ -528,6 +528,15 @@ def _order(graph: ir.Graph, n: ir.Node) -> int:
 
 def unfuse(model: ir.Model) -> UnfuseResult:
     """Unfuse every registered contrib op; refuse (exit 2) a contrib op no module knows."""
+    layouts = sorted({f"{n.domain}:{n.op_type}" for n in model.graph
+                      if n.domain.startswith(MS + ".")})
+    if layouts:
+        raise UnsupportedModelError(
+            "This graph holds ONNX Runtime's hardware-specific ops (" + ", ".join(layouts)
+            + "), written when a session saves its optimised graph at the 'all' level; they "
+            "are tied to this machine's kernels and lemon-onnx does not rewrite them.",
+            hint="Save the optimised model at opt_level 1 or 2 (ORT_ENABLE_EXTENDED), or "
+                 "expand the exporter's .onnx.")
     unknown = sorted({n.op_type for n in model.graph if n.domain == MS} - claimed())
     if unknown:
         raise UnsupportedModelError(
