@@ -234,6 +234,14 @@ def _rewrite(model, rec, desc, plan: Plan, progress: Progress) -> Plan:
         changes["outputs"] = {**changes.get("outputs", plan.outputs), **outs}
         changes["inputs"] = {**changes.get("inputs", plan.inputs), **ins}
     plan = plan.amended(notes=notes, **changes)
+    if desc.fused:  # ONNX Runtime's fused ops back in place of their widened decompositions
+        # (before unused initializers go: a packed input is rebuilt from its pieces)
+        from .fusion import RefusePass
+
+        res = RefusePass()(model)
+        plan = plan.amended(notes=list(plan.notes) + [
+            f"fused ops put back: {', '.join(f'{op} x{n}' for op, n in sorted(res.fused.items()))}"]
+            + [f"left unfused (exact, less optimised): {why}" for why in res.left])
     # initializers the passes replaced (copied before they diverged) and left unused; the
     # pass also drops trailing empty inputs, which a Loop whose optional cond is '' needs
     # (its schema counts it: found by tests/test_fuzz.py), so every node keeps its arity
@@ -242,13 +250,6 @@ def _rewrite(model, rec, desc, plan: Plan, progress: Progress) -> Plan:
     for n, k in arity.items():
         if len(n.inputs) < k and n.graph is not None:
             n.resize_inputs(k)
-    if desc.fused:  # ONNX Runtime's fused ops back in place of their widened decompositions
-        from .fusion import RefusePass
-
-        res = RefusePass()(model)
-        plan = plan.amended(notes=list(plan.notes) + [
-            f"fused ops put back: {', '.join(f'{op} x{n}' for op, n in sorted(res.fused.items()))}"]
-            + [f"left unfused (exact, less optimised): {why}" for why in res.left])
     _check_unique_names(model)
     model.metadata_props[PLAN_KEY] = plan.to_json()
     return plan

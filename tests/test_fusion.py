@@ -173,6 +173,37 @@ def test_attention(mask, causal, form):
     _check(proto, feeds)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("mask", [None, "1d", "2d"])
+@pytest.mark.parametrize("cross,causal", [(False, 0), (False, 1), (True, 0)])
+def test_multi_head_attention(bias, mask, cross, causal):
+    """q, k, v projected outside the op; a cross-attention's keys have their own length."""
+    b, s, d, heads = 2, 5, 32, 4
+    kv_len = 7 if cross else s
+    attrs = {"num_heads": heads}
+    if causal:
+        attrs["unidirectional"] = 1
+    ins = ["q", "k", "v", "bias" if bias else "", "mask" if mask else ""]
+    while ins[-1] == "":
+        ins.pop()
+    node = helper.make_node("MultiHeadAttention", ins, ["y"], domain=MS, **attrs)
+    inputs = [helper.make_tensor_value_info("q", F, [b, s, d]),
+              helper.make_tensor_value_info("k", F, [b, kv_len, d]),
+              helper.make_tensor_value_info("v", F, [b, kv_len, d])]
+    feeds = {"q": _x(b, s, d), "k": _x(b, kv_len, d), "v": _x(b, kv_len, d)}
+    if mask == "1d":
+        inputs.append(helper.make_tensor_value_info("mask", TensorProto.INT32, [b]))
+        feeds["mask"] = np.array([kv_len, 3], np.int32)
+    elif mask == "2d":
+        inputs.append(helper.make_tensor_value_info("mask", TensorProto.INT32, [b, kv_len]))
+        m = np.ones((b, kv_len), np.int32)
+        m[1, 3:] = 0
+        feeds["mask"] = m
+    proto = _model(node, inputs, [helper.make_tensor_value_info("y", F, [b, s, d])],
+                   [_w("bias", 3 * d)] if bias else [])
+    _check(proto, feeds)
+
+
 def test_attention_with_a_past_state_is_refused_naming_it():
     b, s, d = 1, 4, 16
     node = helper.make_node("Attention", ["x", "w", "bias", "", "past"], ["y", "present"],
@@ -294,6 +325,30 @@ def test_optimized_graph_expands_verifies_and_stays_fused(tmp_path, case, width)
     plan = json.loads(onnx.load(str(out)).metadata_props[0].value)
     assert not any("left unfused" in n for n in plan["notes"]), plan["notes"]
     assert any("fused ops put back" in n for n in plan["notes"]), plan["notes"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bias", [True, False])
+def test_multi_head_attention_form_of_the_optimizer(tmp_path, bias):
+    """FusionOptions.use_multi_head_attention: MultiHeadAttention on the q/k/v projections,
+    with the packed bias in the op or (disable_multi_head_attention_bias) outside it."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    opts = FusionOptions("bert")
+    opts.use_multi_head_attention = True
+    opts.disable_multi_head_attention_bias = not bias
+    src = tmp_path / "opt.onnx"
+    optimize_model(str(FIXTURES / "bert-ts17.onnx"), model_type="bert", num_heads=4,
+                   hidden_size=64, opt_level=0, optimization_options=opts
+                   ).save_model_to_file(str(src))
+    before = contrib_ops(src)
+    assert before.get("MultiHeadAttention") == 2, before
+    out = tmp_path / "big.onnx"
+    res = cli("expand", src, "-o", out, "--width", 2, "--depth", 2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "float64 difference" in res.stdout
+    assert contrib_ops(out)["MultiHeadAttention"] == 4
 
 
 @pytest.mark.slow

@@ -45,8 +45,9 @@ class Builder:
     """Makes the standard-op nodes of one fused op's decomposition, tagged as one group."""
 
     def __init__(self, node: ir.Node, group: int, attrs: dict, opset: int,
-                 names: set | None = None):
+                 names: set | None = None, graph: ir.Graph | None = None):
         self.node = node
+        self.graph = graph
         self._names = names if names is not None else set()  # node names taken in the graph
         self.opset = opset  # the model's default-domain opset: the forms the nodes take
         self.group = group
@@ -92,6 +93,16 @@ class Builder:
         if dtype is not None:
             a = a.astype(dtype.numpy())
         return self.op("Constant", [], {"value": ir.tensor(a)}, role=role)
+
+    def initializer(self, arr, name: str) -> ir.Value:
+        """A weight of the decomposition (a piece of a packed bias): an initializer, so the
+        width pass widens it and the depth pass gives twins their own."""
+        name = f"{self.node.name or self.node.op_type}/{name}"
+        while name in self.graph.initializers:
+            name += "_"
+        v = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(arr), name=name))
+        self.graph.register_initializer(v)
+        return v
 
     def reduce(self, op_type: str, x: ir.Value, axes: list[int], keepdims: int = 1, role=""):
         """A Reduce* op over ``axes`` (an attribute before opset 18, an input since)."""
@@ -261,7 +272,8 @@ class UnfusePass(InPlacePass):
         names = {n.name for n in graph}
         for gid, node in enumerate(nodes):
             module = reg[node.op_type]
-            b = Builder(node, gid, dict(node.attributes), model.opset_imports.get("", 1), names)
+            b = Builder(node, gid, dict(node.attributes), model.opset_imports.get("", 1), names,
+                        graph)
             outs = module.decompose(b, node)  # {fused output index: value}
             for i, v in outs.items():  # all of them: a twin may read one the source did not
                 b.port_out(v, i)
@@ -492,6 +504,8 @@ def _fuse(graph: ir.Graph, group: Group, module) -> None:
     attrs = {k: _restore(k, p) for k, p in meta["attrs"].items()}
     if hasattr(module, "fused_attrs"):
         attrs = module.fused_attrs(group, attrs, ins)
+    if hasattr(module, "fused_inputs"):  # a packed input rebuilt from its widened pieces
+        ins = module.fused_inputs(group, ins, graph)
     n_in = max(ins) + 1 if ins else 0
     n_out = max(max(outs) + 1, meta.get("nout", 0))  # the op's outputs, used or not
     node = ir.Node(meta["dom"], meta["op"], [ins.get(i) for i in range(n_in)],
