@@ -142,6 +142,23 @@ def test_activation(op, bias, attrs):
     _check(proto, feeds, want)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_gemm_fast_gelu(bias):
+    """GemmFastGelu: no CPU kernel (CUDA only), so checked against its definition."""
+    d, f = 16, 24
+    ins = ["x", "w"] + (["bias"] if bias else [])
+    node = helper.make_node("GemmFastGelu", ins, ["y"], domain=MS)
+    inits = [_w("w", d, f), _w("bias", f)][:len(ins) - 1]
+    proto = _model(node, [helper.make_tensor_value_info("x", F, [2, 5, d])],
+                   [helper.make_tensor_value_info("y", F, [2, 5, f])], inits)
+    feeds = {"x": _x(2, 5, d)}
+    h = feeds["x"].astype(np.float64) @ numpy_helper.to_array(inits[0])
+    if bias:
+        h = h + numpy_helper.to_array(inits[1])
+    want = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+    _check(proto, feeds, [want.astype(np.float32)])
+
+
 # --------------------------------------------------------------------------- attention
 
 @pytest.mark.parametrize("mask", [None, "1d", "2d"])
@@ -325,6 +342,29 @@ def test_optimized_graph_expands_verifies_and_stays_fused(tmp_path, case, width)
     plan = json.loads(onnx.load(str(out)).metadata_props[0].value)
     assert not any("left unfused" in n for n in plan["notes"]), plan["notes"]
     assert any("fused ops put back" in n for n in plan["notes"]), plan["notes"]
+
+
+@pytest.mark.slow
+def test_gemm_fast_gelu_form_of_the_optimizer_is_proved_in_float64(tmp_path):
+    """FusionOptions.enable_gemm_fast_gelu: the MLP's up projection inside GemmFastGelu, which
+    ONNX Runtime runs on CUDA only; on the CPU the float64 level (unfused) alone decides."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    opts = FusionOptions("gpt2")
+    opts.enable_gemm_fast_gelu = True
+    src = tmp_path / "opt.onnx"
+    optimize_model(str(FIXTURES / "gpt2-dy18.onnx"), model_type="gpt2", num_heads=8,
+                   hidden_size=64, opt_level=0, optimization_options=opts
+                   ).save_model_to_file(str(src))
+    assert contrib_ops(src).get("GemmFastGelu") == 2
+    out, report = tmp_path / "big.onnx", tmp_path / "r.json"
+    res = cli("expand", src, "-o", out, "--width", 1.5, "--depth", 2, "--report", report)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rep = json.loads(report.read_text())
+    assert rep["levels"]["dtype"]["ran"] is False and rep["levels"]["float64"]["ran"] is True
+    assert "float64 only" in res.stdout and "GemmFastGelu" in res.stdout
+    assert contrib_ops(out)["GemmFastGelu"] == 4
 
 
 @pytest.mark.slow

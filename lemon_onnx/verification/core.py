@@ -182,10 +182,19 @@ def verify(small_path, big_path, *, inputs=None, atol: float | None = None,
 
 
 def half_kernel_missing(exc: RuntimeFailure, dtype: str) -> bool:
-    """ONNX Runtime has no kernel for one of a half-precision model's ops on this provider
-    (bfloat16 on the CPU: Where, Softmax, ...): the storage level cannot run there."""
-    return dtype in ("bfloat16", "float16") and (
-        "NOT_IMPLEMENTED" in exc.message or "Could not find an implementation" in exc.message)
+    """ONNX Runtime has no kernel on this provider for one of a half-precision model's ops
+    (bfloat16 on the CPU: Where, Softmax, ...), or for a fused op lemon-onnx unfuses in the
+    float64 copy (GemmFastGelu, BiasAdd: CUDA only): the storage level cannot run there, the
+    float64 level can."""
+    import re
+
+    from ..fusion import claimed
+
+    if "NOT_IMPLEMENTED" not in exc.message and \
+            "Could not find an implementation" not in exc.message:
+        return False
+    op = re.search(r"implementation for (\w+)\(", exc.message)
+    return dtype in ("bfloat16", "float16") or (op is not None and op.group(1) in claimed())
 
 
 def _verify_float64_only(small_path, big_path, small_ir, big_ir, plan, cases, big_cases,
