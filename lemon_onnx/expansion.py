@@ -345,6 +345,16 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, *, width: float | Non
             est = estimate.estimate(desc, plan, model, src=src, dest=dest)
             estimate.check(est, verify=verify, flags=_flags(width, depth, hidden, ffn, heads,
                                                             layers))
+            if verify and (blockwise or blockwise is None and est.blockwise) and desc.fused:
+                raise InputError(
+                    f"verifying this expansion needs about {est.verify_whole_bytes / 1e9:.1f} "
+                    "GB of memory whole, and block by block it cannot run on a graph fused by "
+                    "ONNX Runtime's optimizer (a block can end inside a fused op)."
+                    if blockwise is None else
+                    "--blockwise cannot run on a graph fused by ONNX Runtime's optimizer (a "
+                    "block can end inside a fused op).",
+                    hint="Expand and verify the unoptimised export, then optimise the expanded "
+                         "model; or run on a machine with the memory.")
             if verify and blockwise is None and est.blockwise:
                 blockwise = True
                 progress.note("verification goes block by block: the whole models would need "

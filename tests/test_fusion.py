@@ -517,3 +517,19 @@ def test_optimum_optimized_folders_expand_and_stay_fused(tmp_path, folder, level
                                                          load_external_data=False)
                        .metadata_props}["lemon.plan"])
     assert not any("left unfused" in n for n in plan["notes"]), plan["notes"]
+
+
+def test_layerwise_and_blockwise_on_fused_graphs(tmp_path):
+    """Layerwise compares the blocks whose hidden state the files carry (a Pre-LN block can
+    end inside a SkipLayerNormalization: noted, not compared); block-by-block verification
+    cannot cut there and is refused (exit 2) before any work."""
+    src = optimize("gpt2-dy18.onnx", "gpt2", 8, 64, tmp_path / "opt.onnx")
+    out = tmp_path / "big.onnx"
+    assert cli("expand", src, "-o", out, "--width", 2, "--depth", 2, "-q").returncode == 0
+    res = cli("verify", src, out, "--layerwise")
+    assert res.returncode == 0 and "PASS" in res.stdout + res.stderr, res.stderr[-2000:]
+    assert "end inside a fused op" in res.stdout + res.stderr
+    res = cli("verify", src, out, "--blockwise")
+    assert res.returncode == 2 and "fused" in res.stderr and "Traceback" not in res.stderr
+    res = cli("expand", src, "-o", tmp_path / "b2.onnx", "--width", 2, "--blockwise")
+    assert res.returncode == 2 and not (tmp_path / "b2.onnx").exists(), res.stderr

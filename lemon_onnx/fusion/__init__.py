@@ -290,11 +290,9 @@ class UnfusePass(InPlacePass):
                 new.type = new.type or old.type
                 if new.type is None and i == 0:
                     new.dtype = b.float_type()
-                if old.is_graph_output():
-                    # the graph output keeps its name: the new value takes it
-                    _take_place(graph, old, new)
-                else:
-                    old.replace_all_uses_with(new)
+                # the new value takes the old one's name (a graph output's, and any other:
+                # layerwise verification asks the fused file for the names recognition saw)
+                _take_place(graph, old, new)
             graph.remove(node, safe=True)
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
         if "com.microsoft" not in model.opset_imports and counts:
