@@ -533,3 +533,30 @@ def test_layerwise_and_blockwise_on_fused_graphs(tmp_path):
     assert res.returncode == 2 and "fused" in res.stderr and "Traceback" not in res.stderr
     res = cli("expand", src, "-o", tmp_path / "b2.onnx", "--width", 2, "--blockwise")
     assert res.returncode == 2 and not (tmp_path / "b2.onnx").exists(), res.stderr
+
+
+@pytest.mark.slow
+def test_optimized_real_minilm_expands_and_stays_fused(tmp_path):
+    """all-MiniLM-L6-v2's pretrained weights (models/export_real.py), fully fused by the
+    optimizer (EmbedLayerNormalization, Attention, SkipLayerNormalization, BiasGelu)."""
+    import os
+
+    path = FIXTURES.parent / "real" / "minilm-ts17.onnx"
+    if not path.exists():
+        assert os.environ.get("LEMON_REQUIRE_REAL") != "1", f"{path} is missing"
+        pytest.skip("the real exports are made by models/export_real.py (CI does it)")
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    src = tmp_path / "opt.onnx"
+    optimize_model(str(path), model_type="bert", num_heads=12, hidden_size=384,
+                   opt_level=0).save_model_to_file(str(src))
+    before = contrib_ops(src)
+    assert before == {"EmbedLayerNormalization": 1, "Attention": 6,
+                      "SkipLayerNormalization": 12, "BiasGelu": 6}, before
+    out, report = tmp_path / "big.onnx", tmp_path / "r.json"
+    res = cli("expand", src, "-o", out, "--width", 2, "--depth", 2, "--report", report)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rep = json.loads(report.read_text())
+    assert rep["passed"] and rep["levels"]["float64"]["ran"]
+    assert contrib_ops(out) == {"EmbedLayerNormalization": 1, "Attention": 12,
+                                "SkipLayerNormalization": 24, "BiasGelu": 12}
