@@ -368,6 +368,26 @@ def test_gemm_fast_gelu_form_of_the_optimizer_is_proved_in_float64(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mask_format", [0, 2, 3], ids=["mask-index-end", "raw-mask", "no-mask"])
+def test_attention_mask_formats_of_the_optimizer(tmp_path, mask_format):
+    """FusionOptions.attention_mask_format: a 1-D mask index, the raw 2-D mask, or none."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    opts = FusionOptions("bert")
+    opts.attention_mask_format = mask_format
+    src = tmp_path / "opt.onnx"
+    optimize_model(str(FIXTURES / "bert-ts17.onnx"), model_type="bert", num_heads=4,
+                   hidden_size=64, opt_level=0, optimization_options=opts
+                   ).save_model_to_file(str(src))
+    out = tmp_path / "big.onnx"
+    res = cli("expand", src, "-o", out, "--width", 2, "--depth", 2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "left unfused" not in res.stdout + res.stderr
+    assert contrib_ops(out)["Attention"] == 4
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("bias", [True, False])
 def test_multi_head_attention_form_of_the_optimizer(tmp_path, bias):
     """FusionOptions.use_multi_head_attention: MultiHeadAttention on the q/k/v projections,

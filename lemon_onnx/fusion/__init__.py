@@ -125,11 +125,27 @@ class Builder:
         nodes that reads it, resolved when the group is finished)."""
         self._inputs.append((v, fused_index))
 
+    def _prune(self) -> None:
+        """Drop nodes nothing reads (a constant a form did not need): the passes would
+        remove them as dead code and the group would no longer be whole."""
+        ported = {n for n in self.nodes if self._ports[n]["out"]}
+        while True:
+            dead = [n for n in self.nodes if n not in ported
+                    and not any(o.uses() for o in n.outputs)]
+            if not dead:
+                return
+            for n in dead:
+                for i in range(len(n.inputs)):
+                    n.replace_input_with(i, None)
+                self.nodes.remove(n)
+                del self._ports[n]
+
     def port_out(self, v: ir.Value, fused_index: int) -> None:
         n = v.producer()
         self._ports[n]["out"].append([v.index(), fused_index])
 
     def finish(self) -> None:
+        self._prune()
         for n in list(self.nodes):  # one reader per Constant: a group never shares a node
             if n.op_type == "Constant":
                 for u in list(n.outputs[0].uses())[1:]:

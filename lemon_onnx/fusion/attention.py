@@ -181,6 +181,8 @@ def _mask(b: Builder, node: ir.Node, q_src: ir.Value, k_src: ir.Value, mask, fil
     """The additive mask, broadcast over (batch, heads, query, key), or None (``q_src`` and
     ``k_src``: tensors whose axis 1 is the query and the key positions)."""
     add = None
+    if mask is None and not int(attr_value(node, "unidirectional", 0)):
+        return None  # (no constants made: a node nothing reads would be dropped as dead)
     zero, masked = b.const(np.array(0.0), dt), b.const(np.array(filt), dt)
     if mask is not None:
         rank = len(mask.shape) if mask.shape is not None else None
