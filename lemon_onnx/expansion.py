@@ -536,14 +536,14 @@ def _runtime_stage(src: Path, provider: str, model, float64: str, progress) -> s
     """The runtime check before the work (exit 3 when the source cannot run), except where
     only the storage dtype's kernels are missing (bfloat16 on the CPU): then the float64
     level alone will decide, and the user is told so now."""
-    from .verification.core import half_kernel_missing
+    from .verification.core import storage_level_missing
     from .verification.models import first_float_dtype
 
     try:
         return f"ONNX Runtime loads the source on {_source_runs(src, provider)}"
     except RuntimeFailure as failure:
         dtype = first_float_dtype(model)
-        if float64 == "off" or not half_kernel_missing(failure, dtype):
+        if float64 == "off" or not storage_level_missing(failure, dtype):
             raise
         progress.note(f"ONNX Runtime cannot run the {dtype} source here "
                       f"({one_line(failure.message, 160)}): verification is float64 only")

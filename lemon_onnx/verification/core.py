@@ -121,7 +121,7 @@ def verify(small_path, big_path, *, inputs=None, atol: float | None = None,
                                                            provider, "small", timings,
                                                            dec.small)
     except RuntimeFailure as exc:
-        if not half_kernel_missing(exc, dtype) or float64 == "off" or dec.small is not None:
+        if not storage_level_missing(exc, dtype) or float64 == "off" or dec.small is not None:
             raise
         return _verify_float64_only(small_path, big_path, small_ir, big_ir, plan, cases,
                                     big_cases, source, provider, rule, dtype, notes, cache,
@@ -215,7 +215,7 @@ def _pairs_in_files(pairs, small_path, big_path, notes: list) -> list:
     return kept
 
 
-def half_kernel_missing(exc: RuntimeFailure, dtype: str) -> bool:
+def storage_level_missing(exc: RuntimeFailure, dtype: str) -> bool:
     """ONNX Runtime has no kernel on this provider for one of a half-precision model's ops
     (bfloat16 on the CPU: Where, Softmax, ...), or for a fused op lemon-onnx unfuses in the
     float64 copy (GemmFastGelu, BiasAdd: CUDA only): the storage level cannot run there, the
@@ -234,7 +234,7 @@ def half_kernel_missing(exc: RuntimeFailure, dtype: str) -> bool:
 def _verify_float64_only(small_path, big_path, small_ir, big_ir, plan, cases, big_cases,
                          source, provider, rule, dtype, notes, cache, timings, t_start,
                          failure) -> VerifyReport:
-    """The storage level cannot run on this provider (``half_kernel_missing``): the float64
+    """The storage level cannot run on this provider (``storage_level_missing``): the float64
     level alone decides, and the report says the other level is missing (never a pass)."""
     why = one_line(failure.message, 300)
     small_outputs = [v.name for v in small_ir.graph.outputs]
