@@ -525,8 +525,7 @@ def _fuse(graph: ir.Graph, group: Group, module) -> None:
     node = ir.Node(meta["dom"], meta["op"], [ins.get(i) for i in range(n_in)],
                    [a if a.name == k else make_attr(k, a.value) for k, a in attrs.items()],
                    num_outputs=n_out, name=_fused_name(group.nodes[-1].name))
-    last = max(group.nodes, key=lambda n: _order(graph, n))
-    graph.insert_after(last, node)
+    graph.insert_after(group.nodes[-1], node)  # RefusePass sorts the graph once at the end
     for i, v in outs.items():
         new = node.outputs[i]
         new.shape, new.type = v.shape, v.type
@@ -545,13 +544,6 @@ def _fused_name(name: str) -> str:
     ``op/unfused/Add_3__twin1``): ``op``, with the clone's suffix."""
     base, _, rest = (name or "").partition("/unfused/")
     return base + (rest[rest.index("__"):] if "__" in rest else "")
-
-
-def _order(graph: ir.Graph, n: ir.Node) -> int:
-    for k, m in enumerate(graph):
-        if m is n:
-            return k
-    return -1
 
 
 def unfuse(model: ir.Model) -> UnfuseResult:
