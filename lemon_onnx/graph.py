@@ -20,6 +20,11 @@ _PASS = {"Identity", "Dropout", "Cast"}
 _SHAPE_ONLY = {"Shape", "Size"}
 
 
+def copy_attr(a: ir.Attr) -> ir.Attr:
+    """A node attribute for another node (a clone): the same name, type and value."""
+    return ir.Attr(a.name, a.type, a.value)
+
+
 def const_source(v: ir.Value | None) -> tuple[ir.Value | None, list[ir.Node]]:
     """The initializer behind ``v`` through Identity/Cast/Transpose/Constant, and the hops."""
     hops: list[ir.Node] = []

@@ -33,9 +33,11 @@ import json
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.convenience import convert_attributes
 from onnx_ir.passes import InPlacePass, PassResult
 
 from ..errors import UnsupportedModelError
+from ..graph import copy_attr
 
 MS = "com.microsoft"
 TAG = "lemon.fused"
@@ -77,7 +79,7 @@ class Builder:
     def op(self, op_type: str, inputs, attrs: dict | None = None, *, outputs: int = 1,
            role: str = "", domain: str = ""):
         self._k += 1
-        attributes = [make_attr(k, val) for k, val in (attrs or {}).items()]
+        attributes = convert_attributes(attrs or {})
         name = f"{self.node.name or self.node.op_type}/unfused/{op_type}_{self._k}"
         while name in self._names:
             name += "_"
@@ -146,13 +148,6 @@ class Builder:
 
     def finish(self) -> None:
         self._prune()
-        for n in list(self.nodes):  # one reader per Constant: a group never shares a node
-            if n.op_type == "Constant":
-                for u in list(n.outputs[0].uses())[1:]:
-                    c = self.op("Constant", [], {"value": n.attributes["value"].value})
-                    self.nodes.remove(c.producer())  # placed beside the original, in order
-                    self.nodes.insert(self.nodes.index(n) + 1, c.producer())
-                    u.node.replace_input_with(u.idx, c)
         index = {n: k for k, n in enumerate(self.nodes)}
         for n in self.nodes:  # the wiring inside the decomposition, checked when fusing again
             self._ports[n]["k"] = index[n]
@@ -204,22 +199,6 @@ def _plain(a: ir.Attr):
     return [a.type.name, list(a.value) if isinstance(a.value, (list, tuple)) else a.value]
 
 
-def make_attr(name: str, value) -> ir.Attr:
-    if isinstance(value, ir.Attr):
-        return value
-    if isinstance(value, ir.TensorProtocol):
-        return ir.AttrTensor(name, value)
-    if isinstance(value, bool) or isinstance(value, (int, np.integer)):
-        return ir.AttrInt64(name, int(value))
-    if isinstance(value, (float, np.floating)):
-        return ir.AttrFloat32(name, float(value))
-    if isinstance(value, str):
-        return ir.AttrString(name, value)
-    if isinstance(value, (list, tuple)) and all(isinstance(x, (int, np.integer)) for x in value):
-        return ir.AttrInt64s(name, [int(x) for x in value])
-    raise TypeError(f"attribute {name}: {value!r}")
-
-
 def _restore(name: str, plain) -> ir.Attr:
     kind, value = plain
     if kind == "INT":
@@ -233,11 +212,6 @@ def _restore(name: str, plain) -> ir.Attr:
     if kind == "FLOATS":
         return ir.AttrFloat32s(name, [float(x) for x in value])
     raise UnsupportedModelError(f"a fused op's attribute {name} of type {kind} cannot be restored")
-
-
-def attr_value(node: ir.Node, name: str, default=None):
-    a = node.attributes.get(name)
-    return default if a is None else a.value
 
 
 def refuse_form(node: ir.Node, what: str) -> UnsupportedModelError:
@@ -311,7 +285,7 @@ class UnfusePass(InPlacePass):
                 _take_place(graph, old, new)
             graph.remove(node, safe=True)
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
-        if "com.microsoft" not in model.opset_imports and counts:
+        if counts:  # the fused ops come back after the passes
             model.opset_imports.setdefault(MS, 1)
         return UnfuseResult(model, modified=bool(counts), ops=counts)
 
@@ -369,17 +343,22 @@ class Group:
     twin after it), in graph order."""
     nodes: list
     meta: dict  # the tag of the node that makes the fused op's first output
+    parsed: dict  # node -> its tag, read once (``_groups``)
 
     def tags(self, n: ir.Node) -> dict:
-        return json.loads(n.metadata_props[TAG])
+        return self.parsed[n]
 
     def tag(self, n: ir.Node, k: int, wired: list, ins: list, outs: list, role: str) -> None:
         """Make ``n`` (a node the passes made, or a clone of another op's) node ``k`` of this
         group's decomposition."""
         meta = {key: self.meta[key] for key in ("g", "op", "dom", "attrs", "n", "sig", "nout")
                 if key in self.meta}
-        n.metadata_props[TAG] = json.dumps({**meta, "r": role, "k": k, "e": wired, "in": ins,
-                                            "out": outs})
+        self.parsed[n] = {**meta, "r": role, "k": k, "e": wired, "in": ins, "out": outs}
+        n.metadata_props[TAG] = json.dumps(self.parsed[n])
+
+    def untag(self, n: ir.Node) -> None:
+        n.metadata_props.pop(TAG, None)
+        self.parsed.pop(n, None)
 
     def role(self, role: str) -> ir.Node | None:
         for n in self.nodes:
@@ -457,7 +436,7 @@ def _groups(graph: ir.Graph) -> list[Group]:
             comps_of_id = [nodes]  # never cloned, parts not connected
         for comp in comps_of_id:
             first = next((n for n in comp if any(i == 0 for _, i in tags[n]["out"])), comp[0])
-            groups.append(Group(comp, tags[first]))
+            groups.append(Group(comp, tags[first], tags))
     return groups
 
 
@@ -478,7 +457,7 @@ def _unshare(graph: ir.Graph, tags: dict) -> None:
             extra = max((len(x) for x in by_k.values()), default=1)
             for j in range(1, extra):
                 c = ir.Node(u.domain, u.op_type, list(u.inputs),
-                            [_copy_attr(a) for a in u.attributes.values()],
+                            [copy_attr(a) for a in u.attributes.values()],
                             num_outputs=len(u.outputs), name=f"{u.name}__{j}",
                             metadata_props=dict(u.metadata_props))
                 graph.insert_before(u, c)
@@ -488,11 +467,6 @@ def _unshare(graph: ir.Graph, tags: dict) -> None:
                 for uses in by_k.values():
                     if len(uses) > j:
                         uses[j].node.replace_input_with(uses[j].idx, c.outputs[o])
-
-
-def _copy_attr(a: ir.Attr) -> ir.Attr:
-    return ir.Attr(a.name, a.type, list(a.value) if isinstance(a.value, (list, tuple))
-                   else a.value)
 
 
 def tagged_groups(graph: ir.Graph) -> dict:
@@ -523,19 +497,13 @@ def _fuse(graph: ir.Graph, group: Group, module) -> None:
     n_in = max(ins) + 1 if ins else 0
     n_out = max(max(outs) + 1, meta.get("nout", 0))  # the op's outputs, used or not
     node = ir.Node(meta["dom"], meta["op"], [ins.get(i) for i in range(n_in)],
-                   [a if a.name == k else make_attr(k, a.value) for k, a in attrs.items()],
+                   list(attrs.values()),
                    num_outputs=n_out, name=_fused_name(group.nodes[-1].name))
     graph.insert_after(group.nodes[-1], node)  # RefusePass sorts the graph once at the end
     for i, v in outs.items():
         new = node.outputs[i]
         new.shape, new.type = v.shape, v.type
-        if v.is_graph_output():
-            _take_place(graph, v, new)
-        else:
-            name = v.name
-            v.replace_all_uses_with(new)
-            v.name = None
-            new.name = name
+        _take_place(graph, v, new)
     graph.remove(group.nodes, safe=True)
 
 

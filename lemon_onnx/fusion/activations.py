@@ -15,7 +15,7 @@ import math
 
 import onnx_ir as ir
 
-from . import Builder, attr_value
+from . import Builder
 
 OPS = ("BiasGelu", "FastGelu", "GemmFastGelu", "Gelu", "QuickGelu", "BiasAdd")
 
@@ -43,7 +43,7 @@ def decompose(b: Builder, node: ir.Node) -> dict:
     elif node.op_type == "FastGelu":
         y = _fast_gelu(b, x)
     else:  # QuickGelu
-        alpha = float(attr_value(node, "alpha", 1.702))
+        alpha = node.attributes.get_float("alpha", 1.702)
         y = b.op("Mul", [x, b.op("Sigmoid", [b.op("Mul", [x, b.scalar(alpha, x)])])])
     b.port_in(ins[0], 0)
     if b_in is not None:

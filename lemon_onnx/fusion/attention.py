@@ -20,10 +20,10 @@ import math
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.convenience import convert_attribute
 
 from .. import graph as G
-from . import Builder, attr_value, refuse_form
-from . import make_attr
+from . import Builder, refuse_form
 
 OPS = ("Attention", "MultiHeadAttention")
 
@@ -40,22 +40,23 @@ def decompose(b: Builder, node: ir.Node) -> dict:
                     (6, "a past sequence length input")):
         if ins[i] is not None:
             raise refuse_form(node, f"it has {what}")
-    if int(attr_value(node, "do_rotary", 0)) or int(attr_value(node, "past_present_share_buffer", 0)):
+    if node.attributes.get_int("do_rotary", 0) or \
+            node.attributes.get_int("past_present_share_buffer", 0):
         raise refuse_form(node, "it applies rotary embedding or shares a past buffer")
     if len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
         raise refuse_form(node, "its present state is used")
-    heads = int(attr_value(node, "num_heads"))
+    heads = node.attributes.get_int("num_heads")
     wshape = G.const_shape(G.const_source(w)[0])
     if wshape is None or len(wshape) != 2:
         raise refuse_form(node, f"its weights {w.name} are not a constant matrix")
-    sizes = list(attr_value(node, "qkv_hidden_sizes", []) or [wshape[1] // 3] * 3)
+    sizes = list(node.attributes.get_ints("qkv_hidden_sizes", ()) or [wshape[1] // 3] * 3)
     if sum(sizes) != wshape[1] or any(s % heads for s in sizes) or sizes[0] != sizes[1]:
         raise refuse_form(node, f"its q/k/v sizes {sizes} do not fit {heads} heads and weights "
                                 f"{list(wshape)}")
     hd, hd_v = sizes[0] // heads, sizes[2] // heads
-    scale = attr_value(node, "scale", None)
+    scale = node.attributes.get_float("scale")
     scale = float(scale) if scale else 1.0 / math.sqrt(hd)
-    filt = float(attr_value(node, "mask_filter_value", -10000.0))
+    filt = node.attributes.get_float("mask_filter_value", -10000.0)
     dt = b.dtype(x)
 
     qkv = b.op("MatMul", [x, w], role="qkv")
@@ -88,14 +89,14 @@ def _decompose_mha(b: Builder, node: ir.Node) -> dict:
             raise refuse_form(node, f"its input {t.name} is not 3-D (batch, positions, hidden)")
     if any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
         raise refuse_form(node, "its present key or value is used")
-    heads = int(attr_value(node, "num_heads"))
+    heads = node.attributes.get_int("num_heads")
     dq, dk, dv = (_last_dim(t, node) for t in (query, key, value))
     if dq != dk or dq % heads or dv % heads:
         raise refuse_form(node, f"its q/k/v sizes {dq}/{dk}/{dv} do not fit {heads} heads")
     hd, hd_v = dq // heads, dv // heads
-    scale = attr_value(node, "scale", None)
+    scale = node.attributes.get_float("scale")
     scale = float(scale) if scale else 1.0 / math.sqrt(hd)
-    filt = float(attr_value(node, "mask_filter_value", -10000.0))
+    filt = node.attributes.get_float("mask_filter_value", -10000.0)
     dt = b.dtype(query)
     q, k, v = query, key, value
     if bias is not None:
@@ -181,7 +182,7 @@ def _mask(b: Builder, node: ir.Node, q_src: ir.Value, k_src: ir.Value, mask, fil
     """The additive mask, broadcast over (batch, heads, query, key), or None (``q_src`` and
     ``k_src``: tensors whose axis 1 is the query and the key positions)."""
     add = None
-    if mask is None and not int(attr_value(node, "unidirectional", 0)):
+    if mask is None and not node.attributes.get_int("unidirectional", 0):
         return None  # (no constants made: a node nothing reads would be dropped as dead)
     zero, masked = b.const(np.array(0.0), dt), b.const(np.array(filt), dt)
     if mask is not None:
@@ -195,7 +196,7 @@ def _mask(b: Builder, node: ir.Node, q_src: ir.Value, k_src: ir.Value, mask, fil
         else:
             raise refuse_form(node, f"its mask {mask.name} has rank {rank} (1 or 2 are unfused)")
         add = b.unsqueeze(b.op("Where", [keep, zero, masked]), [1, 2])
-    if int(attr_value(node, "unidirectional", 0)):
+    if node.attributes.get_int("unidirectional", 0):
         keys, queries = _positions(b, k_src), _positions(b, q_src)
         above = b.op("Greater", [keys, b.unsqueeze(queries, [1])])  # key > query
         causal = b.op("Where", [above, masked, zero])
@@ -209,14 +210,14 @@ def fused_attrs(group, attrs: dict, ins: dict) -> dict:
     shape = G.const_array(group.role("heads_q").inputs[1])
     heads, hd = int(shape[2]), int(shape[3])
     attrs = dict(attrs)
-    attrs["num_heads"] = make_attr("num_heads", heads)
+    attrs["num_heads"] = convert_attribute("num_heads", heads)
     split = group.role("split")  # Attention's packed projection (MultiHeadAttention has none)
     if split is not None:
         sizes = [int(s) for s in G.const_array(split.inputs[1])] if len(split.inputs) > 1 \
             else list(split.attributes["split"].value)
         if "qkv_hidden_sizes" in attrs or len(set(sizes)) > 1:
-            attrs["qkv_hidden_sizes"] = make_attr("qkv_hidden_sizes", sizes)
+            attrs["qkv_hidden_sizes"] = convert_attribute("qkv_hidden_sizes", sizes)
     scale = float(G.const_array(group.role("scale").inputs[1]))
     if "scale" not in attrs and not np.isclose(scale, 1.0 / math.sqrt(hd), rtol=1e-7, atol=0):
-        attrs["scale"] = make_attr("scale", scale)
+        attrs["scale"] = convert_attribute("scale", scale)
     return attrs

@@ -13,22 +13,24 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from . import Builder, make_attr, attr_value, refuse_form
+from onnx_ir.convenience import convert_attribute
+
+from . import Builder, refuse_form
 from .norms import layer_norm, norm_epsilon
 
 OPS = ("EmbedLayerNormalization",)
 
 
 def fused_attrs(group, attrs: dict, ins: dict) -> dict:
-    return {**attrs, "epsilon": make_attr("epsilon", norm_epsilon(group))}
+    return {**attrs, "epsilon": convert_attribute("epsilon", norm_epsilon(group))}
 
 
 def decompose(b: Builder, node: ir.Node) -> dict:
     ins = list(node.inputs) + [None] * 9
     ids, seg_ids, word, pos, seg, gamma, beta, mask, pos_ids = ins[:9]
-    if int(attr_value(node, "mask_index_type", 1)) != 1:
+    if node.attributes.get_int("mask_index_type", 1) != 1:
         raise refuse_form(node, "its mask_index_type is not 1")
-    eps = float(attr_value(node, "epsilon", 1e-12))
+    eps = node.attributes.get_float("epsilon", 1e-12)
     w = b.op("Gather", [word, ids], role="word")
     if pos_ids is None:
         one = b.const(np.array(1, np.int64))

@@ -11,9 +11,10 @@ inverse std) must be unused.
 from __future__ import annotations
 
 import onnx_ir as ir
+from onnx_ir.convenience import convert_attribute
 
 from .. import graph as G
-from . import Builder, make_attr, attr_value
+from . import TAG, Builder
 
 OPS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
 
@@ -23,7 +24,7 @@ def decompose(b: Builder, node: ir.Node) -> dict:
     x, skip, gamma = ins[0], ins[1], ins[2]
     simplified = node.op_type == "SkipSimplifiedLayerNormalization"
     beta, bias = (None, ins[3]) if simplified else (ins[3], ins[4])
-    eps = float(attr_value(node, "epsilon", 1e-5))
+    eps = node.attributes.get_float("epsilon", 1e-5)
     s = x
     if bias is not None:
         s = b.op("Add", [x, bias], role="bias")
@@ -45,7 +46,7 @@ def decompose(b: Builder, node: ir.Node) -> dict:
 def fused_attrs(group, attrs: dict, ins: dict) -> dict:
     """The epsilon as the passes left it (the width pass rescales it with the norm's
     width when the stream keeps leftover slots)."""
-    return {**attrs, "epsilon": make_attr("epsilon", norm_epsilon(group))}
+    return {**attrs, "epsilon": convert_attribute("epsilon", norm_epsilon(group))}
 
 
 def norm_epsilon(group) -> float:
@@ -53,7 +54,7 @@ def norm_epsilon(group) -> float:
     added to the variance (the decomposed forms, role ``eps``)."""
     norm = group.role("norm")
     if norm is not None and norm.op_type in ("LayerNormalization", "SimplifiedLayerNormalization"):
-        return float(attr_value(norm, "epsilon", 1e-5))
+        return norm.attributes.get_float("epsilon", 1e-5)
     return float(G.const_array(group.role("eps").inputs[1]).reshape(-1)[0])
 
 
@@ -70,11 +71,11 @@ def adopt(group) -> bool:
             "SkipSimplifiedLayerNormalization": "SimplifiedLayerNormalization"}[group.meta["op"]]
     readers = [u for u in skip.outputs[0].uses() if u.node.op_type == kind
                and u.node.domain == "" and u.idx == 0
-               and "lemon.fused" not in u.node.metadata_props]
+               and TAG not in u.node.metadata_props]
     if not readers:
         return False
     norm = readers[0].node  # a parallel block's two norms read the sum: either one fuses
-    if attr_value(norm, "axis", -1) not in (-1, len(norm.inputs[0].shape or ()) - 1):
+    if norm.attributes.get_int("axis", -1) not in (-1, len(norm.inputs[0].shape or ()) - 1):
         return False
     k = max(ks) + 1
     if k != group.meta["n"] - 1:
@@ -84,7 +85,7 @@ def adopt(group) -> bool:
               [[0, 0]], "norm")
     group.nodes.append(norm)
     if group.whole() is not None:  # not the decomposition after all: leave it as it was
-        norm.metadata_props.pop("lemon.fused")
+        group.untag(norm)
         group.nodes.remove(norm)
         return False
     return True

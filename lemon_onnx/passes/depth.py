@@ -21,6 +21,7 @@ import onnx_ir as ir
 
 from .. import lemon_math as lm
 from ..errors import PlanError
+from ..graph import copy_attr
 from ..components import cache, norm, residual
 from ..components.linear import Linear
 from ..recognize import Recognizer
@@ -178,7 +179,7 @@ class DepthPass(ir.passes.InPlacePass):
                     ins.append(nv)
                 else:
                     ins.append(v)
-            attrs = [_copy_attr(a) for a in n.attributes.values()]
+            attrs = [copy_attr(a) for a in n.attributes.values()]
             nn = ir.Node(n.domain, n.op_type, ins, attrs, num_outputs=len(n.outputs),
                          name=f"{n.name}__{tag}", overload=n.overload, version=n.version,
                          metadata_props=dict(n.metadata_props))  # exporter's provenance
@@ -402,7 +403,3 @@ def _take_units(arr: np.ndarray, src: np.ndarray, axis: int, parts: int) -> np.n
     equal slices (a fused q|k|v projection holds three unit axes side by side)."""
     return np.concatenate([np.take(p, src, axis=axis) for p in np.split(arr, parts, axis=axis)],
                           axis=axis)
-
-
-def _copy_attr(a: ir.Attr) -> ir.Attr:
-    return ir.Attr(a.name, a.type, a.value)

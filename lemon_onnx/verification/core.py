@@ -239,8 +239,8 @@ def _verify_float64_only(small_path, big_path, small_ir, big_ir, plan, cases, bi
     why = one_line(failure.message, 300)
     small_outputs = [v.name for v in small_ir.graph.outputs]
     out_maps = plan.get("outputs") or {}
-    want_big = [cmp.big_name(n, out_maps.get(n)) for n in small_outputs]
-    want_big = [n for n in want_big if n in {v.name for v in big_ir.graph.outputs}]
+    big_of = {n: cmp.big_name(n, out_maps.get(n)) for n in small_outputs}
+    want_big = [b for b in big_of.values() if b in {v.name for v in big_ir.graph.outputs}]
     t = time.perf_counter()
     level, ref64, got64, _ = _float64_level("on", small_path, big_path, small_ir, big_ir,
                                             cases, big_cases, small_outputs, want_big,
@@ -250,9 +250,8 @@ def _verify_float64_only(small_path, big_path, small_ir, big_ir, plan, cases, bi
     only = dataclasses.replace(rule, mode="float64-only")
     report_cases = []
     for k, case in enumerate(cases):
-        outs = [cmp.compare_output(n, ref64[k][n], got64[k].get(cmp.big_name(n, out_maps.get(n))),
-                                   out_maps.get(n), only, small64=ref64[k][n],
-                                   big64=got64[k].get(cmp.big_name(n, out_maps.get(n))))
+        outs = [cmp.compare_output(n, ref64[k][n], got64[k].get(big_of[n]), out_maps.get(n), only,
+                                   small64=ref64[k][n], big64=got64[k].get(big_of[n]))
                 for n in small_outputs]
         report_cases.append({"shapes": {n: list(a.shape) for n, a in case.items()},
                              "outputs": outs})
