@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name not in UNIT_MODULES and item.nodeid not in QUICK:
             item.add_marker(pytest.mark.slow)
+
+
+def run_cli(*args):
+    """``lemon-onnx ARGS`` in a fresh interpreter: (returncode, stdout, stderr) as text."""
+    return subprocess.run([sys.executable, "-m", "lemon_onnx.cli", *map(str, args)],
+                          capture_output=True, text=True)
 
 
 def manifest(kind: str = "main") -> list[dict]:

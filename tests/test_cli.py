@@ -1,7 +1,5 @@
 """The command line as users and CI jobs call it: exit codes and what is (not) written."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -11,12 +9,7 @@ from click.testing import CliRunner
 from lemon_onnx import cli as cli_mod
 from lemon_onnx import io
 from lemon_onnx.recognize import recognize
-from conftest import FIXTURES
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "lemon_onnx.cli", *map(str, args)],
-                          capture_output=True, text=True)
+from conftest import FIXTURES, run_cli
 
 
 def test_readme_main_job(tmp_path):

@@ -1,18 +1,11 @@
 """Bad input: exit 2, one clear paragraph, no traceback, nothing written."""
-import subprocess
-import sys
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import FIXTURES
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "lemon_onnx.cli", *map(str, args)],
-                          capture_output=True, text=True)
+from conftest import FIXTURES, run_cli
 
 
 def _save(model, path):

@@ -5,7 +5,6 @@ and come back as fused as they went in."""
 import json
 import subprocess
 from pathlib import Path
-import sys
 
 import numpy as np
 import onnx
@@ -14,7 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import FIXTURES
+from conftest import FIXTURES, run_cli
 from lemon_onnx.fusion import MS, RefusePass, unfuse
 from lemon_onnx.verification.precision import to_float64
 
@@ -161,6 +160,20 @@ def test_gemm_fast_gelu(bias):
 
 # --------------------------------------------------------------------------- attention
 
+def _add_mask(inputs: list, feeds: dict, kind: str, batch: int, keys: int) -> None:
+    """An int32 ``mask`` input: "1d", each row's end (the second row padded after 3 keys);
+    "2d", the raw 0/1 mask (the second row padded after 3 keys, a hole in the first)."""
+    if kind == "1d":
+        inputs.append(helper.make_tensor_value_info("mask", TensorProto.INT32, [batch]))
+        feeds["mask"] = np.array([keys, 3], np.int32)
+    else:
+        inputs.append(helper.make_tensor_value_info("mask", TensorProto.INT32, [batch, keys]))
+        m = np.ones((batch, keys), np.int32)
+        m[1, 3:] = 0
+        m[0, 1] = 0
+        feeds["mask"] = m
+
+
 @pytest.mark.parametrize("mask", [None, "1d", "2d"])
 @pytest.mark.parametrize("causal", [0, 1])
 @pytest.mark.parametrize("form", ["plain", "scale", "qkv-sizes"])
@@ -176,15 +189,8 @@ def test_attention(mask, causal, form):
     node = helper.make_node("Attention", ins, ["y"], domain=MS, **attrs)
     inputs = [helper.make_tensor_value_info("x", F, [b, s, d])]
     feeds = {"x": _x(b, s, d)}
-    if mask == "1d":
-        inputs.append(helper.make_tensor_value_info("mask", TensorProto.INT32, [b]))
-        feeds["mask"] = np.array([s, 3], np.int32)
-    elif mask == "2d":
-        inputs.append(helper.make_tensor_value_info("mask", TensorProto.INT32, [b, s]))
-        m = np.ones((b, s), np.int32)
-        m[1, 4:] = 0
-        m[0, 1] = 0
-        feeds["mask"] = m
+    if mask:
+        _add_mask(inputs, feeds, mask, b, s)
     proto = _model(node, inputs, [helper.make_tensor_value_info("y", F, [b, s, sizes[2]])],
                    [_w("w", d, sum(sizes)), _w("bias", sum(sizes))])
     _check(proto, feeds)
@@ -208,14 +214,8 @@ def test_multi_head_attention(bias, mask, cross, causal):
               helper.make_tensor_value_info("k", F, [b, kv_len, d]),
               helper.make_tensor_value_info("v", F, [b, kv_len, d])]
     feeds = {"q": _x(b, s, d), "k": _x(b, kv_len, d), "v": _x(b, kv_len, d)}
-    if mask == "1d":
-        inputs.append(helper.make_tensor_value_info("mask", TensorProto.INT32, [b]))
-        feeds["mask"] = np.array([kv_len, 3], np.int32)
-    elif mask == "2d":
-        inputs.append(helper.make_tensor_value_info("mask", TensorProto.INT32, [b, kv_len]))
-        m = np.ones((b, kv_len), np.int32)
-        m[1, 3:] = 0
-        feeds["mask"] = m
+    if mask:
+        _add_mask(inputs, feeds, mask, b, kv_len)
     proto = _model(node, inputs, [helper.make_tensor_value_info("y", F, [b, s, d])],
                    [_w("bias", 3 * d)] if bias else [])
     _check(proto, feeds)
@@ -267,13 +267,18 @@ def test_embed_layer_norm(segments, position_ids):
 
 # --------------------------------------------------------------------------- optimizer outputs
 
-def optimize(name, model_type, heads, hidden, dst, opt_level=0):
-    """ONNX Runtime's transformer optimizer on a fixture (what users run before deploying)."""
+def optimize(src, model_type, heads, hidden, dst, opt_level=0, **options):
+    """ONNX Runtime's transformer optimizer (what users run before deploying) on ``src`` (a
+    fixture's name, or a path), ``options`` set on its FusionOptions."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    m = optimize_model(str(FIXTURES / name), model_type=model_type, num_heads=heads,
-                       hidden_size=hidden, opt_level=opt_level)
-    m.save_model_to_file(str(dst))
+    opts = FusionOptions(model_type)
+    for key, value in options.items():
+        setattr(opts, key, value)
+    path = FIXTURES / src if isinstance(src, str) else src
+    optimize_model(str(path), model_type=model_type, num_heads=heads, hidden_size=hidden,
+                   opt_level=opt_level, optimization_options=opts).save_model_to_file(str(dst))
     return dst
 
 
@@ -283,11 +288,6 @@ def contrib_ops(path) -> dict:
         if n.domain == MS:
             out[n.op_type] = out.get(n.op_type, 0) + 1
     return out
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "lemon_onnx.cli", *map(str, args)],
-                          capture_output=True, text=True)
 
 
 #: (fixture, optimizer model type, heads, hidden, the fused ops it must hold)
@@ -320,13 +320,13 @@ def test_optimized_graph_expands_verifies_and_stays_fused(tmp_path, case, width)
     src = optimize(name, model_type, heads, hidden, tmp_path / "opt.onnx")
     before = contrib_ops(src)
     assert must <= set(before), before
-    ins = cli("inspect", src, "--json")
+    ins = run_cli("inspect", src, "--json")
     assert ins.returncode == 0, ins.stderr
     fused = json.loads(ins.stdout)["fused"]
     assert sum(sum(v.values()) for v in fused.values()) == sum(before.values())
     out = tmp_path / "big.onnx"
     report = tmp_path / "report.json"
-    res = cli("expand", src, "-o", out, "--width", width, "--depth", 2, "--report", report)
+    res = run_cli("expand", src, "-o", out, "--width", width, "--depth", 2, "--report", report)
     assert res.returncode == 0, res.stderr[-3000:]
     rep = json.loads(report.read_text())
     assert rep["passed"] is True
@@ -348,18 +348,11 @@ def test_optimized_graph_expands_verifies_and_stays_fused(tmp_path, case, width)
 def test_gemm_fast_gelu_form_of_the_optimizer_is_proved_in_float64(tmp_path):
     """FusionOptions.enable_gemm_fast_gelu: the MLP's up projection inside GemmFastGelu, which
     ONNX Runtime runs on CUDA only; on the CPU the float64 level (unfused) alone decides."""
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    opts = FusionOptions("gpt2")
-    opts.enable_gemm_fast_gelu = True
-    src = tmp_path / "opt.onnx"
-    optimize_model(str(FIXTURES / "gpt2-dy18.onnx"), model_type="gpt2", num_heads=8,
-                   hidden_size=64, opt_level=0, optimization_options=opts
-                   ).save_model_to_file(str(src))
+    src = optimize("gpt2-dy18.onnx", "gpt2", 8, 64, tmp_path / "opt.onnx",
+                   enable_gemm_fast_gelu=True)
     assert contrib_ops(src).get("GemmFastGelu") == 2
     out, report = tmp_path / "big.onnx", tmp_path / "r.json"
-    res = cli("expand", src, "-o", out, "--width", 1.5, "--depth", 2, "--report", report)
+    res = run_cli("expand", src, "-o", out, "--width", 1.5, "--depth", 2, "--report", report)
     assert res.returncode == 0, res.stderr[-3000:]
     rep = json.loads(report.read_text())
     assert rep["levels"]["dtype"]["ran"] is False and rep["levels"]["float64"]["ran"] is True
@@ -371,17 +364,10 @@ def test_gemm_fast_gelu_form_of_the_optimizer_is_proved_in_float64(tmp_path):
 @pytest.mark.parametrize("mask_format", [0, 2, 3], ids=["mask-index-end", "raw-mask", "no-mask"])
 def test_attention_mask_formats_of_the_optimizer(tmp_path, mask_format):
     """FusionOptions.attention_mask_format: a 1-D mask index, the raw 2-D mask, or none."""
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    opts = FusionOptions("bert")
-    opts.attention_mask_format = mask_format
-    src = tmp_path / "opt.onnx"
-    optimize_model(str(FIXTURES / "bert-ts17.onnx"), model_type="bert", num_heads=4,
-                   hidden_size=64, opt_level=0, optimization_options=opts
-                   ).save_model_to_file(str(src))
+    src = optimize("bert-ts17.onnx", "bert", 4, 64, tmp_path / "opt.onnx",
+                   attention_mask_format=mask_format)
     out = tmp_path / "big.onnx"
-    res = cli("expand", src, "-o", out, "--width", 2, "--depth", 2)
+    res = run_cli("expand", src, "-o", out, "--width", 2, "--depth", 2)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "left unfused" not in res.stdout + res.stderr
     assert contrib_ops(out)["Attention"] == 4
@@ -392,20 +378,12 @@ def test_attention_mask_formats_of_the_optimizer(tmp_path, mask_format):
 def test_multi_head_attention_form_of_the_optimizer(tmp_path, bias):
     """FusionOptions.use_multi_head_attention: MultiHeadAttention on the q/k/v projections,
     with the packed bias in the op or (disable_multi_head_attention_bias) outside it."""
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    opts = FusionOptions("bert")
-    opts.use_multi_head_attention = True
-    opts.disable_multi_head_attention_bias = not bias
-    src = tmp_path / "opt.onnx"
-    optimize_model(str(FIXTURES / "bert-ts17.onnx"), model_type="bert", num_heads=4,
-                   hidden_size=64, opt_level=0, optimization_options=opts
-                   ).save_model_to_file(str(src))
+    src = optimize("bert-ts17.onnx", "bert", 4, 64, tmp_path / "opt.onnx",
+                   use_multi_head_attention=True, disable_multi_head_attention_bias=not bias)
     before = contrib_ops(src)
     assert before.get("MultiHeadAttention") == 2, before
     out = tmp_path / "big.onnx"
-    res = cli("expand", src, "-o", out, "--width", 2, "--depth", 2)
+    res = run_cli("expand", src, "-o", out, "--width", 2, "--depth", 2)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "float64 difference" in res.stdout
     assert contrib_ops(out)["MultiHeadAttention"] == 4
@@ -420,7 +398,7 @@ def test_optimizer_with_onnx_runtime_graph_optimizations_expands(tmp_path, name,
     nodes reordered, a BERT's token-type Gather before the word Gather)."""
     src = optimize(name, model_type, heads, 64, tmp_path / "opt.onnx", opt_level=2)
     out = tmp_path / "big.onnx"
-    res = cli("expand", src, "-o", out, "--width", 2, "--depth", 2)
+    res = run_cli("expand", src, "-o", out, "--width", 2, "--depth", 2)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "float64 difference" in res.stdout
     assert set(contrib_ops(out)) == set(contrib_ops(src))
@@ -429,7 +407,7 @@ def test_optimizer_with_onnx_runtime_graph_optimizations_expands(tmp_path, name,
 def test_hardware_specific_layouts_are_refused_naming_them(tmp_path):
     """opt_level 99 adds the CPU's NCHWc convolution layout (com.microsoft.nchwc)."""
     src = optimize("vit-ts17.onnx", "vit", 8, 64, tmp_path / "opt.onnx", opt_level=99)
-    res = cli("expand", src, "-o", tmp_path / "big.onnx", "--width", 2)
+    res = run_cli("expand", src, "-o", tmp_path / "big.onnx", "--width", 2)
     assert res.returncode == 2, res.stderr
     assert "com.microsoft.nchwc:Conv" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "big.onnx").exists()
@@ -437,7 +415,7 @@ def test_hardware_specific_layouts_are_refused_naming_them(tmp_path):
 
 def test_inspect_lists_the_fused_ops_per_block(tmp_path):
     src = optimize("bert-ts17.onnx", "bert", 4, 64, tmp_path / "opt.onnx")
-    res = cli("inspect", src)
+    res = run_cli("inspect", src)
     assert res.returncode == 0, res.stderr
     line = next(x for x in res.stdout.splitlines() if "fused ops" in x)
     assert "block 0: Attention, BiasGelu, SkipLayerNormalization x2" in line
@@ -476,15 +454,11 @@ def test_optimized_families_expand_and_stay_fused(tmp_path, name, model_type, wi
     cfg = entry["config"]
     heads = cfg.get("num_attention_heads") or cfg.get("n_head") or cfg.get("n_heads") or 0
     hidden = cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("dim") or 0
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    src = tmp_path / "opt.onnx"
-    optimize_model(str(FAMILIES / entry["file"]), model_type=model_type, num_heads=heads,
-                   hidden_size=hidden, opt_level=0).save_model_to_file(str(src))
+    src = optimize(FAMILIES / entry["file"], model_type, heads, hidden, tmp_path / "opt.onnx")
     before = contrib_ops(src)
     assert before, "the optimizer fused nothing"
     out, report = tmp_path / "big.onnx", tmp_path / "report.json"
-    res = cli("expand", src, "-o", out, "--width", width, "--depth", 2, "--report", report)
+    res = run_cli("expand", src, "-o", out, "--width", width, "--depth", 2, "--report", report)
     assert res.returncode == 0, res.stderr[-3000:]
     rep = json.loads(report.read_text())
     assert rep["passed"] is True and rep["levels"]["float64"]["ran"] is True
@@ -528,7 +502,7 @@ def test_optimum_optimized_folders_expand_and_stay_fused(tmp_path, folder, level
     (name, ops), = before.items()
     assert ops, f"optimum's {level} fused nothing in {folder}"
     out = tmp_path / "big"
-    res = cli("expand", opt, "-o", out, "--width", 2, "--depth", 2)
+    res = run_cli("expand", opt, "-o", out, "--width", 2, "--depth", 2)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "verified" in res.stdout and "NO float64 proof" not in res.stdout, res.stdout
     after = contrib_ops(out / name)
@@ -545,13 +519,13 @@ def test_layerwise_and_blockwise_on_fused_graphs(tmp_path):
     cannot cut there and is refused (exit 2) before any work."""
     src = optimize("gpt2-dy18.onnx", "gpt2", 8, 64, tmp_path / "opt.onnx")
     out = tmp_path / "big.onnx"
-    assert cli("expand", src, "-o", out, "--width", 2, "--depth", 2, "-q").returncode == 0
-    res = cli("verify", src, out, "--layerwise")
+    assert run_cli("expand", src, "-o", out, "--width", 2, "--depth", 2, "-q").returncode == 0
+    res = run_cli("verify", src, out, "--layerwise")
     assert res.returncode == 0 and "PASS" in res.stdout + res.stderr, res.stderr[-2000:]
     assert "end inside a fused op" in res.stdout + res.stderr
-    res = cli("verify", src, out, "--blockwise")
+    res = run_cli("verify", src, out, "--blockwise")
     assert res.returncode == 2 and "fused" in res.stderr and "Traceback" not in res.stderr
-    res = cli("expand", src, "-o", tmp_path / "b2.onnx", "--width", 2, "--blockwise")
+    res = run_cli("expand", src, "-o", tmp_path / "b2.onnx", "--width", 2, "--blockwise")
     assert res.returncode == 2 and not (tmp_path / "b2.onnx").exists(), res.stderr
 
 
@@ -565,16 +539,12 @@ def test_optimized_real_minilm_expands_and_stays_fused(tmp_path):
     if not path.exists():
         assert os.environ.get("LEMON_REQUIRE_REAL") != "1", f"{path} is missing"
         pytest.skip("the real exports are made by models/export_real.py (CI does it)")
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    src = tmp_path / "opt.onnx"
-    optimize_model(str(path), model_type="bert", num_heads=12, hidden_size=384,
-                   opt_level=0).save_model_to_file(str(src))
+    src = optimize(path, "bert", 12, 384, tmp_path / "opt.onnx")
     before = contrib_ops(src)
     assert before == {"EmbedLayerNormalization": 1, "Attention": 6,
                       "SkipLayerNormalization": 12, "BiasGelu": 6}, before
     out, report = tmp_path / "big.onnx", tmp_path / "r.json"
-    res = cli("expand", src, "-o", out, "--width", 2, "--depth", 2, "--report", report)
+    res = run_cli("expand", src, "-o", out, "--width", 2, "--depth", 2, "--report", report)
     assert res.returncode == 0, res.stderr[-3000:]
     rep = json.loads(report.read_text())
     assert rep["passed"] and rep["levels"]["float64"]["ran"]

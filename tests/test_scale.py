@@ -1,7 +1,5 @@
 """Scale (issue 12): the up-front estimate and its refusal, blockwise verification, external
 data in and out.  Timing targets live in benchmarks/bench_scale.py, not here."""
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -11,12 +9,7 @@ from lemon_onnx import estimate, io
 from lemon_onnx.expansion import expand
 from lemon_onnx.recognize import recognize
 from lemon_onnx.verification import verify
-from conftest import FIXTURES, assert_equivalent, load_cases, run_ort
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "lemon_onnx.cli", *map(str, args)],
-                          capture_output=True, text=True)
+from conftest import FIXTURES, assert_equivalent, load_cases, run_cli, run_ort
 
 
 # --------------------------------------------------------------------------- estimate

@@ -11,7 +11,7 @@ from lemon_onnx import io
 from lemon_onnx.expansion import expand_model
 from lemon_onnx.plan import PLAN_KEY, Plan
 from lemon_onnx.recognize import recognize
-from conftest import FIXTURES, assert_equivalent, load_cases, manifest
+from conftest import FIXTURES, assert_equivalent, load_cases, manifest, run_cli
 
 WIDTHS = {"bert": [2, 3], "gpt2": [1.25, 1.5, 2], "vit": [1.25, 1.5, 2], "llama": [1.25, 1.5, 2]}
 RUNNABLE = [e for e in manifest("main") + manifest("shared") if e["ort"]["runs"]]
@@ -91,11 +91,6 @@ def test_symmetry_is_broken_and_sums_kept(tmp_path, name, width):
     r1 = o1[H * hd:(H + 1) * hd, :d]
     assert not np.allclose(r0, r1)
     np.testing.assert_allclose(r0 + r1, o0[0:hd], atol=1e-5)
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "lemon_onnx.cli", *map(str, args)],
-                          capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("model,args,needles", [
