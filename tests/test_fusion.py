@@ -236,6 +236,109 @@ def test_attention_with_a_past_state_is_refused_naming_it():
         unfuse(ir.serde.deserialize_model(proto))
 
 
+# --------------------------------------------------------------------------- decoder attention
+
+GQA_TABLE = 32  # rows of the rotary tables (positions)
+
+
+def _gqa_case(heads, kv_heads, hd, packed, rotary, rot_dim, softcap, scale, batch, seq, past,
+              seqlens):
+    width = (heads + 2 * kv_heads) * hd if packed else heads * hd
+    ins = ["query"] + (["", ""] if packed else ["key", "value"]) + \
+        (["past_key", "past_value"] if past is not None else ["", ""]) + ["seqlens_k", "total"]
+    attrs = {"num_heads": heads, "kv_num_heads": kv_heads, "do_rotary": int(rotary)}
+    if softcap:
+        attrs["softcap"] = softcap
+    if scale:
+        attrs["scale"] = scale
+    inits = []
+    if rotary:
+        ins += ["cos", "sin"]
+        inits = [_w("cos", GQA_TABLE, rot_dim // 2, scale=1.0), _w("sin", GQA_TABLE, rot_dim // 2,
+                                                                   scale=1.0)]
+    node = helper.make_node("GroupQueryAttention", ins, ["y", "present_key", "present_value"],
+                            domain=MS, **attrs)
+    total = (past or 0) + seq
+    inputs = [helper.make_tensor_value_info("query", F, ["B", "S", width])]
+    feeds = {"query": _x(batch, seq, width)}
+    if not packed:
+        for n in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(n, F, ["B", "S", kv_heads * hd]))
+            feeds[n] = _x(batch, seq, kv_heads * hd)
+    if past is not None:
+        for n in ("past_key", "past_value"):
+            inputs.append(helper.make_tensor_value_info(n, F, ["B", kv_heads, "P", hd]))
+            feeds[n] = _x(batch, kv_heads, past, hd)
+    inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B"]),
+               helper.make_tensor_value_info("total", TensorProto.INT32, [])]
+    feeds["seqlens_k"] = np.array(seqlens, np.int32)
+    feeds["total"] = np.array(total, np.int32)
+    outputs = [helper.make_tensor_value_info("y", F, ["B", "S", heads * hd]),
+               helper.make_tensor_value_info("present_key", F, None),
+               helper.make_tensor_value_info("present_value", F, None)]
+    return _model(node, inputs, outputs, inits), feeds
+
+
+@pytest.mark.parametrize("batch,seq,past,seqlens", [
+    (2, 5, 0, [4, 4]),  # first prompt
+    (2, 5, 0, [4, 2]),  # first prompt, the second row padded after 3 tokens
+    (2, 1, 6, [6, 6]),  # generation
+    (1, 3, 6, [8]),  # a later prompt
+    (2, 4, None, [3, 1]),  # no past inputs
+], ids=["prompt", "prompt-padded", "generation", "later-prompt", "no-past"])
+@pytest.mark.parametrize("form", ["packed-rotary", "packed", "separate-rotary",
+                                  "partial-rotary", "softcap-scale", "mha"])
+def test_group_query_attention(batch, seq, past, seqlens, form):
+    """ONNX Runtime GenAI's decoder attention, against ONNX Runtime's CPU kernel: first
+    prompts (padded rows included), generation and later prompts, with past keys and values."""
+    heads, kv_heads, hd = (4, 4, 16) if form == "mha" else (4, 2, 16)
+    if form == "partial-rotary":  # the kernel wants table widths that are multiples of 8
+        hd = 32
+    rot_dim = 16 if form == "partial-rotary" else hd
+    proto, feeds = _gqa_case(heads, kv_heads, hd, packed=not form.startswith("separate"),
+                             rotary="rotary" in form, rot_dim=rot_dim,
+                             softcap=3.0 if form == "softcap-scale" else 0.0,
+                             scale=0.2 if form == "softcap-scale" else 0.0,
+                             batch=batch, seq=seq, past=past, seqlens=seqlens)
+    _check(proto, feeds)
+
+
+@pytest.mark.parametrize("attr,value", [("rotary_interleaved", 1), ("local_window_size", 4)])
+def test_group_query_attention_forms_not_unfused_are_refused(attr, value):
+    proto, _ = _gqa_case(4, 2, 16, True, True, 16, 0.0, 0.0, 1, 2, 3, [4])
+    proto.graph.node[0].attribute.append(helper.make_attribute(attr, value))
+    from lemon_onnx.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="GroupQueryAttention"):
+        unfuse(ir.serde.deserialize_model(proto))
+
+
+@pytest.mark.parametrize("layout", ["3d", "4d"])
+@pytest.mark.parametrize("positions", ["ids", "offset"])
+@pytest.mark.parametrize("partial", [False, True])
+def test_rotary_embedding(layout, positions, partial):
+    b, s, heads, hd = 2, 5, 2, 16
+    rot = 8 if partial else hd
+    attrs = {}
+    if layout == "3d" or partial:  # the kernel wants it with a partial rotation
+        attrs["num_heads"] = heads
+    if partial:
+        attrs["rotary_embedding_dim"] = rot
+    node = helper.make_node("RotaryEmbedding", ["x", "pos", "cos", "sin"], ["y"], domain=MS,
+                            **attrs)
+    shape = [b, s, heads * hd] if layout == "3d" else [b, heads, s, hd]
+    if positions == "ids":
+        pos = np.stack([np.arange(s) + 3, np.arange(s)]).astype(np.int64)
+    else:
+        pos = np.array([4], np.int64)
+    proto = _model(node, [helper.make_tensor_value_info("x", F, shape),
+                          helper.make_tensor_value_info("pos", TensorProto.INT64, list(pos.shape))],
+                   [helper.make_tensor_value_info("y", F, shape)],
+                   [_w("cos", GQA_TABLE, rot // 2, scale=1.0),
+                    _w("sin", GQA_TABLE, rot // 2, scale=1.0)])
+    _check(proto, {"x": _x(*shape), "pos": pos})
+
+
 # --------------------------------------------------------------------------- embeddings
 
 @pytest.mark.parametrize("segments", [True, False])

@@ -224,9 +224,9 @@ def refuse_form(node: ir.Node, what: str) -> UnsupportedModelError:
 # --------------------------------------------------------------------------- the registry
 
 def _modules():
-    from . import activations, attention, embedding, norms
+    from . import activations, attention, embedding, gqa, norms
 
-    return (norms, activations, attention, embedding)
+    return (norms, activations, attention, embedding, gqa)
 
 
 def registry() -> dict[str, object]:
@@ -326,6 +326,12 @@ class RefusePass(InPlacePass):
                 except UnsupportedModelError as e:
                     why = str(e)
             if why is not None:
+                if not getattr(reg[meta["op"]], "LEAVE_DECOMPOSED", {}).get(meta["op"], True):
+                    raise UnsupportedModelError(
+                        f"{meta['op']} (group {meta['g']}) could not be fused again after the "
+                        f"rewrite: {why}.  Its decomposition is exact only on the inputs the "
+                        "checks feed, so lemon-onnx does not write it decomposed.",
+                        hint="Expand the exporter's unoptimised .onnx, or report the model.")
                 left.append(f"{meta['op']} (group {meta['g']}): {why}")
                 for n in group.nodes:
                     n.metadata_props.pop(TAG, None)
@@ -512,6 +518,37 @@ def _fused_name(name: str) -> str:
     ``op/unfused/Add_3__twin1``): ``op``, with the clone's suffix."""
     base, _, rest = (name or "").partition("/unfused/")
     return base + (rest[rest.index("__"):] if "__" in rest else "")
+
+
+def fused_joins(graph: ir.Graph) -> list[tuple[ir.Value, ir.Value]]:
+    """(graph input, graph output) for every cache a fused op joins itself (a
+    GroupQueryAttention's past key in, present key out): the pairs ``components.cache.
+    find_joins`` finds by their ``Concat`` in an unfused graph."""
+    reg = registry()
+    inputs, outputs = set(graph.inputs), set(graph.outputs)
+    pairs = []
+    for n in graph:
+        joins = getattr(reg.get(n.op_type), "JOINS", {}).get(n.op_type) \
+            if n.domain == MS else None
+        for i, o in (joins or {}).items():
+            if i < len(n.inputs) and o < len(n.outputs) and n.inputs[i] in inputs \
+                    and n.outputs[o] in outputs:
+                pairs.append((n.inputs[i], n.outputs[o]))
+    return pairs
+
+
+def unpadded_decoding(graph: ir.Graph) -> str | None:
+    """The first fused op in ``graph`` (fused, or unfused and tagged) whose decomposition is
+    exact in cached decoding only when every row has the same length
+    (``LEAVE_DECOMPOSED`` false); None when there is none."""
+    reg = registry()
+    for n in graph:
+        op = n.op_type if n.domain == MS else None
+        if op is None and TAG in n.metadata_props:
+            op = json.loads(n.metadata_props[TAG])["op"]
+        if op in reg and not getattr(reg[op], "LEAVE_DECOMPOSED", {}).get(op, True):
+            return op
+    return None
 
 
 def unfuse(model: ir.Model) -> UnfuseResult:

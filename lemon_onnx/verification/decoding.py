@@ -12,7 +12,8 @@ the KV-head map, ``plan["outputs"]``) are compared by the same two-level rule as
 runs and reported step by step.
 
 Which output returns which cache input is read from each model's own graph
-(``components/cache.find_joins``: the Concat that appends the new tokens), never from names.
+(``components/cache.find_joins``: the Concat that appends the new tokens; a fused op that
+appends them itself, ``fusion.fused_joins``), never from names.
 An expanded model that does not return a cache it takes, or cannot take back what it
 returned, fails the step (exit 1): its cache is broken.  When the source itself cannot run
 its own cache, the check is reported as not run, with the reason.
@@ -82,8 +83,10 @@ def _graph_inputs(ir_model) -> list:
 def returns_of(ir_model) -> dict:
     """{cache input: the output that returns it}, from the graph's structure."""
     from ..components.cache import find_joins
+    from ..fusion import fused_joins
 
-    return {v.name: out.name for v, _cat, out, _nodes in find_joins(ir_model.graph)}
+    joins = {v.name: out.name for v, _cat, out, _nodes in find_joins(ir_model.graph)}
+    return {**joins, **{v.name: out.name for v, out in fused_joins(ir_model.graph)}}
 
 
 def chains(small_ir, big_ir, prefix: dict, roles: dict, vocab: int | None, seed: int,

@@ -483,6 +483,14 @@ def synthesize(ir_model, *, seed: int, vocab: int | None, cases,
                 notes.append(f"vocabulary size not recognised ({why or 'no token embedding'}); "
                              f"token ids drawn from [0, {FALLBACK_VOCAB})")
     bounds = index_bounds(ir_model)
+    from ..fusion import unpadded_decoding
+
+    unpadded = unpadded_decoding(ir_model.graph)
+    if unpadded:
+        notes.append(f"the first case's rows are not padded: it is the prefix of cached "
+                     f"decoding, and {unpadded}'s decomposition (the float64 level) appends "
+                     "each row's new tokens after the whole past, as the kernel does only for "
+                     "rows of equal length")
     out = []
     for k, (b, s) in enumerate(cases):
         rng = np.random.default_rng([int(seed), k])
@@ -505,7 +513,7 @@ def synthesize(ir_model, *, seed: int, vocab: int | None, cases,
                 a = rng.integers(0, vocab, size=shape)
             elif role == "mask":
                 a = np.ones(shape)
-                if a.ndim == 2 and shape[0] >= 1 and shape[1] >= 2:
+                if a.ndim == 2 and shape[0] >= 1 and shape[1] >= 2 and not (unpadded and k == 0):
                     pad = min(shape[1] - 1, max(1, shape[1] // 4))
                     a[-1, shape[1] - pad:] = 0
             elif role == "token_type":
