@@ -59,6 +59,8 @@ class FolderResult:
     notes: list
     #: an encoder-decoder's pipeline check (verification/seq2seq.py), None where none ran
     pipeline: object = None
+    #: the written genai_config.json (ONNX Runtime GenAI's model builder), None without one
+    genai_config: dict | None = None
 
     @property
     def verified(self) -> bool:
@@ -90,9 +92,13 @@ class FolderResult:
         if self.pipeline is not None:
             line += f"; {self.pipeline.summary()}"
         if self.config is not None:
-            line += f"; config.json rewritten, {len(self.copied)} other file(s) copied"
-        else:
+            line += "; config.json rewritten"
+        if self.genai_config is not None:
+            line += f"; {hfconfig.GENAI_CONFIG} rewritten"
+        if self.config is None and self.genai_config is None:
             line += f"; no config.json in the source, {len(self.copied)} file(s) copied"
+        else:
+            line += f", {len(self.copied)} other file(s) copied"
         return line
 
 
@@ -122,17 +128,17 @@ def stack_of(name: str) -> str:
     return "model"
 
 
-def read_config(src: Path) -> dict | None:
-    p = src / CONFIG
+def read_config(src: Path, name: str = CONFIG) -> dict | None:
+    p = src / name
     if not p.is_file():
         return None
     try:
         cfg = json.loads(p.read_text())
     except ValueError as e:
         raise InputError(f"{p} is not valid JSON ({e}).",
-                         hint="Fix or remove the folder's config.json.") from None
+                         hint=f"Fix or remove the folder's {name}.") from None
     if not isinstance(cfg, dict):
-        raise InputError(f"{p} does not hold a JSON object, so it is not a config.json.")
+        raise InputError(f"{p} does not hold a JSON object, so it is not a {name}.")
     return cfg
 
 
@@ -250,13 +256,21 @@ def _expand_folder(src: Path, dest: Path, files: list, cfg, report, options: dic
                                                       tie=False if untied else None)
             check_cache_config(new_cfg, stage, files)
             (stage / CONFIG).write_text(json.dumps(new_cfg, indent=2) + "\n")
+        genai, new_genai = read_config(src, hfconfig.GENAI_CONFIG), None
+        if genai is not None:
+            main = plans.get("model") or plans.get("decoder") or next(iter(plans.values()))
+            new_genai = hfconfig.expanded_genai_config(genai, main)
+            check_genai_config(new_genai, stage)
+            (stage / hfconfig.GENAI_CONFIG).write_text(json.dumps(new_genai, indent=4) + "\n")
+            notes.append(f"{hfconfig.GENAI_CONFIG}: the decoder's sizes rewritten "
+                         "(ONNX Runtime GenAI sizes its KV cache from them)")
         for n in notes:
             progress.note(n)
         _commit(stage, dest)
     finally:
         with signals.deferred():
             shutil.rmtree(stage, ignore_errors=True)
-    return FolderResult(dest, results, copied, new_cfg, notes, pipeline)
+    return FolderResult(dest, results, copied, new_cfg, notes, pipeline, new_genai)
 
 
 def _pipeline(src: Path, stage: Path, results: dict, options: dict, report, progress):
@@ -336,11 +350,12 @@ def _check_memory_layout(results: dict, plans: dict) -> None:
 
 
 def _other_files(src: Path, files: list[Path]) -> list[Path]:
-    """Every file under ``src`` that is not a model file, its external data, nor config.json
+    """Every file under ``src`` that is not a model file, its external data, config.json nor
+    genai_config.json
     (relative paths)."""
     import onnx
 
-    skip = {Path(CONFIG)} | set(files)
+    skip = {Path(CONFIG), Path(hfconfig.GENAI_CONFIG)} | set(files)
     for f in files:
         proto = onnx.load(str(src / f), load_external_data=False)
         for t in proto.graph.initializer:
@@ -380,6 +395,33 @@ def check_cache_config(cfg: dict, folder: Path, files: list[Path]) -> None:
         if layers is not None and len(past) != layers:
             raise InternalError(f"{f.name} has {len(past)} past_key_values pairs, but the "
                                 f"rewritten config.json says {layers} layers.")
+
+
+def check_genai_config(cfg: dict, folder: Path) -> None:
+    """ONNX Runtime GenAI feeds the decoder file its config names a cache of
+    (layers, KV heads, head size) from ``model.decoder``: the graph must declare the same."""
+    import onnx
+
+    dec = cfg["model"]["decoder"]
+    f = folder / dec.get("filename", "model.onnx")
+    if not f.is_file():
+        raise InputError(f"{hfconfig.GENAI_CONFIG} names the decoder file {f.name}, which the "
+                         "folder does not hold.")
+    template = (dec.get("inputs") or {}).get("past_key_names", "past_key_values.%d.key")
+    pattern = re.escape(template).replace("%d", r"(\d+)")
+    proto = onnx.load(str(f), load_external_data=False)
+    past = {int(m.group(1)): v for v in proto.graph.input
+            if (m := re.fullmatch(pattern, v.name))}
+    want = {"num_hidden_layers": len(past)}
+    if past:
+        dims = [d.dim_value or None for d in past[min(past)].type.tensor_type.shape.dim]
+        if len(dims) == 4:
+            want.update(num_key_value_heads=dims[1], head_size=dims[3])
+    for key, n in want.items():
+        if n is not None and key in dec and int(dec[key]) != int(n):
+            raise InternalError(f"{f.name} declares {key.replace('num_', '')} {n} in its "
+                                f"cache inputs, but the rewritten {hfconfig.GENAI_CONFIG} says "
+                                f"{key}={dec[key]}.")
 
 
 def _first(cfg: dict, keys) -> int | None:

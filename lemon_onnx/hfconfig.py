@@ -222,3 +222,36 @@ def _epsilon(cfg: dict, out: dict, plan: dict, notes: list[str]) -> None:
             out[k] = float(v) * s
             notes.append(f"{k} {v:g} -> {out[k]:g} (the norms' epsilon, rescaled by the "
                          f"fractional width: x {s:g})")
+
+
+#: ONNX Runtime GenAI's ``genai_config.json``: the decoder's sizes under ``model.decoder``
+GENAI_CONFIG = "genai_config.json"
+_GENAI_KEYS = {"hidden_size": "hidden", "num_attention_heads": "heads",
+               "num_key_value_heads": "kv_heads", "num_hidden_layers": "layers",
+               "head_size": "head_dim"}
+
+
+def expanded_genai_config(cfg: dict, plan: dict) -> dict:
+    """ONNX Runtime GenAI's config for the expanded model: the decoder's sizes (hidden, heads,
+    KV heads, layers, head size) follow the plan; everything else (file names, input and
+    output name templates, context length, search options) stays.  A config whose sizes
+    are not the plan's source sizes belongs to another model: ``ConfigError``."""
+    import copy
+
+    dec = (cfg.get("model") or {}).get("decoder") if isinstance(cfg, dict) else None
+    if not isinstance(dec, dict):
+        raise ConfigError(f"{GENAI_CONFIG} has no model.decoder section.",
+                          hint="Use the genai_config.json ONNX Runtime GenAI's model builder "
+                               "wrote for this model.")
+    src, tgt = plan["source"], plan["target"]
+    out = copy.deepcopy(cfg)
+    for key, what in _GENAI_KEYS.items():
+        if key not in dec or src.get(what) is None:
+            continue
+        if int(dec[key]) != int(src[what]):
+            raise ConfigError(f"{GENAI_CONFIG} says {key}={dec[key]}, but the model "
+                              f"lemon-onnx expanded has {what} {src[what]}: this config "
+                              "belongs to another model.",
+                              hint="Use the genai_config.json of the model that was built.")
+        out["model"]["decoder"][key] = int(tgt[what])
+    return out

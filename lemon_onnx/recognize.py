@@ -110,7 +110,9 @@ class Recognizer(GraphIndex):
         #: ONNX Runtime's fused ops, unfused in place (``fusion``): the components see their
         #: standard-op form; op_type -> count
         self.unfused = fusion.unfuse(model).ops
-        if self.unfused:
+        #: token tables stored transposed, put back in (vocab, hidden) form (``embedding``)
+        self.untransposed = embedding.untranspose_tables(model)
+        if self.unfused or self.untransposed:
             forget_shapes_inferred(model)
         super().__init__(model)
         self.notes: list[str] = []

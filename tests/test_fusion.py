@@ -221,6 +221,21 @@ def test_multi_head_attention(bias, mask, cross, causal):
     _check(proto, feeds)
 
 
+@pytest.mark.parametrize("shape", [(2, 4, 5, 5), (1, 1, 5, 5)], ids=["per-head", "broadcast"])
+def test_multi_head_attention_with_an_attention_bias(shape):
+    """An additive bias on the scores (ORT GenAI's float16 CPU graphs give the mask this way,
+    tiled over the heads)."""
+    b, s, d = 2, 5, 32
+    node = helper.make_node("MultiHeadAttention", ["q", "k", "v", "", "", "bias"], ["y"],
+                            domain=MS, num_heads=4)
+    bias = (RNG.standard_normal(shape) * 2).astype(np.float32)
+    bias[..., 1, 3:] = -65504.0
+    proto = _model(node, [helper.make_tensor_value_info(n, F, [b, s, d]) for n in "qkv"]
+                   + [helper.make_tensor_value_info("bias", F, list(shape))],
+                   [helper.make_tensor_value_info("y", F, [b, s, d])], [])
+    _check(proto, {"q": _x(b, s, d), "k": _x(b, s, d), "v": _x(b, s, d), "bias": bias})
+
+
 def test_attention_with_a_past_state_is_refused_naming_it():
     b, s, d = 1, 4, 16
     node = helper.make_node("Attention", ["x", "w", "bias", "", "past"], ["y", "present"],

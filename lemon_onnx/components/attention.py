@@ -106,7 +106,11 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> Attention:
             f"Block {idx}: could not read the head count and head_dim from the attention "
             f"reshapes (found heads={heads}, head_dim={head_dim}, projection width "
             f"{att_width}).")
-    rotary = any(n.op_type in ("RotaryEmbedding", "Sin", "Cos") for n in ctx.graph) and (
+    # angles from Sin/Cos, or cos/sin tables gathered at the positions (ORT GenAI's caches)
+    tables = any(n.op_type == "Gather" and is_const(n.inputs[0]) and
+                 any(u.node.op_type == "Unsqueeze" or u.node.op_type == "Mul"
+                     for u in n.outputs[0].uses()) for n in nodes)
+    rotary = (tables or any(n.op_type in ("RotaryEmbedding", "Sin", "Cos") for n in ctx.graph)) and (
         any(n.op_type == "RotaryEmbedding" for n in nodes) or
         any(n.op_type == "Slice" for n in nodes if ctx.depends_on(q_t, n.outputs[0])))
     # multi-query attention (one KV head: a size-1 axis, no atom of its own) keeps its one KV

@@ -63,6 +63,46 @@ class Embeddings:
     token_norm: Norm | None = None
 
 
+def untranspose_tables(model: ir.Model) -> list[str]:
+    """A token table stored transposed (ORT GenAI's model builder ties Gemma's embedding to
+    the LM head's (hidden, vocab) weight and gathers rows from ``Transpose(weight)``) is
+    stored the way the components read tables, (vocab, hidden): the initializer becomes its
+    transpose, the Gather reads it directly and every other reader (the head's MatMul) reads
+    it through a new Transpose.  Exact (a transpose moves values); one weight still serves
+    both.  Returns the tables restored."""
+    import numpy as np
+
+    g = model.graph
+    done = []
+    for n in list(g):
+        if n.op_type != "Gather" or len(n.inputs) != 2 or n.inputs[0] is None:
+            continue
+        t = n.inputs[0].producer()
+        w = t.inputs[0] if t is not None and t.op_type == "Transpose" else None
+        perm = t.attributes.get_ints("perm", None) if w is not None else None
+        if w is None or w.const_value is None or w.name not in g.initializers or \
+                len(w.const_value.shape) != 2 or list(perm or [1, 0]) != [1, 0] or \
+                n.attributes.get_int("axis", 0) != 0:
+            continue
+        arr = np.ascontiguousarray(w.const_value.numpy().T)
+        w.const_value = ir.tensor(arr, name=w.name)
+        w.shape = ir.Shape(arr.shape)
+        back = ir.Node("", "Transpose", [w], [ir.AttrInt64s("perm", [1, 0])],
+                       name=f"{t.name}/untransposed")
+        back.outputs[0].name = f"{w.name}/transposed"
+        back.outputs[0].dtype, back.outputs[0].shape = w.dtype, ir.Shape(arr.shape[::-1])
+        g.insert_before(next(iter(g)), back)
+        for use in list(w.uses()):
+            if use.node is t or use.node is back:
+                continue
+            use.node.replace_input_with(use.idx, back.outputs[0])
+        t.outputs[0].replace_all_uses_with(w)
+        if not t.outputs[0].uses():
+            g.remove(t, safe=True)
+        done.append(w.name)
+    return done
+
+
 def match(ctx) -> Embeddings:
     g = ctx.graph
     emb = Embeddings()

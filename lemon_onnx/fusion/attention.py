@@ -77,7 +77,7 @@ def _decompose_mha(b: Builder, node: ir.Node) -> dict:
     width pass widens, packed again when fused)."""
     ins = list(node.inputs) + [None] * 10
     query, key, value, bias, mask = ins[:5]
-    for i, what in ((5, "an attention bias input"), (6, "a past key input"),
+    for i, what in ((6, "a past key input"),
                     (7, "a past value input"), (8, "a past sequence length input"),
                     (9, "a cache indirection input")):
         if ins[i] is not None:
@@ -110,8 +110,13 @@ def _decompose_mha(b: Builder, node: ir.Node) -> dict:
             pieces.append(b.op("Add", [t, w], role=f"bias_{role}"))
             b.port_in(w, idx)
         q, k, v = pieces
-    out = _attend(b, node, q, k, v, heads, hd, hd_v, scale, query, key, mask, filt, dt)
-    for i, val in ((0, query), (1, key), (2, value), (4, mask)):
+    attn_bias = ins[5]
+    if attn_bias is not None and (attn_bias.shape is None or len(attn_bias.shape) != 4):
+        raise refuse_form(node, f"its attention bias {attn_bias.name} is not 4-D (batch, heads, "
+                                "queries, keys)")
+    out = _attend(b, node, q, k, v, heads, hd, hd_v, scale, query, key, mask, filt, dt,
+                  attn_bias)
+    for i, val in ((0, query), (1, key), (2, value), (4, mask), (5, attn_bias)):
         if val is not None:
             b.port_in(val, i)
     return {0: out}
@@ -143,7 +148,8 @@ def fused_inputs(group, ins: dict, graph: ir.Graph) -> dict:
     return {**ins, 3: v}
 
 
-def _attend(b: Builder, node, q, k, v, heads, hd, hd_v, scale, q_src, k_src, mask, filt, dt):
+def _attend(b: Builder, node, q, k, v, heads, hd, hd_v, scale, q_src, k_src, mask, filt, dt,
+            attn_bias=None):
     """q, k, v (batch, positions, heads*head_dim) to the merged heads' output: the
     decomposed attention the attention component knows."""
     def heads_of(t, size, perm, role):
@@ -157,6 +163,8 @@ def _attend(b: Builder, node, q, k, v, heads, hd, hd_v, scale, q_src, k_src, mas
     add = _mask(b, node, q_src, k_src, mask, filt, dt)
     if add is not None:
         scores = b.op("Add", [scores, add], role="mask")
+    if attn_bias is not None:  # added as given, (batch or 1, heads or 1, queries, keys)
+        scores = b.op("Add", [scores, attn_bias], role="attention_bias")
     probs = b.op("Softmax", [scores], {"axis": -1} if b.opset >= 13 else {"axis": 3})
     ctx = b.op("Transpose", [b.op("MatMul", [probs, vh])], {"perm": [0, 2, 1, 3]})
     return b.op("Reshape", [ctx, b.const(np.array([0, 0, heads * hd_v], np.int64))],

@@ -224,9 +224,16 @@ def _table_width(node: ir.Node, cos, sin) -> int:
 
 
 def _last_dim(t: ir.Value, node: ir.Node) -> int:
+    """The width of ``t``'s last axis: declared, or read off the projection that makes it (a
+    constant-weight MatMul, through the Add of its constant bias)."""
     if t.shape is not None and len(t.shape) == 3 and isinstance(t.shape[-1], int):
         return int(t.shape[-1])
     p = t.producer()
+    if p is not None and p.op_type == "Add":
+        for a, other in ((p.inputs[0], p.inputs[1]), (p.inputs[1], p.inputs[0])):
+            bias = G.const_shape(G.const_source(other)[0])
+            if bias is not None and len(bias) == 1 and bias[0] > 1:
+                return int(bias[0])
     if p is not None and p.op_type == "MatMul":
         w = G.const_shape(G.const_source(p.inputs[1])[0])
         if w is not None and len(w) == 2:
