@@ -454,12 +454,14 @@ def _unshare(graph: ir.Graph, tags: dict) -> None:
     for u in reversed([n for n in graph if n in tags]):
         k = tags[u]["k"]
         for o, out in enumerate(u.outputs):
-            by_k: dict[int, list] = {}
+            # decomposition node k -> the readers standing for it, each with the slots it
+            # reads ``out`` at (a node may read it twice: Concat(c, c))
+            by_k: dict[int, dict] = {}
             for use in out.uses():
                 v = use.node
                 if v in tags and tags[v]["op"] == tags[u]["op"] and \
                         [use.idx, k, o] in tags[v]["e"]:
-                    by_k.setdefault(tags[v]["k"], []).append(use)
+                    by_k.setdefault(tags[v]["k"], {}).setdefault(v, []).append(use.idx)
             extra = max((len(x) for x in by_k.values()), default=1)
             for j in range(1, extra):
                 c = ir.Node(u.domain, u.op_type, list(u.inputs),
@@ -470,9 +472,11 @@ def _unshare(graph: ir.Graph, tags: dict) -> None:
                 for a, b in zip(u.outputs, c.outputs):
                     b.type, b.shape = a.type, a.shape
                 tags[c] = tags[u]
-                for uses in by_k.values():
-                    if len(uses) > j:
-                        uses[j].node.replace_input_with(uses[j].idx, c.outputs[o])
+                for readers in by_k.values():
+                    if len(readers) > j:
+                        reader, slots = list(readers.items())[j]
+                        for slot in slots:
+                            reader.replace_input_with(slot, c.outputs[o])
 
 
 def tagged_groups(graph: ir.Graph) -> dict:

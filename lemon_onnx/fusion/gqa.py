@@ -15,7 +15,7 @@ the keys at or before ``min(past_b + i, seqlens_k[b])``; the KV heads are shared
 
 Unfused as the decoder attention exporters write for Llama: Split of the packed projection,
 heads Reshape and Transpose, rotate-half rotary from the cos/sin tables at those positions
-(Gather, Slice, Mul, Sub/Add, Concat), ``Concat(past, current)`` for the present keys and
+(Gather, the tables doubled, Slice, Neg, Concat, Mul, Add), ``Concat(past, current)`` for the present keys and
 values (the KV-cache component's join), ``repeat_kv`` (Unsqueeze, Expand, Reshape), scaled
 scores, the mask above as ``Where``, Softmax, the weighted sum, heads merged.  The join is
 exact where every row's past is the whole past input (a first prompt, padded or not; generation
@@ -203,16 +203,22 @@ def _repeat_kv(b: Builder, t: ir.Value, groups: int, heads: int, hd: int, role: 
 
 
 def _rotate(b: Builder, x: ir.Value, c: ir.Value, s: ir.Value, rot: int, hd: int, role: str):
-    """Rotate-half rotary on the first ``rot`` dims of ``x``'s last axis: (x1, x2) -> (x1 cos
-    - x2 sin, x2 cos + x1 sin), the rest passed through."""
-    def part(lo, hi):
-        return b.op("Slice", [x, b.const(np.array([lo], I64)), b.const(np.array([hi], I64)),
+    """Rotate-half rotary on the first ``rot`` dims of ``x``'s last axis, as transformers
+    writes it: x * [cos, cos] + [-x2, x1] * [sin, sin], i.e. (x1 cos - x2 sin, x2 cos + x1 sin)
+    (the same products and sums), the rest split off first and passed through."""
+    def part(t, lo, hi):
+        return b.op("Slice", [t, b.const(np.array([lo], I64)), b.const(np.array([hi], I64)),
                               b.const(np.array([-1], I64))])
-    x1, x2 = part(0, rot // 2), part(rot // 2, rot)
-    y1 = b.op("Sub", [b.op("Mul", [x1, c]), b.op("Mul", [x2, s])])
-    y2 = b.op("Add", [b.op("Mul", [x2, c]), b.op("Mul", [x1, s])])
-    parts = [y1, y2] + ([part(rot, hd)] if rot < hd else [])
-    return b.op("Concat", parts, {"axis": -1}, role=role)
+    xr = part(x, 0, rot) if rot < hd else x
+    x1, x2 = part(xr, 0, rot // 2), part(xr, rot // 2, rot)
+    turned = b.op("Concat", [b.op("Neg", [x2]), x1], {"axis": -1})
+    cos2 = b.op("Concat", [c, c], {"axis": -1})
+    sin2 = b.op("Concat", [s, s], {"axis": -1})
+    y = b.op("Add", [b.op("Mul", [xr, cos2]), b.op("Mul", [turned, sin2])],
+             role=role if rot == hd else "")
+    if rot < hd:
+        y = b.op("Concat", [y, part(x, rot, hd)], {"axis": -1}, role=role)
+    return y
 
 
 def _table_width(node: ir.Node, cos, sin) -> int:
