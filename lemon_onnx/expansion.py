@@ -178,53 +178,73 @@ def _check_inputs(model, src) -> None:
 
 
 def _rewrite(model, rec, desc, plan: Plan, progress: Progress) -> Plan:
-    """The passes (onnx-ir passes: options at construction, the model in ``call``, their
-    results returned), then the plan they complete into the metadata.  The plan given is not
-    changed: the one returned adds what the passes report (notes, rounded constants, where
-    each source block's hidden state is found, how caches are fed)."""
+    """The passes, composed with onnx-ir's ``PassManager`` (options at construction, the
+    model in ``call``; what they share travels with the model: ``passes/recognition.py``),
+    then the plan they complete into the metadata.  The plan given is not changed: the one
+    returned adds what the passes report (notes, rounded constants, where each source block's
+    hidden state is found, how caches are fed)."""
     import onnx_ir as ir
 
     from .passes.maps import Maps, output_layouts
-    from .recognize import Recognizer
+    from .passes.recognition import RecognizePass, Recorded, remember, results
 
     maps = Maps.of(plan, desc.layout) if plan.widens else None
-    notes, changes = list(plan.notes), {}
-    width_res = depth_res = None
-    with progress.stage("width") as st:
+    s, t = plan.source, plan.target
+    steps = []
+    if plan.widens:
+        from .passes.width import WidthPass
+
+        steps.append(Recorded("width", WidthPass(plan, maps), progress, lambda r: (
+            f"width: hidden {s['hidden']}->{t['hidden']}, ffn {s['ffn']}->{t['ffn']}, heads "
+            f"{s['heads']}->{t['heads']} (stream form {plan.stream_form}); {r.literals} size "
+            "literals rewritten")))
+    if t["layers"] != s["layers"]:
+        from .passes.depth import DepthPass
+
         if plan.widens:
-            from .components.cross_attention import plan_inputs as memory_inputs
-            from .passes.width import WidthPass
+            # the explicit second recognition, only where the width pass gave some consumers
+            # their own copy of a shared tensor (names in the description no longer lead to
+            # the tensors); otherwise every tensor kept its name and value object, and the
+            # sizes the depth pass reads (head_dim, the heads/kv ratio) did not change
+            steps.append(RecognizePass(after="width"))
+        steps.append(Recorded("depth", DepthPass(plan, maps), progress, lambda r: (
+            f"depth: {s['layers']}->{t['layers']} layers ({plan.depth_placement}, "
+            f"{plan.depth_init})")))
+    if desc.fused:  # ONNX Runtime's fused ops back in place of their widened decompositions
+        # (before unused initializers go: a packed input is rebuilt from its pieces)
+        from .fusion import RefusePass
 
-            outputs = {name: dict(m) for name, m in plan.outputs.items()}
-            for name, layout in output_layouts(rec, desc, maps).items():
-                outputs[name]["layout"] = layout  # what an encoder's decoder reads
-            width_res = WidthPass(rec, desc, plan, maps)(model)
-            notes += width_res.notes
-            changes.update(outputs=outputs, rounded=width_res.rounded,
-                           inputs={**plan.inputs, **memory_inputs(desc, maps.memory)})
-            s, t = plan.source, plan.target
-            st.done(f"width: hidden {s['hidden']}->{t['hidden']}, ffn {s['ffn']}->"
-                    f"{t['ffn']}, heads {s['heads']}->{t['heads']} (stream form "
-                    f"{plan.stream_form}); {width_res.literals} size literals rewritten")
-    with progress.stage("depth") as st:
-        if plan.target["layers"] != plan.source["layers"]:
-            from .passes.depth import DepthPass
+        steps.append(Recorded("refuse", RefusePass()))
+    steps.append(_DropUnused())
+    remember(model, rec, desc)
+    outputs = None
+    if plan.widens:  # read off the source's recognition, before the passes change the graph
+        outputs = {name: dict(m) for name, m in plan.outputs.items()}
+        for name, layout in output_layouts(rec, desc, maps).items():
+            outputs[name]["layout"] = layout  # what an encoder's decoder reads
+    try:
+        ir.passes.PassManager(steps)(model)
+    except ir.passes.PassError as e:
+        # the manager wraps what a pass raises; the pass's own error is the one to report
+        # (a refusal is exit 2, a bug exit 4: errors.py)
+        cause = e
+        while isinstance(cause, ir.passes.PassError) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise cause
+    done = results(model)
+    width_res, depth_res = done.get("width"), done.get("depth")
 
-            desc_now = desc
-            if width_res is not None and width_res.new_initializers:
-                # the explicit second recognition: the width pass gave some consumers their
-                # own copy of a shared tensor, so names in the description no longer lead to
-                # the tensors; describe the widened model afresh.  Otherwise every tensor kept
-                # its name and value object, and the sizes the depth pass reads (head_dim,
-                # the heads/kv ratio) did not change.
-                rec = Recognizer(model)
-                desc_now = rec.run()
-            depth_res = DepthPass(rec, desc_now, plan, maps)(model)
-            notes += [n for n in depth_res.notes if n not in notes]
-            changes.update(blocks=depth_res.blocks, layer_sources=depth_res.layer_sources,
-                           exact=plan.exact and depth_res.exact)
-            st.done(f"depth: {plan.source['layers']}->{plan.target['layers']} layers "
-                    f"({plan.depth_placement}, {plan.depth_init})")
+    notes, changes = list(plan.notes), {}
+    if width_res is not None:
+        from .components.cross_attention import plan_inputs as memory_inputs
+
+        notes += width_res.notes
+        changes.update(outputs=outputs, rounded=width_res.rounded,
+                       inputs={**plan.inputs, **memory_inputs(desc, maps.memory)})
+    if depth_res is not None:
+        notes += [n for n in depth_res.notes if n not in notes]
+        changes.update(blocks=depth_res.blocks, layer_sources=depth_res.layer_sources,
+                       exact=plan.exact and depth_res.exact)
     if desc.caches:  # how verification feeds and compares the caches
         from .components.cache import plan_maps
 
@@ -233,26 +253,32 @@ def _rewrite(model, rec, desc, plan: Plan, progress: Progress) -> Plan:
                               maps.kv_index() if maps is not None else None)
         changes["outputs"] = {**changes.get("outputs", plan.outputs), **outs}
         changes["inputs"] = {**changes.get("inputs", plan.inputs), **ins}
+    refused = done.get("refuse")
+    if refused is not None:
+        notes += [f"fused ops put back: "
+                  f"{', '.join(f'{op} x{n}' for op, n in sorted(refused.fused.items()))}"]
+        notes += [f"left unfused (exact, less optimised): {why}" for why in refused.left]
     plan = plan.amended(notes=notes, **changes)
-    if desc.fused:  # ONNX Runtime's fused ops back in place of their widened decompositions
-        # (before unused initializers go: a packed input is rebuilt from its pieces)
-        from .fusion import RefusePass
-
-        res = RefusePass()(model)
-        plan = plan.amended(notes=list(plan.notes) + [
-            f"fused ops put back: {', '.join(f'{op} x{n}' for op, n in sorted(res.fused.items()))}"]
-            + [f"left unfused (exact, less optimised): {why}" for why in res.left])
-    # initializers the passes replaced (copied before they diverged) and left unused; the
-    # pass also drops trailing empty inputs, which a Loop whose optional cond is '' needs
-    # (its schema counts it: found by tests/test_fuzz.py), so every node keeps its arity
-    arity = {n: len(n.inputs) for n in ir.traversal.RecursiveGraphIterator(model.graph)}
-    RemoveUnusedNodesPass()(model)
-    for n, k in arity.items():
-        if len(n.inputs) < k and n.graph is not None:
-            n.resize_inputs(k)
     _check_unique_names(model)
     model.metadata_props[PLAN_KEY] = plan.to_json()
     return plan
+
+
+class _DropUnused(RemoveUnusedNodesPass):
+    """onnx-ir's ``RemoveUnusedNodesPass`` (initializers the passes replaced, copied before
+    they diverged, and left unused), keeping every node's arity: the pass also drops
+    trailing empty inputs, which a Loop whose optional cond is '' needs (its schema counts
+    it: found by tests/test_fuzz.py)."""
+
+    def call(self, model):
+        import onnx_ir as ir
+
+        arity = {n: len(n.inputs) for n in ir.traversal.RecursiveGraphIterator(model.graph)}
+        res = super().call(model)
+        for n, k in arity.items():
+            if len(n.inputs) < k and n.graph is not None:
+                n.resize_inputs(k)
+        return res
 
 
 def _check_unique_names(model) -> None:

@@ -27,6 +27,7 @@ from ..components.linear import Linear
 from ..recognize import Recognizer
 from ..tensors import LAZY_BYTES, apply_fn, lazy_tensor, read_array, write_array
 from .maps import Maps
+from .recognition import recognized
 from .streaming import SharedResult, keep_together
 
 
@@ -95,13 +96,12 @@ class DepthPass(ir.passes.InPlacePass):
     component makes its own part of a twin compute nothing (``residual.twin``, which asks
     ``attention.twin`` and ``mlp.twin``; ``norm.twin_post_norm`` for Post-LN)."""
 
-    def __init__(self, rec: Recognizer, desc, plan, maps: Maps | None = None):
-        """Options: the recognised model (``rec``, its index, and ``desc``, its description),
-        the plan, and its maps where the expansion also widens (None: depth only).  ``call``
-        takes the model ``rec`` indexes."""
+    def __init__(self, plan, maps: Maps | None = None):
+        """Options: the plan, and its maps where the expansion also widens (None: depth
+        only).  ``call`` takes a model that carries its recognition (``passes.recognition``:
+        the index and the description whose blocks it twins)."""
         super().__init__()
-        self.rec, self.desc, self.plan, self.maps = rec, desc, plan, maps
-        self.graph = rec.graph
+        self.plan, self.maps = plan, maps
         self.start_run()
 
     def start_run(self) -> None:
@@ -200,11 +200,12 @@ class DepthPass(ir.passes.InPlacePass):
 
     # -------------------------------------------------------------- the pass
     def requires(self, model: ir.Model) -> None:
-        if model is not self.rec.model:
-            raise ir.passes.PreconditionError(
-                "DepthPass was given a model other than the one its description was made of")
+        recognized(model, "DepthPass")
 
     def call(self, model: ir.Model) -> "DepthResult":
+        # this run's model: its index and description
+        self.rec, self.desc = recognized(model, "DepthPass")
+        self.graph = self.rec.graph
         self.start_run()
         return self._run()
 

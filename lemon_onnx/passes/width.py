@@ -24,6 +24,7 @@ from ..components.head import untie_reason
 from ..graph import const_source
 from ..recognize import Recognizer
 from .maps import Maps
+from .recognition import recognized
 from ..tensors import LAZY_BYTES, apply_fn, lazy_tensor, read_array, with_axis, write_array, write_tensor
 
 __all__ = ["WidthPass", "WidthResult", "WeightEditor", "untie_reason", "LAZY_BYTES"]
@@ -148,18 +149,16 @@ class WidthPass(ir.passes.InPlacePass):
     editor, and what is common to every component: the closed-world check, size literals and
     output shapes."""
 
-    def __init__(self, rec: Recognizer, desc, plan, maps: Maps):
-        """Options: the recognised source (``rec``, its index, and ``desc``, its
-        description), the plan and its maps.  ``call`` takes the model ``rec`` indexes."""
+    def __init__(self, plan, maps: Maps):
+        """Options: the plan and its maps.  ``call`` takes a model that carries its
+        recognition (``passes.recognition``: the index and the description it widens by)."""
         super().__init__()
-        self.rec, self.desc, self.plan, self.maps = rec, desc, plan, maps
+        self.plan, self.maps = plan, maps
         self.d, self.D = plan.source["hidden"], plan.target["hidden"]
         self.k = self.D // self.d
         # the maps under the names the components use
         self.s_map, self.n_map, self.memory_map = maps.stream, maps.norm_out, maps.memory
         self.ffn_map, self.q_map, self.kv_map = maps.ffn, maps.q, maps.kv
-        self.node = rec.node
-        self.values = rec.values
 
     # ------------------------------------------------------------------ building blocks
 
@@ -176,13 +175,14 @@ class WidthPass(ir.passes.InPlacePass):
 
     # ------------------------------------------------------------------ the pass
     def requires(self, model: ir.Model) -> None:
-        if model is not self.rec.model:
-            raise ir.passes.PreconditionError(
-                "WidthPass was given a model other than the one its description was made of")
+        recognized(model, "WidthPass")
 
     def call(self, model: ir.Model) -> "WidthResult":
         """Every component widens itself; then the closed-world check, the edits, the size
         literals and the output shapes."""
+        # this run's model: its index and description
+        self.rec, self.desc = recognized(model, "WidthPass")
+        self.node, self.values = self.rec.node, self.rec.values
         desc = self.desc
         self.ed = WeightEditor(self.rec, self.plan.seed)  # this run's edits
         s_map, n_map = self.s_map, self.n_map
