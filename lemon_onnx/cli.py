@@ -171,7 +171,8 @@ def _inspect_folder(folder: str, as_json: bool) -> None:
         click.echo(json.dumps(data, indent=2, default=str))
     else:
         click.echo(f"{folder}: export folder, model_type {info['model_type'] or '?'}"
-                   f"{'' if info['config'] else ' (no config.json)'}, "
+                   f"{' (no config.json)' if not info['config'] else ''}"
+                   f"{' (' + info['config'] + ')' if info['config'] not in (None, 'config.json') else ''}, "
                    f"{len(info['files'])} model file(s)")
         for name, e in info["files"].items():
             if "branches" in e:

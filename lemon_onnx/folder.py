@@ -153,8 +153,14 @@ def describe_folder(src) -> dict:
     src = Path(src)
     files = model_files(src)
     cfg = read_config(src)
-    out = {"folder": str(src), "model_type": (cfg or {}).get("model_type"),
-           "config": CONFIG if cfg is not None else None, "files": {}, "other_files": []}
+    genai = read_config(src, hfconfig.GENAI_CONFIG) if cfg is None else None
+    model_type = (cfg or {}).get("model_type")
+    if genai is not None:  # ORT GenAI's model builder: model.type
+        model_type = (genai.get("model") or {}).get("type")
+    out = {"folder": str(src), "model_type": model_type,
+           "config": CONFIG if cfg is not None else
+           (hfconfig.GENAI_CONFIG if genai is not None else None),
+           "files": {}, "other_files": []}
     for f in files:
         entry = {"stack": stack_of(f.name)}
         try:

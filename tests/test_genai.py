@@ -121,3 +121,13 @@ def test_genai_config_rewrite_checks_the_source_sizes():
         hfconfig.expanded_genai_config(other, plan)
     with pytest.raises(ConfigError, match="model.decoder"):
         hfconfig.expanded_genai_config({"model": {}}, plan)
+
+
+def test_inspect_reads_a_builder_folder():
+    src = _folder("llama-fp32")
+    r = run_cli("inspect", src)
+    assert r.returncode == 0, r.stderr[-2000:]
+    first = r.stdout.splitlines()[0]
+    assert "model_type llama (genai_config.json)" in first, first
+    assert "GroupQueryAttention" in r.stdout and "rotary yes" in r.stdout
+    assert "KV cache: 4 tensors" in r.stdout
