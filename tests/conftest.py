@@ -24,7 +24,7 @@ UNIT_MODULES = {
     "test_lemon_math.py", "test_exact_math.py", "test_fast_math.py", "test_plan.py",
     "test_docs.py", "test_architecture.py", "test_errors.py", "test_io.py",
     "test_datafile.py", "test_inspect.py", "test_hfconfig.py", "test_cli.py",
-    "test_attention_op.py", "test_fusion.py",
+    "test_attention_op.py", "test_fusion.py", "test_passes.py",
 }
 #: ... and from the end-to-end modules, one expansion per fixture architecture: every
 #: component's match, widen and twin (token, position and patch embeddings; LayerNorm and

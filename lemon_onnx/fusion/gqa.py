@@ -150,7 +150,7 @@ def _decompose_gqa(b: Builder, node: ir.Node) -> dict:
     t_len = b.op("Gather", [b.op("Shape", [kc]), b.const(np.array(2, I64))], {"axis": 0})
     keys = b.op("Range", [b.const(np.array(0, I64)), t_len, one])
     seen = b.unsqueeze(b.op("LessOrEqual", [keys, b.unsqueeze(last, [2])]), [1])
-    lowest = b.const(np.array(np.finfo(dt.numpy()).min), dt)
+    lowest = b.const(np.array(_lowest(dt)), dt)
     scores = b.op("Where", [seen, scores, lowest], role="mask")
     probs = b.op("Softmax", [scores], {"axis": -1})
     ctx = b.op("Transpose", [b.op("MatMul", [probs, vr])], {"perm": [0, 2, 1, 3]})
@@ -163,6 +163,16 @@ def _decompose_gqa(b: Builder, node: ir.Node) -> dict:
     if past_k is not None or any(o.uses() or o.is_graph_output() for o in node.outputs[1:3]):
         outs.update({1: kc, 2: vc})
     return outs
+
+
+def _lowest(dt: ir.DataType) -> float:
+    """The most negative finite value of a float type (bfloat16's from ml_dtypes)."""
+    try:
+        return float(np.finfo(dt.numpy()).min)
+    except (TypeError, ValueError):
+        import ml_dtypes
+
+        return float(ml_dtypes.finfo(dt.numpy()).min)
 
 
 def _declare_head_size(t: ir.Value | None, kv_heads: int, hd: int) -> None:

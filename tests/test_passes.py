@@ -1,0 +1,70 @@
+"""The rewrite passes under onnx-ir's pass contract: options when built, the model in
+``call``, composed by ``PassManager``; what they share travels with the model
+(``lemon_onnx/passes/recognition.py``).  Checked against ONNX Runtime runs of the source."""
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from conftest import FIXTURES, load_cases, run_ort
+from lemon_onnx import io
+from lemon_onnx.passes.depth import DepthPass
+from lemon_onnx.passes.maps import Maps
+from lemon_onnx.passes.recognition import (RecognizePass, Recorded, recognized, remember,
+                                           results)
+from lemon_onnx.passes.width import WidthPass
+from lemon_onnx.plan import make_plan
+from lemon_onnx.recognize import Recognizer
+
+SRC = FIXTURES / "llama-ts17.onnx"
+
+
+def _recognised():
+    model = io.load(SRC)
+    rec = Recognizer(model)
+    return model, rec, rec.run()
+
+
+def test_a_pass_manager_composes_width_and_depth(tmp_path):
+    """Built from the plan alone, run by onnx-ir's PassManager on a model that carries its
+    recognition: the result computes what the source computes (the stream's first d
+    features, the logits whole)."""
+    model, rec, desc = _recognised()
+    plan = make_plan(desc, width=2, depth=2)
+    maps = Maps.of(plan, desc.layout)
+    remember(model, rec, desc)
+    ir.passes.PassManager([Recorded("width", WidthPass(plan, maps)),
+                           RecognizePass(after="width"),
+                           Recorded("depth", DepthPass(plan, maps))])(model)
+    done = results(model)
+    assert set(done) == {"width", "depth"} and done["width"].modified and done["depth"].modified
+    assert done["depth"].layer_sources == [0, 0, 1, 1]
+    out = io.save(model, tmp_path / "big.onnx")
+    case = load_cases(str(SRC).replace(".onnx", ".npz"))[0]
+    small, big = run_ort(SRC, case["in"]), run_ort(out, case["in"])
+    for name, want in small.items():
+        got = big[name]
+        if got.shape != want.shape:  # a hidden-state output: the source's features first
+            got = got[..., :want.shape[-1]]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * max(1, np.abs(want).max()))
+
+
+@pytest.mark.parametrize("make", [lambda p, m: WidthPass(p, m), lambda p, m: DepthPass(p, m)],
+                         ids=["width", "depth"])
+def test_a_pass_refuses_a_model_that_carries_no_recognition(make):
+    model, rec, desc = _recognised()
+    plan = make_plan(desc, width=2, depth=2)
+    with pytest.raises(ir.passes.PreconditionError, match="recognised first"):
+        make(plan, Maps.of(plan, desc.layout))(model)
+    other, _, _ = _recognised()
+    remember(other, rec, desc)  # a recognition of another model object
+    with pytest.raises(ir.passes.PreconditionError):
+        recognized(other, "test")
+
+
+def test_the_second_recognition_runs_only_after_copies():
+    model, rec, desc = _recognised()
+    remember(model, rec, desc)
+    assert not RecognizePass(after="width")(model).modified  # no width result: nothing to do
+    assert recognized(model, "test")[0] is rec
+    RecognizePass()(model)
+    assert recognized(model, "test")[0] is not rec
