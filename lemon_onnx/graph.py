@@ -175,6 +175,9 @@ class GraphIndex:
         else:
             ShapeInferencePass(strict_mode=False)(model)
         self.ax = dims.AxisAnalysis(self.graph).run()
+        #: what size each atom is, named by the components as they match (``dims.Roles``);
+        #: the description carries it to the passes
+        self.roles = dims.Roles()
         self.order = {n: i for i, n in enumerate(self.graph)}
         self._anc_cache: dict[ir.Value, set] = {}
         self.values: dict[str, ir.Value] = {}
@@ -328,7 +331,7 @@ class GraphIndex:
         shape = v.shape if v.shape is not None else const_shape(v)
         rank = len(shape) if shape is not None else len(axes)
         return [k for k in range(rank)
-                if k >= len(axes) or all(a.role is None for a in dims.leaves(axes[k]))]
+                if k >= len(axes) or not self.roles.named(axes[k])]
 
     def branch_nodes(self, x: ir.Value, branch_out: ir.Value) -> set:
         """Nodes on paths from ``x`` to ``branch_out``: a forward walk from x kept inside the

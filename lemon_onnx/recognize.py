@@ -88,9 +88,16 @@ class ModelDescription:
     #: ONNX Runtime's fused ops the graph held, unfused for recognition and fused again after
     #: the passes (``fusion``): {"block 0": {op: count}, ..., "outside blocks": {...}}
     fused: dict = dataclasses.field(default_factory=dict)
+    #: what size each atom of the shape reasoning is (``dims.Roles``: hidden, heads, kv_heads,
+    #: head_dim, ffn, vocab, ...), named by the components as they matched; the width pass
+    #: lays axes out by it.  In memory only: ``to_dict`` leaves it out
+    roles: dims.Roles = dataclasses.field(default_factory=dims.Roles, repr=False,
+                                          compare=False)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(dataclasses.replace(self, roles=None))
+        del out["roles"]
+        return out
 
     def to_json(self, **kw: Any) -> str:
         return json.dumps(self.to_dict(), **kw)
@@ -186,20 +193,20 @@ class Recognizer(GraphIndex):
             # a graph that reshapes the attention's output to the stream's own width (CLIP:
             # ``reshape(hidden_states.shape)``) ties the stream to heads x head_dim: those
             # atoms keep their names, and the plan keeps hidden = heads x head_dim
-            dims.name_role(a, "hidden")
+            self.roles.name(a, "hidden")
         if emb.token:
             for a in dims.leaves(self.ax.axes[self.values[emb.token]][0]):
-                dims.name_role(a, "vocab")
+                self.roles.name(a, "vocab")
         stream_ax = self.ax.get(self.values[emb.output]) if emb.output else None
         if stream_ax and len(stream_ax) == 3:
             for a in dims.leaves(stream_ax[1]):
                 if a.size is not None:
-                    dims.name_role(a, "tokens")  # a static sequence (ViT: patches + cls)
+                    self.roles.name(a, "tokens")  # a static sequence (ViT: patches + cls)
         if emb.patch_conv:
             conv_out = self.ax.get(self.node(emb.patch_conv).outputs[0]) or []
             for k, ax in enumerate(conv_out[2:]):
                 for a in dims.leaves(ax):
-                    dims.name_role(a, ("patch_rows" if k == 0 else "patch_cols"))
+                    self.roles.name(a, ("patch_rows" if k == 0 else "patch_cols"))
         embedding.match_extras(self, emb)
         b0 = blocks[0]
         att = b0.attention
@@ -208,7 +215,7 @@ class Recognizer(GraphIndex):
         vocab = int(self.values[emb.token].const_value.shape[0]) if emb.token else None
         if head.linear is not None and head.kind == "classifier":
             for a in self.leaves(self.values[head.linear.output]):
-                dims.name_role(a, "num_labels")
+                self.roles.name(a, "num_labels")
         literals = self.size_literals()
         shared = {}
         for v in g.initializers.values():
@@ -241,7 +248,8 @@ class Recognizer(GraphIndex):
             inputs=inputs, outputs=outputs, size_literals=literals, shared_initializers=shared,
             unrecognised=unrec, opset=int(opset), ir_version=int(self.model.ir_version),
             producer=f"{self.model.producer_name or ''} {self.model.producer_version or ''}".strip(),
-            lemon_plan=_plan_of(self.model), fused=self._fused_by_block(blocks))
+            lemon_plan=_plan_of(self.model), fused=self._fused_by_block(blocks),
+            roles=self.roles)
 
     def _fused_by_block(self, blocks) -> dict:
         """The unfused ops per block (a group counts for the block whose nodes hold it)."""
@@ -279,12 +287,13 @@ class Recognizer(GraphIndex):
     def size_literals(self) -> list:
         groups = [(name, [dims.find(a) for a in grp]) for name, grp in self.size_groups
                   if len(grp) > 1]
-        return [SizeLiteral(list(lu.ref), lu.value, label_with_groups(dims.leaves(lu.atoms), groups),
+        return [SizeLiteral(list(lu.ref), lu.value, label_with_groups(dims.leaves(lu.atoms), groups,
+                                                              self.roles),
                             lu.node, lu.op, list(lu.via) if lu.via else None)
                 for lu in self.ax.literals]
 
 
-def label_with_groups(lv: list, groups: list) -> str:
+def label_with_groups(lv: list, groups: list, roles: dims.Roles) -> str:
     """Name the atoms; a run of atoms that makes up a whole named group gets the group's name."""
     names = []
     i = 0
@@ -296,7 +305,7 @@ def label_with_groups(lv: list, groups: list) -> str:
                 break
         else:
             a = lv[i]
-            names.append(a.role or (f"?{a.size}" if a.sym is None else a.sym))
+            names.append(roles.of(a) or (f"?{a.size}" if a.sym is None else a.sym))
             i += 1
     return "*".join(names) if names else "1"
 

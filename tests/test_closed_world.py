@@ -187,7 +187,8 @@ def test_heads_merged_to_the_streams_width_expand(tmp_path):
 
     rec = Recognizer(io.load(src))
     rec.run()
-    ties = [(n.name, [a.role for a in dims.leaves(t)], [a.role for a in dims.leaves(w)])
+    ties = [(n.name, [rec.roles.of(a) for a in dims.leaves(t)],
+             [rec.roles.of(a) for a in dims.leaves(w)])
             for n, _k, t, w in rec.ax.size_ties]
     assert (merge, ["heads", "head_dim"], ["hidden"]) in ties, ties
     assert desc.hidden == 64

@@ -68,3 +68,39 @@ def test_the_second_recognition_runs_only_after_copies():
     assert recognized(model, "test")[0] is rec
     RecognizePass()(model)
     assert recognized(model, "test")[0] is not rec
+
+
+def test_roles_travel_in_the_description_and_nowhere_else():
+    """The components name what size each atom is in the recognition's role table, which the
+    description carries (``desc.roles``); an atom has no role of its own to write.  The width
+    pass lays axes out by the description's table: handed a description whose table is empty,
+    it refuses (exit 2) instead of finding roles elsewhere."""
+    import dataclasses
+
+    from lemon_onnx import dims
+    from lemon_onnx.errors import PlanError
+
+    model, rec, desc = _recognised()
+    assert desc.roles is rec.roles and "roles" not in desc.to_dict()
+    tok = rec.values[desc.embeddings.token]
+    assert [desc.roles.label(dims.leaves(a)) for a in rec.ax.axes[tok]] == ["vocab", "hidden"]
+    b = desc.blocks[0]
+
+    def last_axis(lin):
+        return desc.roles.label(dims.leaves(rec.ax.axes[rec.values[lin.output]][-1]))
+
+    assert (desc.heads, desc.kv_heads) == (8, 4)  # GQA: the groups are named apart
+    assert last_axis(b.attention.q) == "kv_heads*kv_groups*head_dim[0]*head_dim[1]"
+    assert last_axis(b.attention.k) == "kv_heads*head_dim[0]*head_dim[1]"
+    assert (last_axis(b.mlp.up), last_axis(b.mlp.down)) == ("ffn", "hidden")
+    atom = dims.leaves(rec.ax.axes[tok][0])[0]
+    with pytest.raises(AttributeError):
+        atom.role = "heads"  # atoms hold no role
+    plan = make_plan(desc, width=2, depth=2)
+    remember(model, rec, dataclasses.replace(desc, roles=dims.Roles()))
+    with pytest.raises(ir.passes.PassError) as got:
+        ir.passes.PassManager([WidthPass(plan, Maps.of(plan, desc.layout))])(model)
+    cause = got.value
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    assert isinstance(cause, PlanError) and "embed_tokens" in str(cause), cause

@@ -118,12 +118,12 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> Attention:
     roles_attention(ctx, heads_l, [] if kv_heads == 1 else kv_l, hd_leaves)
     if qkv is not None:
         fused = ctx.leaves(ctx.values[qkv.output])
-        if len(fused) == 1 and fused[0].role is None:
+        if len(fused) == 1 and ctx.roles.of(fused[0]) is None:
             # the fused axis was never factored into heads: it is the whole q|k|v width,
             # which grows with the heads (the width pass computes it)
-            dims.name_role(fused[0], "qkv_width", replace=True)
+            ctx.roles.name(fused[0], "qkv_width", replace=True)
         for a in fused:  # what is left once heads and head_dim are named: the q/k/v parts
-            dims.name_role(a, "qkv_parts")
+            ctx.roles.name(a, "qkv_parts")
     name_value_head_dim(ctx, v_t)
     q_norm = _projection_norm(ctx, q, nodes)
     k_norm = _projection_norm(ctx, k, nodes)
@@ -215,8 +215,8 @@ def read_heads(ctx, attn_op, score, q_t: ir.Value, k_t: ir.Value, k: Linear | No
 def name_value_head_dim(ctx, v_t: ir.Value) -> None:
     """The last axis of the values the weighted sum reads is head_dim."""
     v_l = ctx.leaves(v_t, -1)
-    if len(v_l) == 1 and v_l[0].role is None:
-        dims.name_role(v_l[0], "head_dim", replace=True)
+    if len(v_l) == 1 and ctx.roles.of(v_l[0]) is None:
+        ctx.roles.name(v_l[0], "head_dim", replace=True)
 
 
 def _projection_norm(ctx, lin: Linear | None, nodes: set):
@@ -263,7 +263,7 @@ def _rows_view(ctx, qkv: Linear, readers: list, rows: int, head_dim: int) -> boo
             return False
         named.append(row_atoms[0])
     for a in named:
-        dims.name_role(a, "qkv_rows", replace=True)
+        ctx.roles.name(a, "qkv_rows", replace=True)
     return True
 
 
@@ -329,27 +329,27 @@ def roles_attention(ctx, heads_l, kv_l, hd_leaves) -> None:
     kvset, hset = set(kv_l), set(heads_l)
     if not kv_l or kvset == hset:
         for a in heads_l:
-            dims.name_role(a, "heads", replace=True)
+            ctx.roles.name(a, "heads", replace=True)
     elif not kvset & hset:
         # the query heads and the KV heads are counted apart (an ONNX Attention's
         # q_num_heads and kv_num_heads on packed 3-D inputs): no group atom to name
         for a in heads_l:
-            dims.name_role(a, "heads", replace=True)
+            ctx.roles.name(a, "heads", replace=True)
         kv_size = int(np.prod([a.size for a in kv_l]))
         q_size = int(np.prod([a.size for a in heads_l]))
         for a in kv_l:
-            dims.name_role(a, "heads" if kv_size == q_size else "kv_heads", replace=True)
+            ctx.roles.name(a, "heads" if kv_size == q_size else "kv_heads", replace=True)
     else:
         for a in kv_l:
-            dims.name_role(a, "kv_heads", replace=True)
+            ctx.roles.name(a, "kv_heads", replace=True)
         for a in heads_l:
             if a not in kvset:
-                dims.name_role(a, "kv_groups", replace=True)
+                ctx.roles.name(a, "kv_groups", replace=True)
     if len(hd_leaves) == 1:
-        dims.name_role(hd_leaves[0], "head_dim", replace=True)
+        ctx.roles.name(hd_leaves[0], "head_dim", replace=True)
     else:
         for i, a in enumerate(hd_leaves):
-            dims.name_role(a, f"head_dim[{i}]")
+            ctx.roles.name(a, f"head_dim[{i}]")
 
 
 def widen(wp, a: Attention, branch_in, stream_map, *, tag: str, prescale=None) -> None:
@@ -458,7 +458,7 @@ def has_head_tables(dp) -> bool:
             # the stream to heads x head_dim)
             roles = set()
             for ax in rec.ax.axes.get(v) or []:
-                on_axis = {a.role for a in dims.leaves(ax)}
+                on_axis = {dp.desc.roles.of(a) for a in dims.leaves(ax)}
                 if "head_dim" not in on_axis:
                     roles |= on_axis
             # a table the shape reasoning could not tie to anything, with an axis of the
@@ -490,7 +490,7 @@ def widen_head_tables(wp) -> None:
         if len(changed) != 1:
             continue
         k, atoms = changed[0]
-        role = atoms[0].role if atoms else None
+        role = wp.desc.roles.of(atoms[0]) if atoms else None
         if role not in counts or any(wp.new_size(a) != a.size for a in atoms[1:]):
             continue
         if not rec.reaches_heads(v):

@@ -242,7 +242,7 @@ def _heads_axis(ctx, fresh: list) -> int | None:
     from the tokens' own keys or values (the cache input may declare it symbolically)."""
     for x in fresh:
         for k, axis in enumerate(ctx.ax.get(x) or []):
-            if any(a.role in ("heads", "kv_heads", "kv_groups") for a in dims.leaves(axis)):
+            if ctx.roles.named(axis) & {"heads", "kv_heads", "kv_groups"}:
                 return k
     return None
 

@@ -20,7 +20,6 @@ import dataclasses
 
 import onnx_ir as ir
 
-from .. import dims
 from ..errors import PlanError, UnsupportedModelError
 from ..graph import back_pass, nm, scalar_scaled
 from . import attention, linear
@@ -150,7 +149,7 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> CrossAttention:
     if memory is not None:
         # the memory's last axis is the encoder's hidden width: one hidden map on both sides
         for a in ctx.leaves(memory, -1):
-            dims.name_role(a, "hidden")
+            ctx.roles.name(a, "hidden")
     return CrossAttention(heads, kv_heads, head_dim, q, k, v, out, nm(memory) or None,
                           nm(key_in) or None, nm(value_in) or None, score.name,
                           [n.name for n in sorted(mem_nodes, key=lambda n: ctx.order.get(n, 0))])

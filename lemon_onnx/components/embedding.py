@@ -181,7 +181,7 @@ def _conv_stem(ctx, emb: Embeddings) -> None:
         b = last.inputs[2] if len(last.inputs) > 2 else None
         emb.patch_bias = nm(const_source(b)[0]) if b is not None else None
         for a in dims.leaves(ctx.ax.axes[const_source(first.inputs[1])[0]][0]):
-            dims.name_role(a, "hidden")  # stem channels grow with the stream (replicated)
+            ctx.roles.name(a, "hidden")  # stem channels grow with the stream (replicated)
 
 
 def embedding_leaves(ctx, emb: Embeddings) -> list:
@@ -329,7 +329,7 @@ def _label_tables(ctx, emb: Embeddings) -> None:
     for name, role in ((emb.position, "max_positions"), (emb.token_type, "token_types")):
         if name and name in init:
             for a in dims.leaves(ctx.ax.axes[init[name]][0]):
-                dims.name_role(a, role)
+                ctx.roles.name(a, role)
 
 
 _INDEX_HOPS = ("Cast", "Unsqueeze", "Squeeze", "Reshape", "Identity", "Expand", "Flatten",

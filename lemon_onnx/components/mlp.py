@@ -68,9 +68,9 @@ def match(ctx, x: ir.Value, branch_out: ir.Value, idx: int) -> MLP:
             act = "swiglu" if act == "silu" else f"{act}-glu"
             ffn_atoms = {dims.find(a) for a in ctx.leaves(ctx.node(down.node).inputs[0])}
             for a in ctx.leaves(ctx.values[up.output]):
-                dims.name_role(a, ("ffn" if dims.find(a) in ffn_atoms else "gate_up_parts"))
+                ctx.roles.name(a, ("ffn" if dims.find(a) in ffn_atoms else "gate_up_parts"))
     for a in ctx.leaves(ctx.values[up.output]):
-        dims.name_role(a, "ffn")
+        ctx.roles.name(a, "ffn")
     return MLP(up, down, gate, act, fused)
 
 

@@ -21,17 +21,18 @@ The package, by seam: ``atoms`` (the atom algebra: find, leaves, unify, split), 
 (the elements of shape vectors and the literals they explain), ``analysis`` (``AxisAnalysis``:
 the driver and what it records), ``rules`` (one function per operator, by family:
 ``elementwise``, ``shape``, ``reshape``, ``slicing``, ``linear``, ``norm_attention``) and
-``closed_world`` (which domains and ops are modelled: the rules' registry and the op lists).
+``closed_world`` (which domains and ops are modelled: the rules' registry and the op lists);
+``roles`` (the table of what size each atom is, named by the components, read by the passes).
 """
 
 from . import rules  # registers the operator rules
 from .analysis import AxisAnalysis
-from .atoms import (Atom, Axis, UnifyError, find, leaves, name_role, size_of, split_atom, unify,
-                    union)
+from .atoms import Atom, Axis, UnifyError, find, leaves, size_of, split_atom, unify, union
 from .elements import INT_BIG, UNK, Elem, LiteralUse, const_floats, int_array
+from .roles import Roles
 
 __all__ = [
     "rules", "Atom", "Axis", "AxisAnalysis", "Elem", "INT_BIG", "LiteralUse", "UNK", "UnifyError",
-    "const_floats", "find", "int_array", "leaves", "name_role", "size_of", "split_atom", "unify",
+    "const_floats", "find", "int_array", "leaves", "Roles", "size_of", "split_atom", "unify",
     "union",
 ]

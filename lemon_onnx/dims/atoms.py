@@ -21,7 +21,7 @@ _ids = itertools.count()
 class Atom:
     """A factor of an axis.  ``size`` is None for dynamic dims (batch, sequence)."""
 
-    __slots__ = ("id", "size", "sym", "parent", "split", "role", "origin")
+    __slots__ = ("id", "size", "sym", "parent", "split", "origin")
 
     def __init__(self, size: int | None, sym: str | None = None, origin: str = ""):
         self.id = next(_ids)
@@ -29,12 +29,11 @@ class Atom:
         self.sym = sym
         self.parent: Atom | None = None
         self.split: list[Atom] | None = None
-        self.role: str | None = None
         self.origin = origin
 
     def __repr__(self) -> str:
         r = find(self)
-        tag = r.role or r.sym or f"a{r.id}"
+        tag = r.sym or f"a{r.id}"
         return f"{tag}({r.size})"
 
 
@@ -45,15 +44,6 @@ def find(a: Atom) -> Atom:
     while a.parent is not None and a.parent is not root:  # path compression
         a.parent, a = root, a.parent
     return root
-
-
-def name_role(a: Atom, role: str, *, replace: bool = False) -> None:
-    """Name what size atom ``a`` is (``hidden``, ``heads``, ``head_dim``, ``ffn``, ...): the
-    width pass lays an axis out by its atoms' roles and names them in refusals.  The first
-    component to name an atom keeps it, unless ``replace`` (the attention component naming
-    the heads, KV heads and head_dim it matched exactly)."""
-    if replace or not a.role:
-        a.role = role
 
 
 def leaves(atoms: Iterable[Atom]) -> list[Atom]:
@@ -105,8 +95,6 @@ def union(a: Atom, b: Atom) -> None:
     if rb.split and not ra.split:
         ra, rb = rb, ra
     rb.parent = ra
-    if ra.role is None:
-        ra.role = rb.role
     if ra.sym is None:
         ra.sym = rb.sym
 
@@ -117,8 +105,6 @@ def _adopt(dyn: Atom, other: Atom) -> None:
     if rd is ro:
         return
     rd.parent = ro
-    if ro.role is None:
-        ro.role = rd.role
     if ro.sym is None and ro.size is None:
         ro.sym = rd.sym
     if ro.origin != "input" and rd.origin == "input":

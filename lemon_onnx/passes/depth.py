@@ -293,7 +293,7 @@ class DepthPass(ir.passes.InPlacePass):
 
     def _mixed_roles(self) -> set:
         if not hasattr(self, "_mixed"):
-            self._mixed = mixed_roles(self.rec.ax)
+            self._mixed = mixed_roles(self.rec.ax, self.desc.roles)
         return self._mixed
 
     def zero_branch(self, lin: Linear, mapping, init: str, unit: str, fanin: list, tag: str):
@@ -377,18 +377,17 @@ def _derive(v: ir.Value, fn) -> None:
         write_array(v, apply_fn(fn, read_array(v)))
 
 
-def mixed_roles(ax) -> set:
+def mixed_roles(ax, named) -> set:
     """Size roles (ffn, heads, ...) that some operator mixes: an operator the axis analysis
-    does not model touching an axis of that role, or CumSum/Softmax/... along it."""
-    from .. import dims
-
+    does not model touching an axis of that role, or CumSum/Softmax/... along it (``named``:
+    the description's ``dims.Roles``)."""
     roles: set = set()
 
     def add(value, axis=None):
         axes = ax.axes.get(value) or []
         picked = axes if axis is None else ([axes[axis % len(axes)]] if axes else [])
         for a in picked:
-            roles.update(atom.role for atom in dims.leaves(a) if atom.role)
+            roles.update(named.named(a))
 
     for node in ax.unhandled:
         for v in list(node.inputs) + list(node.outputs):

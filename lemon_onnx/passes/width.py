@@ -219,7 +219,7 @@ class WidthPass(ir.passes.InPlacePass):
             ch = self.changed_axes(v)
             if ch:
                 k, atoms = ch[0]
-                roles = "*".join(a.role or str(a.size) for a in atoms)
+                roles = self._roles(atoms)
                 shape = list(v.shape) if v.shape is not None else "?"
                 users = ", ".join(sorted({f"{u.node.op_type} {u.node.name}"
                                           for u in v.uses()}))[:200]
@@ -258,7 +258,7 @@ class WidthPass(ir.passes.InPlacePass):
             if ch:
                 k, atoms = ch[0]
                 found.append(f"graph input {v.name} (shape {list(v.shape or [])}, axis {k} "
-                             f"carries {'*'.join(a.role or str(a.size) for a in atoms)}; "
+                             f"carries {self._roles(atoms)}; "
                              "no rule says what to feed it once that axis grows)")
         return found
 
@@ -286,10 +286,10 @@ class WidthPass(ir.passes.InPlacePass):
                 new = shape(old)
                 for k, axis in enumerate(axes):
                     atoms = dims.leaves(axis)
-                    if k >= len(new) or any(a.size is None or a.role == "qkv_parts"
+                    if k >= len(new) or any(a.size is None or self.desc.roles.of(a) == "qkv_parts"
                                             for a in atoms):
                         continue  # the analysis cannot predict this axis
-                    if any(a.role is None for a in atoms) and (
+                    if any(self.desc.roles.of(a) is None for a in atoms) and (
                             new[k] == old[k] or key.startswith("head")):
                         # an unnamed atom on an axis kept; or a head's input (its linears
                         # read the stream through pooling the analysis does not always
@@ -299,12 +299,13 @@ class WidthPass(ir.passes.InPlacePass):
                     # named keeps its size, so a rule that grows it places units the graph
                     # around it does not (a permutation, a piece, a padded axis)
                     predicted = int(np.prod([self.new_size(a) for a in atoms]))
-                    order = [_HEAD_ORDER.get((a.role or "").split("[")[0]) for a in atoms]
+                    order = [_HEAD_ORDER.get((self.desc.roles.of(a) or "").split("[")[0])
+                             for a in atoms]
                     order = [o for o in order if o is not None]
                     if new[k] != old[k] and order != sorted(order):
                         # the rules lay heads out before head_dim (KV heads before their
                         # groups): an axis holding them in another order was permuted
-                        roles = "*".join(a.role or str(a.size) for a in atoms)
+                        roles = self._roles(atoms)
                         by = self._makers_text(atoms, self._reorderers(atoms),
                                                "its units were reordered by")
                         found.append(f"constant {src.name} (shape {list(old)}): axis {k} holds "
@@ -312,7 +313,7 @@ class WidthPass(ir.passes.InPlacePass):
                                      f"not lay out{by}")
                         break
                     if predicted != new[k]:
-                        roles = "*".join(a.role or str(a.size) for a in atoms) or "1"
+                        roles = self._roles(atoms) or "1"
                         by = self._makers_text(atoms, makers, "that axis is cut or made by")
                         found.append(f"constant {src.name} (shape {list(old)}): the rule "
                                      f"{key.split(':')[0]} gives axis {k} size {new[k]}, but "
@@ -386,7 +387,7 @@ class WidthPass(ir.passes.InPlacePass):
                     k, atoms = ch[0]
                     dom = f" (domain {node.domain})" if node.domain else ""
                     found.append(f"operator {node.op_type}{dom} {node.name} (its value {v.name}, "
-                                 f"axis {k} carries {'*'.join(a.role or str(a.size) for a in atoms)}"
+                                 f"axis {k} carries {self._roles(atoms)}"
                                  "; lemon-onnx does not know how this operator acts on that axis)")
                     break
         for node, x, axis in self.rec.ax.axis_ops:
@@ -400,12 +401,12 @@ class WidthPass(ir.passes.InPlacePass):
                 continue
             found.append(f"operator {node.op_type} {node.name} combines the elements along axis "
                          f"{bad} of {x.name}, which carries "
-                         f"{'*'.join(a.role or str(a.size) for a in ch[bad])}: not exact once that "
+                         f"{self._roles(ch[bad])}: not exact once that "
                          "axis grows")
         for node, atoms in self.rec.ax.fixed_sizes:
             if any(self.new_size(a) != a.size for a in dims.leaves(atoms)):
                 found.append(f"operator {node.op_type} {node.name} splits "
-                             f"{'*'.join(a.role or str(a.size) for a in dims.leaves(atoms))} "
+                             f"{self._roles(dims.leaves(atoms))} "
                              "by a size computed from constants, which does not grow with it")
         found += self._unplaced_units()
         for node, k, took, want in self.rec.ax.size_ties:
@@ -423,7 +424,7 @@ class WidthPass(ir.passes.InPlacePass):
             ch = dict(self.changed_axes(x))
             if axis in ch:
                 found.append(f"operator {node.op_type} {node.name} cuts axis {axis} of {x.name}, "
-                             f"which carries {'*'.join(a.role or str(a.size) for a in ch[axis])}, "
+                             f"which carries {self._roles(ch[axis])}, "
                              "at bounds computed at run time: where it cuts once that axis grows "
                              "is unknown")
         return found
@@ -433,7 +434,7 @@ class WidthPass(ir.passes.InPlacePass):
         return "unknown" if None in sizes else str(int(np.prod(sizes, dtype=np.int64)))
 
     def _roles(self, axis_atoms) -> str:
-        return "*".join(a.role or str(a.size) for a in axis_atoms)
+        return self.desc.roles.label(axis_atoms)
 
     def _changed_axis(self, value, k: int):
         """The atoms of axis ``k`` of ``value`` if the plan changes that axis, else None."""
@@ -527,7 +528,7 @@ class WidthPass(ir.passes.InPlacePass):
 
         def fused(v, k):  # an axis a component lays out itself (q|k|v rows, gate|up)
             atoms = self._changed_axis(v, k) if v is not None else None
-            return atoms is not None and any(a.role in FUSED_ROLES for a in atoms)
+            return atoms is not None and any(self.desc.roles.of(a) in FUSED_ROLES for a in atoms)
 
         for node, data, k in ax.gathers:
             rank = len(ax.axes.get(data) or [])
@@ -611,7 +612,7 @@ class WidthPass(ir.passes.InPlacePass):
 
     # ------------------------------------------------------------------ literals
     def new_size(self, atom: dims.Atom) -> int:
-        role = atom.role
+        role = self.desc.roles.of(atom)
         if role == "hidden":
             return self.D
         if role == "ffn":
@@ -635,7 +636,7 @@ class WidthPass(ir.passes.InPlacePass):
                 return lu.value  # none of them changes
             raise PlanError(f"the size literal {lu.value} at {lu.ref[1]} (read by {lu.op} "
                             f"{lu.node}) stands for "
-                            f"{'*'.join(a.role or str(a.size) for a in atoms)}, a product with "
+                            f"{self._roles(atoms)}, a product with "
                             "a size known only at run time; lemon-onnx cannot tell what it "
                             "becomes.", hint="Report the model with its `lemon-onnx inspect "
                                              "--json` output.")
