@@ -12,7 +12,9 @@ width k), ``--inherit-fac`` the rate of every parameter, ``--vecfac`` that of th
 (0) first; ``--warmup``/``--horizon``: the schedule.  The curve goes to ``--out`` (JSON).
 ``--schedule-factors`` takes the hand-off's own ``lr_factors`` (lemon_schedule.json) instead
 of ``--kfac``; ``--kfac-hold H --kfac-ramp R`` keep those factors for H steps, then ramp them
-linearly to 1 over R steps; ``--eps``/``--beta2``: AdamW's.  ``--record FILE --label L --what
+linearly to 1 over R steps; ``--fanout-fac F`` multiplies the rate of every block's attention
+output and MLP down projections (a twin block's copy of them moves with its source's);
+``--eps``/``--beta2``: AdamW's.  ``--record FILE --label L --what
 W`` appends the run (arguments, curve, rises) to FILE's ``runs`` (benchmarks/payoff/
 remedy_exploration2.json).
 """
@@ -52,6 +54,9 @@ def main(argv=None) -> int:
     ap.add_argument("--schedule-factors", action="store_true")
     ap.add_argument("--kfac-hold", type=int, default=None)
     ap.add_argument("--kfac-ramp", type=int, default=0)
+    ap.add_argument("--fanout-fac", type=float, default=1.0,
+                    help="multiplies the rate of every block's attention output and MLP down "
+                         "projections (a twin block's copy of them moves with its source's)")
     ap.add_argument("--eps", type=float, default=1e-8)
     ap.add_argument("--beta2", type=float, default=0.95)
     ap.add_argument("--record", default=None)
@@ -80,6 +85,8 @@ def main(argv=None) -> int:
             k = a.kfac
         if p.ndim == 1:
             f *= a.vecfac
+        elif any(e in n for e in ("attn.c_proj", "mlp.c_proj", "o_proj", "down_proj")):
+            f *= a.fanout_fac
         groups.setdefault((f, k), []).append(p)
     opt = torch.optim.AdamW([{"params": ps, "base": f, "k": k} for (f, k), ps in groups.items()],
                             lr=a.lr, betas=(0.9, a.beta2), eps=a.eps, weight_decay=0.1)

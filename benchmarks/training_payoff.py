@@ -17,20 +17,19 @@ expansion's random splits):
 3. The large architecture (the hand-off's config.json) trains from scratch: a learning-rate
    sweep on the first seed, its best rate on the others (warmup, cosine over the full
    horizon); the best final validation loss is the seed's target.
-4. The handed-off model continues with lemon_schedule.json's schedule (cosine over half the
-   scratch horizon, 5% warmup) twice: plain, at the scratch-best rate; and with the schedule's
-   ``remedy`` (per-parameter rate factors, its longer warmup, its peak rate: the scratch-best
-   one; an Adam warm start when it asks for one).
+4. The handed-off model continues twice: plain, with lemon_schedule.json's schedule (cosine
+   over half the scratch horizon, 5% warmup) at the scratch-best rate; and with the
+   schedule's ``remedy`` (per-parameter rate factors, its warmup, its peak relative to the
+   scratch-best rate, its own horizon: ``remedy_horizon``; an Adam warm start when it asks for
+   one).
 Reported (results.json): per run the curves, the worst validation-loss rise in the first 200
 steps and overall, the steps (warm-start steps counted), training seconds and compute
 (6 x parameters x tokens) to the target; per architecture their mean and spread over the seeds.
 payoff.png (with matplotlib) shows every curve.  Every large run of a seed sees the same
-batches in the same order.  Default sizes (small 2000 steps, scratch 2000 at 3e-3 and 6e-3 on
-the first seed, expanded runs 1000): 28,000 large-model steps, 12,000 small-model steps and
-the evaluations, about 43 minutes on 2 idle cores at the first version's 0.07 s a large step
-(an estimate: this version's full run has not been timed).  With a 1000-step scratch run the
-small model (2000 steps) already ends below the scratch loss, so the target needs scratch
-steps at least equal to the small model's.
+batches in the same order.  Default sizes: small 6000 steps (at 2000 the small model ends
+0.16 above the scratch loss and nothing reaches it in the expanded run's horizon; at 5000 it
+is already below a 2000-step scratch run, so scratch runs 3000), scratch 3000 at 3e-3 and
+6e-3 on the first seed, the plain hand-off 1500 steps, the remedy 1000.
 """
 
 from __future__ import annotations
@@ -56,7 +55,8 @@ from lemon_onnx import io  # noqa: E402
 from lemon_onnx.expansion import expand_model  # noqa: E402
 from lemon_onnx.handoff import export_torch  # noqa: E402
 from lemon_onnx.handoff.schedule import (lr_factor, param_groups,  # noqa: E402
-                                         remedy_lr_factor, remedy_warmup, warm_start)
+                                         remedy_horizon, remedy_lr_factor, remedy_warmup,
+                                         warm_start)
 from lemon_onnx.verification import verify  # noqa: E402
 
 
@@ -292,9 +292,9 @@ def main(argv=None) -> int:
     ap.add_argument("--corpus-mb", type=float, default=8.0)
     ap.add_argument("--ctx", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--small-steps", type=int, default=2000)
+    ap.add_argument("--small-steps", type=int, default=6000)
     ap.add_argument("--small-lr", type=float, default=6e-3)
-    ap.add_argument("--scratch-steps", type=int, default=2000)
+    ap.add_argument("--scratch-steps", type=int, default=3000)
     ap.add_argument("--scratch-lrs", default="3e-3,6e-3",
                     help="swept on the first seed of each architecture; the other seeds train "
                          "from scratch at its best")
@@ -384,13 +384,14 @@ def main(argv=None) -> int:
                   else args.remedy_lr_factor)
             ws = (remedy["adam_warm_start_steps"] if args.warm_start_steps is None
                   else args.warm_start_steps)
-            variants = [("plain", best["peak_lr"] * args.baseline_lr_factor, None, 0),
-                        ("remedy", best["peak_lr"] * rf, sched, ws)]
+            r_horizon = remedy_horizon(sched, args.scratch_steps)
+            variants = [("plain", best["peak_lr"] * args.baseline_lr_factor, None, 0, horizon),
+                        ("remedy", best["peak_lr"] * rf, sched, ws, r_horizon)]
             expanded = []
-            for name, lr, use, n_ws in variants:
+            for name, lr, use, n_ws, hz in variants:
                 large.load_state_dict(state)
                 torch.manual_seed(seed)
-                r = train(large, data, steps=horizon, peak_lr=lr, horizon=horizon,
+                r = train(large, data, steps=hz, peak_lr=lr, horizon=hz,
                           warmup=warmup, eval_every=args.eval_every, schedule=use,
                           warm_start_steps=n_ws, early_eval_every=args.early_eval_every,
                           early_steps=args.early_steps, label=f"expanded, {name}, lr {lr:g}")
@@ -421,7 +422,8 @@ def main(argv=None) -> int:
                 "target_val_loss": target,
                 "scratch_reach": {**reach(best, target), "steps_run": best["steps"],
                                   "flops": flops(large, best["steps"], tokens)},
-                "schedule": {"horizon": horizon, "warmup": warmup, "remedy": {
+                "schedule": {"horizon": horizon, "warmup": warmup, "remedy_horizon": r_horizon,
+                             "remedy": {
                     k: v for k, v in remedy.items() if k != "lr_factors"},
                     "lr_factors": remedy["lr_factors"]},
                 "expanded": expanded, "median_step_seconds": round(step_s, 4),

@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from lemon_onnx.handoff.schedule import (advice, load, lr_factor, lr_factors, param_groups,
-                                         remedy, remedy_lr_factor, remedy_warmup, scheduler,
-                                         warm_start)
+                                         remedy, remedy_horizon, remedy_lr_factor, remedy_warmup,
+                                         scheduler, steps_for, warm_start)
 from conftest import ROOT
 
 PLAN = {"source": {"hidden": 64, "heads": 4, "head_dim": 16, "kv_heads": 2, "ffn": 176,
@@ -124,7 +124,13 @@ def test_the_quick_payoff_run_keeps_the_inherited_loss(tmp_path):
         run["handoff"]["val_loss_small"], rel=1e-4)
     rem = next(e for e in run["expanded"] if e["variant"] == "remedy")
     assert rem["rises"]["rise_first_steps"] <= 0.05
-    assert rem["peak_lr"] == run["scratch_best_lr"]  # the rate, not a reduced one
+    # the remedy's peak is the stated fraction of the scratch-best rate, its run the stated
+    # fraction of scratch's steps (the quick run: 200 -> 67)
+    sched = run["schedule"]["remedy"]
+    assert rem["peak_lr"] == pytest.approx(run["scratch_best_lr"] *
+                                           sched["peak_lr_relative_to_scratch_best"])
+    assert rem["steps"] == run["schedule"]["remedy_horizon"] == round(
+        res["settings"]["scratch_steps"] * sched["horizon_fraction_of_scratch"])
     assert res["summary"]["gpt2"]["remedy"]["no_spike_all_seeds"]
 
 
@@ -176,7 +182,10 @@ def test_the_remedys_rate_warms_up_and_keeps_or_ramps_the_factors():
     assert {g["lemon_lr_factor"]: g["lr"] for g in opt.param_groups} == {
         1.0: pytest.approx(1e-2 * f[3]), 0.5: pytest.approx(0.5e-2 * f[3])}
     r = remedy(PLAN, [])
-    assert r["peak_lr_relative_to_scratch_best"] == 1.0 and r["warmup_steps"] > 0
+    assert r["peak_lr_relative_to_scratch_best"] == 0.5 and r["warmup_steps"] > 0
+    # the remedy's run is its own fraction of the scratch run; the plain schedule's without one
+    assert remedy_horizon({"remedy": r}, 3000) == 1000
+    assert remedy_horizon({"remedy": {}}, 3000) == steps_for(3000)[0] == 1500
 
 
 def test_the_readmes_remedy_loop_runs(tmp_path):
@@ -200,7 +209,7 @@ def test_the_readmes_remedy_loop_runs(tmp_path):
     scope = {"batches": [torch.randint(0, 32, (2, 8), generator=gen) for _ in range(3)]}
     exec(code, scope)
     horizon, peak, opt = scope["horizon"], scope["peak_lr"], scope["opt"]
-    assert (horizon, peak) == (1500, 3e-3)
+    assert (horizon, peak) == (1000, 1.5e-3)
     for g in opt.param_groups:  # three steps into the remedy's warmup, each group's factor kept
         assert g["lr"] == pytest.approx(peak * g["lemon_lr_factor"] *
                                         lr_factor(3, horizon, remedy_warmup(sched, horizon)))
