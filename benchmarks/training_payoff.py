@@ -29,7 +29,7 @@ payoff.png (with matplotlib) shows every curve.  Every large run of a seed sees 
 batches in the same order.  Default sizes: small 6000 steps (at 2000 the small model ends
 0.16 above the scratch loss and nothing reaches it in the expanded run's horizon; at 5000 it
 is already below a 2000-step scratch run, so scratch runs 3000), scratch 3000 at 3e-3 and
-6e-3 on the first seed, the plain hand-off 1500 steps, the remedy 1000.
+6e-3 on the first seed, the plain hand-off 1500 steps, the remedy its own horizon (1500).
 """
 
 from __future__ import annotations

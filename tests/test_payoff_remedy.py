@@ -125,7 +125,7 @@ def test_the_quick_payoff_run_keeps_the_inherited_loss(tmp_path):
     rem = next(e for e in run["expanded"] if e["variant"] == "remedy")
     assert rem["rises"]["rise_first_steps"] <= 0.05
     # the remedy's peak is the stated fraction of the scratch-best rate, its run the stated
-    # fraction of scratch's steps (the quick run: 200 -> 67)
+    # fraction of scratch's steps (the quick run: 200 -> 100)
     sched = run["schedule"]["remedy"]
     assert rem["peak_lr"] == pytest.approx(run["scratch_best_lr"] *
                                            sched["peak_lr_relative_to_scratch_best"])
@@ -184,8 +184,9 @@ def test_the_remedys_rate_warms_up_and_keeps_or_ramps_the_factors():
     r = remedy(PLAN, [])
     assert r["peak_lr_relative_to_scratch_best"] == 0.5 and r["warmup_steps"] > 0
     # the remedy's run is its own fraction of the scratch run; the plain schedule's without one
-    assert remedy_horizon({"remedy": r}, 3000) == 1000
-    assert remedy_horizon({"remedy": {}}, 3000) == steps_for(3000)[0] == 1500
+    assert remedy_horizon({"remedy": dict(r, horizon_fraction_of_scratch=1 / 3)}, 3000) == 1000
+    assert remedy_horizon({"remedy": r}, 3000) == remedy_horizon({"remedy": {}}, 3000) == \
+        steps_for(3000)[0] == 1500
 
 
 def test_the_readmes_remedy_loop_runs(tmp_path):
@@ -209,7 +210,7 @@ def test_the_readmes_remedy_loop_runs(tmp_path):
     scope = {"batches": [torch.randint(0, 32, (2, 8), generator=gen) for _ in range(3)]}
     exec(code, scope)
     horizon, peak, opt = scope["horizon"], scope["peak_lr"], scope["opt"]
-    assert (horizon, peak) == (1000, 1.5e-3)
+    assert (horizon, peak) == (1500, 1.5e-3)
     for g in opt.param_groups:  # three steps into the remedy's warmup, each group's factor kept
         assert g["lr"] == pytest.approx(peak * g["lemon_lr_factor"] *
                                         lr_factor(3, horizon, remedy_warmup(sched, horizon)))
