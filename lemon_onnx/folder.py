@@ -381,6 +381,17 @@ def _copy_others(src: Path, stage: Path, files: list[Path]) -> list[str]:
     return copied
 
 
+#: how optimum and ONNX Runtime GenAI name a decoder's past keys (``%d``: the layer)
+PAST_KEYS = "past_key_values.%d.key"
+
+
+def past_keys(proto, template: str = PAST_KEYS) -> dict:
+    """{layer: graph input} of the past keys a decoder graph declares, named by ``template``."""
+    pattern = re.escape(template).replace("%d", r"(\d+)")
+    return {int(m.group(1)): v for v in proto.graph.input
+            if (m := re.fullmatch(pattern, v.name))}
+
+
 def check_cache_config(cfg: dict, folder: Path, files: list[Path]) -> None:
     """The config must size the KV cache as the graphs declare it: optimum computes the
     layer count, KV heads and head_dim from config.json, and feeds a cache of that shape."""
@@ -388,12 +399,7 @@ def check_cache_config(cfg: dict, folder: Path, files: list[Path]) -> None:
 
     layers = _first(cfg, hfconfig.SIZE_KEYS["layers"] + hfconfig.DECODER_KEYS["layers"])
     for f in files:
-        proto = onnx.load(str(folder / f), load_external_data=False)
-        past = {}
-        for v in proto.graph.input:
-            m = re.fullmatch(r"past_key_values\.(\d+)\.(key|value)", v.name)
-            if m:
-                past[int(m.group(1))] = v
+        past = past_keys(onnx.load(str(folder / f), load_external_data=False))
         if not past:
             continue
         if stack_of(f.name) == "decoder":
@@ -413,11 +419,8 @@ def check_genai_config(cfg: dict, folder: Path) -> None:
     if not f.is_file():
         raise InputError(f"{hfconfig.GENAI_CONFIG} names the decoder file {f.name}, which the "
                          "folder does not hold.")
-    template = (dec.get("inputs") or {}).get("past_key_names", "past_key_values.%d.key")
-    pattern = re.escape(template).replace("%d", r"(\d+)")
-    proto = onnx.load(str(f), load_external_data=False)
-    past = {int(m.group(1)): v for v in proto.graph.input
-            if (m := re.fullmatch(pattern, v.name))}
+    template = (dec.get("inputs") or {}).get("past_key_names", PAST_KEYS)
+    past = past_keys(onnx.load(str(f), load_external_data=False), template)
     want = {"num_hidden_layers": len(past)}
     if past:
         dims = [d.dim_value or None for d in past[min(past)].type.tensor_type.shape.dim]

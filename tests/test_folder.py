@@ -137,3 +137,44 @@ def test_a_transformers_js_folder_keeps_its_models_under_onnx(tmp_path):
     assert json.loads((out / "config.json").read_text())["n_embd"] == 128
     assert sorted(res.copied) == ["generation_config.json", "tokenizer.json"]
     lemon_onnx.expand(src, out, depth=2, verify=False)  # its own earlier output is replaced
+
+
+def test_the_cache_checks_read_the_graphs_past_keys(tmp_path):
+    """The checks after a folder is written (folder.check_cache_config for optimum's
+    config.json, check_genai_config for genai_config.json) compare the config with the past
+    keys the graph declares, found by one helper (folder.past_keys, optimum's name or the
+    GenAI config's template); a config that disagrees is an internal error naming both."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from pathlib import Path
+
+    from lemon_onnx import folder
+    from lemon_onnx.errors import InternalError
+
+    def decoder(name, template):
+        ins = [helper.make_tensor_value_info(template.replace("key", kind) % i,
+                                             TensorProto.FLOAT, ["b", 2, "s", 8])
+               for i in range(2) for kind in ("key", "value")]
+        out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 2, "s", 8])
+        graph = helper.make_graph([helper.make_node("Identity", [ins[0].name], ["y"])], "g",
+                                  ins, [out])
+        onnx.save(helper.make_model(graph), str(tmp_path / name))
+        return onnx.load(str(tmp_path / name))
+
+    proto = decoder("decoder_model.onnx", folder.PAST_KEYS)
+    assert sorted(folder.past_keys(proto)) == [0, 1]
+    folder.check_cache_config({"num_hidden_layers": 2}, tmp_path, [Path("decoder_model.onnx")])
+    with pytest.raises(InternalError, match="2 past_key_values pairs.*says 3 layers"):
+        folder.check_cache_config({"num_hidden_layers": 3}, tmp_path,
+                                  [Path("decoder_model.onnx")])
+    decoder("model.onnx", "past.%d.key")
+    dec = {"filename": "model.onnx", "num_hidden_layers": 2, "num_key_value_heads": 2,
+           "head_size": 8, "inputs": {"past_key_names": "past.%d.key"}}
+    folder.check_genai_config({"model": {"decoder": dec}}, tmp_path)
+    for key, bad in (("head_size", 16), ("num_key_value_heads", 4), ("num_hidden_layers", 3)):
+        with pytest.raises(InternalError, match=f"{key}={bad}"):
+            folder.check_genai_config({"model": {"decoder": dict(dec, **{key: bad})}}, tmp_path)
+    # the config's own template is what names the keys: optimum's name finds none here
+    with pytest.raises(InternalError, match="num_hidden_layers=2"):
+        folder.check_genai_config({"model": {"decoder": dict(dec, inputs={})}}, tmp_path)
