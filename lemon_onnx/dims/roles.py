@@ -41,10 +41,7 @@ class Roles:
         """The roles among ``atoms``' leaves (unnamed ones left out)."""
         return {r for r in (self.of(a) for a in leaves(atoms)) if r is not None}
 
-    def label(self, atoms: Iterable[Atom], empty: str = "") -> str:
+    def label(self, atoms: Iterable[Atom]) -> str:
         """``atoms`` as a product of roles, for messages: ``heads*head_dim``; an unnamed atom
         shows its size."""
-        return "*".join(self.of(a) or str(a.size) for a in atoms) or empty
-
-    def __len__(self) -> int:
-        return len(self._by_atom)
+        return "*".join(self.of(a) or str(a.size) for a in atoms)

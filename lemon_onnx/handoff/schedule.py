@@ -56,9 +56,9 @@ WARM_START_STEPS = 0  # measured worth 0.1 point or nothing once the warmup is l
 #: still fills Adam's statistics when given steps)
 REMEDY_PEAK_LR = 0.5  # times the large model's scratch-best maximum learning rate
 REMEDY_WARMUP_STEPS = 200  # linear from 0 to the peak, at most half the horizon
-#: the remedy's cosine reaches 0 after this fraction of the scratch run's steps, as the plain
+#: the remedy's cosine reaches 0 after this fraction of the scratch run's steps: the plain
 #: schedule's (half the rate over a third of the steps kept the loss by hardly learning)
-REMEDY_HORIZON_FRACTION = 0.5
+REMEDY_HORIZON_FRACTION = HORIZON_FRACTION
 FACTOR_HOLD_STEPS = None  # the 1/k factors: held this many steps, then ramped to 1
 FACTOR_RAMP_STEPS = 0  # (None: held for the whole run)
 
@@ -86,7 +86,7 @@ def remedy(plan: dict | None, tensors: list[dict] | None) -> dict:
         "adam_warm_start_steps": WARM_START_STEPS,
         "peak_lr_relative_to_scratch_best": REMEDY_PEAK_LR,
         "warmup_steps": REMEDY_WARMUP_STEPS,
-        "horizon_fraction_of_scratch": round(REMEDY_HORIZON_FRACTION, 6),
+        "horizon_fraction_of_scratch": REMEDY_HORIZON_FRACTION,
         "lr_factor_hold_steps": FACTOR_HOLD_STEPS,
         "lr_factor_ramp_steps": FACTOR_RAMP_STEPS,
         "apply": "lemon_onnx.handoff.schedule: optimizer(model, DIR, lr) or param_groups(model, "
