@@ -134,6 +134,46 @@ def test_the_quick_payoff_run_keeps_the_inherited_loss(tmp_path):
     assert res["summary"]["gpt2"]["remedy"]["no_spike_all_seeds"]
 
 
+@pytest.mark.slow
+def test_the_payoff_run_trains_architectures_side_by_side_and_flags_a_sunk_target(tmp_path):
+    """Two architectures x two seeds as four processes, two at a time (--jobs 2), merged into
+    one results.json; the second seed trains from scratch at the first one's best rate.  At
+    these tiny sizes the small model ends below the 4 x 128's 60-step scratch loss, which the
+    run must flag instead of passing the sunk cost off as the expansion's saving."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "training_payoff.py"),
+                        "--archs", "gpt2,llama", "--jobs", "2", "--threads", "1", "--seeds", "3,4",
+                        "--small-steps", "300", "--scratch-steps", "60", "--scratch-lrs", "3e-3,6e-3",
+                        "--corpus-mb", "0.5", "--val-windows", "16", "--eval-every", "20",
+                        "--early-eval-every", "10", "--early-steps", "20",
+                        "--out", str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [(run["arch"], run["seed"]) for run in res["runs"]] == [
+        ("gpt2", 3), ("gpt2", 4), ("llama", 3), ("llama", 4)]
+    assert set(res["summary"]) == {"gpt2", "llama"}
+    assert set(res["seconds_per_process"]) == {"gpt2-3", "gpt2-4", "llama-3", "llama-4"}
+    for arch in ("gpt2", "llama"):  # each process wrote its own part, read back here
+        first, second = (json.loads((tmp_path / f"part-{arch}-{s}" / "results.json").read_text())
+                         for s in (3, 4))
+        assert first["torch_threads"] == second["torch_threads"] == 1
+        swept = first["runs"][0]["scratch"]
+        assert sorted(x["peak_lr"] for x in swept) == [3e-3, 6e-3]
+        (alone,) = second["runs"][0]["scratch"]  # no sweep: the first seed's best rate
+        assert alone["peak_lr"] == first["runs"][0]["scratch_best_lr"] == min(
+            swept, key=lambda x: x["final"])["peak_lr"]
+    for run in res["runs"]:
+        assert run["handoff"]["verify_passed"]
+        sunk = run["handoff"]["val_loss_small"] <= run["target_val_loss"]
+        assert sunk, "the tiny run was meant to end below its target"
+        assert run["small_at_or_below_target"] is True
+        assert res["summary"][run["arch"]]["seeds_small_at_or_below_target"] == [3, 4]
+    assert "already starts at or below the target" in r.stdout
+
+
 def test_a_trainer_keeps_the_factors_and_warm_starts(tmp_path):
     torch = pytest.importorskip("torch")
     tf = pytest.importorskip("transformers")
