@@ -239,6 +239,7 @@ class Recognizer(GraphIndex):
                          "by any size")
         family = self._family(layout, nrm, b0, emb, head)
         opset = g.opset_imports.get("", 0)
+        self.roles.check()  # the table the passes read: every named atom still findable
         return ModelDescription(
             family=family, layout=layout, norm_type=nrm.kind if nrm else "none",
             norm_form=nrm.form if nrm else "none", num_layers=len(blocks), hidden=hid_size,

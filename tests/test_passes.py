@@ -104,3 +104,21 @@ def test_roles_travel_in_the_description_and_nowhere_else():
     while cause.__cause__ is not None:
         cause = cause.__cause__
     assert isinstance(cause, PlanError) and "embed_tokens" in str(cause), cause
+
+
+def test_a_role_named_before_a_later_unification_is_caught():
+    """Roles are looked up through an atom's representative, so naming must come after the
+    axis analysis's last unification; ``Roles.check`` (run where the description is made)
+    refuses a table whose named atom was unified away, instead of losing its role."""
+    from lemon_onnx import dims
+    from lemon_onnx.dims.atoms import Atom, union
+
+    roles = dims.Roles()
+    a, b = Atom(64), Atom(64)
+    roles.name(b, "hidden")
+    roles.check()  # fine: b is its own representative
+    assert roles.of(b) == "hidden" and roles.of(a) is None
+    union(a, b)  # b now hangs under a: a lookup through find() no longer sees b's entry
+    assert roles.of(b) is None
+    with pytest.raises(RuntimeError, match="'hidden'"):
+        roles.check()

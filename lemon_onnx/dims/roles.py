@@ -8,7 +8,8 @@ role, so nothing outside the recognition can change what an atom is.
 
 An atom is looked up through its representative (``find``): roles are named once the axis
 analysis has unified every axis (the components only read the analysis), so representatives
-no longer change while the table is in use.
+no longer change while the table is in use; ``check`` enforces it where the description is
+made (a unification after naming would leave a role on an atom nothing finds any more).
 """
 
 from __future__ import annotations
@@ -45,3 +46,12 @@ class Roles:
         """``atoms`` as a product of roles, for messages: ``heads*head_dim``; an unnamed atom
         shows its size."""
         return "*".join(self.of(a) or str(a.size) for a in atoms)
+
+    def check(self) -> None:
+        """Every named atom is still its own representative (nothing was unified after the
+        components named it); raises RuntimeError naming the role otherwise."""
+        moved = [(role, a) for a, role in self._by_atom.items() if find(a) is not a]
+        if moved:
+            role, a = moved[0]
+            raise RuntimeError(f"the atom named {role!r} ({a.size}) was unified with "
+                               f"{find(a)!r} after it was named: its role would be lost")
