@@ -255,3 +255,33 @@ def test_the_readmes_remedy_loop_runs(tmp_path):
         assert g["lr"] == pytest.approx(peak * g["lemon_lr_factor"] *
                                         lr_factor(3, horizon, remedy_warmup(sched, horizon)))
     assert {g["lemon_lr_factor"] for g in opt.param_groups} == {1.0, 0.5}
+
+
+def test_the_resplit_probe_keeps_the_function_and_splits_copies_per_element():
+    """benchmarks/payoff_probes.py's ``resplit``: the fan-out rows of copied MLP units get
+    per-element shares of their sum, so the model computes the same and a copy's rows are no
+    longer one share times the source row (which makes Adam move the copies alike)."""
+    torch = pytest.importorskip("torch")
+    tf = pytest.importorskip("transformers")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import payoff_probes as pp
+
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2, n_inner=8)
+    m = tf.GPT2LMHeadModel(cfg).eval()
+    mlp = m.transformer.h[0].mlp
+    with torch.no_grad():  # units 4..7 copy units 0..3, their fan-out rows split 1/4 : 3/4
+        mlp.c_fc.weight[:, 4:] = mlp.c_fc.weight[:, :4]
+        mlp.c_fc.bias[4:] = mlp.c_fc.bias[:4]
+        mlp.c_proj.weight[4:] = 0.75 * mlp.c_proj.weight[:4]
+        mlp.c_proj.weight[:4] *= 0.25
+    x = torch.randint(0, 50, (2, 8))
+    before = m(input_ids=x).logits
+    rows_before = mlp.c_proj.weight.detach().clone()
+    assert pp.resplit_mlp(m, "gpt2", seed=0) == 4
+    after = m(input_ids=x).logits
+    assert torch.allclose(before, after, atol=1e-5)
+    w = mlp.c_proj.weight.detach()
+    assert torch.allclose(w[:4] + w[4:], rows_before[:4] + rows_before[4:], atol=1e-6)
+    ratio = w[:4] / (w[:4] + w[4:])  # one share per row before, per element now
+    assert (ratio.std(dim=1) > 0.05).all()
