@@ -94,14 +94,15 @@ def remedy(plan: dict | None, tensors: list[dict] | None) -> dict:
                  "scheduler(opt, DIR, horizon) for the rate, horizon = remedy_horizon(DIR, "
                  "scratch_steps) (remedy_lr_factor: its multiplier "
                  "of the peak); trainer_callback(DIR) for a transformers Trainer",
-        "measured": "benchmarks/payoff/remedy_seeds.json (2x64 trained 6000 steps, expanded "
-                    "to 4x128, 3 seeds, GPT-2 and Llama-style; cosine over 1500 steps, half "
-                    "the 3000-step scratch run): worst rise in the first 200 steps 3.5% mean, "
-                    "4.0% max (GPT-2) and 2.5%, 3.1% (Llama-style), at most 4.8% over the "
-                    "whole run; at the full rate with the same factors 6.8%/7.3% and 4.9%/"
-                    "5.6%, plain 12.8%/13.8% and 11.2%/12.9%. Scratch's best loss reached at "
-                    "step 1150 on 2 of the 3 GPT-2 seeds (62% fewer steps; plain: 3 of 3, 52-"
-                    "57%), on no Llama-style seed (nor plain)",
+        "measured": "benchmarks/payoff/results.json (training_payoff.py at its defaults: "
+                    "2x64 trained 6000 steps, expanded to 4x128, 3 seeds, GPT-2 and "
+                    "Llama-style; cosine over 1500 steps, half the 3000-step scratch run): "
+                    "worst rise in the first 200 steps 3.5% mean, 4.0% max (GPT-2) and 2.5%, "
+                    "3.1% (Llama-style), at most 4.8% over the whole run; plain 12.8%/13.8% and "
+                    "11.2%/12.9%; at the full rate with the same factors 6.8%/7.3% and 4.9%/"
+                    "5.6% (remedy_seeds.json). Scratch's best loss reached at step 1150 on 2 of "
+                    "the 3 GPT-2 seeds (61-62% fewer steps; plain 54-57% on the same 2), on no "
+                    "Llama-style seed (nor plain)",
         "source": "benchmarks/training_payoff.py; the searches in "
                   "benchmarks/payoff/remedy_exploration.json, remedy_exploration2.json, "
                   "remedy_exploration3.json and remedy_seeds.json "
