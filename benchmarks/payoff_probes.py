@@ -153,16 +153,14 @@ def main(argv=None) -> int:
                    handoff_verified=info["verify_passed"],
                    handed_off_val_loss=tp.val_loss(large, data))
         label = f"expanded from a {args.small_steps}-step small model"
-    elif args.probe == "horizon":
-        large = tf.AutoModelForCausalLM.from_pretrained(args.handoff,
-                                                        attn_implementation="sdpa")
-        sched = load(args.handoff)
-        rec["fraction_of_scratch"] = args.fraction
-        label = f"expanded, over {args.fraction:g} of scratch's steps"
     else:
         large = tf.AutoModelForCausalLM.from_pretrained(args.handoff,
                                                         attn_implementation="sdpa")
         sched = load(args.handoff)
+    if args.probe == "horizon":
+        rec["fraction_of_scratch"] = args.fraction
+        label = f"expanded, over {args.fraction:g} of scratch's steps"
+    elif args.probe == "resplit":
         before = tp.val_loss(large, data)
         n = resplit_mlp(large, args.arch, args.seed)
         after = tp.val_loss(large, data)

@@ -395,8 +395,10 @@ def main(argv=None) -> int:
             target = best["final"]
             # scratch's own steps to its best loss: its curve can touch the final loss before
             # the last step, and the saving is counted against that, not the steps it ran
-            scratch_to = reach(best, target)["step"]
-            if v_small <= target:  # nothing to measure: the expansion starts at the target
+            scratch_reach = reach(best, target)
+            scratch_to = scratch_reach["step"]
+            sunk = v_small <= target
+            if sunk:  # nothing to measure: the expansion starts at the target
                 print(f"    NOTE: the small model ({v_small:.4f}) is already at or below the "
                       f"target ({target:.4f}): its steps saved say nothing about the expansion")
             # 4. the handed-off model: plain schedule advice, then with the remedy
@@ -445,8 +447,8 @@ def main(argv=None) -> int:
                 "handoff": info, "scratch": scratch, "scratch_best_lr": best["peak_lr"],
                 "target_val_loss": target,
                 # the small model already at the target: the savings are the sunk cost's
-                "small_at_or_below_target": v_small <= target,
-                "scratch_reach": {**reach(best, target), "steps_run": best["steps"],
+                "small_at_or_below_target": sunk,
+                "scratch_reach": {**scratch_reach, "steps_run": best["steps"],
                                   "flops": flops(large, scratch_to, tokens)},
                 "schedule": {"horizon": horizon, "warmup": warmup, "remedy_horizon": r_horizon,
                              "remedy": {
