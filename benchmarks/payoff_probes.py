@@ -40,40 +40,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import training_payoff as tp  # noqa: E402
-from lemon_onnx.handoff.schedule import load, remedy_horizon  # noqa: E402
+from lemon_onnx.handoff.schedule import load  # noqa: E402
 
 SCRATCH_STEPS, SCRATCH_BEST_LR = 3000, 3e-3
-
-
-def continue_both(model, sched, data, target: float, seed: int, label: str,
-                  fraction: float | None = None) -> list[dict]:
-    """The plain and the remedy run from the same state, over the schedule's horizons or
-    both over ``fraction`` of scratch's steps; per run: curve, rises, reach."""
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    remedy = sched["remedy"]
-    plain_h = round(SCRATCH_STEPS * (fraction or sched["decay"]["horizon_fraction_of_scratch"]))
-    remedy_h = (round(SCRATCH_STEPS * fraction) if fraction else
-                remedy_horizon(sched, SCRATCH_STEPS))
-    out = []
-    for name, lr, use, hz in (
-            ("plain", SCRATCH_BEST_LR, None, plain_h),
-            ("remedy", SCRATCH_BEST_LR * remedy["peak_lr_relative_to_scratch_best"], sched,
-             remedy_h)):
-        model.load_state_dict(state)
-        torch.manual_seed(seed)
-        r = tp.train(model, data, steps=hz, peak_lr=lr, horizon=hz,
-                     warmup=max(1, round(hz * sched["warmup"]["fraction_of_horizon"])),
-                     eval_every=50, schedule=use, early_eval_every=25, early_steps=200,
-                     label=f"{label}, {name}, lr {lr:g}")
-        got, ri = tp.reach(r, target), tp.rises(r)
-        print(f"    worst rise in the first 200 steps {100 * ri['rise_first_steps']:.1f}%; "
-              f"final {r['final']:.4f}; target {target:.4f} "
-              + ("not reached" if got["step"] is None else f"at step {got['step']}"),
-              flush=True)
-        out.append({"variant": name, "peak_lr": lr, "horizon": hz, "final": r["final"],
-                    "rises": ri, "reach": got,
-                    "curve": [(s, round(v, 5)) for s, v, _ in r["curve"]]})
-    return out
 
 
 def copy_sets(units: torch.Tensor) -> list[list[int]]:
@@ -169,8 +138,12 @@ def main(argv=None) -> int:
             raise SystemExit("the re-split changed the function")
         rec.update(copy_sets=n, val_loss_before=before, val_loss_after=after)
         label = "expanded, MLP fan-out re-split per element"
-    rec["runs"] = continue_both(large, sched, data, args.target, args.seed, label,
-                                getattr(args, "fraction", None))
+    runs = tp.continue_handoff(large, sched, data, target=args.target, seed=args.seed,
+                               scratch_steps=SCRATCH_STEPS, scratch_lr=SCRATCH_BEST_LR,
+                               fraction=getattr(args, "fraction", None), label=label)
+    rec["runs"] = [{"variant": r["variant"], "peak_lr": r["peak_lr"], "horizon": r["horizon"],
+                    "final": r["final"], "rises": r["rises"], "reach": r["reach"],
+                    "curve": [(s, round(v, 5)) for s, v, _ in r["curve"]]} for r in runs]
     if args.record:
         path = Path(args.record)
         doc = json.loads(path.read_text()) if path.exists() else {"what": __doc__, "runs": []}

@@ -3,6 +3,7 @@
 
     pip install -e '.[test,payoff]'
     python benchmarks/training_payoff.py --out benchmarks/payoff [--quick]
+    python benchmarks/training_payoff.py --report benchmarks/payoff/results.json  # no training
 
 For each architecture (a byte-level GPT-2, and a Llama-style model: RMSNorm, SwiGLU, GQA with 2
 KV heads, RoPE) and each seed (the seed sets the data order, the initialisations and the
@@ -25,7 +26,10 @@ expansion's random splits):
 Reported (results.json): per run the curves, the worst validation-loss rise in the first 200
 steps and overall, the steps (warm-start steps counted), training seconds and compute
 (6 x parameters x tokens) to the target, the saving against scratch's own steps to its best
-loss; per architecture their mean and spread over the seeds.  A small model that already
+loss; the steps scratch itself needs from the handed-off loss to its best (where its curve
+first reaches that loss) and the saving a hand-off would have at that pace (``equal_pace``:
+a hand-off saves more only by going down faster than scratch from the same loss), and each
+run's steps over those; per architecture their mean and spread over the seeds.  A small model that already
 starts at or below the target is flagged (its "saving" is the sunk cost's).  payoff.png (with
 matplotlib) shows every curve.  Every large run of a seed sees the same batches in the same
 order.  Each (architecture, seed) runs in its own one-thread process, as many at a time as
@@ -212,6 +216,74 @@ def reach(run: dict, target: float) -> dict:
     return {"step": None, "seconds": None, "loss": None}
 
 
+def equal_pace(scratch_run: dict, start_loss: float, scratch_to: int | None) -> dict:
+    """What scratch itself needs from the small model's loss on: the first evaluated step of
+    ``scratch_run`` at or below ``start_loss``, the steps from there to its own reach of the
+    target (``scratch_to``), and the saving a hand-off starting at ``start_loss`` would have
+    if it went down from there at scratch's pace, mid-schedule and without a rewarm
+    (``1 - remaining / scratch_to``).  A hand-off saves more only by going down faster than
+    scratch does from the same loss."""
+    at = reach(scratch_run, start_loss)["step"]
+    if at is None or scratch_to is None:
+        return {"scratch_at_start_loss": at, "scratch_steps_from_start_loss": None,
+                "equal_pace_saving": None}
+    remaining = max(0, scratch_to - at)
+    return {"scratch_at_start_loss": at, "scratch_steps_from_start_loss": remaining,
+            "equal_pace_saving": 1 - remaining / scratch_to}
+
+
+def continue_handoff(model, sched: dict, data: Batches, *, target: float, seed: int,
+                     scratch_steps: int, scratch_lr: float, scratch_to: int | None = None,
+                     tokens: int | None = None, plain_lr_factor: float = 1.0,
+                     remedy_peak_factor: float | None = None,
+                     warm_start_steps: int | None = None, fraction: float | None = None,
+                     eval_every: int = 50, early_eval_every: int | None = 25,
+                     early_steps: int = 200, label: str = "expanded") -> list[dict]:
+    """The handed-off ``model`` trained twice from the same state: plain (lemon_schedule.json's
+    schedule at ``plain_lr_factor`` x the scratch-best rate) and with the schedule's remedy
+    (its peak relative to the scratch-best rate unless ``remedy_peak_factor``, its warm start
+    unless ``warm_start_steps``); over the schedule's horizons, or both over ``fraction`` of
+    scratch's steps.  Each run gets its worst rises, its reach of ``target`` and, with
+    ``scratch_to`` (scratch's own steps to its best loss), its saving; warm-start steps count
+    as steps.  ``model`` is left with the last run's weights."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    remedy = sched["remedy"]
+    horizon = max(1, round(scratch_steps * (fraction or
+                                            sched["decay"]["horizon_fraction_of_scratch"])))
+    warmup = max(1, round(horizon * sched["warmup"]["fraction_of_horizon"]))
+    r_horizon = (horizon if fraction else remedy_horizon(sched, scratch_steps))
+    rf = (remedy["peak_lr_relative_to_scratch_best"] if remedy_peak_factor is None
+          else remedy_peak_factor)
+    ws = remedy["adam_warm_start_steps"] if warm_start_steps is None else warm_start_steps
+    runs = []
+    for name, lr, use, n_ws, hz in (("plain", scratch_lr * plain_lr_factor, None, 0, horizon),
+                                    ("remedy", scratch_lr * rf, sched, ws, r_horizon)):
+        model.load_state_dict(state)
+        torch.manual_seed(seed)
+        r = train(model, data, steps=hz, peak_lr=lr, horizon=hz, warmup=warmup,
+                  eval_every=eval_every, schedule=use, warm_start_steps=n_ws,
+                  early_eval_every=early_eval_every, early_steps=early_steps,
+                  label=f"{label}, {name}, lr {lr:g}")
+        got = reach(r, target)
+        updates = got["step"]
+        steps = None if updates is None else updates + n_ws
+        r.update(variant=name, reach=got, rises=rises(r, early_steps), steps_to_target=steps,
+                 steps_saved_fraction=(None if steps is None or scratch_to is None
+                                       else 1 - steps / scratch_to),
+                 flops_to_target=(None if steps is None or tokens is None
+                                  else flops(model, steps, tokens)))
+        runs.append(r)
+        print(f"    worst rise in the first {early_steps} steps "
+              f"{100 * r['rises']['rise_first_steps']:.1f}%, overall "
+              f"{100 * r['rises']['rise_overall']:.1f}%; final {r['final']:.4f}; " +
+              ("target not reached" if steps is None else
+               f"target {target:.4f} at {updates} + {n_ws} warm-start steps" +
+               ("" if scratch_to is None else
+                f" ({100 * r['steps_saved_fraction']:.0f}% fewer than scratch's "
+                f"{scratch_to})")), flush=True)
+    return runs
+
+
 # --------------------------------------------------------------------------- ONNX round trip
 class _LogitsOnly(torch.nn.Module):
     def __init__(self, model):
@@ -322,6 +394,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-rise", type=float, default=0.05,
                     help="the no-spike bound checked (and asserted with --quick)")
     ap.add_argument("--val-windows", type=int, default=256)
+    ap.add_argument("--report", metavar="RESULTS_JSON", default=None,
+                    help="no training: summarise, report and plot (next to it) an existing "
+                         "results.json again")
     ap.add_argument("--quick", action="store_true",
                     help="CI: GPT-2, one seed, reduced sizes; asserts the no-spike property")
     args = ap.parse_args(argv)
@@ -331,6 +406,8 @@ def main(argv=None) -> int:
         args.eval_every, args.early_eval_every, args.val_windows = 20, 10, 64
         args.early_steps = 100
         args.corpus_mb = 1.0
+    if args.report:
+        return report_again(Path(args.report), args.early_steps, args.max_rise)
     archs = args.archs.split(",")
     seeds = [int(x) for x in args.seeds.split(",")]
     cpus, units = os.cpu_count() or 1, len(archs) * len(seeds)
@@ -378,7 +455,6 @@ def main(argv=None) -> int:
             if not math.isclose(v_small, v_large, rel_tol=1e-4):
                 raise SystemExit("the handed-off model does not start where the small model "
                                  "stopped")
-            state = {k: v.clone() for k, v in large.state_dict().items()}
             # 3. the large architecture from scratch (the hand-off's own config.json)
             lrs = ([float(x) for x in args.scratch_lrs.split(",")] if i == 0 else
                    [best_lr[arch]])
@@ -401,45 +477,23 @@ def main(argv=None) -> int:
             if sunk:  # nothing to measure: the expansion starts at the target
                 print(f"    NOTE: the small model ({v_small:.4f}) is already at or below the "
                       f"target ({target:.4f}): its steps saved say nothing about the expansion")
+            pace = equal_pace(best, v_large, scratch_to)
+            if pace["equal_pace_saving"] is not None:
+                print(f"    scratch is at the handed-off loss {v_large:.4f} at step "
+                      f"{pace['scratch_at_start_loss']} and needs "
+                      f"{pace['scratch_steps_from_start_loss']} more to its best: at scratch's "
+                      f"pace from there a hand-off saves {100 * pace['equal_pace_saving']:.0f}%")
             # 4. the handed-off model: plain schedule advice, then with the remedy
-            horizon = max(1, round(args.scratch_steps *
-                                   sched["decay"]["horizon_fraction_of_scratch"]))
-            warmup = max(1, round(horizon * sched["warmup"]["fraction_of_horizon"]))
-            remedy = sched["remedy"]
-            rf = (remedy["peak_lr_relative_to_scratch_best"] if args.remedy_lr_factor is None
-                  else args.remedy_lr_factor)
-            ws = (remedy["adam_warm_start_steps"] if args.warm_start_steps is None
-                  else args.warm_start_steps)
-            r_horizon = remedy_horizon(sched, args.scratch_steps)
-            variants = [("plain", best["peak_lr"] * args.baseline_lr_factor, None, 0, horizon),
-                        ("remedy", best["peak_lr"] * rf, sched, ws, r_horizon)]
-            expanded = []
-            for name, lr, use, n_ws, hz in variants:
-                large.load_state_dict(state)
-                torch.manual_seed(seed)
-                r = train(large, data, steps=hz, peak_lr=lr, horizon=hz,
-                          warmup=warmup, eval_every=args.eval_every, schedule=use,
-                          warm_start_steps=n_ws, early_eval_every=args.early_eval_every,
-                          early_steps=args.early_steps, label=f"expanded, {name}, lr {lr:g}")
-                r["variant"] = name
-                got = reach(r, target)
-                updates = got["step"]
-                r["reach"] = got
-                r["rises"] = rises(r, args.early_steps)
-                # warm-start steps are forward+backward passes: counted as steps here
-                r["steps_to_target"] = None if updates is None else updates + n_ws
-                r["steps_saved_fraction"] = (None if updates is None else
-                                             1 - (updates + n_ws) / scratch_to)
-                r["flops_to_target"] = (None if updates is None else
-                                        flops(large, updates + n_ws, tokens))
-                expanded.append(r)
-                print(f"    worst rise in the first {args.early_steps} steps "
-                      f"{100 * r['rises']['rise_first_steps']:.1f}%, overall "
-                      f"{100 * r['rises']['rise_overall']:.1f}%; " +
-                      ("target not reached" if updates is None else
-                       f"target {target:.4f} at {updates} + {n_ws} warm-start steps "
-                       f"({100 * r['steps_saved_fraction']:.0f}% fewer than scratch's "
-                       f"{scratch_to})"))
+            expanded = continue_handoff(
+                large, sched, data, target=target, seed=seed,
+                scratch_steps=args.scratch_steps, scratch_lr=best["peak_lr"],
+                scratch_to=scratch_to, tokens=tokens,
+                plain_lr_factor=args.baseline_lr_factor,
+                remedy_peak_factor=args.remedy_lr_factor,
+                warm_start_steps=args.warm_start_steps, eval_every=args.eval_every,
+                early_eval_every=args.early_eval_every, early_steps=args.early_steps)
+            horizon, warmup = expanded[0]["horizon"], expanded[0]["warmup"]
+            r_horizon, remedy = expanded[1]["horizon"], sched["remedy"]
             step_s = float(np.median([r["seconds"] / (r["steps"] + r["warm_start_steps"])
                                       for r in scratch + expanded]))
             results["runs"].append({
@@ -448,6 +502,8 @@ def main(argv=None) -> int:
                 "target_val_loss": target,
                 # the small model already at the target: the savings are the sunk cost's
                 "small_at_or_below_target": sunk,
+                # what scratch needs from the handed-off loss on (the saving at its pace)
+                "scratch_equal_pace": pace,
                 "scratch_reach": {**scratch_reach, "steps_run": best["steps"],
                                   "flops": flops(large, scratch_to, tokens)},
                 "schedule": {"horizon": horizon, "warmup": warmup, "remedy_horizon": r_horizon,
@@ -539,6 +595,27 @@ def side_by_side(args, argv: list, archs: list, seeds: list, jobs: int, out: Pat
     return 0
 
 
+def report_again(path: Path, early_steps: int, max_rise: float) -> int:
+    """``--report``: an existing results.json's summary recomputed from its runs (so a summary
+    field added since is filled in), written back, reported and plotted."""
+    if not path.is_file():
+        raise SystemExit(f"--report: {path} is not a file (a results.json of this benchmark)")
+    results = json.loads(path.read_text())
+    s = results.get("settings", {})
+    results["summary"] = summarize(results, s.get("early_steps", early_steps),
+                                   s.get("max_rise", max_rise))
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    report(results)
+    plot(results, path.with_name("payoff.png"))
+    return 0
+
+
+def run_equal_pace(run: dict) -> dict:
+    """``equal_pace`` of one results.json run: its scratch-best curve from the handed-off loss."""
+    best = next(s for s in run["scratch"] if s["peak_lr"] == run["scratch_best_lr"])
+    return equal_pace(best, run["handoff"]["val_loss_handed_off"], run["scratch_reach"]["step"])
+
+
 def summarize(results: dict, early_steps: int, max_rise: float) -> dict:
     out = {}
     for arch in dict.fromkeys(r["arch"] for r in results["runs"]):
@@ -554,7 +631,11 @@ def summarize(results: dict, early_steps: int, max_rise: float) -> dict:
              "seeds_small_at_or_below_target": [r["seed"] for r in runs
                                                 if r.get("small_at_or_below_target")],
              "scratch_flops_to_target": mean_spread([r["scratch_reach"]["flops"]
-                                                     for r in runs])}
+                                                     for r in runs]),
+             "scratch_steps_from_start_loss": mean_spread(
+                 [run_equal_pace(r)["scratch_steps_from_start_loss"] for r in runs]),
+             "equal_pace_saving": mean_spread([run_equal_pace(r)["equal_pace_saving"]
+                                               for r in runs])}
         for variant in ("plain", "remedy"):
             es = [e for r in runs for e in r["expanded"] if e["variant"] == variant]
             a[variant] = {
@@ -567,6 +648,12 @@ def summarize(results: dict, early_steps: int, max_rise: float) -> dict:
                 "rise_overall": mean_spread([e["rises"]["rise_overall"] for e in es]),
                 "seconds_to_target": mean_spread([e["reach"]["seconds"] for e in es]),
                 "flops_to_target": mean_spread([e["flops_to_target"] for e in es]),
+                # steps to the target over the steps scratch needs from the same loss
+                "steps_over_scratch_from_start_loss": mean_spread([
+                    e["steps_to_target"] / run_equal_pace(r)["scratch_steps_from_start_loss"]
+                    for r in runs for e in r["expanded"] if e["variant"] == variant
+                    and e["steps_to_target"] is not None
+                    and run_equal_pace(r)["scratch_steps_from_start_loss"]]),
                 "final": mean_spread([e["final"] for e in es]),
                 "no_spike_all_seeds": all(e["rises"]["rise_first_steps"] <= max_rise
                                           for e in es),
@@ -583,6 +670,12 @@ def report(results: dict) -> None:
               f"{a['scratch_steps_to_target']['mean']:.0f}), "
               f"{a['scratch_seconds_to_target']['mean']:.0f} "
               f"s; small model (sunk) {a['small_seconds_sunk']['mean']:.0f} s")
+        ep, fr = a.get("equal_pace_saving"), a.get("scratch_steps_from_start_loss")
+        if ep and ep["mean"] is not None:
+            print(f"  from the handed-off loss scratch needs {fr['mean']:.0f} more steps (mean; "
+                  f"{fr['min']:.0f}-{fr['max']:.0f}): a hand-off going down at scratch's pace "
+                  f"saves {100 * ep['mean']:.1f}% (min {100 * ep['min']:.0f}%, max "
+                  f"{100 * ep['max']:.0f}%); more only by going down faster than scratch")
         if a.get("seeds_small_at_or_below_target"):
             print(f"  NOTE: on seeds {a['seeds_small_at_or_below_target']} the small model "
                   "already starts at or below the target: those savings are not the expansion's")
@@ -593,6 +686,9 @@ def report(results: dict) -> None:
                      f"{100 * sv['mean']:.0f}% fewer steps (min {100 * sv['min']:.0f}%, max "
                      f"{100 * sv['max']:.0f}%, {v['reached']}/{len(a['seeds'])} reached)")
             tt = v["seconds_to_target"]["mean"]
+            po = v.get("steps_over_scratch_from_start_loss") or {"mean": None}
+            if po["mean"] is not None:
+                saved += (f", {po['mean']:.1f}x the steps scratch needs from the same loss")
             print(f"  {variant:6s} lr {v['peak_lr'][0]:g}: worst rise first steps "
                   f"{100 * r1['mean']:.1f}% (max {100 * r1['max']:.1f}%), overall "
                   f"{100 * ro['mean']:.1f}% (max {100 * ro['max']:.1f}%); {saved}; "

@@ -170,6 +170,9 @@ def test_the_payoff_run_trains_architectures_side_by_side_and_flags_a_sunk_targe
         sunk = run["handoff"]["val_loss_small"] <= run["target_val_loss"]
         assert sunk, "the tiny run was meant to end below its target"
         assert run["small_at_or_below_target"] is True
+        pace = run["scratch_equal_pace"]  # scratch's way from the handed-off loss
+        assert set(pace) == {"scratch_at_start_loss", "scratch_steps_from_start_loss",
+                             "equal_pace_saving"}
         assert res["summary"][run["arch"]]["seeds_small_at_or_below_target"] == [3, 4]
     assert "already starts at or below the target" in r.stdout
 
@@ -285,3 +288,53 @@ def test_the_resplit_probe_keeps_the_function_and_splits_copies_per_element():
     assert torch.allclose(w[:4] + w[4:], rows_before[:4] + rows_before[4:], atol=1e-6)
     ratio = w[:4] / (w[:4] + w[4:])  # one share per row before, per element now
     assert (ratio.std(dim=1) > 0.05).all()
+
+
+def test_equal_pace_counts_scratchs_own_steps_from_the_handed_off_loss():
+    """The benchmark's bound: where scratch's curve first reaches the loss a hand-off starts
+    at, and what is left of scratch's way from there to its best loss."""
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import training_payoff as tp
+
+    run = {"curve": [(0, 5.0, 0.0), (100, 2.0, 1.0), (200, 1.6, 2.0), (300, 1.5, 3.0),
+                     (400, 1.45, 4.0)]}
+    got = tp.equal_pace(run, 1.6, 400)  # at 1.6 on step 200: 200 of 400 left
+    assert got == {"scratch_at_start_loss": 200, "scratch_steps_from_start_loss": 200,
+                   "equal_pace_saving": 0.5}
+    assert tp.equal_pace(run, 1.55, 400)["scratch_at_start_loss"] == 300  # first at or below
+    never = tp.equal_pace(run, 1.4, 400)  # below anything scratch reached
+    assert never["scratch_at_start_loss"] is None and never["equal_pace_saving"] is None
+
+
+def test_report_again_fills_the_summary_from_a_recorded_run(tmp_path):
+    """``--report`` recomputes an existing results.json's summary from its runs (the committed
+    full run), and its equal-pace figures agree with the recorded curves."""
+    pytest.importorskip("torch")
+    src = ROOT / "benchmarks" / "payoff" / "results.json"
+    path = tmp_path / "results.json"
+    recorded = json.loads(src.read_text())
+    for a in recorded["summary"].values():  # as a results.json written before the field
+        a.pop("equal_pace_saving", None)
+    path.write_text(json.dumps(recorded))
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "training_payoff.py"),
+                        "--report", str(path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(path.read_text())
+    assert "a hand-off going down at scratch's pace saves" in r.stdout
+    for arch, a in res["summary"].items():
+        savings = []
+        for run in (x for x in res["runs"] if x["arch"] == arch):
+            best = next(s for s in run["scratch"] if s["peak_lr"] == run["scratch_best_lr"])
+            start = run["handoff"]["val_loss_handed_off"]
+            steps = [s for s, v, _ in best["curve"] if v <= start]
+            before = [v for s, v, _ in best["curve"] if s < steps[0]]
+            assert all(v > start for v in before)
+            to = run["scratch_reach"]["step"]
+            savings.append(steps[0] / to)
+        assert a["equal_pace_saving"]["mean"] == pytest.approx(sum(savings) / len(savings))
+        assert a["equal_pace_saving"]["n"] == len(savings) == 3
+    r2 = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "training_payoff.py"),
+                         "--report", str(tmp_path / "missing.json")],
+                        capture_output=True, text=True, timeout=300)
+    assert r2.returncode != 0 and "is not a file" in r2.stderr + r2.stdout
