@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Three probes of why the handed-off model does not reach the scratch-best loss sooner
+"""Four probes of why the handed-off model does not reach the scratch-best loss sooner
 (figures: benchmarks/payoff/probes.json; README, "Does it pay?").
 
     python benchmarks/payoff_probes.py longer-small ARCH --seed 0 --small-steps 12000 \\
@@ -7,6 +7,8 @@
     python benchmarks/payoff_probes.py resplit HANDOFF_DIR --arch ARCH --seed 0 --target T \\
         --record benchmarks/payoff/probes.json
     python benchmarks/payoff_probes.py horizon HANDOFF_DIR --arch ARCH --fraction 0.75 ...
+    python benchmarks/payoff_probes.py anneal HANDOFF_DIR --arch ARCH --at 1250,1500 \\
+        --anneal-steps 250 --target T --record benchmarks/payoff/probes.json
 
 ``longer-small``: the small 2 x 64 model trained longer than the benchmark's 6000 steps (a
 sunk cost), handed off as training_payoff.py does (width 2, depth 2, verified), then continued
@@ -24,6 +26,14 @@ first step.  Continued like ``longer-small``: does that symmetry hold the expand
 ``horizon``: a hand-off continued plain and with the remedy, both over ``--fraction`` of
 scratch's steps instead of half: how many steps does it take where half is not enough?
 
+``anneal``: the large architecture from scratch (the hand-off's config.json, the benchmark's
+initialisation, data and rate), its cosine over scratch's steps cut at each ``--at`` step and
+brought linearly to 0 over ``--anneal-steps`` instead: the loss scratch's model has once its
+rate is annealed away, as the small model's was.  Where that annealed loss meets the
+handed-off loss says how many scratch steps the small model is worth in the same (annealed)
+terms; the benchmark's equal-pace count compares against scratch mid-schedule, whose loss still
+carries its rate's noise.
+
 TARGET is the scratch-best validation loss of the same architecture and seed
 (training_payoff.py's results.json: ``target_val_loss``).  One thread, training_payoff.py's
 data, loop and evaluation.
@@ -33,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -92,10 +103,14 @@ def main(argv=None) -> int:
     a2 = sub.add_parser("resplit")
     a3 = sub.add_parser("horizon")
     a3.add_argument("--fraction", type=float, default=0.75)
-    for a in (a2, a3):
+    a4 = sub.add_parser("anneal")
+    a4.add_argument("--at", default="1250,1500,1750",
+                    help="scratch steps at which its cosine is cut and annealed")
+    a4.add_argument("--anneal-steps", type=int, default=250)
+    for a in (a2, a3, a4):
         a.add_argument("handoff")
         a.add_argument("--arch", choices=["gpt2", "llama"], required=True)
-    for a in (a1, a2, a3):
+    for a in (a1, a2, a3, a4):
         a.add_argument("--seed", type=int, default=0)
         a.add_argument("--target", type=float, required=True)
         a.add_argument("--record", default=None, help="JSON file whose 'runs' this run joins")
@@ -126,6 +141,11 @@ def main(argv=None) -> int:
         large = tf.AutoModelForCausalLM.from_pretrained(args.handoff,
                                                         attn_implementation="sdpa")
         sched = load(args.handoff)
+    if args.probe == "anneal":
+        rec.update(handed_off_val_loss=tp.val_loss(large, data), anneal_steps=args.anneal_steps,
+                   runs=[anneal_scratch(large, data, args.seed, c, args.anneal_steps,
+                                        args.target) for c in map(int, args.at.split(","))])
+        return record(rec, args.record)
     if args.probe == "horizon":
         rec["fraction_of_scratch"] = args.fraction
         label = f"expanded, over {args.fraction:g} of scratch's steps"
@@ -144,12 +164,45 @@ def main(argv=None) -> int:
     rec["runs"] = [{"variant": r["variant"], "peak_lr": r["peak_lr"], "horizon": r["horizon"],
                     "final": r["final"], "rises": r["rises"], "reach": r["reach"],
                     "curve": [(s, round(v, 5)) for s, v, _ in r["curve"]]} for r in runs]
-    if args.record:
-        path = Path(args.record)
+    return record(rec, args.record)
+
+
+def record(rec: dict, path: str | None) -> int:
+    """``rec`` joins the 'runs' of the JSON file at ``path`` (made when missing)."""
+    if path:
+        path = Path(path)
         doc = json.loads(path.read_text()) if path.exists() else {"what": __doc__, "runs": []}
         doc["runs"].append(rec)
         path.write_text(json.dumps(doc, indent=1) + "\n")
     return 0
+
+
+def anneal_scratch(large, data, seed: int, cut: int, anneal_steps: int, target: float,
+                   scratch_steps: int = SCRATCH_STEPS, lr: float = SCRATCH_BEST_LR) -> dict:
+    """Scratch as the benchmark trains it (seed, data, the scratch-best rate ``lr``, 5%
+    warmup, a cosine over ``scratch_steps``) up to step ``cut``, then its rate brought
+    linearly from there to 0 over ``anneal_steps``; the curve, and the loss before and after
+    the annealing."""
+    warmup = max(1, round(scratch_steps * 0.05))
+    at_cut = tp.lr_factor(cut, scratch_steps, warmup)
+
+    def lr_at(step: int) -> float:
+        if step < cut:
+            return tp.lr_factor(step, scratch_steps, warmup)
+        return at_cut * max(0.0, 1 - (step - cut) / anneal_steps)
+
+    torch.manual_seed(seed)
+    m = type(large)(large.config)
+    r = tp.train(m, data, steps=cut + anneal_steps, peak_lr=lr,
+                 horizon=scratch_steps, warmup=warmup, eval_every=math.gcd(cut, anneal_steps),
+                 lr_at=lr_at,
+                 label=f"scratch, cut at {cut}, annealed over {anneal_steps}")
+    before = next(v for s, v, _ in r["curve"] if s == cut)
+    print(f"    at step {cut}: {before:.4f} (rate {at_cut:.3f} of the peak); annealed: "
+          f"{r['final']:.4f} (target {target:.4f})", flush=True)
+    return {"cut": cut, "rate_at_cut": at_cut, "loss_at_cut": before,
+            "annealed": r["final"], "steps": cut + anneal_steps,
+            "curve": [(s, round(v, 5)) for s, v, _ in r["curve"]]}
 
 
 if __name__ == "__main__":

@@ -154,13 +154,15 @@ ARCH_NAMES = {"gpt2": "byte-level GPT-2", "llama": "Llama-style (RMSNorm, SwiGLU
 
 def train(model, data: Batches, *, steps: int, peak_lr: float, horizon: int, warmup: int,
           eval_every: int, label: str, log=print, schedule=None, warm_start_steps: int = 0,
-          early_eval_every: int | None = None, early_steps: int = 200) -> dict:
+          early_eval_every: int | None = None, early_steps: int = 200,
+          lr_at=None) -> dict:
     """AdamW with linear warmup and a cosine to 0 at ``horizon``; validation loss every
     ``eval_every`` steps (every ``early_eval_every`` during the first ``early_steps``; step 0
     included).  With ``schedule`` (lemon_schedule.json) the parameters take its remedy: the
     per-parameter learning-rate factors, its warmup (``warmup`` is ignored) and Adam's
     statistics filled on ``warm_start_steps`` batches at learning rate 0 first (batches the
-    run itself never sees).  Wall time counts training steps
+    run itself never sees).  ``lr_at(step)``, when given, is the multiplier of ``peak_lr``
+    instead of the warmup and cosine (no ``schedule`` then).  Wall time counts training steps
     and warm-start steps."""
     groups = (param_groups(model, schedule, peak_lr) if schedule is not None else
               [{"params": list(model.parameters()), "lr": peak_lr, "lemon_lr_factor": 1.0}])
@@ -179,7 +181,8 @@ def train(model, data: Batches, *, steps: int, peak_lr: float, horizon: int, war
         for group in opt.param_groups:
             group["lr"] = peak_lr * (
                 remedy_lr_factor(step, horizon, schedule, group["lemon_lr_factor"])
-                if schedule is not None else lr_factor(step, horizon, warmup))
+                if schedule is not None else lr_at(step) if lr_at is not None
+                else lr_factor(step, horizon, warmup))
         t0 = time.perf_counter()
         x = data(step)
         loss = model(input_ids=x, labels=x).loss

@@ -338,3 +338,30 @@ def test_report_again_fills_the_summary_from_a_recorded_run(tmp_path):
                          "--report", str(tmp_path / "missing.json")],
                         capture_output=True, text=True, timeout=300)
     assert r2.returncode != 0 and "is not a file" in r2.stderr + r2.stdout
+
+
+def test_the_anneal_probe_follows_scratch_to_its_cut_then_anneals():
+    """benchmarks/payoff_probes.py's ``anneal``: up to the cut it is the benchmark's scratch
+    run, step for step (same seed, data and rate), and from there its own rate (going to 0)
+    takes it elsewhere."""
+    torch = pytest.importorskip("torch")
+    tf = pytest.importorskip("transformers")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import payoff_probes as pp
+    import training_payoff as tp
+
+    torch.set_num_threads(1)
+    tr, va = tp.corpus(0.3)
+    data = tp.Batches(tr, va, 8, 32, 5, 16)
+    large = tf.GPT2LMHeadModel(tp.gpt2_config(32, 2, 2, 32))
+    got = pp.anneal_scratch(large, data, seed=5, cut=40, anneal_steps=20, target=0.0,
+                            scratch_steps=120, lr=6e-3)
+    torch.manual_seed(5)
+    uncut = tp.train(type(large)(large.config), data, steps=60, peak_lr=6e-3, horizon=120,
+                     warmup=6, eval_every=20, label="scratch")
+    assert [(s, round(v, 5)) for s, v, _ in uncut["curve"][:3]] == [
+        tuple(c) for c in got["curve"][:3]]  # steps 0, 20, 40
+    assert got["loss_at_cut"] == uncut["curve"][2][1]
+    assert 0 < got["rate_at_cut"] < 1
+    assert got["steps"] == 60 and got["curve"][-1][0] == 60
+    assert got["annealed"] != uncut["curve"][3][1]  # step 60: annealed, against still at rate
