@@ -29,10 +29,10 @@ steps and overall, the steps (warm-start steps counted), training seconds and co
 loss; the steps scratch itself needs from the handed-off loss to its best (where its curve
 first reaches that loss) and the saving a hand-off would have at that pace (``equal_pace``:
 a hand-off saves more only by going down faster than scratch from the same loss), and each
-run's steps over those; per architecture their mean and spread over the seeds.  A small model that already
-starts at or below the target is flagged (its "saving" is the sunk cost's).  payoff.png (with
-matplotlib) shows every curve.  Every large run of a seed sees the same batches in the same
-order.  Each (architecture, seed) runs in its own one-thread process, as many at a time as
+run's steps over those; per architecture their mean and spread over the seeds.  A small
+model that already starts at or below the target is flagged (its "saving" is the sunk
+cost's).  payoff.png (with matplotlib) shows every curve.  Every large run of a seed sees
+the same batches in the same order.  Each (architecture, seed) runs in its own one-thread process, as many at a time as
 there are CPUs (``--jobs``); an architecture's other seeds start once its first seed's rate
 sweep is done.  Default sizes: small 6000 steps (at 2000 the small model ends
 0.16 above the scratch loss and nothing reaches it in the expanded run's horizon; at 5000 it
