@@ -318,6 +318,47 @@ def test_group_query_attention(batch, seq, past, seqlens, form):
     _check(proto, feeds)
 
 
+def test_a_fused_cache_join_and_its_unpadded_decoding_come_from_the_ops_record():
+    """GroupQueryAttention's record (``gqa.OPS``) says which past input its present output
+    returns appended and that its decomposition is exact only in unpadded decoding: the fused
+    graph's cache pairs and the decoding check's row lengths follow from it, fused or unfused."""
+    from lemon_onnx.fusion import fused_joins, fused_ops, unpadded_decoding
+
+    ops = fused_ops()
+    assert ops["GroupQueryAttention"].joins == {3: 1, 4: 2}
+    assert not ops["GroupQueryAttention"].leave_decomposed
+    assert all(op.leave_decomposed and not op.joins for name, op in ops.items()
+               if name != "GroupQueryAttention")
+    proto, _ = _gqa_case(4, 2, 16, True, True, 16, 0.0, 0.0, 1, 2, 3, [4])
+    model = ir.serde.deserialize_model(proto)
+    pairs = [(i.name, o.name) for i, o in fused_joins(model.graph)]
+    assert pairs == [("past_key", "present_key"), ("past_value", "present_value")]
+    assert unpadded_decoding(model.graph) == "GroupQueryAttention"
+    unfuse(model)  # the tagged decomposition still names its op
+    assert unpadded_decoding(model.graph) == "GroupQueryAttention"
+    assert fused_joins(model.graph) == []  # unfused, the Concat is the join
+    norm = helper.make_node("SkipLayerNormalization", ["x", "x", "g"], ["y"], domain=MS)
+    plain = _model(norm, [helper.make_tensor_value_info("x", F, [1, 2, 4])],
+                   [helper.make_tensor_value_info("y", F, [1, 2, 4])], [_w("g", 4)])
+    assert unpadded_decoding(ir.serde.deserialize_model(plain).graph) is None
+    # a group that cannot be fused again: left decomposed where the record allows it, refused
+    # for GroupQueryAttention
+    from lemon_onnx.errors import UnsupportedModelError
+
+    softmax = next(n for n in model.graph if n.op_type == "Softmax")
+    model.graph.outputs.append(softmax.outputs[0])  # an inner value read outside the group
+    with pytest.raises(UnsupportedModelError, match="GroupQueryAttention.*fused again"):
+        RefusePass()(model)
+    gelu = _model(helper.make_node("FastGelu", ["x"], ["y"], domain=MS),
+                  [helper.make_tensor_value_info("x", F, [1, 2, 4])],
+                  [helper.make_tensor_value_info("y", F, [1, 2, 4])], [])
+    gelu = ir.serde.deserialize_model(gelu)
+    unfuse(gelu)
+    gelu.graph.outputs.append(next(n for n in gelu.graph if n.op_type == "Tanh").outputs[0])
+    res = RefusePass()(gelu)
+    assert not res.fused and len(res.left) == 1 and "read outside the group" in res.left[0]
+
+
 @pytest.mark.parametrize("attr,value", [("rotary_interleaved", 1), ("local_window_size", 4)])
 def test_group_query_attention_forms_not_unfused_are_refused(attr, value):
     proto, _ = _gqa_case(4, 2, 16, True, True, 16, 0.0, 0.0, 1, 2, 3, [4])

@@ -43,6 +43,23 @@ MS = "com.microsoft"
 TAG = "lemon.fused"
 
 
+@dataclasses.dataclass(frozen=True)
+class FusedOp:
+    """One contrib op a module unfuses (its ``OPS`` lists one record per op), and what the
+    layer around the module needs to know of it:
+
+    - ``joins``: fused input slot -> the output slot that returns that cache with the current
+      tokens appended (what the decomposition's ``Concat`` joins: a GroupQueryAttention's past
+      key -> present key), so the KV-cache component pairs them while the op is fused;
+    - ``leave_decomposed``: whether a group that cannot be fused again may be written
+      decomposed; False where the decomposition is exact only on the inputs the tool's checks
+      feed (the pass then refuses instead)."""
+
+    op_type: str
+    joins: dict[int, int] = dataclasses.field(default_factory=dict)
+    leave_decomposed: bool = True
+
+
 class Builder:
     """Makes the standard-op nodes of one fused op's decomposition, tagged as one group."""
 
@@ -231,7 +248,12 @@ def _modules():
 
 def registry() -> dict[str, object]:
     """op_type -> the module that unfuses it (every module lists its ``OPS``)."""
-    return {op: m for m in _modules() for op in m.OPS}
+    return {op.op_type: m for m in _modules() for op in m.OPS}
+
+
+def fused_ops() -> dict[str, FusedOp]:
+    """op_type -> its record in its module's ``OPS``."""
+    return {op.op_type: op for m in _modules() for op in m.OPS}
 
 
 def claimed() -> frozenset:
@@ -326,7 +348,7 @@ class RefusePass(InPlacePass):
                 except UnsupportedModelError as e:
                     why = str(e)
             if why is not None:
-                if not getattr(reg[meta["op"]], "LEAVE_DECOMPOSED", {}).get(meta["op"], True):
+                if not fused_ops()[meta["op"]].leave_decomposed:
                     raise UnsupportedModelError(
                         f"{meta['op']} (group {meta['g']}) could not be fused again after the "
                         f"rewrite: {why}.  Its decomposition is exact only on the inputs the "
@@ -406,9 +428,9 @@ class Group:
 
 def _groups(graph: ir.Graph) -> list[Group]:
     """The tagged nodes joined along the edges inside a decomposition: node u feeds node v of
-    the same fused op at a slot where v's decomposition read one of its own nodes.  (Tag ids are not used:
-    a twin's clone carries its source's tags.)  A decomposition whose parts are not connected
-    (a side output) is one group when its tag id is found only once."""
+    the same fused op at a slot where v's decomposition read one of its own nodes.  (Tag ids
+    are not used: a twin's clone carries its source's tags.)  A decomposition whose parts are
+    not connected (a side output) is one group when its tag id is found only once."""
     tagged = [n for n in graph if TAG in n.metadata_props]
     tags = {n: json.loads(n.metadata_props[TAG]) for n in tagged}
     _unshare(graph, tags)
@@ -528,13 +550,12 @@ def fused_joins(graph: ir.Graph) -> list[tuple[ir.Value, ir.Value]]:
     """(graph input, graph output) for every cache a fused op joins itself (a
     GroupQueryAttention's past key in, present key out): the pairs ``components.cache.
     find_joins`` finds by their ``Concat`` in an unfused graph."""
-    reg = registry()
+    ops = fused_ops()
     inputs, outputs = set(graph.inputs), set(graph.outputs)
     pairs = []
     for n in graph:
-        joins = getattr(reg.get(n.op_type), "JOINS", {}).get(n.op_type) \
-            if n.domain == MS else None
-        for i, o in (joins or {}).items():
+        op = ops.get(n.op_type) if n.domain == MS else None
+        for i, o in (op.joins if op is not None else {}).items():
             if i < len(n.inputs) and o < len(n.outputs) and n.inputs[i] in inputs \
                     and n.outputs[o] in outputs:
                 pairs.append((n.inputs[i], n.outputs[o]))
@@ -544,13 +565,13 @@ def fused_joins(graph: ir.Graph) -> list[tuple[ir.Value, ir.Value]]:
 def unpadded_decoding(graph: ir.Graph) -> str | None:
     """The first fused op in ``graph`` (fused, or unfused and tagged) whose decomposition is
     exact in cached decoding only when every row has the same length
-    (``LEAVE_DECOMPOSED`` false); None when there is none."""
-    reg = registry()
+    (``FusedOp.leave_decomposed`` false); None when there is none."""
+    ops = fused_ops()
     for n in graph:
         op = n.op_type if n.domain == MS else None
         if op is None and TAG in n.metadata_props:
             op = json.loads(n.metadata_props[TAG])["op"]
-        if op in reg and not getattr(reg[op], "LEAVE_DECOMPOSED", {}).get(op, True):
+        if op in ops and not ops[op].leave_decomposed:
             return op
     return None
 

@@ -15,9 +15,9 @@ import math
 
 import onnx_ir as ir
 
-from . import Builder
+from . import Builder, FusedOp
 
-OPS = ("BiasGelu", "FastGelu", "GemmFastGelu", "Gelu", "QuickGelu", "BiasAdd")
+OPS = tuple(map(FusedOp, ("BiasGelu", "FastGelu", "GemmFastGelu", "Gelu", "QuickGelu", "BiasAdd")))
 
 
 def decompose(b: Builder, node: ir.Node) -> dict:

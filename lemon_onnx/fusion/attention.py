@@ -23,9 +23,9 @@ import onnx_ir as ir
 from onnx_ir.convenience import convert_attribute
 
 from .. import graph as G
-from . import Builder, refuse_form
+from . import Builder, FusedOp, refuse_form
 
-OPS = ("Attention", "MultiHeadAttention")
+OPS = tuple(map(FusedOp, ("Attention", "MultiHeadAttention")))
 
 #: the pseudo fused inputs that hold MultiHeadAttention's packed bias, split in q, k, v
 _BIAS_PARTS = (100, 101, 102)

@@ -15,10 +15,10 @@ import onnx_ir as ir
 
 from onnx_ir.convenience import convert_attribute
 
-from . import Builder, refuse_form
+from . import Builder, FusedOp, refuse_form
 from .norms import layer_norm, norm_epsilon
 
-OPS = ("EmbedLayerNormalization",)
+OPS = tuple(map(FusedOp, ("EmbedLayerNormalization",)))
 
 
 def fused_attrs(group, attrs: dict, ins: dict) -> dict:

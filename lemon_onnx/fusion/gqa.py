@@ -15,16 +15,17 @@ the keys at or before ``min(past_b + i, seqlens_k[b])``; the KV heads are shared
 
 Unfused as the decoder attention exporters write for Llama: Split of the packed projection,
 heads Reshape and Transpose, rotate-half rotary from the cos/sin tables at those positions
-(Gather, the tables doubled, Slice, Neg, Concat, Mul, Add), ``Concat(past, current)`` for the present keys and
-values (the KV-cache component's join), ``repeat_kv`` (Unsqueeze, Expand, Reshape), scaled
-scores, the mask above as ``Where``, Softmax, the weighted sum, heads merged.  The join is
+(Gather, the tables doubled, Slice, Neg, Concat, Mul, Add), ``Concat(past, current)`` for
+the present keys and values (the KV-cache component's join), ``repeat_kv`` (Unsqueeze,
+Expand, Reshape), scaled scores, the mask above as ``Where``, Softmax, the weighted sum, heads
+merged.  The join is
 exact where every row's past is the whole past input (a first prompt, padded or not; generation
 with unpadded rows: what the tool's checks feed such a model); with rows of different lengths
 after the first prompt the kernel writes each row's tokens at its own position, which a
 ``Concat`` does not, so a GroupQueryAttention is never left decomposed in a written model
-(``LEAVE_DECOMPOSED = False``).  Fused again with ``num_heads`` and ``kv_num_heads`` read
-off the widened group.  Refused: interleaved rotary, a local window, smooth softmax, position
-ids, an attention bias or head sinks, the QK output.
+(``leave_decomposed=False`` in its ``OPS`` record).  Fused again with ``num_heads`` and
+``kv_num_heads`` read off the widened group.  Refused: interleaved rotary, a local window,
+smooth softmax, position ids, an attention bias or head sinks, the QK output.
 
 ``RotaryEmbedding(input, position_ids, cos_cache, sin_cache)``: the same rotation on a
 (batch, positions, hidden) or (batch, heads, positions, head_size) input, at the given
@@ -40,16 +41,14 @@ import onnx_ir as ir
 from onnx_ir.convenience import convert_attribute
 
 from .. import graph as G
-from . import Builder, refuse_form
+from . import Builder, FusedOp, refuse_form
 
-OPS = ("GroupQueryAttention", "RotaryEmbedding")
-
-#: fused inputs whose cache a fused output returns with the current tokens appended (what
-#: the decomposition's ``Concat`` joins): past key -> present key, past value -> present value
-JOINS = {"GroupQueryAttention": {3: 1, 4: 2}}
-
-#: a decomposition that is exact only on inputs the tool's checks feed must never be written
-LEAVE_DECOMPOSED = {"GroupQueryAttention": False, "RotaryEmbedding": True}
+OPS = (
+    # past key -> present key, past value -> present value; the join is exact only on the
+    # inputs the tool's checks feed, so never written decomposed
+    FusedOp("GroupQueryAttention", joins={3: 1, 4: 2}, leave_decomposed=False),
+    FusedOp("RotaryEmbedding"),
+)
 
 I64 = np.int64
 

@@ -14,9 +14,9 @@ import onnx_ir as ir
 from onnx_ir.convenience import convert_attribute
 
 from .. import graph as G
-from . import TAG, Builder
+from . import TAG, Builder, FusedOp
 
-OPS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
+OPS = tuple(map(FusedOp, ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")))
 
 
 def decompose(b: Builder, node: ir.Node) -> dict:
