@@ -183,7 +183,7 @@ def anneal_scratch(large, data, seed: int, cut: int, anneal_steps: int, target: 
     warmup, a cosine over ``scratch_steps``) up to step ``cut``, then its rate brought
     linearly from there to 0 over ``anneal_steps``; the curve, and the loss before and after
     the annealing."""
-    warmup = max(1, round(scratch_steps * 0.05))
+    warmup = tp.scratch_warmup(scratch_steps)
     at_cut = tp.lr_factor(cut, scratch_steps, warmup)
 
     def lr_at(step: int) -> float:

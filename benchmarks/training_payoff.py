@@ -32,12 +32,13 @@ a hand-off saves more only by going down faster than scratch from the same loss)
 run's steps over those; per architecture their mean and spread over the seeds.  A small
 model that already starts at or below the target is flagged (its "saving" is the sunk
 cost's).  payoff.png (with matplotlib) shows every curve.  Every large run of a seed sees
-the same batches in the same order.  Each (architecture, seed) runs in its own one-thread process, as many at a time as
-there are CPUs (``--jobs``); an architecture's other seeds start once its first seed's rate
-sweep is done.  Default sizes: small 6000 steps (at 2000 the small model ends
-0.16 above the scratch loss and nothing reaches it in the expanded run's horizon; at 5000 it
-is already below a 2000-step scratch run, so scratch runs 3000), scratch 3000 at 3e-3 and
-6e-3 on the first seed, the plain hand-off 1500 steps, the remedy its own horizon (1500).
+the same batches in the same order.  Each (architecture, seed) runs in its own one-thread
+process, as many at a time as there are CPUs (``--jobs``); an architecture's other seeds
+start once its first seed's rate sweep is done.  Default sizes: small 6000 steps (at 2000 the
+small model ends 0.16 above the scratch loss and nothing reaches it in the expanded run's
+horizon; at 5000 it is already below a 2000-step scratch run, so scratch runs 3000), scratch
+3000 at 3e-3 and 6e-3 on the first seed, the plain hand-off 1500 steps, the remedy its own
+horizon (1500).
 """
 
 from __future__ import annotations
@@ -209,6 +210,11 @@ def rises(run: dict, early_steps: int = 200) -> dict:
     worst = max(v for _, v, _ in run["curve"])
     return {"start": v0, "worst_first_steps": early, "rise_first_steps": early / v0 - 1,
             "worst": worst, "rise_overall": worst / v0 - 1}
+
+
+def scratch_warmup(scratch_steps: int) -> int:
+    """The from-scratch runs' linear warmup: 5% of their steps."""
+    return max(1, round(scratch_steps * 0.05))
 
 
 def reach(run: dict, target: float) -> dict:
@@ -467,7 +473,7 @@ def main(argv=None) -> int:
                 m = type(large)(large.config)
                 scratch.append(train(m, data, steps=args.scratch_steps, peak_lr=lr,
                                      horizon=args.scratch_steps,
-                                     warmup=max(1, round(args.scratch_steps * 0.05)),
+                                     warmup=scratch_warmup(args.scratch_steps),
                                      eval_every=args.eval_every, label=f"scratch lr {lr:g}"))
             best = min(scratch, key=lambda r: r["final"])
             best_lr.setdefault(arch, best["peak_lr"])
@@ -613,16 +619,22 @@ def report_again(path: Path, early_steps: int, max_rise: float) -> int:
     return 0
 
 
+def scratch_best(run: dict) -> dict:
+    """The scratch run of one results.json run at its scratch-best rate."""
+    return next(s for s in run["scratch"] if s["peak_lr"] == run["scratch_best_lr"])
+
+
 def run_equal_pace(run: dict) -> dict:
     """``equal_pace`` of one results.json run: its scratch-best curve from the handed-off loss."""
-    best = next(s for s in run["scratch"] if s["peak_lr"] == run["scratch_best_lr"])
-    return equal_pace(best, run["handoff"]["val_loss_handed_off"], run["scratch_reach"]["step"])
+    return equal_pace(scratch_best(run), run["handoff"]["val_loss_handed_off"],
+                      run["scratch_reach"]["step"])
 
 
 def summarize(results: dict, early_steps: int, max_rise: float) -> dict:
     out = {}
     for arch in dict.fromkeys(r["arch"] for r in results["runs"]):
         runs = [r for r in results["runs"] if r["arch"] == arch]
+        paces = [run_equal_pace(r) for r in runs]
         a = {"seeds": [r["seed"] for r in runs], "scratch_best_lr": runs[0]["scratch_best_lr"],
              "target_val_loss": mean_spread([r["target_val_loss"] for r in runs]),
              "scratch_steps": runs[0]["scratch_reach"]["steps_run"],
@@ -636,9 +648,8 @@ def summarize(results: dict, early_steps: int, max_rise: float) -> dict:
              "scratch_flops_to_target": mean_spread([r["scratch_reach"]["flops"]
                                                      for r in runs]),
              "scratch_steps_from_start_loss": mean_spread(
-                 [run_equal_pace(r)["scratch_steps_from_start_loss"] for r in runs]),
-             "equal_pace_saving": mean_spread([run_equal_pace(r)["equal_pace_saving"]
-                                               for r in runs])}
+                 [p["scratch_steps_from_start_loss"] for p in paces]),
+             "equal_pace_saving": mean_spread([p["equal_pace_saving"] for p in paces])}
         for variant in ("plain", "remedy"):
             es = [e for r in runs for e in r["expanded"] if e["variant"] == variant]
             a[variant] = {
@@ -653,10 +664,10 @@ def summarize(results: dict, early_steps: int, max_rise: float) -> dict:
                 "flops_to_target": mean_spread([e["flops_to_target"] for e in es]),
                 # steps to the target over the steps scratch needs from the same loss
                 "steps_over_scratch_from_start_loss": mean_spread([
-                    e["steps_to_target"] / run_equal_pace(r)["scratch_steps_from_start_loss"]
-                    for r in runs for e in r["expanded"] if e["variant"] == variant
-                    and e["steps_to_target"] is not None
-                    and run_equal_pace(r)["scratch_steps_from_start_loss"]]),
+                    e["steps_to_target"] / p["scratch_steps_from_start_loss"]
+                    for r, p in zip(runs, paces) for e in r["expanded"]
+                    if e["variant"] == variant and e["steps_to_target"] is not None
+                    and p["scratch_steps_from_start_loss"]]),
                 "final": mean_spread([e["final"] for e in es]),
                 "no_spike_all_seeds": all(e["rises"]["rise_first_steps"] <= max_rise
                                           for e in es),
@@ -715,16 +726,16 @@ def plot(results: dict, path: Path) -> None:
         runs = [r for r in results["runs"] if r["arch"] == arch]
         lo, hi = [], []
         for j, r in enumerate(runs):
-            best = next(s for s in r["scratch"] if s["peak_lr"] == r["scratch_best_lr"])
+            best = scratch_best(r)
             s, v = zip(*[(c[0], c[1]) for c in best["curve"]])
             ax.plot(s, v, color="tab:gray", lw=1.2, alpha=0.8,
                     label=f"from scratch, lr {best['peak_lr']:g}" if j == 0 else None)
             ax.axhline(r["target_val_loss"], color="black", ls=":", lw=0.8)
             for e in r["expanded"]:
                 s, v = zip(*[(c[0], c[1]) for c in e["curve"]])
+                kind = "with the remedy" if e["variant"] == "remedy" else "plain"
                 ax.plot(s, v, color=colors[e["variant"]], lw=1.2, alpha=0.85,
-                        label=(f"expanded, {'with the remedy' if e['variant'] == 'remedy' else 'plain'}, "
-                               f"lr {e['peak_lr']:g}" if j == 0 else None))
+                        label=f"expanded, {kind}, lr {e['peak_lr']:g}" if j == 0 else None)
                 lo.append(min(v))
                 hi.append(max(v))
         ax.set_ylim(min(lo) - 0.05, max(hi) + 0.1)

@@ -144,8 +144,9 @@ def test_the_payoff_run_trains_architectures_side_by_side_and_flags_a_sunk_targe
     pytest.importorskip("transformers")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "training_payoff.py"),
-                        "--archs", "gpt2,llama", "--jobs", "2", "--threads", "1", "--seeds", "3,4",
-                        "--small-steps", "300", "--scratch-steps", "60", "--scratch-lrs", "3e-3,6e-3",
+                        "--archs", "gpt2,llama", "--jobs", "2", "--threads", "1",
+                        "--seeds", "3,4", "--small-steps", "300", "--scratch-steps", "60",
+                        "--scratch-lrs", "3e-3,6e-3",
                         "--corpus-mb", "0.5", "--val-windows", "16", "--eval-every", "20",
                         "--early-eval-every", "10", "--early-steps", "20",
                         "--out", str(tmp_path)],

@@ -329,7 +329,7 @@ class RefusePass(InPlacePass):
     """Put one fused op back in place of every whole tagged group."""
 
     def call(self, model: ir.Model) -> RefuseResult:
-        reg = registry()
+        reg, ops = registry(), fused_ops()
         graph = model.graph
         fused: dict[str, int] = {}
         left: list[str] = []
@@ -348,7 +348,7 @@ class RefusePass(InPlacePass):
                 except UnsupportedModelError as e:
                     why = str(e)
             if why is not None:
-                if not fused_ops()[meta["op"]].leave_decomposed:
+                if not ops[meta["op"]].leave_decomposed:
                     raise UnsupportedModelError(
                         f"{meta['op']} (group {meta['g']}) could not be fused again after the "
                         f"rewrite: {why}.  Its decomposition is exact only on the inputs the "

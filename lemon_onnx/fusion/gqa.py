@@ -18,14 +18,13 @@ heads Reshape and Transpose, rotate-half rotary from the cos/sin tables at those
 (Gather, the tables doubled, Slice, Neg, Concat, Mul, Add), ``Concat(past, current)`` for
 the present keys and values (the KV-cache component's join), ``repeat_kv`` (Unsqueeze,
 Expand, Reshape), scaled scores, the mask above as ``Where``, Softmax, the weighted sum, heads
-merged.  The join is
-exact where every row's past is the whole past input (a first prompt, padded or not; generation
-with unpadded rows: what the tool's checks feed such a model); with rows of different lengths
-after the first prompt the kernel writes each row's tokens at its own position, which a
-``Concat`` does not, so a GroupQueryAttention is never left decomposed in a written model
-(``leave_decomposed=False`` in its ``OPS`` record).  Fused again with ``num_heads`` and
-``kv_num_heads`` read off the widened group.  Refused: interleaved rotary, a local window,
-smooth softmax, position ids, an attention bias or head sinks, the QK output.
+merged.  The join is exact where every row's past is the whole past input (a first prompt,
+padded or not; generation with unpadded rows: what the tool's checks feed such a model); with
+rows of different lengths after the first prompt the kernel writes each row's tokens at its
+own position, which a ``Concat`` does not, so a GroupQueryAttention is never left decomposed
+in a written model (``leave_decomposed=False`` in its ``OPS`` record).  Fused again with
+``num_heads`` and ``kv_num_heads`` read off the widened group.  Refused: interleaved rotary, a
+local window, smooth softmax, position ids, an attention bias or head sinks, the QK output.
 
 ``RotaryEmbedding(input, position_ids, cos_cache, sin_cache)``: the same rotation on a
 (batch, positions, hidden) or (batch, heads, positions, head_size) input, at the given
